@@ -1,0 +1,245 @@
+//! The `fledge` command line: the edge where errors become messages and exit codes.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use fledge::admission::Outcome;
+use fledge::objects::SplitApi;
+use fledge::plan::{self, Manifest};
+use fledge::server::{self, AppState, tls};
+use fledge::{certs, spec};
+
+#[derive(Parser)]
+#[command(
+    name = "fledge",
+    version,
+    about = "Progressive canary delivery for plain Kubernetes Deployments"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the mutating admission webhook over HTTPS.
+    Serve(ServeArgs),
+    /// Show offline what the webhook decides for a change from one manifest to another.
+    Plan(PlanArgs),
+    /// Make a CA and a serving certificate for the webhook, and print the caBundle.
+    Certs(CertsArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FLEDGE_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// PEM certificate chain (re-read when it changes on disk).
+    #[arg(long, env = "FLEDGE_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// PEM private key (re-read when it changes on disk).
+    #[arg(long, env = "FLEDGE_TLS_KEY")]
+    tls_key: PathBuf,
+    /// How often to look for rotated certificate files, e.g. 10s.
+    #[arg(long, env = "FLEDGE_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = duration)]
+    tls_reload_interval: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish, e.g. 30s.
+    #[arg(long, env = "FLEDGE_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    drain_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "FLEDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// The Deployment as it runs now (omit for a first deploy). May also hold its Service.
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// The Deployment as you are about to apply it. May also hold its Service.
+    #[arg(long)]
+    to: PathBuf,
+    /// A file with the root Service, if neither manifest holds it.
+    #[arg(long)]
+    service: Vec<PathBuf>,
+    /// Output: a readable report, the objects as YAML, or everything as JSON.
+    #[arg(short = 'o', long, value_enum, default_value_t = PlanOutput::Text)]
+    output: PlanOutput,
+    /// TrafficSplit apiVersion to write: v1alpha1, v1alpha2, v1alpha3 or v1alpha4.
+    #[arg(long, default_value = "v1alpha2")]
+    split_api: SplitApi,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlanOutput {
+    Text,
+    Yaml,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct CertsArgs {
+    /// The webhook's Service name.
+    #[arg(long, default_value = "fledge")]
+    service: String,
+    /// The webhook's namespace.
+    #[arg(long, default_value = "fledge")]
+    namespace: String,
+    /// Extra DNS names for the serving certificate.
+    #[arg(long)]
+    dns: Vec<String>,
+    /// Extra IP addresses for the serving certificate, e.g. 127.0.0.1 for local runs.
+    #[arg(long)]
+    ip: Vec<IpAddr>,
+    /// How long the certificates are valid.
+    #[arg(long, default_value_t = 365)]
+    validity_days: u32,
+    /// Directory to write ca.pem, ca-key.pem, tls.crt and tls.key into.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    spec::parse_duration(text).map_err(|why| format!("{text:?} {why}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Plan(args) => run_plan(args),
+        Command::Certs(args) => run_certs(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    init_logging(args.log_format);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let cert = tls::ReloadingCert::load(tls::CertFiles {
+            cert: args.tls_cert,
+            key: args.tls_key,
+        })?;
+        let reloader = tls::spawn_reloader(cert.clone(), args.tls_reload_interval);
+        let listener = std::net::TcpListener::bind(args.listen)
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "webhook listening on {local}");
+        let state = AppState::default();
+        server::serve(listener, cert, state, shutdown_signal(), args.drain_timeout).await?;
+        reloader.abort();
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGTERM (what the kubelet sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+fn read_manifest(path: &PathBuf) -> Result<Manifest> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Manifest::parse(&path.display().to_string(), &text)?)
+}
+
+fn run_plan(args: PlanArgs) -> Result<ExitCode> {
+    let from = args.from.as_ref().map(read_manifest).transpose()?;
+    let to = read_manifest(&args.to)?;
+    let services = args
+        .service
+        .iter()
+        .map(read_manifest)
+        .collect::<Result<Vec<_>>>()?;
+    let plan = plan::plan(from.as_ref(), &to, &services, args.split_api)?;
+    match args.output {
+        PlanOutput::Text => print!("{}", plan::render_text(&plan)),
+        PlanOutput::Yaml => print!("{}", plan::to_yaml(&plan)?),
+        PlanOutput::Json => println!("{}", serde_json::to_string_pretty(&plan::to_json(&plan))?),
+    }
+    // Like a failed `kubectl apply`, a denied change fails the command (useful in CI).
+    Ok(match plan.decision.outcome {
+        Outcome::Deny(_) => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+fn run_certs(args: CertsArgs) -> Result<ExitCode> {
+    let generated = certs::generate(&certs::CertRequest {
+        service: args.service.clone(),
+        namespace: args.namespace.clone(),
+        dns: args.dns,
+        ips: args.ip,
+        validity_days: args.validity_days,
+    })?;
+    let written = certs::write_to_dir(&generated, &args.out)?;
+    for path in &written {
+        eprintln!("wrote {}", path.display());
+    }
+    eprintln!(
+        "serving certificate for {}.{}.svc; caBundle for the MutatingWebhookConfiguration:",
+        args.service, args.namespace
+    );
+    println!("{}", generated.ca_bundle_base64());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}
