@@ -505,15 +505,26 @@ mod tests {
 
     #[test]
     fn a_missing_root_service_is_explained() {
-        let without_service: String = V2.split("\n---\n").next().unwrap().to_owned();
+        let deployment_only = |text: &str| manifest(text.split("\n---\n").next().unwrap());
         let plan = plan(
-            Some(&manifest(V1)),
-            &manifest(&without_service),
+            Some(&deployment_only(V1)),
+            &deployment_only(V2),
             &[],
             SplitApi::V1Alpha2,
+        )
+        .unwrap();
+        let text = render_text(&plan);
+        assert!(
+            text.contains("root Service web is not in the files given"),
+            "{text}"
         );
-        let plan = plan.unwrap();
-        assert!(render_text(&plan).contains("root Service web is not in the files given"));
+        let with_service = super::plan(
+            Some(&deployment_only(V1)),
+            &deployment_only(V2),
+            &[manifest(V1)],
+            SplitApi::V1Alpha2,
+        );
+        assert!(matches!(with_service.unwrap().objects, Some(Ok(_))));
     }
 
     #[test]
