@@ -13,13 +13,16 @@ use std::fmt;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::rollout::{self, Phase};
 use crate::spec::{self, ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, OptIn};
 use crate::template;
+
+pub mod review;
+pub use review::DeploymentView;
 
 /// The API server rejects objects whose annotations add up to more than this (keys plus values).
 pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
@@ -138,7 +141,7 @@ impl Decision {
 }
 
 /// Decides one admission request for a Deployment.
-pub fn decide(req: &AdmissionRequest<DynamicObject>) -> Decision {
+pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
     if req.kind.group != "apps" || req.kind.kind != "Deployment" {
         return Decision::allow(AllowReason::NotADeployment);
     }
@@ -149,7 +152,8 @@ pub fn decide(req: &AdmissionRequest<DynamicObject>) -> Decision {
         return Decision::deny("request.object is missing from the AdmissionReview");
     };
     let meta = &object.metadata;
-    match spec::opt_in(meta.labels.as_ref(), meta.annotations.as_ref()) {
+    let opt_in = spec::opt_in(meta.labels.as_ref(), meta.annotations.as_ref());
+    match opt_in {
         OptIn::Disabled => return Decision::allow(AllowReason::NotOptedIn),
         OptIn::WithoutSteps => {
             return Decision {
@@ -171,12 +175,95 @@ pub fn decide(req: &AdmissionRequest<DynamicObject>) -> Decision {
             "metadata.name: fledge names the canary's objects after the Deployment; set metadata.name (generateName is not supported)",
         );
     }
+    let templates = match &req.old_object {
+        Some(old) if req.operation == Operation::Update => {
+            match TemplateChange::between(old.template(), object.template()) {
+                Ok(change) => Some((old, change)),
+                Err(e) => return Decision::deny(e),
+            }
+        }
+        _ => None,
+    };
+    // Ratcheting, as Kubernetes does for its own fields: an update that changes neither the
+    // template nor fledge's settings is not refused for settings that were already there.
+    if let Some((old, TemplateChange::Unchanged)) = &templates
+        && spec::opt_in(
+            old.metadata.labels.as_ref(),
+            old.metadata.annotations.as_ref(),
+        ) == OptIn::Enabled
+        && user_settings(old.metadata.annotations.as_ref()) == user_settings(Some(annotations))
+    {
+        return Decision::allow(AllowReason::TemplateUnchanged);
+    }
     if let Err(e) = spec::parse(name, annotations) {
         return Decision::deny(e.to_string());
     }
-    match req.operation {
-        Operation::Create => decide_create(annotations),
-        _ => decide_update(req, object, annotations),
+    match (&req.operation, templates) {
+        (Operation::Create, _) => decide_create(annotations),
+        (_, Some((_, TemplateChange::Unchanged))) => {
+            Decision::allow(AllowReason::TemplateUnchanged)
+        }
+        (
+            _,
+            Some((
+                old,
+                TemplateChange::Changed {
+                    old_template,
+                    new_template,
+                    new_raw,
+                },
+            )),
+        ) => decide_template_change(name, old, annotations, old_template, &new_template, new_raw),
+        (_, None) => Decision::deny("request.oldObject is missing from an UPDATE AdmissionReview"),
+    }
+}
+
+/// The `fledge.dev/*` annotations a user sets (anything but fledge's own bookkeeping).
+fn user_settings(annotations: Option<&BTreeMap<String, String>>) -> Vec<(&String, &String)> {
+    annotations
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| {
+            k.starts_with(spec::PREFIX) && !spec::FLEDGE_ANNOTATIONS.contains(&k.as_str())
+        })
+        .collect()
+}
+
+/// How the pod template differs between the stored and the incoming Deployment.
+enum TemplateChange<'r> {
+    Unchanged,
+    Changed {
+        old_template: Value,
+        new_template: Value,
+        new_raw: &'r RawValue,
+    },
+}
+
+impl<'r> TemplateChange<'r> {
+    fn between(old: Option<&RawValue>, new: Option<&'r RawValue>) -> Result<Self, String> {
+        let (Some(old), Some(new)) = (old, new) else {
+            return Err("spec.template is missing from the Deployment".to_owned());
+        };
+        // The API server encodes both objects the same way, so equal text is the common fast path;
+        // otherwise compare as JSON, where key order does not matter.
+        if old.get() == new.get() {
+            return Ok(TemplateChange::Unchanged);
+        }
+        let parse = |raw: &RawValue, which: &str| {
+            serde_json::from_str::<Value>(raw.get())
+                .map_err(|e| format!("{which}.spec.template cannot be read: {e}"))
+        };
+        let old_template = parse(old, "oldObject")?;
+        let new_template = parse(new, "object")?;
+        Ok(if old_template == new_template {
+            TemplateChange::Unchanged
+        } else {
+            TemplateChange::Changed {
+                old_template,
+                new_template,
+                new_raw: new,
+            }
+        })
     }
 }
 
@@ -197,23 +284,14 @@ fn decide_create(annotations: &BTreeMap<String, String>) -> Decision {
     }
 }
 
-fn decide_update(
-    req: &AdmissionRequest<DynamicObject>,
-    object: &DynamicObject,
+fn decide_template_change(
+    name: &str,
+    old: &DeploymentView,
     annotations: &BTreeMap<String, String>,
+    old_template: Value,
+    new_template: &Value,
+    new_raw: &RawValue,
 ) -> Decision {
-    let Some(old) = &req.old_object else {
-        return Decision::deny("request.oldObject is missing from an UPDATE AdmissionReview");
-    };
-    let (Some(new_template), Some(old_template)) = (
-        template::of_deployment(&object.data),
-        template::of_deployment(&old.data),
-    ) else {
-        return Decision::deny("spec.template is missing from the Deployment");
-    };
-    if new_template == old_template {
-        return Decision::allow(AllowReason::TemplateUnchanged);
-    }
     let hash = template::hash(new_template);
     // The stored (old) state is authoritative: the incoming object may have dropped fledge's
     // annotations (`kubectl replace`), and only the controller writes them.
@@ -229,10 +307,9 @@ fn decide_update(
     if state_is(Phase::Promoting) {
         return Decision::allow(AllowReason::Promotion);
     }
-    let name = object.metadata.name.as_deref().unwrap_or(&req.name);
     let keep_stable = PatchOperation::Replace(ReplaceOperation {
         path: PointerBuf::from_tokens(["spec", "template"]),
-        value: old_template.clone(),
+        value: old_template,
     });
     if state_is(Phase::Aborted) {
         let warning = format!(
@@ -249,7 +326,8 @@ fn decide_update(
     if recorded {
         return Decision::patch(PatchReason::SameCanary, vec![keep_stable], Some(warning));
     }
-    let template_json = new_template.to_string();
+    // The template is recorded as the API server sent it: nothing in it is lost or reordered.
+    let template_json = new_raw.get().to_owned();
     let size_after: usize = annotations
         .iter()
         .filter(|(k, _)| *k != ANNOTATION_CANARY_TEMPLATE && *k != ANNOTATION_CANARY_HASH)
@@ -288,42 +366,11 @@ fn set_annotation(key: &str, value: String) -> PatchOperation {
     })
 }
 
-/// The AdmissionResponse for a decision, carrying the request's uid.
-pub fn respond(req: &AdmissionRequest<DynamicObject>, decision: &Decision) -> AdmissionResponse {
-    let mut response = AdmissionResponse::from(req);
-    if !decision.warnings.is_empty() {
-        response.warnings = Some(decision.warnings.clone());
-    }
-    match &decision.outcome {
-        Outcome::Allow(_) => response,
-        Outcome::Deny(message) => response.deny(message),
-        Outcome::Patch(_, patch) => match response.clone().with_patch(patch.clone()) {
-            Ok(patched) => patched,
-            Err(e) => response.deny(format!("fledge could not encode its patch: {e}")),
-        },
-    }
-}
-
-/// The AdmissionReview JSON the API server expects for a response.
-///
-/// kube-core serializes `patch` (a Go `[]byte`) as an array of numbers (kube-rs issue 1781); the API
-/// server only accepts the base64 string that Go's JSON encoding of `[]byte` produces, so fix it here.
-pub fn review_json(response: AdmissionResponse) -> Result<Vec<u8>, serde_json::Error> {
-    use base64::Engine as _;
-    let patch = response.patch.clone();
-    let mut review = serde_json::to_value(response.into_review())?;
-    if let (Some(patch), Some(body)) = (patch, review.get_mut("response")) {
-        body["patch"] = Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
-    }
-    serde_json::to_vec(&review)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rollout::RolloutState;
     use crate::spec::{ANNOTATION_STATE, ANNOTATION_STEPS, LABEL_ENABLED, Weight};
-    use kube::core::admission::AdmissionReview;
     use serde_json::json;
 
     const STEPS: &str = "- setWeight: 5\n- pause: {duration: 2m}\n- setWeight: 50\n- pause: {}\n";
@@ -389,7 +436,7 @@ mod tests {
         operation: &str,
         object: Value,
         old: Option<Value>,
-    ) -> AdmissionRequest<DynamicObject> {
+    ) -> AdmissionRequest<DeploymentView> {
         let review = json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -406,16 +453,15 @@ mod tests {
                 "dryRun": false
             }
         });
-        let review: AdmissionReview<DynamicObject> = serde_json::from_value(review).unwrap();
-        review.try_into().unwrap()
+        review::parse(&serde_json::to_vec(&review).unwrap()).unwrap()
     }
 
-    fn update(old: Value, new: Value) -> AdmissionRequest<DynamicObject> {
+    fn update(old: Value, new: Value) -> AdmissionRequest<DeploymentView> {
         request("UPDATE", new, Some(old))
     }
 
     /// The object the API server stores after applying the decision's patch.
-    fn apply(req: &AdmissionRequest<DynamicObject>, decision: &Decision) -> Value {
+    fn apply(req: &AdmissionRequest<DeploymentView>, decision: &Decision) -> Value {
         let mut object = serde_json::to_value(req.object.as_ref().unwrap()).unwrap();
         if let Outcome::Patch(_, patch) = &decision.outcome {
             json_patch::patch(&mut object, patch).unwrap();
@@ -432,7 +478,7 @@ mod tests {
     }
 
     /// Applies the decision, then asks again about the result (as reinvocation does): nothing more changes.
-    fn assert_reinvocation_is_a_no_op(req: &AdmissionRequest<DynamicObject>) -> Value {
+    fn assert_reinvocation_is_a_no_op(req: &AdmissionRequest<DeploymentView>) -> Value {
         let decision = decide(req);
         let once = apply(req, &decision);
         let again = request(
@@ -805,11 +851,81 @@ mod tests {
     }
 
     #[test]
+    fn settings_already_stored_are_not_revalidated_on_unrelated_updates() {
+        // Ratcheting: a Deployment stored with bad steps (before the webhook was installed) can
+        // still be scaled; any change to fledge's settings or the template is validated.
+        let bad = with_annotation(deployment("web:1"), ANNOTATION_STEPS, "- setWeight: 150");
+        let mut scaled = bad.clone();
+        scaled["spec"]["replicas"] = json!(9);
+        assert_eq!(
+            decide(&update(bad.clone(), scaled)).outcome,
+            Outcome::Allow(AllowReason::TemplateUnchanged)
+        );
+        let still_bad = with_annotation(bad.clone(), ANNOTATION_STEPS, "- setWeight: 151");
+        assert!(matches!(
+            decide(&update(bad.clone(), still_bad)).outcome,
+            Outcome::Deny(_)
+        ));
+        let typo = with_annotation(bad.clone(), "fledge.dev/rootservice", "web");
+        assert!(matches!(
+            decide(&update(bad.clone(), typo)).outcome,
+            Outcome::Deny(_)
+        ));
+        let newly_opted_in = update(without_label(bad.clone()), bad.clone());
+        assert!(matches!(decide(&newly_opted_in).outcome, Outcome::Deny(_)));
+        // fledge's own bookkeeping changes are not settings.
+        let state_written = with_state(bad.clone(), Phase::Idle, "h");
+        assert_eq!(
+            decide(&update(bad, state_written)).outcome,
+            Outcome::Allow(AllowReason::TemplateUnchanged)
+        );
+    }
+
+    #[test]
+    fn key_order_alone_is_not_a_template_change() {
+        let old = deployment("web:1");
+        let template = serde_json::to_string(&old["spec"]["template"]).unwrap();
+        let spec_first = format!(
+            r#"{{"spec":{},"metadata":{}}}"#,
+            old["spec"]["template"]["spec"], old["spec"]["template"]["metadata"]
+        );
+        assert_ne!(template, spec_first);
+        // The same template, its keys in another order.
+        let body = serde_json::to_string(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+                "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+                "name": "web", "operation": "UPDATE", "userInfo": {},
+                "object": {"metadata": old["metadata"], "spec": {"template": "NEW"}},
+                "oldObject": old,
+            }
+        }))
+        .unwrap()
+        .replace(
+            r#""template":"NEW""#,
+            &format!(r#""template":{spec_first}"#),
+        );
+        let req = review::parse(body.as_bytes()).unwrap();
+        assert_ne!(
+            req.object.as_ref().unwrap().template().unwrap().get(),
+            template
+        );
+        assert_eq!(
+            decide(&req).outcome,
+            Outcome::Allow(AllowReason::TemplateUnchanged)
+        );
+    }
+
+    #[test]
     fn responses_carry_uid_patch_and_warnings() {
         let req = update(deployment("web:1"), deployment("web:2"));
         let d = decide(&req);
-        let response: Value =
-            serde_json::from_slice(&review_json(respond(&req, &d)).unwrap()).unwrap();
+        let answer = |req: &AdmissionRequest<DeploymentView>, d: &Decision| -> Value {
+            serde_json::from_slice(&review::answer(&req.types.api_version, &req.uid, d).unwrap())
+                .unwrap()
+        };
+        let response = answer(&req, &d);
         let r = &response["response"];
         assert_eq!(r["uid"], json!("705ab4f5-6393-11e8-b7cc-42010a800002"));
         assert_eq!(r["allowed"], json!(true));
@@ -824,14 +940,15 @@ mod tests {
         assert_eq!(serde_json::from_slice::<Patch>(&patch).unwrap(), *expected);
         assert_eq!(r["warnings"].as_array().unwrap().len(), 1);
         assert_eq!(response["apiVersion"], json!("admission.k8s.io/v1"));
+        assert_eq!(response["kind"], json!("AdmissionReview"));
         let denied = request(
             "CREATE",
             with_annotation(deployment("web:1"), ANNOTATION_STEPS, "nope"),
             None,
         );
-        let response =
-            serde_json::to_value(respond(&denied, &decide(&denied)).into_review()).unwrap();
+        let response = answer(&denied, &decide(&denied));
         assert_eq!(response["response"]["allowed"], json!(false));
+        assert_eq!(response["response"]["status"]["code"], json!(400));
         assert!(
             response["response"]["status"]["message"]
                 .as_str()

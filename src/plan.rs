@@ -4,12 +4,11 @@
 use std::fmt::Write as _;
 
 use json_patch::PatchOperation;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use kube::core::admission::AdmissionRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admission::{self, Decision, Outcome};
+use crate::admission::{self, Decision, DeploymentView, Outcome, review};
 use crate::objects::{self, Desired, SplitApi};
 use crate::rollout::{self, Timeline};
 use crate::spec::{self, ANNOTATION_CANARY_TEMPLATE, CanarySpec, Weight};
@@ -32,7 +31,7 @@ pub enum PlanError {
     #[error("--from and --to hold different Deployments ({from} and {to})")]
     DifferentDeployments { from: String, to: String },
     #[error("building the AdmissionRequest: {0}")]
-    Request(#[source] serde_json::Error),
+    Request(String),
 }
 
 /// The Kubernetes objects of one manifest file.
@@ -152,7 +151,10 @@ pub fn plan(
     })
 }
 
-fn request(old: Option<&Value>, new: &Value) -> Result<AdmissionRequest<DynamicObject>, PlanError> {
+fn request(
+    old: Option<&Value>,
+    new: &Value,
+) -> Result<AdmissionRequest<DeploymentView>, PlanError> {
     let review = json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -169,11 +171,8 @@ fn request(old: Option<&Value>, new: &Value) -> Result<AdmissionRequest<DynamicO
             "dryRun": true,
         }
     });
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_value(review).map_err(PlanError::Request)?;
-    review
-        .try_into()
-        .map_err(|e| PlanError::Request(serde::de::Error::custom(format!("{e}"))))
+    let body = serde_json::to_vec(&review).map_err(|e| PlanError::Request(e.to_string()))?;
+    review::parse(&body).map_err(|e| PlanError::Request(e.to_string()))
 }
 
 fn canary_objects<'m>(

@@ -24,7 +24,7 @@ pub const ANNOTATION_CANARY_HASH: &str = "fledge.dev/canary-hash";
 /// Written by the controller: the rollout state (JSON).
 pub const ANNOTATION_STATE: &str = "fledge.dev/state";
 
-const PREFIX: &str = "fledge.dev/";
+pub const PREFIX: &str = "fledge.dev/";
 /// Keys a user writes.
 const USER_ANNOTATIONS: [&str; 2] = [ANNOTATION_STEPS, ANNOTATION_ROOT_SERVICE];
 /// Keys fledge writes itself; users leave them alone.

@@ -34,7 +34,7 @@ fn write_canonical(value: &Value, hasher: &mut Sha256) {
                 if i > 0 {
                     hasher.update(b",");
                 }
-                hasher.update(Value::String(key.clone()).to_string().as_bytes());
+                write_json_string(key, hasher);
                 hasher.update(b":");
                 if let Some(v) = map.get(key) {
                     write_canonical(v, hasher);
@@ -52,8 +52,25 @@ fn write_canonical(value: &Value, hasher: &mut Sha256) {
             }
             hasher.update(b"]");
         }
+        Value::String(text) => write_json_string(text, hasher),
         scalar => hasher.update(scalar.to_string().as_bytes()),
     }
+}
+
+/// A JSON string literal, escaped as serde_json escapes it, written without an allocation.
+fn write_json_string(text: &str, hasher: &mut Sha256) {
+    struct Sink<'h>(&'h mut Sha256);
+    impl std::io::Write for Sink<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // Writing into a hasher cannot fail, and a `str` always serializes.
+    let _ = serde_json::to_writer(Sink(hasher), text);
 }
 
 /// The pod template of a Deployment object given as JSON (`spec.template`).

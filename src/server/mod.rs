@@ -19,15 +19,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::admission;
+use crate::admission::{self, review};
 
 /// Larger request bodies get 413. The API server caps objects at about 1.5 MiB, and a review holds
 /// two of them.
@@ -210,28 +208,25 @@ pub struct BadRequest(pub String);
 /// Reads an AdmissionReview body and answers it: the decision label and the response JSON. A body
 /// that is not an AdmissionReview at all yields [`BadRequest`].
 pub fn review(body: &[u8]) -> Result<(&'static str, Vec<u8>), BadRequest> {
-    let answer = |response: AdmissionResponse, label| {
-        admission::review_json(response)
-            .map(|json| (label, json))
-            .map_err(|e| BadRequest(format!("fledge could not encode its answer: {e}")))
+    let encoded = |json: Result<Vec<u8>, serde_json::Error>| {
+        json.map_err(|e| BadRequest(format!("fledge could not encode its answer: {e}")))
     };
-    match serde_json::from_slice::<AdmissionReview<DynamicObject>>(body) {
-        Ok(review) => {
-            let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| {
-                BadRequest("the AdmissionReview has no request to answer".to_owned())
-            })?;
+    match review::parse(body) {
+        Ok(request) => {
             let decision = admission::decide(&request);
+            let label = decision.outcome.label();
             tracing::debug!(
                 uid = %request.uid,
                 name = %request.name,
                 namespace = request.namespace.as_deref().unwrap_or(""),
-                decision = decision.outcome.label(),
+                decision = label,
                 "admission review"
             );
-            answer(
-                admission::respond(&request, &decision),
-                decision.outcome.label(),
-            )
+            let json = review::answer(&request.types.api_version, &request.uid, &decision);
+            Ok((label, encoded(json)?))
+        }
+        Err(review::ReviewError::NoRequest) => {
+            Err(BadRequest(review::ReviewError::NoRequest.to_string()))
         }
         Err(error) => {
             // Answer under the request's uid when it can be found, so the API server shows the reason.
@@ -241,11 +236,7 @@ pub fn review(body: &[u8]) -> Result<(&'static str, Vec<u8>), BadRequest> {
                 .filter(|uid| !uid.is_empty());
             let message = format!("fledge cannot read this AdmissionReview: {error}");
             match uid {
-                Some(uid) => {
-                    let mut response = AdmissionResponse::invalid(message);
-                    response.uid = uid;
-                    answer(response, "invalid")
-                }
+                Some(uid) => Ok(("invalid", encoded(review::unreadable(&uid, &message))?)),
                 None => Err(BadRequest(message)),
             }
         }

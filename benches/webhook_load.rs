@@ -1,0 +1,191 @@
+//! Load on the real webhook over TLS keep-alive, against a ceiling measured in the same run: a bare
+//! axum + rustls server with the same TLS setup that reads the body and returns a canned
+//! AdmissionReview without parsing anything.
+//!
+//! `cargo bench --bench webhook_load` (needs `wrk` on PATH: `apt-get install wrk`). Settings by
+//! environment: FLEDGE_BENCH_SECONDS (default 10), FLEDGE_BENCH_CONNECTIONS (default 64),
+//! FLEDGE_BENCH_ROUNDS (default 3; servers alternate, best round of each is kept),
+//! FLEDGE_BENCH_BODY (default tests/data/update-new-template.json).
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::routing::post;
+use fledge::server::{self, AppState, tls};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Load {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: String,
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> BenchResult<()> {
+    let seconds: u64 = env_or("FLEDGE_BENCH_SECONDS", 10);
+    let connections: u64 = env_or("FLEDGE_BENCH_CONNECTIONS", 64);
+    let rounds: usize = env_or("FLEDGE_BENCH_ROUNDS", 3);
+    let body_path: PathBuf = env_or(
+        "FLEDGE_BENCH_BODY",
+        PathBuf::from("tests/data/update-new-template.json"),
+    );
+    let body = std::fs::read(&body_path)?;
+    let (label, canned) = server::review(&body).map_err(|e| e.0)?;
+
+    let dir = std::env::temp_dir().join(format!("fledge-bench-{}", std::process::id()));
+    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
+        service: "fledge".into(),
+        namespace: "fledge".into(),
+        dns: vec![],
+        ips: vec!["127.0.0.1".parse()?],
+        validity_days: 1,
+    })?;
+    fledge::certs::write_to_dir(&certs, &dir)?;
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
+            body_path.canonicalize()?.display()
+        ),
+    )?;
+    let cert = tls::ReloadingCert::load(tls::CertFiles {
+        cert: dir.join(fledge::certs::CERT_FILE),
+        key: dir.join(fledge::certs::KEY_FILE),
+    })?;
+
+    println!(
+        "body {} ({} bytes, decision {label}); wrk 1 thread, {connections} keep-alive connections, {seconds}s per run, {rounds} rounds; {} cores",
+        body_path.display(),
+        body.len(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let mut best_ceiling: Option<Load> = None;
+    let mut best_fledge: Option<Load> = None;
+    for round in 1..=rounds {
+        let canned = Bytes::from(canned.clone());
+        let bare = Router::new().route("/mutate", post(move |_body: Bytes| async move { canned }));
+        let ceiling = run(bare, &cert, &script, seconds, connections)?;
+        report(&format!("round {round} ceiling"), &ceiling);
+        let fledge = run(
+            server::router(AppState::default()),
+            &cert,
+            &script,
+            seconds,
+            connections,
+        )?;
+        report(&format!("round {round} fledge "), &fledge);
+        keep_best(&mut best_ceiling, ceiling);
+        keep_best(&mut best_fledge, fledge);
+    }
+    std::fs::remove_dir_all(&dir)?;
+    if let (Some(ceiling), Some(fledge)) = (best_ceiling, best_fledge) {
+        println!("\nbest of {rounds} rounds:");
+        report("ceiling (canned reply)", &ceiling);
+        report("fledge webhook        ", &fledge);
+        let ratio = fledge.requests_per_sec / ceiling.requests_per_sec;
+        println!(
+            "fledge / ceiling throughput: {:.1} % (target >= 70 %: {})",
+            ratio * 100.0,
+            if ratio >= 0.7 { "met" } else { "NOT met" }
+        );
+    }
+    Ok(())
+}
+
+fn keep_best(best: &mut Option<Load>, load: Load) {
+    if best
+        .as_ref()
+        .is_none_or(|b| load.requests_per_sec > b.requests_per_sec)
+    {
+        *best = Some(load);
+    }
+}
+
+fn report(name: &str, load: &Load) {
+    println!(
+        "{name}: {:>9.0} reviews/s   p50 {:>6.2} ms   p99 {:>6.2} ms{}",
+        load.requests_per_sec,
+        load.p50_ms,
+        load.p99_ms,
+        if load.errors.is_empty() {
+            String::new()
+        } else {
+            format!("   ({})", load.errors)
+        }
+    );
+}
+
+/// Serves `app` with fledge's TLS setup on its own runtime while wrk loads it.
+fn run(
+    app: Router,
+    cert: &Arc<tls::ReloadingCert>,
+    script: &Path,
+    seconds: u64,
+    connections: u64,
+) -> BenchResult<Load> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("https://{}/mutate", listener.local_addr()?);
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls::server_config(
+        cert.clone(),
+    )?));
+    let runtime = tokio::runtime::Runtime::new()?;
+    let _entered = runtime.enter();
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
+    runtime.spawn(server.serve(app.into_make_service()));
+    let output = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
+        .args(["--latency", "--timeout", "5s", "-s"])
+        .arg(script)
+        .arg(&url)
+        .output()
+        .map_err(|e| format!("running wrk (apt-get install wrk): {e}"))?;
+    handle.graceful_shutdown(Some(Duration::from_secs(1)));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}").into())
+}
+
+fn parse_wrk(text: &str) -> Option<Load> {
+    let millis = |value: &str| -> Option<f64> {
+        let (number, unit) = value.split_at(value.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = number.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let errors = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Socket errors") || l.starts_with("Non-2xx"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(Load {
+        requests_per_sec: field("Requests/sec:")?.parse().ok()?,
+        p50_ms: millis(field("50%")?)?,
+        p99_ms: millis(field("99%")?)?,
+        errors,
+    })
+}

@@ -1,0 +1,206 @@
+//! The AdmissionReview wire format, read and written the lean way.
+//!
+//! kube-core's `AdmissionReview<T>` flattens its `TypeMeta`, which makes serde buffer the whole
+//! review (managedFields, status, both objects) into an intermediate tree before reading it; for an
+//! 8 KB review that is most of the webhook's time. Here the envelope is read without flattening,
+//! the Deployment as a [`DeploymentView`] that keeps only what the decision reads (metadata names,
+//! labels, annotations, and the pod template as raw JSON) and skips everything else unparsed. The
+//! request itself is still kube-core's [`AdmissionRequest`].
+//!
+//! The answer is written here too, because kube-core serializes the JSONPatch (a Go `[]byte`) as an
+//! array of numbers (kube-rs issue 1781), which the API server rejects: it wants base64.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::admission::{AdmissionRequest, META_API_VERSION_V1, META_KIND};
+use kube::core::{NamespaceResourceScope, Resource, TypeMeta};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use super::{Decision, Outcome};
+
+/// An apps/v1 Deployment as the webhook reads it. The pod template stays raw JSON, exactly as the
+/// API server sent it, so that no field is lost however new it is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeploymentView {
+    #[serde(default, deserialize_with = "lean_metadata")]
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<SpecView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SpecView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Box<RawValue>>,
+}
+
+impl DeploymentView {
+    /// `spec.template` as raw JSON.
+    pub fn template(&self) -> Option<&RawValue> {
+        self.spec.as_ref()?.template.as_deref()
+    }
+}
+
+impl Resource for DeploymentView {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Deployment".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "apps".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "deployments".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Reads only the metadata fields the decision uses; managedFields and the rest are skipped.
+fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    struct Lean {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+        annotations: Option<BTreeMap<String, String>>,
+    }
+    let lean = Option::<Lean>::deserialize(deserializer)?;
+    Ok(lean.map_or_else(ObjectMeta::default, |l| ObjectMeta {
+        name: l.name,
+        namespace: l.namespace,
+        uid: l.uid,
+        labels: l.labels,
+        annotations: l.annotations,
+        ..ObjectMeta::default()
+    }))
+}
+
+/// The envelope, read without `#[serde(flatten)]`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    request: Option<AdmissionRequest<DeploymentView>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the AdmissionReview has no request to answer")]
+    NoRequest,
+}
+
+/// Parses an AdmissionReview body.
+pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DeploymentView>, ReviewError> {
+    let envelope: Envelope = serde_json::from_slice(body)?;
+    let mut request = envelope.request.ok_or(ReviewError::NoRequest)?;
+    request.types = TypeMeta {
+        api_version: envelope.api_version,
+        kind: envelope.kind,
+    };
+    Ok(request)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    status: &'static str,
+    message: &'a str,
+    reason: &'static str,
+    code: u16,
+}
+
+/// The AdmissionReview JSON answering `uid` with `decision`, in the review's own `apiVersion`.
+pub fn answer(
+    api_version: &str,
+    uid: &str,
+    decision: &Decision,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let mut response = ResponseOut {
+        uid,
+        allowed: true,
+        status: None,
+        patch_type: None,
+        patch: None,
+        warnings: &decision.warnings,
+    };
+    match &decision.outcome {
+        Outcome::Allow(_) => {}
+        Outcome::Deny(message) => {
+            response.allowed = false;
+            response.status = Some(StatusOut {
+                status: "Failure",
+                message,
+                reason: "BadRequest",
+                code: 400,
+            });
+        }
+        Outcome::Patch(_, patch) => {
+            let json = serde_json::to_vec(patch)?;
+            response.patch_type = Some("JSONPatch");
+            response.patch = Some(base64::engine::general_purpose::STANDARD.encode(json));
+        }
+    }
+    serde_json::to_vec(&ReviewOut {
+        api_version: if api_version.is_empty() {
+            META_API_VERSION_V1
+        } else {
+            api_version
+        },
+        kind: META_KIND,
+        response,
+    })
+}
+
+/// The answer to a review that could not be read but whose uid is known: not allowed, with why.
+pub fn unreadable(uid: &str, message: &str) -> Result<Vec<u8>, serde_json::Error> {
+    answer(
+        META_API_VERSION_V1,
+        uid,
+        &Decision {
+            outcome: Outcome::Deny(message.to_owned()),
+            warnings: Vec::new(),
+        },
+    )
+}
