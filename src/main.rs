@@ -112,8 +112,15 @@ struct CertsArgs {
     out: PathBuf,
 }
 
+/// A flag's duration: `10s`, `1m30s` as in the steps, or milliseconds such as `200ms`.
 fn duration(text: &str) -> Result<Duration, String> {
-    spec::parse_duration(text).map_err(|why| format!("{text:?} {why}"))
+    if let Some(millis) = text.strip_suffix("ms")
+        && let Ok(millis) = millis.parse()
+    {
+        return Ok(Duration::from_millis(millis));
+    }
+    spec::parse_duration(text)
+        .map_err(|why| format!("{text:?} {why}, or milliseconds such as 200ms"))
 }
 
 fn main() -> ExitCode {
@@ -241,5 +248,16 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flag_durations_take_milliseconds_too() {
+        assert_eq!(duration("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(
+            duration("soon")
+                .unwrap_err()
+                .contains("or milliseconds such as 200ms")
+        );
     }
 }

@@ -120,6 +120,20 @@ pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DeploymentView>, ReviewErro
     Ok(request)
 }
 
+/// `request.uid` of a body that may be no valid AdmissionReview otherwise; everything else is
+/// skipped without being read into a tree, so any nesting depth elsewhere is fine.
+pub fn uid(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct UidOnly {
+        request: Option<RequestUid>,
+    }
+    #[derive(Deserialize)]
+    struct RequestUid {
+        uid: Option<String>,
+    }
+    serde_json::from_slice::<UidOnly>(body).ok()?.request?.uid
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ReviewOut<'a> {
@@ -203,4 +217,21 @@ pub fn unreadable(uid: &str, message: &str) -> Result<Vec<u8>, serde_json::Error
             warnings: Vec::new(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_is_found_beside_anything() {
+        let deep = format!(
+            r#"{{"request":{{"object":{}1{},"uid":"u-deep"}}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert_eq!(uid(deep.as_bytes()), Some("u-deep".to_owned()));
+        assert_eq!(uid(br#"{"request":{"uid":7}}"#), None);
+        assert_eq!(uid(b"{"), None);
+    }
 }

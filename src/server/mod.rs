@@ -230,10 +230,7 @@ pub fn review(body: &[u8]) -> Result<(&'static str, Vec<u8>), BadRequest> {
         }
         Err(error) => {
             // Answer under the request's uid when it can be found, so the API server shows the reason.
-            let uid = serde_json::from_slice::<serde_json::Value>(body)
-                .ok()
-                .and_then(|v| v.pointer("/request/uid")?.as_str().map(str::to_owned))
-                .filter(|uid| !uid.is_empty());
+            let uid = review::uid(body).filter(|uid| !uid.is_empty());
             let message = format!("fledge cannot read this AdmissionReview: {error}");
             match uid {
                 Some(uid) => Ok(("invalid", encoded(review::unreadable(&uid, &message))?)),
@@ -259,12 +256,18 @@ pub async fn serve(
     let config =
         axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls::server_config(cert)?));
     let handle = axum_server::Handle::<SocketAddr>::new();
-    let server = axum_server::from_tcp_rustls(listener, config)
+    let mut server = axum_server::from_tcp_rustls(listener, config)
         .map_err(|source| ServeError::Listen {
             addr: addr.clone(),
             source,
         })?
         .handle(handle.clone());
+    // axum-server turns hyper's header read timeout off; a client that never finishes its request
+    // head would otherwise hold a connection (and a graceful shutdown) forever.
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(REQUEST_TIMEOUT);
     state.ready.store(true, Ordering::Relaxed);
     let app = router(state.clone());
     let serving = server.serve(app.into_make_service());
