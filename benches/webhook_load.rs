@@ -5,9 +5,11 @@
 //! `cargo bench --bench webhook_load` (needs `wrk` on PATH: `apt-get install wrk`). Settings by
 //! environment: FLEDGE_BENCH_SECONDS (default 10), FLEDGE_BENCH_CONNECTIONS (default 64),
 //! FLEDGE_BENCH_ROUNDS (default 3; servers alternate, best round of each is kept),
-//! FLEDGE_BENCH_BODY (default tests/data/update-new-template.json).
+//! FLEDGE_BENCH_BODIES (comma-separated fixtures; default tests/data/update-new-template.json, the
+//! patch path, and tests/data/update-scale-only.json, the common path). Bodies are compacted first,
+//! as the API server sends JSON.
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,8 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 struct Load {
     requests_per_sec: f64,
+    /// Server CPU time (user + system) per request: robust to what else the machine does.
+    cpu_us_per_request: f64,
     p50_ms: f64,
     p99_ms: f64,
     errors: String,
@@ -37,12 +41,10 @@ fn main() -> BenchResult<()> {
     let seconds: u64 = env_or("FLEDGE_BENCH_SECONDS", 10);
     let connections: u64 = env_or("FLEDGE_BENCH_CONNECTIONS", 64);
     let rounds: usize = env_or("FLEDGE_BENCH_ROUNDS", 3);
-    let body_path: PathBuf = env_or(
-        "FLEDGE_BENCH_BODY",
-        PathBuf::from("tests/data/update-new-template.json"),
+    let bodies: String = env_or(
+        "FLEDGE_BENCH_BODIES",
+        "tests/data/update-new-template.json,tests/data/update-scale-only.json".to_owned(),
     );
-    let body = std::fs::read(&body_path)?;
-    let (label, canned) = server::review(&body).map_err(|e| e.0)?;
 
     let dir = std::env::temp_dir().join(format!("fledge-bench-{}", std::process::id()));
     let certs = fledge::certs::generate(&fledge::certs::CertRequest {
@@ -53,55 +55,66 @@ fn main() -> BenchResult<()> {
         validity_days: 1,
     })?;
     fledge::certs::write_to_dir(&certs, &dir)?;
-    let script = dir.join("post.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
-            body_path.canonicalize()?.display()
-        ),
-    )?;
     let cert = tls::ReloadingCert::load(tls::CertFiles {
         cert: dir.join(fledge::certs::CERT_FILE),
         key: dir.join(fledge::certs::KEY_FILE),
     })?;
-
     println!(
-        "body {} ({} bytes, decision {label}); wrk 1 thread, {connections} keep-alive connections, {seconds}s per run, {rounds} rounds; {} cores",
-        body_path.display(),
-        body.len(),
+        "wrk 1 thread, {connections} keep-alive connections, {seconds}s per run, {rounds} rounds alternating ceiling and fledge; {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let mut best_ceiling: Option<Load> = None;
-    let mut best_fledge: Option<Load> = None;
-    for round in 1..=rounds {
-        let canned = Bytes::from(canned.clone());
-        let bare = Router::new().route("/mutate", post(move |_body: Bytes| async move { canned }));
-        let ceiling = run(bare, &cert, &script, seconds, connections)?;
-        report(&format!("round {round} ceiling"), &ceiling);
-        let fledge = run(
-            server::router(AppState::default()),
-            &cert,
+    for fixture in bodies.split(',') {
+        let body = serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(fixture)?,
+        )?)?;
+        let (label, canned) = server::review(&body).map_err(|e| e.0)?;
+        let body_path = dir.join("body.json");
+        std::fs::write(&body_path, &body)?;
+        let script = dir.join("post.lua");
+        std::fs::write(
             &script,
-            seconds,
-            connections,
+            format!(
+                "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
+                body_path.display()
+            ),
         )?;
-        report(&format!("round {round} fledge "), &fledge);
-        keep_best(&mut best_ceiling, ceiling);
-        keep_best(&mut best_fledge, fledge);
+        println!(
+            "\n{fixture}: {} bytes, decision {label}, answer {} bytes",
+            body.len(),
+            canned.len()
+        );
+        let mut best_ceiling: Option<Load> = None;
+        let mut best_fledge: Option<Load> = None;
+        for round in 1..=rounds {
+            let canned = Bytes::from(canned.clone());
+            let bare =
+                Router::new().route("/mutate", post(move |_body: Bytes| async move { canned }));
+            let ceiling = run(bare, &cert, &script, seconds, connections)?;
+            report(&format!("  round {round} ceiling"), &ceiling);
+            let fledge = run(
+                server::router(AppState::default()),
+                &cert,
+                &script,
+                seconds,
+                connections,
+            )?;
+            report(&format!("  round {round} fledge "), &fledge);
+            keep_best(&mut best_ceiling, ceiling);
+            keep_best(&mut best_fledge, fledge);
+        }
+        if let (Some(ceiling), Some(fledge)) = (best_ceiling, best_fledge) {
+            println!("  best of {rounds} rounds:");
+            report("    ceiling (canned reply)", &ceiling);
+            report("    fledge webhook        ", &fledge);
+            let ratio = fledge.requests_per_sec / ceiling.requests_per_sec;
+            println!(
+                "    fledge / ceiling throughput: {:.1} % (target >= 70 %: {})",
+                ratio * 100.0,
+                if ratio >= 0.7 { "met" } else { "NOT met" }
+            );
+        }
     }
     std::fs::remove_dir_all(&dir)?;
-    if let (Some(ceiling), Some(fledge)) = (best_ceiling, best_fledge) {
-        println!("\nbest of {rounds} rounds:");
-        report("ceiling (canned reply)", &ceiling);
-        report("fledge webhook        ", &fledge);
-        let ratio = fledge.requests_per_sec / ceiling.requests_per_sec;
-        println!(
-            "fledge / ceiling throughput: {:.1} % (target >= 70 %: {})",
-            ratio * 100.0,
-            if ratio >= 0.7 { "met" } else { "NOT met" }
-        );
-    }
     Ok(())
 }
 
@@ -116,8 +129,9 @@ fn keep_best(best: &mut Option<Load>, load: Load) {
 
 fn report(name: &str, load: &Load) {
     println!(
-        "{name}: {:>9.0} reviews/s   p50 {:>6.2} ms   p99 {:>6.2} ms{}",
+        "{name}: {:>9.0} reviews/s   server CPU {:>5.1} µs/review   p50 {:>6.2} ms   p99 {:>6.2} ms{}",
         load.requests_per_sec,
+        load.cpu_us_per_request,
         load.p50_ms,
         load.p99_ms,
         if load.errors.is_empty() {
@@ -146,6 +160,7 @@ fn run(
     let handle = axum_server::Handle::new();
     let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
     runtime.spawn(server.serve(app.into_make_service()));
+    let cpu_before = process_cpu_seconds()?;
     let output = Command::new("wrk")
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
         .args(["--latency", "--timeout", "5s", "-s"])
@@ -153,10 +168,32 @@ fn run(
         .arg(&url)
         .output()
         .map_err(|e| format!("running wrk (apt-get install wrk): {e}"))?;
+    let cpu = process_cpu_seconds()? - cpu_before;
     handle.graceful_shutdown(Some(Duration::from_secs(1)));
     runtime.shutdown_timeout(Duration::from_secs(2));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}").into())
+    let mut load = parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}"))?;
+    let requests = load.requests_per_sec * seconds as f64;
+    load.cpu_us_per_request = cpu * 1e6 / requests.max(1.0);
+    Ok(load)
+}
+
+/// User + system CPU seconds of this process so far (`/proc/self/stat`, in clock ticks of 1/100 s).
+fn process_cpu_seconds() -> BenchResult<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> BenchResult<f64> {
+        Ok(fields
+            .get(i)
+            .ok_or("short /proc/self/stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 fn parse_wrk(text: &str) -> Option<Load> {
@@ -184,6 +221,7 @@ fn parse_wrk(text: &str) -> Option<Load> {
         .join("; ");
     Some(Load {
         requests_per_sec: field("Requests/sec:")?.parse().ok()?,
+        cpu_us_per_request: 0.0,
         p50_ms: millis(field("50%")?)?,
         p99_ms: millis(field("99%")?)?,
         errors,

@@ -98,7 +98,9 @@ pub enum CertError {
 
 /// Generates a fresh CA and a serving certificate signed by it.
 pub fn generate(req: &CertRequest) -> Result<GeneratedCerts, CertError> {
-    validate_label("--service", &req.service)?;
+    // Service names are DNS-1035 labels: stricter than namespaces (they start with a letter).
+    crate::spec::check_dns1035(&req.service)
+        .map_err(|why| invalid("--service", req.service.clone(), why))?;
     validate_label("--namespace", &req.namespace)?;
     for name in &req.dns {
         validate_dns_name("--dns", name)?;
@@ -483,7 +485,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            r#"--service "Web": must be a DNS-1123 label (lowercase letters, digits, '-')"#
+            r#"--service "Web": is not a valid Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit)"#
         );
     }
 
@@ -495,28 +497,28 @@ mod tests {
                     service: "".into(),
                     ..req()
                 },
-                r#"--service "": must be a DNS-1123 label (lowercase letters, digits, '-'); it is empty"#,
+                r#"--service "": is empty"#,
             ),
             (
                 CertRequest {
                     service: "web.x".into(),
                     ..req()
                 },
-                r#"--service "web.x": must be a DNS-1123 label"#,
+                r#"--service "web.x": is not a valid Service name"#,
             ),
             (
                 CertRequest {
-                    service: "-web".into(),
+                    service: "1web".into(),
                     ..req()
                 },
-                "must start and end with a letter or digit",
+                r#"--service "1web": is not a valid Service name"#,
             ),
             (
                 CertRequest {
                     service: "a".repeat(64),
                     ..req()
                 },
-                "it is 64 characters, at most 63 allowed",
+                "is 64 characters long; Service names have at most 63",
             ),
             (
                 CertRequest {
