@@ -412,6 +412,8 @@ mod tests {
             step: 1,
             weight: Weight::from_basis_points(500).unwrap(),
             message: String::new(),
+            step_started: None,
+            unavailable_since: None,
         };
         with_annotation(
             object,

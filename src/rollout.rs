@@ -7,9 +7,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{ANNOTATION_STATE, Step, Weight};
+
+pub mod machine;
 
 /// Where a rollout stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +52,31 @@ pub struct RolloutState {
     pub weight: Weight,
     #[serde(default)]
     pub message: String,
+    /// When the current step began: pauses count from here, so they survive restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
+    pub step_started: Option<Timestamp>,
+    /// Since when the canary has not been available: the progress deadline counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
+    pub unavailable_since: Option<Timestamp>,
+}
+
+/// Times as RFC 3339 text, as Kubernetes writes them.
+mod rfc3339 {
+    use k8s_openapi::jiff::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.collect_str(t),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| text.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +246,8 @@ mod tests {
             step: 2,
             weight: w("12.5"),
             message: "canary not available within 600s".into(),
+            step_started: None,
+            unavailable_since: None,
         };
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains(r#""weight":"12.5""#), "{text}");

@@ -1,0 +1,997 @@
+//! The rollout state machine: stored state + what the controller observed + now → next state, the
+//! objects to converge to, and when to look again. Pure: the controller does the IO around it.
+//!
+//! Every call takes at most one step, so each weight is written and observable; the controller
+//! calls again at once whenever the state changed.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::{Phase, RolloutState};
+use crate::objects::canary_replicas;
+use crate::spec::{CanarySpec, Step, Weight};
+
+/// What the controller read from the cluster, as plain values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation<'a> {
+    pub name: &'a str,
+    /// The parsed settings; `None` when the Deployment is not (or no longer) opted in.
+    pub spec: Option<&'a CanarySpec>,
+    /// `fledge.dev/canary-hash`: the template the webhook recorded as the pending canary.
+    pub pending_hash: Option<&'a str>,
+    /// Hash of the Deployment's own `spec.template` (the stable version).
+    pub stable_hash: &'a str,
+    /// The user's Deployment's `spec.replicas`.
+    pub stable_replicas: u64,
+    /// The Deployment's own `progressDeadlineSeconds`.
+    pub progress_deadline: Duration,
+    pub canary: CanaryStatus,
+    /// The user's Deployment has rolled out its current template (all replicas updated and available).
+    pub stable_rolled_out: bool,
+}
+
+/// The `NAME-canary` Deployment as observed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CanaryStatus {
+    /// It runs the pending template and its rollout is complete (`Available`, all replicas updated).
+    pub available: bool,
+    /// Ready pods of the pending template.
+    pub ready_replicas: u64,
+}
+
+/// The objects the controller converges to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// None of fledge's objects: traffic back to the stable pods first, then everything deleted.
+    Nothing,
+    /// The canary Deployment sized for `size`, both Services, and the split at `weight`.
+    Canary { size: Weight, weight: Weight },
+    /// All traffic on the canary while the user's Deployment takes the canary's template.
+    Promote,
+}
+
+/// A Kubernetes Event to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub reason: &'static str,
+    pub message: String,
+    pub warning: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Next {
+    /// The state to store; `None` removes it (the Deployment left fledge).
+    pub state: Option<RolloutState>,
+    pub target: Target,
+    /// Look again after this long even if nothing changes (a pause or a deadline ends).
+    pub requeue: Option<Duration>,
+    pub event: Option<Event>,
+}
+
+/// The next step of the rollout of one Deployment.
+pub fn next(state: Option<&RolloutState>, obs: &Observation, now: Timestamp) -> Next {
+    let Some(spec) = obs.spec else {
+        return Next {
+            event: state.filter(|s| in_flight(s.phase)).map(|_| {
+                info(
+                    "OptedOut",
+                    format!(
+                        "{} left fledge: traffic back to stable, canary objects removed",
+                        obs.name
+                    ),
+                )
+            }),
+            state: None,
+            target: Target::Nothing,
+            requeue: None,
+        };
+    };
+    let Some(pending) = obs.pending_hash else {
+        return settled(state);
+    };
+    match state {
+        Some(s) if s.hash == pending => match s.phase {
+            Phase::Progressing | Phase::Paused => progress(s, spec, obs, now),
+            Phase::Promoting => promote(s, obs),
+            Phase::Idle | Phase::Succeeded | Phase::Aborted => settled(state),
+        },
+        // A template already stable has nothing to canary (promoted, or applied before opting in).
+        _ if pending == obs.stable_hash => settled(state),
+        previous => start(previous, pending, obs, now),
+    }
+}
+
+fn in_flight(phase: Phase) -> bool {
+    matches!(phase, Phase::Progressing | Phase::Paused | Phase::Promoting)
+}
+
+fn info(reason: &'static str, message: String) -> Event {
+    Event {
+        reason,
+        message,
+        warning: false,
+    }
+}
+
+/// Nothing to do: the state stays as it is and no canary objects exist.
+fn settled(state: Option<&RolloutState>) -> Next {
+    Next {
+        state: state.cloned(),
+        target: Target::Nothing,
+        requeue: None,
+        event: None,
+    }
+}
+
+fn start(
+    previous: Option<&RolloutState>,
+    pending: &str,
+    obs: &Observation,
+    now: Timestamp,
+) -> Next {
+    let replaced = previous.filter(|s| in_flight(s.phase));
+    let message = match replaced {
+        Some(old) => format!(
+            "new template {pending} replaces canary {} and starts at step 1",
+            old.hash
+        ),
+        None => format!("canary {pending} started"),
+    };
+    let state = RolloutState {
+        phase: Phase::Progressing,
+        hash: pending.to_owned(),
+        step: 0,
+        weight: Weight::ZERO,
+        message: message.clone(),
+        step_started: Some(now),
+        unavailable_since: Some(now),
+    };
+    Next {
+        state: Some(state),
+        target: Target::Canary {
+            size: Weight::ZERO,
+            weight: Weight::ZERO,
+        },
+        requeue: Some(obs.progress_deadline),
+        event: Some(info(
+            if replaced.is_some() {
+                "CanaryReplaced"
+            } else {
+                "CanaryStarted"
+            },
+            message,
+        )),
+    }
+}
+
+fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timestamp) -> Next {
+    let size = match spec.steps.get(s.step) {
+        Some(Step::SetWeight(w)) => (*w).max(s.weight),
+        _ => s.weight,
+    };
+    if !obs.canary.available {
+        return unavailable(s, size, obs, now);
+    }
+    let mut state = RolloutState {
+        unavailable_since: None,
+        ..s.clone()
+    };
+    let hold = |state: RolloutState, requeue: Option<Duration>| Next {
+        target: Target::Canary {
+            size,
+            weight: state.weight,
+        },
+        state: Some(state),
+        requeue,
+        event: None,
+    };
+    let total = spec.steps.len();
+    let Some(step) = spec.steps.get(s.step) else {
+        state.phase = Phase::Promoting;
+        state.message = format!("all {total} steps done: promoting");
+        let event = info("Promoting", state.message.clone());
+        return Next {
+            event: Some(event),
+            ..hold(state, None)
+        };
+    };
+    let advance = |mut state: RolloutState, event: Event| {
+        state.step += 1;
+        state.phase = Phase::Progressing;
+        state.step_started = Some(now);
+        state.message = event.message.clone();
+        Next {
+            event: Some(event),
+            ..hold(state, None)
+        }
+    };
+    let position = format!("step {}/{total}", s.step + 1);
+    match step {
+        Step::SetWeight(w) => {
+            let needed = canary_replicas(obs.stable_replicas, *w);
+            if obs.canary.ready_replicas < needed {
+                state.message = format!(
+                    "{position}: waiting for {needed} ready canary pods before {w}% of traffic"
+                );
+                return hold(state, None);
+            }
+            state.weight = *w;
+            advance(
+                state,
+                info("WeightSet", format!("{position}: canary weight {w}%")),
+            )
+        }
+        Step::PauseFor(d) => {
+            let started = s.step_started.unwrap_or(now);
+            let elapsed = seconds_between(started, now);
+            if elapsed >= d.as_secs() {
+                return advance(
+                    state,
+                    info(
+                        "PauseEnded",
+                        format!(
+                            "{position}: pause of {} ended",
+                            crate::spec::format_duration(*d)
+                        ),
+                    ),
+                );
+            }
+            let left = Duration::from_secs(d.as_secs() - elapsed);
+            state.phase = Phase::Paused;
+            state.message = format!(
+                "{position}: paused, {} left",
+                crate::spec::format_duration(left)
+            );
+            hold(state, Some(left))
+        }
+        Step::PauseUntilPromoted => {
+            state.phase = Phase::Paused;
+            state.message = format!("{position}: paused until `fledge promote {}`", obs.name);
+            hold(state, None)
+        }
+    }
+}
+
+/// The canary is not (or no longer) available: wait, with no traffic on it while it has no ready
+/// pod, and abort when the Deployment's own progress deadline has passed.
+fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp) -> Next {
+    let since = s.unavailable_since.unwrap_or(now);
+    let deadline = obs.progress_deadline.as_secs();
+    let waited = seconds_between(since, now);
+    if waited >= deadline {
+        let message = format!(
+            "canary {}-canary was not available within {deadline}s (progressDeadlineSeconds): aborted, traffic back to stable",
+            obs.name
+        );
+        let state = RolloutState {
+            phase: Phase::Aborted,
+            weight: Weight::ZERO,
+            message: message.clone(),
+            unavailable_since: None,
+            ..s.clone()
+        };
+        return Next {
+            state: Some(state),
+            target: Target::Nothing,
+            requeue: None,
+            event: Some(Event {
+                reason: "ProgressDeadlineExceeded",
+                message,
+                warning: true,
+            }),
+        };
+    }
+    let state = RolloutState {
+        unavailable_since: Some(since),
+        message: format!("waiting for canary {}-canary to be available", obs.name),
+        ..s.clone()
+    };
+    let weight = if obs.canary.ready_replicas == 0 {
+        Weight::ZERO
+    } else {
+        s.weight
+    };
+    Next {
+        state: Some(state),
+        target: Target::Canary { size, weight },
+        requeue: Some(Duration::from_secs(deadline - waited)),
+        event: None,
+    }
+}
+
+fn promote(s: &RolloutState, obs: &Observation) -> Next {
+    let mut state = s.clone();
+    let target = if s.weight < Weight::FULL {
+        // First all traffic to the canary, once it has the stable's capacity.
+        if obs.canary.available && obs.canary.ready_replicas >= obs.stable_replicas.max(1) {
+            state.weight = Weight::FULL;
+            state.message = "promoting: all traffic on the canary".to_owned();
+        } else {
+            state.message = format!(
+                "promoting: waiting for {} ready canary pods before moving all traffic",
+                obs.stable_replicas.max(1)
+            );
+        }
+        Target::Canary {
+            size: Weight::FULL,
+            weight: state.weight,
+        }
+    } else if obs.pending_hash != Some(obs.stable_hash) || !obs.stable_rolled_out {
+        state.message = format!(
+            "promoting: {} is rolling out the canary's template",
+            obs.name
+        );
+        Target::Promote
+    } else {
+        state.phase = Phase::Succeeded;
+        state.weight = Weight::ZERO;
+        state.message = format!("promoted: {} runs template {}", obs.name, s.hash);
+        return Next {
+            event: Some(info("Promoted", state.message.clone())),
+            state: Some(state),
+            target: Target::Nothing,
+            requeue: None,
+        };
+    };
+    Next {
+        state: Some(state),
+        target,
+        requeue: None,
+        event: None,
+    }
+}
+
+/// Whole seconds from `earlier` to `later`, 0 if the clock went back.
+fn seconds_between(earlier: Timestamp, later: Timestamp) -> u64 {
+    u64::try_from(later.as_second() - earlier.as_second()).unwrap_or(0)
+}
+
+/// What a user asks with `fledge promote|abort|retry NAME`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// End the current pause (timed or `pause: {}`).
+    Promote,
+    /// Traffic back to stable, canary removed; the template stays aborted.
+    Abort,
+    /// Start an aborted canary again from step 1.
+    Retry,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CommandError(pub String);
+
+/// The state after a user's command, or why the command does not apply now.
+pub fn command(
+    state: Option<&RolloutState>,
+    spec: &CanarySpec,
+    cmd: Command,
+    name: &str,
+    now: Timestamp,
+) -> Result<RolloutState, CommandError> {
+    let refuse = |why: String| Err(CommandError(why));
+    let Some(s) = state else {
+        return refuse(format!("{name} has no canary"));
+    };
+    let position = format!("step {}/{}", s.step + 1, spec.steps.len());
+    match (cmd, s.phase) {
+        (Command::Promote, Phase::Progressing | Phase::Paused) => match spec.steps.get(s.step) {
+            Some(Step::PauseFor(_) | Step::PauseUntilPromoted) => Ok(RolloutState {
+                phase: Phase::Progressing,
+                step: s.step + 1,
+                step_started: Some(now),
+                message: format!("{position}: pause ended by `fledge promote`"),
+                ..s.clone()
+            }),
+            _ => refuse(format!(
+                "{name} is not paused ({position}, phase {}); `fledge promote` ends a pause",
+                s.phase
+            )),
+        },
+        (Command::Abort, Phase::Progressing | Phase::Paused) => Ok(RolloutState {
+            phase: Phase::Aborted,
+            weight: Weight::ZERO,
+            unavailable_since: None,
+            message: format!("aborted by `fledge abort` at {position}: traffic back to stable"),
+            ..s.clone()
+        }),
+        (Command::Abort, Phase::Promoting) => refuse(format!(
+            "{name} is being promoted: its template is becoming the stable one and can no longer be aborted"
+        )),
+        (Command::Retry, Phase::Aborted) => Ok(RolloutState {
+            phase: Phase::Progressing,
+            step: 0,
+            weight: Weight::ZERO,
+            step_started: Some(now),
+            unavailable_since: Some(now),
+            message: format!("canary {} retried by `fledge retry`", s.hash),
+            ..s.clone()
+        }),
+        (Command::Retry, phase) => refuse(format!(
+            "{name} is {phase}, not Aborted; `fledge retry` restarts an aborted canary"
+        )),
+        (_, Phase::Aborted) => refuse(format!(
+            "{name}'s canary was aborted; `fledge retry {name}` starts it again"
+        )),
+        (_, phase) => refuse(format!("{name} has no canary in progress (phase {phase})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
+
+    const STABLE: &str = "stable-hash";
+    const V2: &str = "v2-hash";
+    const V3: &str = "v3-hash";
+
+    fn w(bp: u16) -> Weight {
+        Weight::from_basis_points(bp).unwrap()
+    }
+
+    fn t(second: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + second).unwrap()
+    }
+
+    /// The brief's example: 5 %, 2 minutes, 50 %, wait for promote, 100 %.
+    fn spec() -> CanarySpec {
+        CanarySpec {
+            steps: vec![
+                SetWeight(w(500)),
+                PauseFor(Duration::from_secs(120)),
+                SetWeight(w(5000)),
+                PauseUntilPromoted,
+                SetWeight(Weight::FULL),
+            ],
+            root_service: "web".into(),
+        }
+    }
+
+    fn obs<'a>(spec: &'a CanarySpec) -> Observation<'a> {
+        Observation {
+            name: "web",
+            spec: Some(spec),
+            pending_hash: Some(V2),
+            stable_hash: STABLE,
+            stable_replicas: 4,
+            progress_deadline: Duration::from_secs(600),
+            canary: CanaryStatus {
+                available: true,
+                ready_replicas: 4,
+            },
+            stable_rolled_out: true,
+        }
+    }
+
+    fn state(phase: Phase, step: usize, weight: Weight) -> RolloutState {
+        RolloutState {
+            phase,
+            hash: V2.into(),
+            step,
+            weight,
+            message: String::new(),
+            step_started: Some(t(0)),
+            unavailable_since: None,
+        }
+    }
+
+    fn phase_of(n: &Next) -> Option<Phase> {
+        n.state.as_ref().map(|s| s.phase)
+    }
+
+    #[test]
+    fn opting_out_removes_everything_and_forgets_the_state() {
+        for phase in [
+            Phase::Progressing,
+            Phase::Paused,
+            Phase::Promoting,
+            Phase::Aborted,
+            Phase::Succeeded,
+        ] {
+            let spec = spec();
+            let o = Observation {
+                spec: None,
+                ..obs(&spec)
+            };
+            let n = next(Some(&state(phase, 1, w(500))), &o, t(10));
+            assert_eq!(
+                (n.state.clone(), n.target),
+                (None, Target::Nothing),
+                "{phase}"
+            );
+            assert_eq!(n.event.is_some(), in_flight(phase), "{phase}");
+        }
+    }
+
+    #[test]
+    fn nothing_pending_means_nothing_to_run() {
+        let spec = spec();
+        let o = Observation {
+            pending_hash: None,
+            ..obs(&spec)
+        };
+        assert_eq!(next(None, &o, t(0)), settled(None));
+        let done = state(Phase::Succeeded, 5, Weight::ZERO);
+        assert_eq!(next(Some(&done), &o, t(0)), settled(Some(&done)));
+        let already_stable = Observation {
+            pending_hash: Some(STABLE),
+            ..obs(&spec)
+        };
+        assert_eq!(next(None, &already_stable, t(0)).target, Target::Nothing);
+    }
+
+    #[test]
+    fn a_pending_template_starts_at_zero_weight() {
+        let spec = spec();
+        let n = next(None, &obs(&spec), t(7));
+        let s = n.state.unwrap();
+        assert_eq!(
+            (s.phase, s.hash.as_str(), s.step, s.weight),
+            (Phase::Progressing, V2, 0, Weight::ZERO)
+        );
+        assert_eq!(
+            (s.step_started, s.unavailable_since),
+            (Some(t(7)), Some(t(7)))
+        );
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: Weight::ZERO,
+                weight: Weight::ZERO
+            }
+        );
+        assert_eq!(n.event.unwrap().reason, "CanaryStarted");
+        assert_eq!(n.requeue, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn a_new_template_mid_canary_restarts_at_step_one() {
+        let spec = spec();
+        let o = Observation {
+            pending_hash: Some(V3),
+            ..obs(&spec)
+        };
+        for phase in [Phase::Progressing, Phase::Paused, Phase::Promoting] {
+            let n = next(Some(&state(phase, 3, w(5000))), &o, t(50));
+            let s = n.state.unwrap();
+            assert_eq!(
+                (s.phase, s.hash.as_str(), s.step, s.weight),
+                (Phase::Progressing, V3, 0, Weight::ZERO)
+            );
+            assert_eq!(n.event.unwrap().reason, "CanaryReplaced", "{phase}");
+        }
+        for phase in [Phase::Aborted, Phase::Succeeded, Phase::Idle] {
+            let n = next(Some(&state(phase, 3, Weight::ZERO)), &o, t(50));
+            assert_eq!(n.event.unwrap().reason, "CanaryStarted", "{phase}");
+        }
+    }
+
+    #[test]
+    fn an_aborted_template_stays_aborted() {
+        let spec = spec();
+        let aborted = state(Phase::Aborted, 2, Weight::ZERO);
+        let n = next(Some(&aborted), &obs(&spec), t(1000));
+        assert_eq!(n, settled(Some(&aborted)));
+    }
+
+    #[test]
+    fn weight_moves_only_once_the_canary_is_available() {
+        let spec = spec();
+        let mut s = state(Phase::Progressing, 0, Weight::ZERO);
+        s.unavailable_since = Some(t(0));
+        let waiting = Observation {
+            canary: CanaryStatus {
+                available: false,
+                ready_replicas: 0,
+            },
+            ..obs(&spec)
+        };
+        let n = next(Some(&s), &waiting, t(100));
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(500),
+                weight: Weight::ZERO
+            }
+        );
+        assert_eq!(n.requeue, Some(Duration::from_secs(500)));
+        assert_eq!(phase_of(&n), Some(Phase::Progressing));
+        let n = next(Some(&s), &obs(&spec), t(100));
+        let after = n.state.unwrap();
+        assert_eq!(
+            (after.step, after.weight, after.unavailable_since),
+            (1, w(500), None)
+        );
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(500),
+                weight: w(500)
+            }
+        );
+        assert_eq!(n.event.unwrap().reason, "WeightSet");
+    }
+
+    #[test]
+    fn the_progress_deadline_aborts() {
+        let spec = spec();
+        let mut s = state(Phase::Progressing, 0, Weight::ZERO);
+        s.unavailable_since = Some(t(0));
+        let waiting = Observation {
+            canary: CanaryStatus {
+                available: false,
+                ready_replicas: 0,
+            },
+            ..obs(&spec)
+        };
+        let n = next(Some(&s), &waiting, t(600));
+        assert_eq!(phase_of(&n), Some(Phase::Aborted));
+        assert_eq!(n.target, Target::Nothing);
+        let event = n.event.unwrap();
+        assert!(event.warning);
+        assert_eq!(event.reason, "ProgressDeadlineExceeded");
+        assert!(
+            event
+                .message
+                .contains("within 600s (progressDeadlineSeconds)"),
+            "{}",
+            event.message
+        );
+    }
+
+    #[test]
+    fn a_canary_that_loses_its_pods_gets_no_traffic_but_keeps_its_place() {
+        let spec = spec();
+        let s = state(Phase::Paused, 3, w(5000));
+        let broken = Observation {
+            canary: CanaryStatus {
+                available: false,
+                ready_replicas: 0,
+            },
+            ..obs(&spec)
+        };
+        let n = next(Some(&s), &broken, t(10));
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(5000),
+                weight: Weight::ZERO
+            }
+        );
+        let kept = n.state.unwrap();
+        assert_eq!(
+            (kept.step, kept.weight, kept.unavailable_since),
+            (3, w(5000), Some(t(10)))
+        );
+        let degraded = Observation {
+            canary: CanaryStatus {
+                available: false,
+                ready_replicas: 1,
+            },
+            ..obs(&spec)
+        };
+        assert_eq!(
+            next(Some(&s), &degraded, t(10)).target,
+            Target::Canary {
+                size: w(5000),
+                weight: w(5000)
+            }
+        );
+    }
+
+    #[test]
+    fn set_weight_waits_for_capacity() {
+        let spec = spec();
+        let s = state(Phase::Progressing, 2, w(500));
+        let small = Observation {
+            canary: CanaryStatus {
+                available: true,
+                ready_replicas: 1,
+            },
+            ..obs(&spec)
+        };
+        let n = next(Some(&s), &small, t(10));
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(5000),
+                weight: w(500)
+            }
+        );
+        assert_eq!(n.state.as_ref().unwrap().step, 2);
+        assert!(
+            n.state
+                .unwrap()
+                .message
+                .contains("waiting for 2 ready canary pods")
+        );
+        let enough = Observation {
+            canary: CanaryStatus {
+                available: true,
+                ready_replicas: 2,
+            },
+            ..obs(&spec)
+        };
+        assert_eq!(
+            next(Some(&s), &enough, t(10)).target,
+            Target::Canary {
+                size: w(5000),
+                weight: w(5000)
+            }
+        );
+    }
+
+    #[test]
+    fn timed_pauses_count_from_the_stored_start() {
+        let spec = spec();
+        let s = state(Phase::Progressing, 1, w(500));
+        let n = next(Some(&s), &obs(&spec), t(30));
+        assert_eq!(phase_of(&n), Some(Phase::Paused));
+        assert_eq!(n.requeue, Some(Duration::from_secs(90)));
+        assert!(n.state.as_ref().unwrap().message.contains("1m30s left"));
+        // A controller started anew sees the same stored start: no lost or replayed pause time.
+        let restarted = n.state.unwrap();
+        assert_eq!(
+            next(Some(&restarted), &obs(&spec), t(119)).requeue,
+            Some(Duration::from_secs(1))
+        );
+        let n = next(Some(&restarted), &obs(&spec), t(120));
+        let s = n.state.unwrap();
+        assert_eq!(
+            (s.phase, s.step, s.step_started),
+            (Phase::Progressing, 2, Some(t(120)))
+        );
+    }
+
+    #[test]
+    fn an_indefinite_pause_waits_for_promote() {
+        let spec = spec();
+        let s = state(Phase::Progressing, 3, w(5000));
+        let n = next(Some(&s), &obs(&spec), t(10_000));
+        assert_eq!((phase_of(&n), n.requeue), (Some(Phase::Paused), None));
+        let paused = n.state.unwrap();
+        assert_eq!(
+            next(Some(&paused), &obs(&spec), t(99_999)).state.unwrap(),
+            paused
+        );
+        let promoted = command(Some(&paused), &spec, Command::Promote, "web", t(20_000)).unwrap();
+        assert_eq!(
+            (promoted.phase, promoted.step, promoted.step_started),
+            (Phase::Progressing, 4, Some(t(20_000)))
+        );
+    }
+
+    #[test]
+    fn promotion_moves_traffic_then_the_template_then_traffic_back() {
+        let spec = spec();
+        let done = state(Phase::Progressing, 5, Weight::FULL);
+        let n = next(Some(&done), &obs(&spec), t(0));
+        assert_eq!(phase_of(&n), Some(Phase::Promoting));
+        let promoting = n.state.unwrap();
+        // Stable template not yet the canary's: write it, traffic stays on the canary.
+        assert_eq!(
+            next(Some(&promoting), &obs(&spec), t(1)).target,
+            Target::Promote
+        );
+        // Template written, stable still rolling out.
+        let rolling = Observation {
+            pending_hash: Some(V2),
+            stable_hash: V2,
+            stable_rolled_out: false,
+            ..obs(&spec)
+        };
+        assert_eq!(
+            next(Some(&promoting), &rolling, t(2)).target,
+            Target::Promote
+        );
+        let rolled = Observation {
+            stable_rolled_out: true,
+            ..rolling
+        };
+        let n = next(Some(&promoting), &rolled, t(3));
+        assert_eq!(
+            (phase_of(&n), n.target),
+            (Some(Phase::Succeeded), Target::Nothing)
+        );
+        assert_eq!(n.event.unwrap().reason, "Promoted");
+        // And it stays done.
+        let succeeded = n.state.unwrap();
+        assert_eq!(
+            next(Some(&succeeded), &rolled, t(4)),
+            settled(Some(&succeeded))
+        );
+    }
+
+    #[test]
+    fn promotion_waits_for_full_canary_capacity_before_moving_all_traffic() {
+        let spec = CanarySpec {
+            steps: vec![SetWeight(w(1000))],
+            root_service: "web".into(),
+        };
+        let s = state(Phase::Promoting, 1, w(1000));
+        let small = Observation {
+            canary: CanaryStatus {
+                available: true,
+                ready_replicas: 1,
+            },
+            ..obs(&spec)
+        };
+        let n = next(Some(&s), &small, t(0));
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: Weight::FULL,
+                weight: w(1000)
+            }
+        );
+        let n = next(Some(&s), &obs(&spec), t(0));
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: Weight::FULL,
+                weight: Weight::FULL
+            }
+        );
+    }
+
+    #[test]
+    fn commands_apply_only_where_they_make_sense() {
+        let spec = spec();
+        let at = |phase, step| state(phase, step, w(500));
+        let err = |s: Option<&RolloutState>, c| command(s, &spec, c, "web", t(0)).unwrap_err().0;
+        assert_eq!(err(None, Command::Promote), "web has no canary");
+        assert_eq!(
+            err(Some(&at(Phase::Progressing, 0)), Command::Promote),
+            "web is not paused (step 1/5, phase Progressing); `fledge promote` ends a pause"
+        );
+        assert!(
+            err(Some(&at(Phase::Promoting, 5)), Command::Abort)
+                .contains("can no longer be aborted")
+        );
+        assert_eq!(
+            err(Some(&at(Phase::Aborted, 2)), Command::Promote),
+            "web's canary was aborted; `fledge retry web` starts it again"
+        );
+        assert_eq!(
+            err(Some(&at(Phase::Succeeded, 5)), Command::Retry),
+            "web is Succeeded, not Aborted; `fledge retry` restarts an aborted canary"
+        );
+        assert_eq!(
+            err(Some(&at(Phase::Succeeded, 5)), Command::Abort),
+            "web has no canary in progress (phase Succeeded)"
+        );
+        // A timed pause can be cut short too.
+        let timed = command(
+            Some(&at(Phase::Paused, 1)),
+            &spec,
+            Command::Promote,
+            "web",
+            t(5),
+        )
+        .unwrap();
+        assert_eq!(timed.step, 2);
+        let aborted = command(
+            Some(&at(Phase::Paused, 3)),
+            &spec,
+            Command::Abort,
+            "web",
+            t(5),
+        )
+        .unwrap();
+        assert_eq!(
+            (aborted.phase, aborted.weight),
+            (Phase::Aborted, Weight::ZERO)
+        );
+        let retried = command(Some(&aborted), &spec, Command::Retry, "web", t(9)).unwrap();
+        assert_eq!(
+            (
+                retried.phase,
+                retried.step,
+                retried.weight,
+                retried.unavailable_since
+            ),
+            (Phase::Progressing, 0, Weight::ZERO, Some(t(9)))
+        );
+    }
+
+    /// A tiny ideal cluster: the canary is available at the size asked for, promotion rolls out at
+    /// once. Drives `next` (and `fledge promote` where it waits) to the end, storing the state as
+    /// JSON between calls exactly as the annotation does: a controller restarted at any call sees
+    /// only what was stored, so the history must be the same.
+    fn walk(spec: &CanarySpec) -> (Vec<Weight>, Vec<&'static str>) {
+        let mut stored: Option<String> = None;
+        let mut now = 0;
+        let mut stable_hash = STABLE;
+        let mut canary_ready = 0;
+        let mut weights = vec![];
+        let mut events = vec![];
+        for _ in 0..200 {
+            let state: Option<RolloutState> =
+                stored.as_deref().map(|j| serde_json::from_str(j).unwrap());
+            let o = Observation {
+                stable_hash,
+                canary: CanaryStatus {
+                    available: canary_ready > 0,
+                    ready_replicas: canary_ready,
+                },
+                ..obs(spec)
+            };
+            let n = next(state.as_ref(), &o, t(now));
+            events.extend(n.event.iter().map(|e| e.reason));
+            match n.target {
+                Target::Canary { size, weight } => {
+                    canary_ready = canary_replicas(o.stable_replicas, size.max(weight));
+                    weights.push(weight);
+                }
+                Target::Promote => stable_hash = V2,
+                Target::Nothing => weights.push(Weight::ZERO),
+            }
+            let next_state = n.state.clone();
+            if next_state
+                .as_ref()
+                .is_some_and(|s| s.phase == Phase::Succeeded)
+            {
+                break;
+            }
+            let waiting = next_state == state;
+            stored = next_state.map(|s| serde_json::to_string(&s).unwrap());
+            if waiting {
+                match n.requeue {
+                    Some(d) => now += d.as_secs() as i64,
+                    None => {
+                        let s: RolloutState =
+                            serde_json::from_str(stored.as_deref().unwrap()).unwrap();
+                        let promoted =
+                            command(Some(&s), spec, Command::Promote, "web", t(now)).unwrap();
+                        stored = Some(serde_json::to_string(&promoted).unwrap());
+                        events.push("PromoteCommand");
+                    }
+                }
+            }
+        }
+        weights.dedup();
+        (weights, events)
+    }
+
+    #[test]
+    fn the_whole_rollout_has_the_expected_history() {
+        let (weights, events) = walk(&spec());
+        assert_eq!(
+            weights,
+            vec![Weight::ZERO, w(500), w(5000), Weight::FULL, Weight::ZERO]
+        );
+        assert_eq!(
+            events,
+            vec![
+                "CanaryStarted",
+                "WeightSet",
+                "PauseEnded",
+                "WeightSet",
+                "PromoteCommand",
+                "WeightSet",
+                "Promoting",
+                "Promoted"
+            ]
+        );
+        assert_eq!(events.iter().filter(|e| **e == "Promoted").count(), 1);
+    }
+
+    #[test]
+    fn fractional_weights_are_exact() {
+        let spec = CanarySpec {
+            steps: vec![
+                SetWeight(w(1)),
+                SetWeight(w(25)),
+                PauseFor(Duration::from_secs(5)),
+            ],
+            root_service: "web".into(),
+        };
+        let (weights, _) = walk(&spec);
+        assert_eq!(
+            weights,
+            vec![Weight::ZERO, w(1), w(25), Weight::FULL, Weight::ZERO]
+        );
+    }
+}
