@@ -439,22 +439,13 @@ mod tests {
         object: Value,
         old: Option<Value>,
     ) -> AdmissionRequest<DeploymentView> {
-        let review = json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
-                "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
-                "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
-                "name": "web",
-                "namespace": "shop",
-                "operation": operation,
-                "userInfo": {"username": "alice"},
-                "object": object,
-                "oldObject": old,
-                "dryRun": false
-            }
-        });
+        let mut review = review::deployment_review(
+            "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "alice",
+            &object,
+            old.as_ref(),
+        );
+        review["request"]["operation"] = json!(operation);
         review::parse(&serde_json::to_vec(&review).unwrap()).unwrap()
     }
 

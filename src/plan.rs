@@ -155,22 +155,8 @@ fn request(
     old: Option<&Value>,
     new: &Value,
 ) -> Result<AdmissionRequest<DeploymentView>, PlanError> {
-    let review = json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "fledge-plan",
-            "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
-            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
-            "name": new["metadata"]["name"],
-            "namespace": new["metadata"]["namespace"],
-            "operation": if old.is_some() { "UPDATE" } else { "CREATE" },
-            "userInfo": {"username": "fledge-plan"},
-            "object": new,
-            "oldObject": old,
-            "dryRun": true,
-        }
-    });
+    let mut review = review::deployment_review("fledge-plan", "fledge-plan", new, old);
+    review["request"]["dryRun"] = json!(true);
     let body = serde_json::to_vec(&review).map_err(|e| PlanError::Request(e.to_string()))?;
     review::parse(&body).map_err(|e| PlanError::Request(e.to_string()))
 }

@@ -89,15 +89,18 @@ impl Weight {
         if whole.len() > 3 {
             return Err(WeightError::OutOfRange);
         }
-        let whole: u16 = if whole.is_empty() {
+        let whole: u32 = if whole.is_empty() {
             0
         } else {
             whole.parse().map_err(|_| WeightError::NotANumber)?
         };
-        let hundredths: u16 = format!("{frac:0<2}")
+        let hundredths: u32 = format!("{frac:0<2}")
             .parse()
             .map_err(|_| WeightError::NotANumber)?;
-        Weight::from_basis_points(whole * 100 + hundredths).ok_or(WeightError::OutOfRange)
+        u16::try_from(whole * 100 + hundredths)
+            .ok()
+            .and_then(Weight::from_basis_points)
+            .ok_or(WeightError::OutOfRange)
     }
 }
 
@@ -176,9 +179,26 @@ pub fn opt_in(
 
 /// Every problem found in a Deployment's fledge annotations; each line names its place.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{}", .problems.join("; "))]
+#[error("{}", summary(.problems))]
 pub struct SpecError {
     pub problems: Vec<String>,
+}
+
+/// The problems joined by `; `, the first [`MAX_PROBLEMS`] of them, then how many more there are.
+fn summary(problems: &[String]) -> String {
+    let mut text = problems
+        .iter()
+        .take(MAX_PROBLEMS)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > MAX_PROBLEMS {
+        text.push_str(&format!(
+            "; and {} more problems",
+            problems.len() - MAX_PROBLEMS
+        ));
+    }
+    text
 }
 
 /// Parses the annotations of Deployment `name`. Checks every `fledge.dev/*` key, the steps and the
@@ -288,7 +308,27 @@ fn similar(a: &str, b: &str) -> bool {
     norm(a) == norm(b)
 }
 
+/// Limits checked before the YAML parser runs: its time grows with the square of the nesting
+/// depth, and a webhook must answer hostile input quickly. Real step lists are far inside both.
+const MAX_STEPS_BYTES: usize = 16 * 1024;
+const MAX_STEPS_NESTING: usize = 16;
+/// Problems listed in one answer at the most; the rest are counted.
+const MAX_PROBLEMS: usize = 20;
+
 fn parse_steps(text: &str, problems: &mut Vec<String>) -> Vec<Step> {
+    if text.len() > MAX_STEPS_BYTES {
+        problems.push(format!(
+            "{ANNOTATION_STEPS}: {} bytes is too long; at most {MAX_STEPS_BYTES} bytes",
+            text.len()
+        ));
+        return Vec::new();
+    }
+    if flow_nesting(text) > MAX_STEPS_NESTING {
+        problems.push(format!(
+            "{ANNOTATION_STEPS}: brackets nested more than {MAX_STEPS_NESTING} deep; steps need three at most"
+        ));
+        return Vec::new();
+    }
     let doc: Yaml = match serde_yaml_ng::from_str(text) {
         Ok(doc) => doc,
         Err(e) => {
@@ -317,6 +357,23 @@ fn parse_steps(text: &str, problems: &mut Vec<String>) -> Vec<Step> {
                 .ok()
         })
         .collect()
+}
+
+/// The deepest nesting of YAML flow collections (`[` and `{`). Brackets inside quoted text count
+/// too: a guard that quoting could switch off would be no guard.
+fn flow_nesting(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for b in text.bytes() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn parse_step(at: &str, item: &Yaml) -> Result<Step, String> {
@@ -605,6 +662,8 @@ mod tests {
         for (text, err) in [
             ("100.01", WeightError::OutOfRange),
             ("150", WeightError::OutOfRange),
+            ("655.36", WeightError::OutOfRange),
+            ("999.99", WeightError::OutOfRange),
             ("-5", WeightError::OutOfRange),
             ("99999999999999999999999", WeightError::OutOfRange),
             ("0.125", WeightError::TooPrecise),
@@ -755,6 +814,28 @@ mod tests {
             problem("- setWeight: 5\n- analysis: {templates: [{templateName: rate}]}"),
             "fledge.dev/steps[1].analysis: this step kind is reserved but not supported yet; use setWeight and pause"
         );
+    }
+
+    #[test]
+    fn hostile_steps_are_refused_before_parsing() {
+        let deep = format!("{}{}", "{a: ".repeat(50_000), "}".repeat(50_000));
+        let started = std::time::Instant::now();
+        assert_eq!(
+            problem(&deep),
+            "fledge.dev/steps: 250000 bytes is too long; at most 16384 bytes"
+        );
+        let nested = format!("- setWeight: {}5{}", "[".repeat(17), "]".repeat(17));
+        assert!(problem(&nested).contains("nested more than 16 deep"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(flow_nesting("- {pause: {duration: 1m}}\n- setWeight: 5"), 2);
+    }
+
+    #[test]
+    fn long_lists_of_problems_are_cut_short() {
+        let many = "- setWeight: 500\n".repeat(30);
+        let message = problem(&many);
+        assert!(message.ends_with("; and 10 more problems"), "{message}");
+        assert_eq!(message.matches("is not between 0 and 100").count(), 20);
     }
 
     #[test]

@@ -19,16 +19,16 @@ use kube::core::admission::{AdmissionRequest, META_API_VERSION_V1, META_KIND};
 use kube::core::{NamespaceResourceScope, Resource, TypeMeta};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 use super::{Decision, Outcome};
 
 /// An apps/v1 Deployment as the webhook reads it. The pod template stays raw JSON, exactly as the
 /// API server sent it, so that no field is lost however new it is.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct DeploymentView {
-    #[serde(default, deserialize_with = "lean_metadata")]
     pub metadata: ObjectMeta,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub spec: Option<SpecView>,
 }
 
@@ -36,6 +36,52 @@ pub struct DeploymentView {
 pub struct SpecView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<Box<RawValue>>,
+}
+
+impl<'de> Deserialize<'de> for DeploymentView {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            #[serde(default, deserialize_with = "lean_metadata")]
+            metadata: ObjectMeta,
+            #[serde(default, deserialize_with = "optional_object")]
+            spec: Option<SpecView>,
+        }
+        let fields: Fields = object(deserializer)?;
+        Ok(DeploymentView {
+            metadata: fields.metadata,
+            spec: fields.spec,
+        })
+    }
+}
+
+/// Reads `T` only from a JSON object. serde's derived structs also accept an array and take its items
+/// for the fields in order, which would make the decision read (and patch) places that are not there.
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<T, D::Error> {
+    struct OnlyMaps<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyMaps<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer.deserialize_map(OnlyMaps(std::marker::PhantomData))
+}
+
+/// Like [`object`], with `null` read as absent.
+fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    struct Wrapped<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Wrapped<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            object(d).map(Wrapped)
+        }
+    }
+    Ok(Option::<Wrapped<T>>::deserialize(deserializer)?.map(|w| w.0))
 }
 
 impl DeploymentView {
@@ -79,7 +125,7 @@ fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMet
         labels: Option<BTreeMap<String, String>>,
         annotations: Option<BTreeMap<String, String>>,
     }
-    let lean = Option::<Lean>::deserialize(deserializer)?;
+    let lean: Option<Lean> = optional_object(deserializer)?;
     Ok(lean.map_or_else(ObjectMeta::default, |l| ObjectMeta {
         name: l.name,
         namespace: l.namespace,
@@ -107,17 +153,60 @@ pub enum ReviewError {
     Json(#[from] serde_json::Error),
     #[error("the AdmissionReview has no request to answer")]
     NoRequest,
+    #[error("request.uid is empty; the API server needs it to match the answer")]
+    NoUid,
+    #[error(
+        "apiVersion {0:?} is not an AdmissionReview version fledge answers (admission.k8s.io/v1 or v1beta1)"
+    )]
+    Version(String),
 }
+
+/// AdmissionReview versions: v1, and v1beta1 for API servers older than 1.16 (same shape).
+const VERSIONS: [&str; 2] = [META_API_VERSION_V1, "admission.k8s.io/v1beta1"];
 
 /// Parses an AdmissionReview body.
 pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DeploymentView>, ReviewError> {
     let envelope: Envelope = serde_json::from_slice(body)?;
+    if !envelope.api_version.is_empty() && !VERSIONS.contains(&envelope.api_version.as_str()) {
+        return Err(ReviewError::Version(envelope.api_version));
+    }
     let mut request = envelope.request.ok_or(ReviewError::NoRequest)?;
+    if request.uid.is_empty() {
+        return Err(ReviewError::NoUid);
+    }
     request.types = TypeMeta {
         api_version: envelope.api_version,
         kind: envelope.kind,
     };
     Ok(request)
+}
+
+/// An AdmissionReview v1 for a Deployment as kube-apiserver sends one: CREATE without `old`,
+/// UPDATE with it. `fledge plan` and the tests build their reviews with it.
+pub fn deployment_review(uid: &str, username: &str, object: &Value, old: Option<&Value>) -> Value {
+    let (operation, options) = match old {
+        Some(_) => ("UPDATE", "UpdateOptions"),
+        None => ("CREATE", "CreateOptions"),
+    };
+    json!({
+        "apiVersion": META_API_VERSION_V1,
+        "kind": META_KIND,
+        "request": {
+            "uid": uid,
+            "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "requestKind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "requestResource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "name": object["metadata"]["name"],
+            "namespace": object["metadata"]["namespace"],
+            "operation": operation,
+            "userInfo": {"username": username},
+            "object": object,
+            "oldObject": old,
+            "dryRun": false,
+            "options": {"kind": options, "apiVersion": "meta.k8s.io/v1"},
+        }
+    })
 }
 
 /// `request.uid` of a body that may be no valid AdmissionReview otherwise; everything else is
@@ -233,5 +322,59 @@ mod tests {
         assert_eq!(uid(deep.as_bytes()), Some("u-deep".to_owned()));
         assert_eq!(uid(br#"{"request":{"uid":7}}"#), None);
         assert_eq!(uid(b"{"), None);
+    }
+
+    fn review(object: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u","kind":{{"group":"apps","version":"v1","kind":"Deployment"}},"resource":{{"group":"apps","version":"v1","resource":"deployments"}},"name":"web","operation":"CREATE","userInfo":{{}},"object":{object}}}}}"#
+        )
+    }
+
+    #[test]
+    fn objects_must_be_json_objects() {
+        let ok =
+            parse(review(r#"{"metadata":{"name":"web"},"spec":{"template":{"a":1}}}"#).as_bytes())
+                .unwrap();
+        let view = ok.object.unwrap();
+        assert_eq!(view.metadata.name.as_deref(), Some("web"));
+        assert_eq!(view.template().unwrap().get(), r#"{"a":1}"#);
+        for bad in [
+            r#"{"metadata":{"name":"web"},"spec":[{"a":1}]}"#,
+            r#"{"metadata":["web"],"spec":{"template":{}}}"#,
+            r#"["web"]"#,
+        ] {
+            let err = parse(review(bad).as_bytes()).unwrap_err().to_string();
+            assert!(err.contains("expected a JSON object"), "{bad}: {err}");
+        }
+        let null_parts = parse(review(r#"{"metadata":null,"spec":null}"#).as_bytes()).unwrap();
+        assert!(null_parts.object.unwrap().spec.is_none());
+    }
+
+    #[test]
+    fn versions_and_uids_are_checked() {
+        let body = review("{}");
+        assert!(matches!(
+            parse(body.replace(r#""uid":"u""#, r#""uid":"""#).as_bytes()),
+            Err(ReviewError::NoUid)
+        ));
+        let other = body.replace("admission.k8s.io/v1", "garbage");
+        assert_eq!(
+            parse(other.as_bytes()).unwrap_err().to_string(),
+            r#"apiVersion "garbage" is not an AdmissionReview version fledge answers (admission.k8s.io/v1 or v1beta1)"#
+        );
+        let beta = body.replace("admission.k8s.io/v1", "admission.k8s.io/v1beta1");
+        let answer: serde_json::Value = serde_json::from_slice(
+            &super::answer(
+                &parse(beta.as_bytes()).unwrap().types.api_version,
+                "u",
+                &Decision {
+                    outcome: Outcome::Allow(super::super::AllowReason::FirstDeploy),
+                    warnings: vec![],
+                },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1beta1");
     }
 }

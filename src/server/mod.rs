@@ -293,20 +293,7 @@ mod tests {
     use serde_json::{Value, json};
 
     fn review_body(object: Value) -> Vec<u8> {
-        serde_json::to_vec(&json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "u-1",
-                "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
-                "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
-                "name": "web",
-                "operation": "CREATE",
-                "userInfo": {},
-                "object": object,
-            }
-        }))
-        .unwrap()
+        serde_json::to_vec(&review::deployment_review("u-1", "alice", &object, None)).unwrap()
     }
 
     fn answer(body: &[u8]) -> Value {
