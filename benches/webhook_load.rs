@@ -5,6 +5,7 @@
 //! `cargo bench --bench webhook_load` (needs `wrk` on PATH: `apt-get install wrk`). Settings by
 //! environment: FLEDGE_BENCH_SECONDS (default 10), FLEDGE_BENCH_CONNECTIONS (default 64),
 //! FLEDGE_BENCH_ROUNDS (default 3; servers alternate, best round of each is kept),
+//! FLEDGE_BENCH_WORKERS (server threads; default one per core, as `fledge serve`),
 //! FLEDGE_BENCH_BODIES (comma-separated fixtures; default tests/data/update-new-template.json, the
 //! patch path, and tests/data/update-scale-only.json, the common path). Bodies are compacted first,
 //! as the API server sends JSON.
@@ -155,7 +156,13 @@ fn run(
     let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls::server_config(
         cert.clone(),
     )?));
-    let runtime = tokio::runtime::Runtime::new()?;
+    // As `fledge serve` runs: one worker per core (FLEDGE_BENCH_WORKERS overrides, e.g. 1 to leave
+    // wrk a core of its own).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(env_or("FLEDGE_BENCH_WORKERS", cores))
+        .enable_all()
+        .build()?;
     let _entered = runtime.enter();
     let handle = axum_server::Handle::new();
     let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
