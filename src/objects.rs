@@ -11,7 +11,9 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value, json};
 
-use crate::spec::{CANARY_SUFFIX, LABEL_ENABLED, LABEL_TRACK, STABLE_SUFFIX, Weight};
+use crate::spec::{
+    ANNOTATION_CANARY_HASH, CANARY_SUFFIX, LABEL_ENABLED, LABEL_TRACK, STABLE_SUFFIX, Weight,
+};
 
 /// Label on every object fledge creates.
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -78,10 +80,16 @@ pub struct Inputs<'a> {
     pub deployment: &'a Value,
     /// The pending canary pod template.
     pub canary_template: &'a Value,
+    /// Its `fledge.dev/canary-hash`, recorded on the canary Deployment so that its status can be
+    /// told apart from that of an earlier canary.
+    pub canary_hash: &'a str,
     /// The root Service clients address.
     pub root_service: &'a Value,
     /// `pod-template-hash` of the stable ReplicaSet's pods.
     pub stable_pod_template_hash: &'a str,
+    /// The traffic share the canary is sized for (it can run ahead of `weight`: capacity first,
+    /// traffic after).
+    pub size: Weight,
     /// Canary traffic share now.
     pub weight: Weight,
     pub split_api: SplitApi,
@@ -128,7 +136,8 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, ObjectError> {
             &owner,
             inputs.deployment,
             inputs.canary_template,
-            canary_replicas(stable_replicas, inputs.weight),
+            inputs.canary_hash,
+            canary_replicas(stable_replicas, inputs.size.max(inputs.weight)),
         )?,
         canary_service: service(&owner, &canary_name, &ports, canary_selector),
         stable_service: service(&owner, &stable_name, &ports, stable_selector),
@@ -198,6 +207,7 @@ fn canary_deployment(
     owner: &Owner,
     stable: &Value,
     canary_template: &Value,
+    canary_hash: &str,
     replicas: u64,
 ) -> Result<Value, ObjectError> {
     let field = |f| ObjectError::DeploymentField(owner.name.clone(), f);
@@ -236,10 +246,12 @@ fn canary_deployment(
         })
         .unwrap_or_default();
     labels.insert(LABEL_TRACK.into(), TRACK_CANARY.into());
+    let mut metadata = owner.metadata(&format!("{}{CANARY_SUFFIX}", owner.name), &labels);
+    metadata["annotations"] = json!({ ANNOTATION_CANARY_HASH: canary_hash });
     Ok(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": owner.metadata(&format!("{}{CANARY_SUFFIX}", owner.name), &labels),
+        "metadata": metadata,
         "spec": spec,
     }))
 }
@@ -392,8 +404,10 @@ mod tests {
         desired(&Inputs {
             deployment: &deployment(4),
             canary_template: &canary_template(),
+            canary_hash: "c2",
             root_service: &root_service(),
             stable_pod_template_hash: "7d9c6b5f4",
+            size: Weight::from_basis_points(weight_bp).unwrap(),
             weight: Weight::from_basis_points(weight_bp).unwrap(),
             split_api: api,
         })
@@ -412,7 +426,10 @@ mod tests {
             d["metadata"]["labels"].get(LABEL_ENABLED).is_none(),
             "the canary must not be opted in"
         );
-        assert!(d["metadata"].get("annotations").is_none());
+        assert_eq!(
+            d["metadata"]["annotations"],
+            json!({ANNOTATION_CANARY_HASH: "c2"})
+        );
         assert_eq!(
             d["spec"]["selector"]["matchLabels"],
             json!({"app": "web", LABEL_TRACK: "canary"})
@@ -428,6 +445,23 @@ mod tests {
         assert_eq!(d["spec"]["template"]["spec"]["futureField"], 1);
         assert_eq!(d["spec"]["progressDeadlineSeconds"], 600);
         assert_eq!(d["spec"]["replicas"], 1);
+    }
+
+    #[test]
+    fn the_canary_is_sized_ahead_of_its_traffic() {
+        let ahead = desired(&Inputs {
+            deployment: &deployment(4),
+            canary_template: &canary_template(),
+            canary_hash: "c2",
+            root_service: &root_service(),
+            stable_pod_template_hash: "h",
+            size: Weight::from_basis_points(5000).unwrap(),
+            weight: Weight::from_basis_points(500).unwrap(),
+            split_api: SplitApi::V1Alpha2,
+        })
+        .unwrap();
+        assert_eq!(ahead.canary_deployment["spec"]["replicas"], 2);
+        assert_eq!(ahead.traffic_split["spec"]["backends"][1]["weight"], 500);
     }
 
     #[test]
@@ -510,8 +544,10 @@ mod tests {
         let err = desired(&Inputs {
             deployment: &deployment(1),
             canary_template: &canary_template(),
+            canary_hash: "c2",
             root_service: &no_selector,
             stable_pod_template_hash: "h",
+            size: Weight::ZERO,
             weight: Weight::ZERO,
             split_api: SplitApi::V1Alpha2,
         })
@@ -530,8 +566,10 @@ mod tests {
         let desired = desired(&Inputs {
             deployment: &d,
             canary_template: &canary_template(),
+            canary_hash: "c2",
             root_service: &root_service(),
             stable_pod_template_hash: "h",
+            size: Weight::ZERO,
             weight: Weight::ZERO,
             split_api: SplitApi::V1Alpha2,
         })

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::admission::{self, Decision, DeploymentView, Outcome, review};
 use crate::objects::{self, Desired, SplitApi};
 use crate::rollout::{self, Timeline};
-use crate::spec::{self, ANNOTATION_CANARY_TEMPLATE, CanarySpec, Weight};
+use crate::spec::{self, ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, CanarySpec, Weight};
 
 /// Stands in for the stable ReplicaSet's `pod-template-hash`, which only the cluster knows.
 pub const STABLE_HASH_PLACEHOLDER: &str = "STABLE-POD-TEMPLATE-HASH";
@@ -183,11 +183,16 @@ fn canary_objects<'m>(
                 spec.root_service
             )
         })?;
+    let hash = stored["metadata"]["annotations"][ANNOTATION_CANARY_HASH]
+        .as_str()
+        .unwrap_or_default();
     objects::desired(&objects::Inputs {
         deployment: stored,
         canary_template: &template,
+        canary_hash: hash,
         root_service: root,
         stable_pod_template_hash: STABLE_HASH_PLACEHOLDER,
+        size: Weight::ZERO,
         weight: Weight::ZERO,
         split_api,
     })

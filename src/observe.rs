@@ -1,0 +1,297 @@
+//! What the controller reads off cluster objects, as plain values for the rollout state machine.
+//!
+//! Pure: JSON objects in (the user's Deployment, its canary Deployment, its ReplicaSets), facts out.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::rollout::machine::{CanaryStatus, Observation};
+use crate::rollout::{self, RolloutState, StateError};
+use crate::spec::{self, ANNOTATION_CANARY_HASH, CanarySpec, OptIn};
+use crate::template;
+
+/// Kubernetes' default for `spec.progressDeadlineSeconds`.
+const DEFAULT_PROGRESS_DEADLINE: u64 = 600;
+/// The revision a Deployment and its ReplicaSets carry.
+const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// Facts about the user's Deployment.
+#[derive(Debug)]
+pub struct DeploymentFacts {
+    pub name: String,
+    /// The settings, when opted in and valid.
+    pub spec: Option<CanarySpec>,
+    /// Why the settings are not used, when the Deployment is labelled but they are invalid.
+    pub invalid: Option<String>,
+    pub pending_hash: Option<String>,
+    pub stable_hash: String,
+    pub stable_replicas: u64,
+    pub progress_deadline: Duration,
+    pub rolled_out: bool,
+    pub state: Result<Option<RolloutState>, StateError>,
+}
+
+impl DeploymentFacts {
+    pub fn read(deployment: &Value) -> DeploymentFacts {
+        let meta = &deployment["metadata"];
+        let name = meta["name"].as_str().unwrap_or_default().to_owned();
+        let labels = string_map(&meta["labels"]);
+        let annotations = string_map(&meta["annotations"]);
+        let (spec, invalid) = match spec::opt_in(Some(&labels), Some(&annotations)) {
+            OptIn::Enabled => match spec::parse(&name, &annotations) {
+                Ok(spec) => (Some(spec), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+            OptIn::Disabled | OptIn::WithoutSteps => (None, None),
+        };
+        DeploymentFacts {
+            spec,
+            invalid,
+            pending_hash: annotations.get(ANNOTATION_CANARY_HASH).cloned(),
+            stable_hash: template::of_deployment(deployment)
+                .map(template::hash)
+                .unwrap_or_default(),
+            stable_replicas: deployment["spec"]["replicas"].as_u64().unwrap_or(1),
+            progress_deadline: Duration::from_secs(
+                deployment["spec"]["progressDeadlineSeconds"]
+                    .as_u64()
+                    .unwrap_or(DEFAULT_PROGRESS_DEADLINE),
+            ),
+            rolled_out: rolled_out(deployment),
+            state: rollout::read_state(Some(&annotations)),
+            name,
+        }
+    }
+
+    /// The observation for the state machine, given the canary Deployment (if it exists).
+    pub fn observation<'a>(&'a self, canary: Option<&Value>) -> Observation<'a> {
+        Observation {
+            name: &self.name,
+            spec: self.spec.as_ref(),
+            pending_hash: self.pending_hash.as_deref(),
+            stable_hash: &self.stable_hash,
+            stable_replicas: self.stable_replicas,
+            progress_deadline: self.progress_deadline,
+            canary: canary_status(canary, self.pending_hash.as_deref()),
+            stable_rolled_out: self.rolled_out,
+        }
+    }
+}
+
+fn string_map(value: &Value) -> std::collections::BTreeMap<String, String> {
+    value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect()
+}
+
+fn count(status: &Value, field: &str) -> u64 {
+    status[field].as_u64().unwrap_or(0)
+}
+
+/// The Deployment controller has seen the latest spec and every replica is updated and available,
+/// with no old ones left: what `kubectl rollout status` waits for.
+pub fn rolled_out(deployment: &Value) -> bool {
+    let status = &deployment["status"];
+    let wanted = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+    let generation = deployment["metadata"]["generation"].as_u64().unwrap_or(0);
+    status["observedGeneration"].as_u64().unwrap_or(0) >= generation
+        && count(status, "updatedReplicas") == wanted
+        && count(status, "replicas") == wanted
+        && count(status, "availableReplicas") == wanted
+}
+
+/// The canary Deployment's status, counted only when it runs the pending template.
+pub fn canary_status(canary: Option<&Value>, pending_hash: Option<&str>) -> CanaryStatus {
+    let Some(canary) = canary else {
+        return CanaryStatus::default();
+    };
+    let current = pending_hash.is_some()
+        && canary["metadata"]["annotations"][ANNOTATION_CANARY_HASH].as_str() == pending_hash;
+    if !current {
+        return CanaryStatus::default();
+    }
+    let status = &canary["status"];
+    let generation = canary["metadata"]["generation"].as_u64().unwrap_or(0);
+    let seen = status["observedGeneration"].as_u64().unwrap_or(0) >= generation;
+    CanaryStatus {
+        available: rolled_out(canary),
+        // Pods that are both of the latest spec and available; stale status counts for nothing.
+        ready_replicas: if seen {
+            count(status, "updatedReplicas").min(count(status, "availableReplicas"))
+        } else {
+            0
+        },
+    }
+}
+
+/// `pod-template-hash` of the ReplicaSet that runs the Deployment's current template: the one owned
+/// by it with the Deployment's own revision.
+pub fn stable_pod_template_hash(deployment: &Value, replicasets: &[Value]) -> Option<String> {
+    let uid = deployment["metadata"]["uid"].as_str()?;
+    let revision = deployment["metadata"]["annotations"][REVISION].as_str()?;
+    replicasets
+        .iter()
+        .filter(|rs| {
+            rs["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o["uid"] == uid && o["controller"] == true)
+        })
+        .find(|rs| rs["metadata"]["annotations"][REVISION] == revision)
+        .and_then(|rs| rs["metadata"]["labels"]["pod-template-hash"].as_str())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment() -> Value {
+        json!({
+            "metadata": {
+                "name": "web", "uid": "u1", "generation": 4,
+                "labels": {"fledge.dev/enabled": "true"},
+                "annotations": {
+                    "fledge.dev/steps": "- setWeight: 5",
+                    ANNOTATION_CANARY_HASH: "c2",
+                    REVISION: "3",
+                },
+            },
+            "spec": {"replicas": 4, "progressDeadlineSeconds": 120, "template": {"spec": {"containers": []}}},
+            "status": {"observedGeneration": 4, "replicas": 4, "updatedReplicas": 4, "availableReplicas": 4},
+        })
+    }
+
+    fn canary(hash: &str, generation: u64, observed: u64, updated: u64, available: u64) -> Value {
+        json!({
+            "metadata": {"name": "web-canary", "generation": generation, "annotations": {ANNOTATION_CANARY_HASH: hash}},
+            "spec": {"replicas": 2},
+            "status": {"observedGeneration": observed, "replicas": 2, "updatedReplicas": updated, "availableReplicas": available},
+        })
+    }
+
+    #[test]
+    fn facts_of_an_opted_in_deployment() {
+        let facts = DeploymentFacts::read(&deployment());
+        assert_eq!(facts.spec.as_ref().unwrap().steps.len(), 1);
+        assert_eq!(facts.pending_hash.as_deref(), Some("c2"));
+        assert_eq!(
+            facts.stable_hash,
+            template::hash(&json!({"spec": {"containers": []}}))
+        );
+        assert_eq!(
+            (facts.stable_replicas, facts.progress_deadline),
+            (4, Duration::from_secs(120))
+        );
+        assert!(facts.rolled_out);
+        assert!(matches!(facts.state, Ok(None)));
+        let o = facts.observation(Some(&canary("c2", 1, 1, 2, 2)));
+        assert_eq!(
+            o.canary,
+            CanaryStatus {
+                available: true,
+                ready_replicas: 2
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_or_absent_settings_are_not_used() {
+        let mut d = deployment();
+        d["metadata"]["annotations"]["fledge.dev/steps"] = json!("- setWeight: 150");
+        let facts = DeploymentFacts::read(&d);
+        assert!(facts.spec.is_none());
+        assert!(
+            facts
+                .invalid
+                .unwrap()
+                .contains("150 is not between 0 and 100")
+        );
+        d["metadata"]["labels"] = json!({});
+        let facts = DeploymentFacts::read(&d);
+        assert!(facts.spec.is_none() && facts.invalid.is_none());
+    }
+
+    #[test]
+    fn defaults_follow_kubernetes() {
+        let mut d = deployment();
+        d["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("progressDeadlineSeconds");
+        d["spec"].as_object_mut().unwrap().remove("replicas");
+        let facts = DeploymentFacts::read(&d);
+        assert_eq!(
+            (facts.stable_replicas, facts.progress_deadline),
+            (1, Duration::from_secs(600))
+        );
+    }
+
+    #[test]
+    fn rollout_is_complete_only_when_everything_caught_up() {
+        let mut d = deployment();
+        assert!(rolled_out(&d));
+        d["status"]["observedGeneration"] = json!(3);
+        assert!(!rolled_out(&d));
+        let mut d = deployment();
+        d["status"]["replicas"] = json!(5); // an old pod still terminating
+        assert!(!rolled_out(&d));
+        let mut d = deployment();
+        d["status"]["availableReplicas"] = json!(3);
+        assert!(!rolled_out(&d));
+    }
+
+    #[test]
+    fn a_canary_of_another_template_or_stale_status_counts_for_nothing() {
+        assert_eq!(canary_status(None, Some("c2")), CanaryStatus::default());
+        assert_eq!(
+            canary_status(Some(&canary("c1", 1, 1, 2, 2)), Some("c2")),
+            CanaryStatus::default()
+        );
+        assert_eq!(
+            canary_status(Some(&canary("c2", 1, 1, 2, 2)), None),
+            CanaryStatus::default()
+        );
+        assert_eq!(
+            canary_status(Some(&canary("c2", 2, 1, 2, 2)), Some("c2")),
+            CanaryStatus {
+                available: false,
+                ready_replicas: 0
+            }
+        );
+        assert_eq!(
+            canary_status(Some(&canary("c2", 1, 1, 2, 1)), Some("c2")),
+            CanaryStatus {
+                available: false,
+                ready_replicas: 1
+            }
+        );
+    }
+
+    #[test]
+    fn the_stable_replicaset_is_the_one_of_the_current_revision() {
+        let rs = |hash: &str, revision: &str, owner: &str| {
+            json!({"metadata": {
+                "labels": {"pod-template-hash": hash},
+                "annotations": {REVISION: revision},
+                "ownerReferences": [{"uid": owner, "controller": true}],
+            }})
+        };
+        let sets = vec![
+            rs("old", "2", "u1"),
+            rs("cur", "3", "u1"),
+            rs("other", "3", "u9"),
+        ];
+        assert_eq!(
+            stable_pod_template_hash(&deployment(), &sets).as_deref(),
+            Some("cur")
+        );
+        assert_eq!(stable_pod_template_hash(&deployment(), &sets[..1]), None);
+    }
+}
