@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod certs;
+pub mod controller;
 pub mod objects;
 pub mod observe;
 pub mod plan;

@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the mutating admission webhook over HTTPS.
+    /// Serve the mutating admission webhook over HTTPS and run the controller.
     Serve(ServeArgs),
     /// Show offline what the webhook decides for a change from one manifest to another.
     Plan(PlanArgs),
@@ -56,6 +56,15 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "FLEDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve the webhook alone, without the controller (no Kubernetes API needed).
+    #[arg(long, env = "FLEDGE_WEBHOOK_ONLY")]
+    webhook_only: bool,
+    /// Watch this namespace only (default: all).
+    #[arg(long, short = 'n', env = "FLEDGE_NAMESPACE")]
+    namespace: Option<String>,
+    /// TrafficSplit apiVersion to write: v1alpha1, v1alpha2, v1alpha3 or v1alpha4.
+    #[arg(long, env = "FLEDGE_SPLIT_API", default_value = "v1alpha2")]
+    split_api: SplitApi,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,8 +173,40 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "webhook listening on {local}");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let controller = if args.webhook_only {
+            None
+        } else {
+            let client = kube::Client::try_default().await.context(
+                "no Kubernetes API configuration (in-cluster, KUBECONFIG or ~/.kube/config); \
+                 run with --webhook-only to serve the webhook alone",
+            )?;
+            let config = fledge::controller::Config {
+                namespace: args.namespace,
+                split_api: args.split_api,
+            };
+            tracing::info!(
+                namespace = config.namespace.as_deref().unwrap_or("(all)"),
+                "controller starting"
+            );
+            Some(tokio::spawn(fledge::controller::run(
+                client,
+                config,
+                until_stopped(stopped.clone()),
+            )))
+        };
         let state = AppState::default();
-        server::serve(listener, cert, state, shutdown_signal(), args.drain_timeout).await?;
+        let shutdown = async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        };
+        server::serve(listener, cert, state, shutdown, args.drain_timeout).await?;
+        if let Some(controller) = controller {
+            let _ = controller.await;
+        }
         reloader.abort();
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)

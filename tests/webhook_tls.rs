@@ -166,7 +166,7 @@ impl Server {
         let dir = TempDir::new(tag);
         let certs = fledge_certs(&dir.path().join("served"));
         let mut child = Command::new(FLEDGE)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--webhook-only", "--listen", "127.0.0.1:0"])
             .arg("--tls-cert")
             .arg(certs.dir.join("tls.crt"))
             .arg("--tls-key")

@@ -1,0 +1,464 @@
+//! The controller: the IO around [`crate::rollout::machine`]. It watches Deployments and the objects
+//! fledge owns, reads an observation off them, asks the state machine for the next step, converges
+//! the cluster to its target with server-side apply, and stores the state with optimistic
+//! concurrency. Level-triggered: a controller killed at any point resumes from what is stored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::objects::{self, LABEL_MANAGED_BY, SplitApi};
+use crate::observe::{self, DeploymentFacts};
+use crate::rollout::RolloutState;
+use crate::rollout::machine::{self, Target};
+use crate::spec::{
+    ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, ANNOTATION_STATE, CANARY_SUFFIX,
+    STABLE_SUFFIX, Weight,
+};
+
+/// Field manager for server-side apply, and the Event reporter.
+pub const MANAGER: &str = "fledge";
+/// How soon to look again when waiting on something without a known end (a missing Service).
+const RETRY: Duration = Duration::from_secs(10);
+/// How often to look at a settled Deployment anyway.
+const RESYNC: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Objects(#[from] objects::ObjectError),
+    #[error("encoding {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Watch one namespace only; all when `None`.
+    pub namespace: Option<String>,
+    pub split_api: SplitApi,
+}
+
+struct Context {
+    client: Client,
+    config: Config,
+    recorder: Recorder,
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let deployments: Api<Deployment> = scoped(&client, &config.namespace);
+    let services: Api<Service> = scoped(&client, &config.namespace);
+    let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let context = Arc::new(Context {
+        client,
+        config,
+        recorder,
+    });
+    Controller::new(deployments.clone(), watcher::Config::default())
+        .owns(deployments, owned.clone())
+        .owns(services, owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn error_policy(deployment: Arc<Deployment>, error: &ControllerError, _: Arc<Context>) -> Action {
+    match error {
+        // Someone else wrote first (the Deployment controller's status, a user's command): read
+        // again and go on at once.
+        ControllerError::Kube(kube::Error::Api(e)) if e.code == 409 => {
+            tracing::debug!(deployment = %deployment.name_any(), "conflict; reading again");
+            Action::requeue(Duration::from_millis(100))
+        }
+        _ => {
+            tracing::warn!(deployment = %deployment.name_any(), %error, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(deployment = %deployment.name_any()))]
+async fn reconcile(
+    deployment: Arc<Deployment>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let namespace = deployment.namespace().unwrap_or_default();
+    let name = deployment.name_any();
+    let value = serde_json::to_value(&*deployment).map_err(|source| ControllerError::Json {
+        what: "the Deployment",
+        source,
+    })?;
+    let facts = DeploymentFacts::read(&value);
+    let state = match &facts.state {
+        Ok(state) => state.clone(),
+        Err(e) => {
+            let event = machine::Event {
+                reason: "StateUnreadable",
+                message: e.to_string(),
+                warning: true,
+            };
+            publish(&ctx, &deployment, &event).await;
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    if facts.spec.is_none() && state.is_none() && facts.invalid.is_none() {
+        // Not fledge's (this includes the canary Deployments fledge itself creates).
+        return Ok(Action::await_change());
+    }
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let canary = deployments
+        .get_opt(&format!("{name}{CANARY_SUFFIX}"))
+        .await?
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|source| ControllerError::Json {
+            what: "the canary Deployment",
+            source,
+        })?;
+    let next = machine::next(
+        state.as_ref(),
+        &facts.observation(canary.as_ref()),
+        Timestamp::now(),
+    );
+    let changed = next.state.as_ref() != state.as_ref();
+    // Leaving fledge: the state goes last, once everything fledge created is gone, so that a
+    // failed cleanup is tried again. Otherwise it goes first: the webhook lets the promotion
+    // through only once it is stored.
+    let leaving = next.state.is_none();
+    if changed && !leaving {
+        store_state(&deployments, &deployment, next.state.as_ref()).await?;
+    }
+    if let Some(event) = &next.event {
+        publish(&ctx, &deployment, event).await;
+    }
+    // Promotion rewrites the Deployment just observed; after a state write it waits for the next
+    // pass, on the fresh object.
+    let converged = converge(&ctx, &value, &facts, next.target, &namespace, !changed).await?;
+    if changed && leaving {
+        store_state(&deployments, &deployment, None).await?;
+    }
+    Ok(Action::requeue(match converged {
+        // A changed state may allow the next step at once.
+        _ if changed => Duration::from_millis(50),
+        Converged::Yes => next.requeue.unwrap_or(RESYNC),
+        Converged::Waiting => RETRY,
+    }))
+}
+
+enum Converged {
+    Yes,
+    Waiting,
+}
+
+async fn converge(
+    ctx: &Context,
+    deployment: &Value,
+    facts: &DeploymentFacts,
+    target: Target,
+    namespace: &str,
+    may_promote: bool,
+) -> Result<Converged, ControllerError> {
+    let name = &facts.name;
+    let client = &ctx.client;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let split_api = split_resource(ctx.config.split_api);
+    let splits: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &split_api);
+    let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+    let rs_list = replicasets.list(&ListParams::default()).await?;
+    let rs_values: Vec<Value> = rs_list
+        .items
+        .iter()
+        .filter_map(|rs| serde_json::to_value(rs).ok())
+        .collect();
+    let stable_hash = observe::stable_pod_template_hash(deployment, &rs_values);
+    let (size, weight) = match target {
+        Target::Canary { size, weight } => (size, weight),
+        Target::Promote => (Weight::FULL, Weight::FULL),
+        Target::Nothing => return remove(ctx, facts, stable_hash, namespace).await,
+    };
+    let Some(spec) = &facts.spec else {
+        return Ok(Converged::Waiting);
+    };
+    let Some(root) = services.get_opt(&spec.root_service).await? else {
+        tracing::warn!(service = %spec.root_service, "root Service not found");
+        return Ok(Converged::Waiting);
+    };
+    let Some(stable_hash) = stable_hash else {
+        return Ok(Converged::Waiting);
+    };
+    let root = serde_json::to_value(root).map_err(|source| ControllerError::Json {
+        what: "the root Service",
+        source,
+    })?;
+    let template: Value = deployment["metadata"]["annotations"][ANNOTATION_CANARY_TEMPLATE]
+        .as_str()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|source| ControllerError::Json {
+            what: "fledge.dev/canary-template",
+            source,
+        })?
+        .unwrap_or(Value::Null);
+    let desired = objects::desired(&objects::Inputs {
+        deployment,
+        canary_template: &template,
+        canary_hash: facts.pending_hash.as_deref().unwrap_or_default(),
+        root_service: &root,
+        stable_pod_template_hash: &stable_hash,
+        size,
+        weight,
+        split_api: ctx.config.split_api,
+    })?;
+    let apply = PatchParams::apply(MANAGER).force();
+    deployments
+        .patch(
+            &format!("{name}{CANARY_SUFFIX}"),
+            &apply,
+            &Patch::Apply(&desired.canary_deployment),
+        )
+        .await?;
+    services
+        .patch(
+            &format!("{name}{CANARY_SUFFIX}"),
+            &apply,
+            &Patch::Apply(&desired.canary_service),
+        )
+        .await?;
+    services
+        .patch(
+            &format!("{name}{STABLE_SUFFIX}"),
+            &apply,
+            &Patch::Apply(&desired.stable_service),
+        )
+        .await?;
+    splits
+        .patch(name, &apply, &Patch::Apply(&desired.traffic_split))
+        .await?;
+    if may_promote
+        && target == Target::Promote
+        && facts.pending_hash.as_deref() != Some(facts.stable_hash.as_str())
+    {
+        // The stable Deployment takes the canary's template, exactly as recorded; the resourceVersion
+        // test makes this a no-op if anything changed since the observation.
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": deployment["metadata"]["resourceVersion"]},
+            {"op": "replace", "path": "/spec/template", "value": template},
+        ]))
+        .map_err(|source| ControllerError::Json {
+            what: "the promotion patch",
+            source,
+        })?;
+        deployments
+            .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await?;
+    }
+    Ok(Converged::Yes)
+}
+
+/// Traffic back to the stable pods first, then fledge's objects deleted.
+async fn remove(
+    ctx: &Context,
+    facts: &DeploymentFacts,
+    stable_hash: Option<String>,
+    namespace: &str,
+) -> Result<Converged, ControllerError> {
+    let name = &facts.name;
+    let client = &ctx.client;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let split_api = split_resource(ctx.config.split_api);
+    let splits: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &split_api);
+    let stable_name = format!("{name}{STABLE_SUFFIX}");
+    if let Some(split) = splits.get_opt(name).await? {
+        let stable_service = services.get_opt(&stable_name).await?;
+        if let (Some(hash), Some(service)) = (stable_hash, stable_service) {
+            // After a promotion web-stable still selects the old ReplicaSet: re-pin it to the pods
+            // that run now before any traffic goes back to it.
+            let mut selector = service.spec.and_then(|s| s.selector).unwrap_or_default();
+            if selector.get(objects::POD_TEMPLATE_HASH) != Some(&hash) {
+                selector.insert(objects::POD_TEMPLATE_HASH.into(), hash);
+                // A merge patch: an apply of the selector alone would drop the ports fledge applied.
+                let pin = json!({"spec": {"selector": selector}});
+                services
+                    .patch(&stable_name, &PatchParams::default(), &Patch::Merge(&pin))
+                    .await?;
+            }
+        }
+        if !rolled_out_to_stable(&split) {
+            let mut all_stable = split.data.clone();
+            if let Some(backends) = all_stable["spec"]["backends"].as_array_mut() {
+                for backend in backends {
+                    let to_stable = backend["service"] == stable_name.as_str();
+                    backend["weight"] = json!(if to_stable {
+                        Weight::FULL.basis_points()
+                    } else {
+                        0
+                    });
+                }
+            }
+            let body = json!({"apiVersion": split_api.api_version, "kind": "TrafficSplit",
+                              "metadata": {"name": name}, "spec": all_stable["spec"]});
+            splits
+                .patch(
+                    name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await?;
+        }
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    gone(
+        deployments
+            .delete(
+                &format!("{name}{CANARY_SUFFIX}"),
+                &DeleteParams::background(),
+            )
+            .await,
+    )?;
+    gone(splits.delete(name, &DeleteParams::background()).await)?;
+    gone(
+        services
+            .delete(
+                &format!("{name}{CANARY_SUFFIX}"),
+                &DeleteParams::background(),
+            )
+            .await,
+    )?;
+    gone(
+        services
+            .delete(&stable_name, &DeleteParams::background())
+            .await,
+    )?;
+    Ok(Converged::Yes)
+}
+
+/// A delete whose object is already gone succeeded.
+fn gone<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Whether a TrafficSplit already sends nothing to the canary.
+fn rolled_out_to_stable(split: &DynamicObject) -> bool {
+    split.data["spec"]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| {
+            b["service"]
+                .as_str()
+                .is_some_and(|s| s.ends_with(CANARY_SUFFIX))
+        })
+        .all(|b| b["weight"].as_u64() == Some(0) || b["weight"].as_str() == Some("0"))
+}
+
+fn split_resource(api: SplitApi) -> ApiResource {
+    let (group, version) = api
+        .api_version()
+        .split_once('/')
+        .unwrap_or(("split.smi-spec.io", "v1alpha2"));
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: api.api_version().into(),
+        kind: "TrafficSplit".into(),
+        plural: "trafficsplits".into(),
+    }
+}
+
+/// Writes the state annotation (or removes fledge's annotations when the Deployment left), with the
+/// observed resourceVersion as a precondition: a concurrent writer makes this fail with 409 and the
+/// reconcile runs again on fresh data.
+async fn store_state(
+    deployments: &Api<Deployment>,
+    deployment: &Deployment,
+    state: Option<&RolloutState>,
+) -> Result<(), ControllerError> {
+    let annotations = match state {
+        Some(state) => {
+            json!({ ANNOTATION_STATE: serde_json::to_string(state).map_err(|source| ControllerError::Json { what: "the rollout state", source })? })
+        }
+        None => {
+            json!({ ANNOTATION_STATE: null, ANNOTATION_CANARY_HASH: null, ANNOTATION_CANARY_TEMPLATE: null })
+        }
+    };
+    let patch = json!({"metadata": {"resourceVersion": deployment.resource_version(), "annotations": annotations}});
+    deployments
+        .patch(
+            &deployment.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, deployment: &Deployment, event: &machine::Event) {
+    let reference: ObjectReference = deployment.object_ref(&());
+    let result = ctx
+        .recorder
+        .publish(
+            &Event {
+                type_: if event.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: event.reason.into(),
+                note: Some(event.message.clone()),
+                action: "Rollout".into(),
+                secondary: None,
+            },
+            &reference,
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not record an Event");
+    }
+}
