@@ -158,11 +158,16 @@ async fn reconcile(
             what: "the canary Deployment",
             source,
         })?;
-    let next = machine::next(
-        state.as_ref(),
-        &facts.observation(canary.as_ref()),
-        Timestamp::now(),
-    );
+    let replicasets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let replicasets: Vec<Value> = replicasets
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|rs| serde_json::to_value(rs).ok())
+        .collect();
+    let observation = facts.observation(canary.as_ref(), &replicasets);
+    let next = machine::next(state.as_ref(), &observation, Timestamp::now());
     let changed = next.state.as_ref() != state.as_ref();
     // Leaving fledge: the state goes last, once everything fledge created is gone, so that a
     // failed cleanup is tried again. Otherwise it goes first: the webhook lets the promotion
@@ -176,7 +181,17 @@ async fn reconcile(
     }
     // Promotion rewrites the Deployment just observed; after a state write it waits for the next
     // pass, on the fresh object.
-    let converged = converge(&ctx, &value, &facts, next.target, &namespace, !changed).await?;
+    let stable_hash = observe::stable_pod_template_hash(&value, &replicasets);
+    let converged = converge(
+        &ctx,
+        &value,
+        &facts,
+        stable_hash,
+        next.target,
+        &namespace,
+        !changed,
+    )
+    .await?;
     if changed && leaving {
         store_state(&deployments, &deployment, None).await?;
     }
@@ -197,6 +212,7 @@ async fn converge(
     ctx: &Context,
     deployment: &Value,
     facts: &DeploymentFacts,
+    stable_hash: Option<String>,
     target: Target,
     namespace: &str,
     may_promote: bool,
@@ -207,14 +223,6 @@ async fn converge(
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     let split_api = split_resource(ctx.config.split_api);
     let splits: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &split_api);
-    let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
-    let rs_list = replicasets.list(&ListParams::default()).await?;
-    let rs_values: Vec<Value> = rs_list
-        .items
-        .iter()
-        .filter_map(|rs| serde_json::to_value(rs).ok())
-        .collect();
-    let stable_hash = observe::stable_pod_template_hash(deployment, &rs_values);
     let (size, weight) = match target {
         Target::Canary { size, weight } => (size, weight),
         Target::Promote => (Weight::FULL, Weight::FULL),

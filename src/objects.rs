@@ -217,6 +217,14 @@ fn canary_deployment(
         .ok_or_else(|| field("spec"))?;
     let mut template = canary_template.clone();
     set_label(&mut template, LABEL_TRACK, TRACK_CANARY).ok_or_else(|| field("spec.template"))?;
+    // On the pods too, so that the canary's ReplicaSets say which template they run.
+    set_metadata(
+        &mut template,
+        "annotations",
+        ANNOTATION_CANARY_HASH,
+        canary_hash,
+    )
+    .ok_or_else(|| field("spec.template"))?;
     let mut selector = spec
         .get("selector")
         .cloned()
@@ -257,13 +265,18 @@ fn canary_deployment(
 }
 
 fn set_label(template: &mut Value, key: &str, value: &str) -> Option<()> {
+    set_metadata(template, "labels", key, value)
+}
+
+/// Sets `metadata.<map>.<key>` of a pod template (`labels` or `annotations`).
+fn set_metadata(template: &mut Value, map: &str, key: &str, value: &str) -> Option<()> {
     let object = template.as_object_mut()?;
     let metadata = object.entry("metadata").or_insert_with(|| json!({}));
-    let labels = metadata
+    let entries = metadata
         .as_object_mut()?
-        .entry("labels")
+        .entry(map)
         .or_insert_with(|| json!({}));
-    labels.as_object_mut()?.insert(key.into(), json!(value));
+    entries.as_object_mut()?.insert(key.into(), json!(value));
     Some(())
 }
 
@@ -437,6 +450,10 @@ mod tests {
         assert_eq!(
             d["spec"]["template"]["metadata"]["labels"],
             json!({"app": "web", LABEL_TRACK: "canary"})
+        );
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["annotations"],
+            json!({ ANNOTATION_CANARY_HASH: "c2" })
         );
         assert_eq!(
             d["spec"]["template"]["spec"]["containers"][0]["image"],

@@ -64,8 +64,13 @@ impl DeploymentFacts {
         }
     }
 
-    /// The observation for the state machine, given the canary Deployment (if it exists).
-    pub fn observation<'a>(&'a self, canary: Option<&Value>) -> Observation<'a> {
+    /// The observation for the state machine, given the canary Deployment (if it exists) and the
+    /// namespace's ReplicaSets.
+    pub fn observation<'a>(
+        &'a self,
+        canary: Option<&Value>,
+        replicasets: &[Value],
+    ) -> Observation<'a> {
         Observation {
             name: &self.name,
             spec: self.spec.as_ref(),
@@ -73,7 +78,7 @@ impl DeploymentFacts {
             stable_hash: &self.stable_hash,
             stable_replicas: self.stable_replicas,
             progress_deadline: self.progress_deadline,
-            canary: canary_status(canary, self.pending_hash.as_deref()),
+            canary: canary_status(canary, self.pending_hash.as_deref(), replicasets),
             stable_rolled_out: self.rolled_out,
         }
     }
@@ -104,28 +109,39 @@ pub fn rolled_out(deployment: &Value) -> bool {
         && count(status, "availableReplicas") == wanted
 }
 
-/// The canary Deployment's status, counted only when it runs the pending template.
-pub fn canary_status(canary: Option<&Value>, pending_hash: Option<&str>) -> CanaryStatus {
-    let Some(canary) = canary else {
+/// The canary Deployment's status for the pending template. Available pods are counted on the
+/// canary's ReplicaSets whose pod template carries the pending hash: a Deployment's own status lags
+/// behind every change of its spec (even a scale-up), which would read as "no ready pod".
+pub fn canary_status(
+    canary: Option<&Value>,
+    pending_hash: Option<&str>,
+    replicasets: &[Value],
+) -> CanaryStatus {
+    let (Some(canary), Some(pending)) = (canary, pending_hash) else {
         return CanaryStatus::default();
     };
-    let current = pending_hash.is_some()
-        && canary["metadata"]["annotations"][ANNOTATION_CANARY_HASH].as_str() == pending_hash;
-    if !current {
-        return CanaryStatus::default();
-    }
-    let status = &canary["status"];
-    let generation = canary["metadata"]["generation"].as_u64().unwrap_or(0);
-    let seen = status["observedGeneration"].as_u64().unwrap_or(0) >= generation;
+    let uid = canary["metadata"]["uid"].as_str();
+    let ready_replicas = replicasets
+        .iter()
+        .filter(|rs| uid.is_some() && owned_by(rs, uid))
+        .filter(|rs| {
+            rs["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CANARY_HASH] == pending
+        })
+        .map(|rs| count(&rs["status"], "availableReplicas"))
+        .sum();
+    let current = canary["metadata"]["annotations"][ANNOTATION_CANARY_HASH] == pending;
     CanaryStatus {
-        available: rolled_out(canary),
-        // Pods that are both of the latest spec and available; stale status counts for nothing.
-        ready_replicas: if seen {
-            count(status, "updatedReplicas").min(count(status, "availableReplicas"))
-        } else {
-            0
-        },
+        available: current && rolled_out(canary),
+        ready_replicas,
     }
+}
+
+fn owned_by(object: &Value, uid: Option<&str>) -> bool {
+    object["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["uid"].as_str() == uid && o["controller"] == true)
 }
 
 /// `pod-template-hash` of the ReplicaSet that runs the Deployment's current template: the one owned
@@ -135,13 +151,7 @@ pub fn stable_pod_template_hash(deployment: &Value, replicasets: &[Value]) -> Op
     let revision = deployment["metadata"]["annotations"][REVISION].as_str()?;
     replicasets
         .iter()
-        .filter(|rs| {
-            rs["metadata"]["ownerReferences"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|o| o["uid"] == uid && o["controller"] == true)
-        })
+        .filter(|rs| owned_by(rs, Some(uid)))
         .find(|rs| rs["metadata"]["annotations"][REVISION] == revision)
         .and_then(|rs| rs["metadata"]["labels"]["pod-template-hash"].as_str())
         .map(str::to_owned)
@@ -170,9 +180,17 @@ mod tests {
 
     fn canary(hash: &str, generation: u64, observed: u64, updated: u64, available: u64) -> Value {
         json!({
-            "metadata": {"name": "web-canary", "generation": generation, "annotations": {ANNOTATION_CANARY_HASH: hash}},
+            "metadata": {"name": "web-canary", "uid": "c-uid", "generation": generation, "annotations": {ANNOTATION_CANARY_HASH: hash}},
             "spec": {"replicas": 2},
             "status": {"observedGeneration": observed, "replicas": 2, "updatedReplicas": updated, "availableReplicas": available},
+        })
+    }
+
+    fn canary_rs(owner: &str, hash: &str, available: u64) -> Value {
+        json!({
+            "metadata": {"ownerReferences": [{"uid": owner, "controller": true}]},
+            "spec": {"template": {"metadata": {"annotations": {ANNOTATION_CANARY_HASH: hash}}}},
+            "status": {"availableReplicas": available},
         })
     }
 
@@ -191,7 +209,10 @@ mod tests {
         );
         assert!(facts.rolled_out);
         assert!(matches!(facts.state, Ok(None)));
-        let o = facts.observation(Some(&canary("c2", 1, 1, 2, 2)));
+        let o = facts.observation(
+            Some(&canary("c2", 1, 1, 2, 2)),
+            &[canary_rs("c-uid", "c2", 2)],
+        );
         assert_eq!(
             o.canary,
             CanaryStatus {
@@ -248,28 +269,42 @@ mod tests {
     }
 
     #[test]
-    fn a_canary_of_another_template_or_stale_status_counts_for_nothing() {
-        assert_eq!(canary_status(None, Some("c2")), CanaryStatus::default());
+    fn canary_pods_are_counted_per_template_on_its_replicasets() {
+        let sets = [
+            canary_rs("c-uid", "c2", 2),
+            canary_rs("c-uid", "c1", 3),
+            canary_rs("other", "c2", 5),
+        ];
         assert_eq!(
-            canary_status(Some(&canary("c1", 1, 1, 2, 2)), Some("c2")),
+            canary_status(None, Some("c2"), &sets),
             CanaryStatus::default()
         );
         assert_eq!(
-            canary_status(Some(&canary("c2", 1, 1, 2, 2)), None),
+            canary_status(Some(&canary("c2", 1, 1, 2, 2)), None, &sets),
             CanaryStatus::default()
         );
+        // Pods of an earlier canary template, or of another owner, are not the canary's.
         assert_eq!(
-            canary_status(Some(&canary("c2", 2, 1, 2, 2)), Some("c2")),
+            canary_status(Some(&canary("c2", 1, 1, 2, 2)), Some("c2"), &sets),
+            CanaryStatus {
+                available: true,
+                ready_replicas: 2
+            }
+        );
+        // A scale-up: the Deployment's status lags, its pods keep serving.
+        assert_eq!(
+            canary_status(Some(&canary("c2", 2, 1, 2, 2)), Some("c2"), &sets),
+            CanaryStatus {
+                available: false,
+                ready_replicas: 2
+            }
+        );
+        // The canary Deployment still runs an earlier template.
+        assert_eq!(
+            canary_status(Some(&canary("c1", 1, 1, 2, 2)), Some("c2"), &sets[1..2]),
             CanaryStatus {
                 available: false,
                 ready_replicas: 0
-            }
-        );
-        assert_eq!(
-            canary_status(Some(&canary("c2", 1, 1, 2, 1)), Some("c2")),
-            CanaryStatus {
-                available: false,
-                ready_replicas: 1
             }
         );
     }
