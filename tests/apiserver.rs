@@ -1,0 +1,2017 @@
+//! Tests of the API server stand-in (`tests/support/apiserver.rs`), driven through the real
+//! `kube::Client` the way fledge's controller will drive a real API server.
+//!
+//! Every test starts its own stand-in. Waits are bounded by generous timeouts (they only keep a
+//! broken stand-in from hanging the suite) and never measure speed.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference, Service};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams, Preconditions, WatchEvent, WatchParams,
+};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use support::apiserver::{
+    ApiServer, ApiServerConfig, ControllerConfig, NEVER_READY_ANNOTATION, UserInfo, WebhookConfig,
+};
+
+/// The longest any single wait may take before the test gives up.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Builders
+
+fn deployment(name: &str, image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "web", "image": image}]}
+            }
+        }
+    })
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("a valid object")
+}
+
+fn service(name: &str, labels: Value) -> Service {
+    typed(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }))
+}
+
+fn trafficsplit_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("split.smi-spec.io", version, "TrafficSplit"),
+        "trafficsplits",
+    )
+}
+
+fn trafficsplit(version: &str, stable: Value, canary: Value) -> DynamicObject {
+    typed(json!({
+        "apiVersion": format!("split.smi-spec.io/{version}"),
+        "kind": "TrafficSplit",
+        "metadata": {"name": "web"},
+        "spec": {
+            "service": "web",
+            "backends": [
+                {"service": "web-stable", "weight": stable},
+                {"service": "web-canary", "weight": canary}
+            ]
+        }
+    }))
+}
+
+fn api_error(e: kube::Error) -> kube::core::Status {
+    match e {
+        kube::Error::Api(status) => *status,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn without_controller() -> ApiServerConfig {
+    ApiServerConfig {
+        controller: ControllerConfig {
+            enabled: false,
+            ..ControllerConfig::default()
+        },
+        ..ApiServerConfig::default()
+    }
+}
+
+fn owner_ref(d: &Deployment) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": d.metadata.name,
+        "uid": d.metadata.uid,
+        "controller": true,
+        "blockOwnerDeletion": true,
+    })
+}
+
+async fn gone(server: &ApiServer, gvr: &str, ns: &str, name: &str) {
+    server
+        .wait_for(gvr, ns, name, TIMEOUT, |o| o.is_none())
+        .await
+        .unwrap_or_else(|e| panic!("{gvr} {name} should be deleted: {e}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// CRUD, conflicts, errors
+
+#[tokio::test]
+async fn crud_with_defaults_generations_and_api_errors() {
+    let server = ApiServer::start(without_controller()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+
+    let created = api
+        .create(
+            &PostParams::default(),
+            &typed(deployment("web", "ghcr.io/example/web:1.0.0")),
+        )
+        .await
+        .unwrap();
+    let meta = &created.metadata;
+    assert!(meta.uid.as_ref().is_some_and(|u| u.len() == 36), "{meta:?}");
+    assert!(meta.creation_timestamp.is_some());
+    assert_eq!(meta.generation, Some(1));
+    assert!(meta.resource_version.is_some());
+    // Defaulting as kube-apiserver does it.
+    let spec = &created.spec;
+    assert_eq!(spec.progress_deadline_seconds, Some(600));
+    assert_eq!(spec.revision_history_limit, Some(10));
+    let strategy = spec.strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirst"));
+    assert_eq!(
+        pod.containers[0].image_pull_policy.as_deref(),
+        Some("IfNotPresent")
+    );
+    assert_eq!(
+        pod.containers[0].termination_message_path.as_deref(),
+        Some("/dev/termination-log")
+    );
+
+    // Create again: 409 AlreadyExists.
+    let err = api_error(
+        api.create(&PostParams::default(), &typed(deployment("web", "x:1")))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (409, "AlreadyExists"));
+    assert_eq!(err.message, "deployments.apps \"web\" already exists");
+
+    // Replace with the current resourceVersion: accepted; a spec change bumps generation.
+    let mut next = created.clone();
+    next.spec.replicas = Some(3);
+    let replaced = api
+        .replace("web", &PostParams::default(), &next)
+        .await
+        .unwrap();
+    assert_eq!(replaced.metadata.generation, Some(2));
+    assert_ne!(
+        replaced.metadata.resource_version,
+        created.metadata.resource_version
+    );
+
+    // Replace with the stale object: 409 Conflict with the upstream message.
+    let err = api_error(
+        api.replace("web", &PostParams::default(), &next)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        err.message,
+        "Operation cannot be fulfilled on deployments.apps \"web\": the object has been modified; please apply your changes to the latest version and try again"
+    );
+
+    // A stale resourceVersion in a merge patch is a precondition too.
+    let err = api_error(
+        api.patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": created.metadata.resource_version}, "spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(err.code, 409);
+
+    // Labels do not bump generation; annotations do (Deployments copy them to ReplicaSets).
+    let labelled = api
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(labelled.metadata.generation, Some(2));
+    let annotated = api
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"note": "x"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(annotated.metadata.generation, Some(3));
+
+    // A write that changes nothing keeps the resourceVersion.
+    let same = api
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"note": "x"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        same.metadata.resource_version,
+        annotated.metadata.resource_version
+    );
+
+    // The main resource ignores status.
+    let mut with_status = annotated.clone();
+    with_status.status = Some(typed(json!({"replicas": 42})));
+    let replaced = api
+        .replace("web", &PostParams::default(), &with_status)
+        .await
+        .unwrap();
+    assert_eq!(replaced.status.and_then(|s| s.replicas), None);
+
+    // Strategic merge patch merges containers by name.
+    let smp = api
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+                {"name": "web", "env": [{"name": "MODE", "value": "canary"}]},
+                {"name": "sidecar", "image": "sidecar:1"}
+            ]}}}})),
+        )
+        .await
+        .unwrap();
+    let containers = &smp.spec.template.spec.unwrap().containers;
+    assert_eq!(containers.len(), 2);
+    assert_eq!(
+        containers[0].image.as_deref(),
+        Some("ghcr.io/example/web:1.0.0")
+    );
+    assert_eq!(containers[0].env.as_ref().unwrap()[0].name, "MODE");
+
+    // JSON patch, including a failing test operation (422).
+    let jp: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "replace", "path": "/spec/replicas", "value": 4}
+    ]))
+    .unwrap();
+    let patched = api
+        .patch("web", &PatchParams::default(), &Patch::Json::<()>(jp))
+        .await
+        .unwrap();
+    assert_eq!(patched.spec.replicas, Some(4));
+    let failing: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/spec/replicas", "value": 99}
+    ]))
+    .unwrap();
+    let err = api_error(
+        api.patch("web", &PatchParams::default(), &Patch::Json::<()>(failing))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 422);
+
+    // Unknown fields: dropped with a warning by default, rejected when strict.
+    let err = api_error(
+        api.patch(
+            "web",
+            &PatchParams::default().validation_strict(),
+            &Patch::Merge(json!({"spec": {"replicaz": 1}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(err.code, 400);
+    assert!(
+        err.message.contains("unknown field \"spec.replicaz\""),
+        "{}",
+        err.message
+    );
+
+    // 404 with the upstream wording.
+    let err = api_error(api.get("nope").await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (404, "NotFound"));
+    assert_eq!(err.message, "deployments.apps \"nope\" not found");
+
+    // The namespace must exist.
+    let elsewhere: Api<Deployment> = Api::namespaced(server.client(), "nowhere");
+    let err = api_error(
+        elsewhere
+            .create(&PostParams::default(), &typed(deployment("web", "x:1")))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 404);
+    assert_eq!(err.message, "namespaces \"nowhere\" not found");
+
+    // 422 Invalid: the selector must match the template's labels.
+    let mut bad = deployment("bad", "x:1");
+    bad["spec"]["selector"]["matchLabels"]["app"] = json!("other");
+    let err = api_error(
+        api.create(&PostParams::default(), &typed(bad))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"));
+    assert!(
+        err.message.starts_with(
+            "Deployment.apps \"bad\" is invalid: spec.template.metadata.labels: Invalid value"
+        ),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message
+            .contains("`selector` does not match template `labels`")
+    );
+    let causes = err.details.unwrap().causes;
+    assert_eq!(causes[0].field, "spec.template.metadata.labels");
+
+    // A missing image is a 422 on the container's field.
+    let mut bad = deployment("noimage", "x:1");
+    bad["spec"]["template"]["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("image");
+    let err = api_error(
+        api.create(&PostParams::default(), &typed(bad))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        err.message,
+        "Deployment.apps \"noimage\" is invalid: spec.template.spec.containers[0].image: Required value"
+    );
+
+    // generateName, and a cluster IP on Services.
+    let services: Api<Service> = Api::namespaced(server.client(), "default");
+    let generated = services
+        .create(
+            &PostParams::default(),
+            &typed(json!({
+                "metadata": {"generateName": "web-"},
+                "spec": {"ports": [{"port": 80}]}
+            })),
+        )
+        .await
+        .unwrap();
+    let name = generated.metadata.name.unwrap();
+    assert!(name.starts_with("web-") && name.len() == 9, "{name}");
+    let spec = generated.spec.unwrap();
+    assert!(spec.cluster_ip.unwrap().starts_with("10.96."));
+    assert_eq!(
+        spec.ports.unwrap()[0].target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(80))
+    );
+
+    // Deleting a Deployment answers a Success Status; a Service answers the object.
+    let deleted = api.delete("web", &DeleteParams::default()).await.unwrap();
+    let status = deleted.right().expect("a Status for Deployments");
+    assert_eq!(status.details.unwrap().name, "web");
+    let deleted = services
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(deleted.left().is_some(), "Services answer with the object");
+}
+
+#[tokio::test]
+async fn status_subresource_writes_only_status() {
+    let server = ApiServer::start(without_controller()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    api.create(&PostParams::default(), &typed(deployment("web", "web:1")))
+        .await
+        .unwrap();
+
+    let patched = api
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 9}, "status": {"replicas": 7, "observedGeneration": 1}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        patched.spec.replicas,
+        Some(2),
+        "spec is not written through /status"
+    );
+    assert_eq!(patched.status.as_ref().unwrap().replicas, Some(7));
+    assert_eq!(patched.metadata.generation, Some(1));
+
+    // Like upstream's Deployment status strategy: labels are kept, annotations may change
+    // (the deployment controller writes its revision annotation this way).
+    let mut next = patched.clone();
+    next.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("x".into(), "y".into());
+    next.metadata.annotations = Some(BTreeMap::from([(
+        "deployment.kubernetes.io/revision".to_string(),
+        "1".to_string(),
+    )]));
+    next.status.as_mut().unwrap().ready_replicas = Some(1);
+    let replaced = api
+        .replace_status("web", &PostParams::default(), &next)
+        .await
+        .unwrap();
+    assert!(!replaced.metadata.labels.as_ref().unwrap().contains_key("x"));
+    assert_eq!(
+        replaced.metadata.annotations.as_ref().unwrap()["deployment.kubernetes.io/revision"],
+        "1"
+    );
+    assert_eq!(replaced.status.as_ref().unwrap().ready_replicas, Some(1));
+    assert_eq!(replaced.metadata.generation, Some(1));
+
+    // A stale status update conflicts like any other.
+    let err = api_error(
+        api.replace_status("web", &PostParams::default(), &next)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 409);
+
+    // TrafficSplits have no status subresource: /status is not found.
+    let splits: Api<DynamicObject> = Api::namespaced_with(
+        server.client(),
+        "default",
+        &trafficsplit_resource("v1alpha2"),
+    );
+    splits
+        .create(
+            &PostParams::default(),
+            &trafficsplit("v1alpha2", json!(100), json!(0)),
+        )
+        .await
+        .unwrap();
+    let err = api_error(
+        splits
+            .patch_status(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 404);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watches and lists
+
+#[tokio::test]
+async fn watcher_sees_added_modified_deleted() {
+    let server = ApiServer::start(without_controller()).await;
+    let client = server.client();
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    let mut stream = watcher(api.clone(), watcher::Config::default()).boxed();
+
+    // The initial list (empty) completes first.
+    loop {
+        match tokio::time::timeout(TIMEOUT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::InitDone => break,
+            watcher::Event::Init => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    api.create(
+        &PostParams::default(),
+        &service("a", json!({"tier": "web"})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"tier": "db"}}})),
+    )
+    .await
+    .unwrap();
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let event = tokio::time::timeout(TIMEOUT, stream.next())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        match event {
+            watcher::Event::Apply(s) => {
+                seen.push(("apply", s.metadata.labels.unwrap()["tier"].clone()))
+            }
+            watcher::Event::Delete(s) => {
+                seen.push(("delete", s.metadata.labels.unwrap()["tier"].clone()))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("apply", "web".to_string()),
+            ("apply", "db".to_string()),
+            ("delete", "db".to_string())
+        ]
+    );
+
+    // A raw watch with a label selector: leaving the selection is a DELETED, entering an ADDED,
+    // and bookmarks come when asked for.
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut raw = api
+        .watch(&WatchParams::default().labels("tier in (web,api)"), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    api.create(
+        &PostParams::default(),
+        &service("b", json!({"tier": "web"})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "b",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"tier": "db"}}})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        "b",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"tier": "api"}}})),
+    )
+    .await
+    .unwrap();
+    let mut kinds = Vec::new();
+    let mut bookmarks = 0;
+    while kinds.len() < 3 || bookmarks == 0 {
+        match tokio::time::timeout(TIMEOUT, raw.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            WatchEvent::Added(_) => kinds.push("ADDED"),
+            WatchEvent::Modified(_) => kinds.push("MODIFIED"),
+            WatchEvent::Deleted(_) => kinds.push("DELETED"),
+            WatchEvent::Bookmark(b) => {
+                assert!(!b.metadata.resource_version.is_empty());
+                bookmarks += 1;
+            }
+            WatchEvent::Error(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(kinds, ["ADDED", "DELETED", "ADDED"]);
+}
+
+#[tokio::test]
+async fn paged_lists_are_consistent_and_compaction_expires_watches() {
+    let server = ApiServer::start(without_controller()).await;
+    let api: Api<Service> = Api::namespaced(server.client(), "default");
+    for i in 0..5 {
+        api.create(
+            &PostParams::default(),
+            &service(&format!("s{i}"), json!({"n": i.to_string()})),
+        )
+        .await
+        .unwrap();
+    }
+    let first = api.list(&ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    let token = first.metadata.continue_.clone().expect("more pages");
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    // Written between pages: not in this list (one consistent snapshot).
+    api.create(&PostParams::default(), &service("s9", json!({})))
+        .await
+        .unwrap();
+    let mut names: Vec<String> = first
+        .items
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    let mut token = Some(token);
+    while let Some(t) = token {
+        let page = api
+            .list(&ListParams::default().limit(2).continue_token(&t))
+            .await
+            .unwrap();
+        assert_eq!(
+            page.metadata.resource_version,
+            first.metadata.resource_version
+        );
+        names.extend(page.items.iter().map(|s| s.metadata.name.clone().unwrap()));
+        token = page.metadata.continue_.filter(|t| !t.is_empty());
+    }
+    assert_eq!(names, ["s0", "s1", "s2", "s3", "s4"]);
+
+    // Set-based and inequality label selectors, field selectors.
+    let some = api
+        .list(&ListParams::default().labels("n in (1,3),n!=3"))
+        .await
+        .unwrap();
+    assert_eq!(some.items.len(), 1);
+    let with_n = api.list(&ListParams::default().labels("n")).await.unwrap();
+    assert_eq!(with_n.items.len(), 5);
+    let without_n = api.list(&ListParams::default().labels("!n")).await.unwrap();
+    assert_eq!(without_n.items.len(), 1);
+    let by_name = api
+        .list(&ListParams::default().fields("metadata.name=s2"))
+        .await
+        .unwrap();
+    assert_eq!(by_name.items.len(), 1);
+    let err = api_error(
+        api.list(&ListParams::default().fields("spec.type=ClusterIP"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 400);
+    assert_eq!(err.message, "field label not supported: spec.type");
+
+    // After compaction an old resourceVersion cannot be watched from: 410 Expired in the stream.
+    let old_rv = first.metadata.resource_version.unwrap();
+    server.compact();
+    let mut stream = api
+        .watch(&WatchParams::default(), &old_rv)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(TIMEOUT, stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        WatchEvent::Error(e) => {
+            assert_eq!((e.code, e.reason.as_str()), (410, "Expired"));
+        }
+        other => panic!("expected a 410, got {other:?}"),
+    }
+    // ... nor can an old continue token be used.
+    let err = api_error(
+        api.list(
+            &ListParams::default()
+                .limit(2)
+                .continue_token(first.metadata.continue_.as_deref().unwrap()),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(err.code, 410);
+    // A watcher recovers by listing again.
+    let mut w = watcher(api.clone(), watcher::Config::default()).boxed();
+    let mut init = 0;
+    loop {
+        match tokio::time::timeout(TIMEOUT, w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::InitApply(_) => init += 1,
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(init, 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deletion and garbage collection
+
+#[tokio::test]
+async fn deleting_an_owner_cascades_orphans_or_waits_in_the_foreground() {
+    let server = ApiServer::start(ApiServerConfig::default()).await;
+    let client = server.client();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let owned_service = |name: &str, owner: &Deployment| -> Service {
+        let mut s = service(name, json!({}));
+        s.metadata.owner_references = Some(vec![typed(owner_ref(owner))]);
+        s
+    };
+
+    // Background (the default): the owner goes at once, the GC removes its dependents.
+    let web = deployments
+        .create(&PostParams::default(), &typed(deployment("web", "web:1")))
+        .await
+        .unwrap();
+    services
+        .create(&PostParams::default(), &owned_service("web-canary", &web))
+        .await
+        .unwrap();
+    server
+        .wait_for("apps/v1/deployments", "default", "web", TIMEOUT, |d| {
+            d.is_some_and(|d| {
+                d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "1"
+            })
+        })
+        .await
+        .unwrap();
+    let rs_names: Vec<String> = server
+        .list("apps/v1/replicasets", Some("default"))
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(rs_names.len(), 1);
+    deployments
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&server, "v1/services", "default", "web-canary").await;
+    gone(&server, "apps/v1/replicasets", "default", &rs_names[0]).await;
+
+    // Orphan: dependents stay, without the reference.
+    let web = deployments
+        .create(&PostParams::default(), &typed(deployment("web2", "web:1")))
+        .await
+        .unwrap();
+    services
+        .create(&PostParams::default(), &owned_service("web2-canary", &web))
+        .await
+        .unwrap();
+    deployments
+        .delete("web2", &DeleteParams::orphan())
+        .await
+        .unwrap();
+    gone(&server, "apps/v1/deployments", "default", "web2").await;
+    let orphan = services.get("web2-canary").await.unwrap();
+    assert_eq!(orphan.metadata.owner_references, None);
+
+    // Foreground: the owner stays (with a deletionTimestamp and the foregroundDeletion
+    // finalizer) until its blocking dependents are gone.
+    let web = deployments
+        .create(&PostParams::default(), &typed(deployment("web3", "web:1")))
+        .await
+        .unwrap();
+    services
+        .create(&PostParams::default(), &owned_service("web3-canary", &web))
+        .await
+        .unwrap();
+    let answer = deployments
+        .delete("web3", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let pending = answer.left().expect("the object, still there");
+    assert!(pending.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        pending.metadata.finalizers,
+        Some(vec!["foregroundDeletion".to_string()])
+    );
+    gone(&server, "v1/services", "default", "web3-canary").await;
+    gone(&server, "apps/v1/deployments", "default", "web3").await;
+
+    // Preconditions.
+    let s = services
+        .create(&PostParams::default(), &service("pre", json!({})))
+        .await
+        .unwrap();
+    let err = api_error(
+        services
+            .delete(
+                "pre",
+                &DeleteParams::default().preconditions(Preconditions {
+                    uid: Some("not-the-uid".into()),
+                    resource_version: None,
+                }),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 409);
+    assert!(
+        err.message
+            .contains("Precondition failed: UID in precondition: not-the-uid")
+    );
+    services
+        .delete(
+            "pre",
+            &DeleteParams::default().preconditions(Preconditions {
+                uid: s.metadata.uid.clone(),
+                resource_version: s.metadata.resource_version.clone(),
+            }),
+        )
+        .await
+        .unwrap();
+
+    // A dependent whose owner does not exist is collected.
+    let mut dangling = service("dangling", json!({}));
+    dangling.metadata.owner_references = Some(vec![typed(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": "ghost", "uid": "00000000-0000-4000-8000-000000000000"
+    }))]);
+    services
+        .create(&PostParams::default(), &dangling)
+        .await
+        .unwrap();
+    gone(&server, "v1/services", "default", "dangling").await;
+}
+
+#[tokio::test]
+async fn dry_run_validates_and_persists_nothing() {
+    let server = ApiServer::start(without_controller()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let before = server.resource_version();
+    let would_be = api
+        .create(&dry, &typed(deployment("web", "web:1")))
+        .await
+        .unwrap();
+    assert!(would_be.metadata.uid.is_some());
+    assert_eq!(would_be.spec.progress_deadline_seconds, Some(600));
+    assert!(
+        server
+            .get("apps/v1/deployments", "default", "web")
+            .is_none()
+    );
+    assert_eq!(server.resource_version(), before);
+    // Dry run still validates.
+    let mut bad = deployment("bad", "web:1");
+    bad["spec"]["replicas"] = json!(-1);
+    let err = api_error(api.create(&dry, &typed(bad)).await.unwrap_err());
+    assert_eq!(err.code, 422);
+
+    let created = api
+        .create(&PostParams::default(), &typed(deployment("web", "web:1")))
+        .await
+        .unwrap();
+    let rv = server.resource_version();
+    let mut next = created.clone();
+    next.spec.replicas = Some(5);
+    let replaced = api.replace("web", &dry, &next).await.unwrap();
+    assert_eq!(replaced.spec.replicas, Some(5));
+    let patched = api
+        .patch(
+            "web",
+            &PatchParams::default().dry_run(),
+            &Patch::Merge(json!({"spec": {"replicas": 6}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.spec.replicas, Some(6));
+    api.delete("web", &DeleteParams::default().dry_run())
+        .await
+        .unwrap();
+    assert_eq!(server.resource_version(), rv);
+    let stored = api.get("web").await.unwrap();
+    assert_eq!(stored.spec.replicas, Some(2));
+    assert_eq!(
+        stored.metadata.resource_version,
+        created.metadata.resource_version
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission
+
+/// A unique temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "fledge-apiserver-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// fledge's own webhook server over TLS, in-process, with certificates for `fledge.fledge.svc`.
+async fn fledge_webhook() -> (WebhookConfig, TempDir) {
+    let dir = TempDir::new();
+    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
+        service: "fledge".into(),
+        namespace: "fledge".into(),
+        dns: vec![],
+        ips: vec![],
+        validity_days: 1,
+    })
+    .unwrap();
+    fledge::certs::write_to_dir(&certs, &dir.0).unwrap();
+    let cert = fledge::server::tls::ReloadingCert::load(fledge::server::tls::CertFiles {
+        cert: dir.0.join(fledge::certs::CERT_FILE),
+        key: dir.0.join(fledge::certs::KEY_FILE),
+    })
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = fledge::server::serve(
+            listener,
+            cert,
+            fledge::server::AppState::default(),
+            std::future::pending(),
+            Duration::from_secs(1),
+        )
+        .await;
+    });
+    let mut hook = WebhookConfig::fledge(
+        format!("https://fledge.fledge.svc:{}/mutate", addr.port()),
+        certs.ca_cert_pem.clone(),
+    );
+    hook.connect_to = Some(addr);
+    (hook, dir)
+}
+
+fn opted_in(name: &str, image: &str, steps: &str) -> Value {
+    let mut d = deployment(name, image);
+    d["metadata"]["labels"]["fledge.dev/enabled"] = json!("true");
+    d["metadata"]["annotations"] = json!({"fledge.dev/steps": steps});
+    d
+}
+
+#[tokio::test]
+async fn admission_calls_fledges_webhook_like_kube_apiserver() {
+    let (hook, _certs) = fledge_webhook().await;
+    let mut config = without_controller();
+    config.webhooks = vec![hook.clone()];
+    let server = ApiServer::start(config).await;
+    let alice = UserInfo::user("alice@example.com");
+    let api: Api<Deployment> = Api::namespaced(server.client_as(alice.clone()), "default");
+    let steps = "- setWeight: 5\n- pause: {}\n- setWeight: 100\n";
+
+    // CREATE of an opted-in Deployment: called, allowed unchanged (first deploy).
+    let v1 = api
+        .create(
+            &PostParams::default(),
+            &typed(opted_in("web", "web:1.0.0", steps)),
+        )
+        .await
+        .unwrap();
+    let calls = server.webhook_calls();
+    assert_eq!(calls.len(), 1);
+    let review = &calls[0].review;
+    assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(review["kind"], "AdmissionReview");
+    let request = &review["request"];
+    // The same fields as the kube-apiserver fixtures in tests/data.
+    let fixture: Value = serde_json::from_str(include_str!("data/create-valid.json")).unwrap();
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(request), keys(&fixture["request"]));
+    assert_eq!(request["operation"], "CREATE");
+    assert_eq!(
+        request["kind"],
+        json!({"group": "apps", "version": "v1", "kind": "Deployment"})
+    );
+    assert_eq!(
+        request["resource"],
+        json!({"group": "apps", "version": "v1", "resource": "deployments"})
+    );
+    assert_eq!(request["requestKind"], request["kind"]);
+    assert_eq!(request["name"], "web");
+    assert_eq!(request["namespace"], "default");
+    assert_eq!(request["userInfo"]["username"], "alice@example.com");
+    assert_eq!(request["oldObject"], Value::Null);
+    assert_eq!(request["dryRun"], false);
+    assert_eq!(request["options"]["kind"], "CreateOptions");
+    // The object is defaulted before admission, and has no uid yet.
+    assert_eq!(
+        request["object"]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"],
+        "IfNotPresent"
+    );
+    assert_eq!(request["object"]["metadata"]["uid"], Value::Null);
+    assert_eq!(
+        calls[0].response.as_ref().unwrap()["response"]["allowed"],
+        true
+    );
+
+    // UPDATE with a new template: fledge keeps the stable template and records the canary.
+    let mut v2 = v1.clone();
+    v2.spec.template.spec.as_mut().unwrap().containers[0].image = Some("web:1.1.0".into());
+    let stored = api
+        .replace("web", &PostParams::default(), &v2)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.spec.template.spec.as_ref().unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("web:1.0.0"),
+        "the webhook's patch keeps the stable template"
+    );
+    let annotations = stored.metadata.annotations.as_ref().unwrap();
+    assert!(
+        annotations.contains_key("fledge.dev/canary-template"),
+        "{annotations:?}"
+    );
+    assert!(annotations.contains_key("fledge.dev/canary-hash"));
+    let review = &server.webhook_calls()[1].review["request"];
+    assert_eq!(review["operation"], "UPDATE");
+    assert_eq!(review["options"]["kind"], "UpdateOptions");
+    assert_eq!(
+        review["oldObject"]["metadata"]["uid"],
+        json!(v1.metadata.uid)
+    );
+
+    // A Deployment that is not opted in is not sent.
+    let n = server.webhook_calls().len();
+    api.create(&PostParams::default(), &typed(deployment("plain", "web:1")))
+        .await
+        .unwrap();
+    assert_eq!(server.webhook_calls().len(), n);
+
+    // Denial: the API server's wording around fledge's message.
+    let err = api_error(
+        api.create(
+            &PostParams::default(),
+            &typed(opted_in("bad", "web:1", "- setWeight: 150\n")),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(err.code >= 400 && err.code < 500, "{err:?}");
+    assert!(
+        err.message
+            .starts_with("admission webhook \"deployments.fledge.dev\" denied the request: "),
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("setWeight"), "{}", err.message);
+    assert!(
+        server
+            .get("apps/v1/deployments", "default", "bad")
+            .is_none()
+    );
+
+    // Dry run: the webhook is told, nothing is stored.
+    let rv = server.resource_version();
+    let mut v3 = stored.clone();
+    v3.spec.template.spec.as_mut().unwrap().containers[0].image = Some("web:1.2.0".into());
+    api.replace(
+        "web",
+        &PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        },
+        &v3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        server.webhook_calls().last().unwrap().review["request"]["dryRun"],
+        true
+    );
+    assert_eq!(server.resource_version(), rv);
+
+    // failurePolicy Fail: an unreachable webhook rejects the request with a 500.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = listener.local_addr().unwrap();
+    drop(listener);
+    let mut broken = hook.clone();
+    broken.connect_to = Some(closed);
+    server.set_webhooks(vec![broken]);
+    let err = api_error(
+        api.patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (500, "InternalError"));
+    assert!(
+        err.message.starts_with("Internal error occurred: failed calling webhook \"deployments.fledge.dev\": failed to call webhook: Post \"https://fledge.fledge.svc:"),
+        "{}",
+        err.message
+    );
+    // ... but /status writes are never sent to webhooks.
+    api.patch_status(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"replicas": 1}})),
+    )
+    .await
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-side apply
+
+#[tokio::test]
+async fn server_side_apply_owns_fields_and_reports_conflicts() {
+    let server = ApiServer::start(without_controller()).await;
+    let client = server.client();
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    let config = |labels: Value, selector: &str| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web-stable", "labels": labels},
+            "spec": {"selector": {"app": selector}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        })
+    };
+    let fledge = PatchParams::apply("fledge");
+    let created = api
+        .patch(
+            "web-stable",
+            &fledge,
+            &Patch::Apply(config(json!({"a": "1", "b": "2"}), "web")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.labels.as_ref().unwrap().len(), 2);
+    assert!(created.spec.as_ref().unwrap().cluster_ip.is_some());
+
+    // Another manager sets a label with an ordinary patch.
+    api.patch(
+        "web-stable",
+        &PatchParams {
+            field_manager: Some("other".into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(json!({"metadata": {"labels": {"c": "3"}}})),
+    )
+    .await
+    .unwrap();
+
+    // Applying without `b`: fledge's `b` goes, the other manager's `c` stays.
+    let applied = api
+        .patch(
+            "web-stable",
+            &fledge,
+            &Patch::Apply(config(json!({"a": "1"}), "web")),
+        )
+        .await
+        .unwrap();
+    let labels = applied.metadata.labels.unwrap();
+    assert_eq!(
+        labels,
+        BTreeMap::from([
+            ("a".to_string(), "1".to_string()),
+            ("c".to_string(), "3".to_string())
+        ])
+    );
+
+    // Setting a field fledge owns to another value conflicts...
+    let err = api_error(
+        api.patch(
+            "web-stable",
+            &PatchParams::apply("alice"),
+            &Patch::Apply(config(json!({}), "other")),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (409, "Conflict"));
+    assert!(
+        err.message.starts_with(
+            "Apply failed with 1 conflict: conflict with \"fledge\" using v1: .spec.selector.app"
+        ),
+        "{}",
+        err.message
+    );
+    // ... the same value does not (shared ownership) ...
+    api.patch(
+        "web-stable",
+        &PatchParams::apply("alice"),
+        &Patch::Apply(config(json!({}), "web")),
+    )
+    .await
+    .unwrap();
+    // ... and force takes the field over.
+    let forced = api
+        .patch(
+            "web-stable",
+            &PatchParams::apply("bob").force(),
+            &Patch::Apply(config(json!({}), "canary")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.spec.unwrap().selector.unwrap()["app"], "canary");
+
+    // Apply on a custom resource, through the dynamic API.
+    let splits: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &trafficsplit_resource("v1alpha2"),
+    );
+    let split = splits
+        .patch(
+            "web",
+            &PatchParams::apply("fledge").force(),
+            &Patch::Apply(trafficsplit("v1alpha2", json!(95), json!(5))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(split.data["spec"]["backends"][1]["weight"], 5);
+    let split = splits
+        .patch(
+            "web",
+            &PatchParams::apply("fledge").force(),
+            &Patch::Apply(trafficsplit("v1alpha2", json!(50), json!(50))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(split.data["spec"]["backends"][0]["weight"], 50);
+    assert_eq!(split.metadata.generation, Some(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// TrafficSplit versions, schemas, discovery
+
+#[tokio::test]
+async fn trafficsplit_versions_share_one_stored_object_and_validate_by_schema() {
+    let server = ApiServer::start(without_controller()).await;
+    let client = server.client();
+    let v1alpha1: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &trafficsplit_resource("v1alpha1"),
+    );
+    let v1alpha2: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &trafficsplit_resource("v1alpha2"),
+    );
+    let v1alpha4: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &trafficsplit_resource("v1alpha4"),
+    );
+
+    let mut split = trafficsplit("v1alpha2", json!(9999), json!(1));
+    split.data["spec"]["unknown"] = json!("pruned");
+    let created = v1alpha2
+        .create(&PostParams::default(), &split)
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    assert_eq!(
+        created.data["spec"].get("unknown"),
+        None,
+        "unknown fields are pruned"
+    );
+
+    // The same object through other versions (conversion strategy None: only apiVersion differs).
+    let old = v1alpha1.get("web").await.unwrap();
+    assert_eq!(
+        old.types.as_ref().unwrap().api_version,
+        "split.smi-spec.io/v1alpha1"
+    );
+    assert_eq!(old.data["spec"], created.data["spec"]);
+    let newest = v1alpha4.list(&ListParams::default()).await.unwrap();
+    assert_eq!(newest.items.len(), 1);
+    assert_eq!(newest.items[0].metadata.uid, created.metadata.uid);
+
+    // v1alpha1 weights are int-or-string (quantities); v1alpha2 weights are numbers.
+    let mut quantity = trafficsplit("v1alpha1", json!("900m"), json!("100m"));
+    quantity.metadata.name = Some("quantity".into());
+    v1alpha1
+        .create(&PostParams::default(), &quantity)
+        .await
+        .unwrap();
+    let mut wrong = trafficsplit("v1alpha2", json!("900m"), json!("100m"));
+    wrong.metadata.name = Some("wrong".into());
+    let err = api_error(
+        v1alpha2
+            .create(&PostParams::default(), &wrong)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"));
+    assert!(
+        err.message
+            .starts_with("TrafficSplit.split.smi-spec.io \"wrong\" is invalid: "),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.contains("spec.backends[0].weight"),
+        "{}",
+        err.message
+    );
+    let mut missing = trafficsplit("v1alpha4", json!(1), json!(1));
+    missing.metadata.name = Some("missing".into());
+    missing.data["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("backends");
+    let err = api_error(
+        v1alpha4
+            .create(&PostParams::default(), &missing)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        err.message.contains("spec.backends: Required value"),
+        "{}",
+        err.message
+    );
+
+    // Strategic merge patch is not for custom resources.
+    let err = api_error(
+        v1alpha2
+            .patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"service": "x"}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 415);
+
+    // Discovery finds every served version, and the built-in kinds.
+    let discovery = kube::discovery::Discovery::new(client.clone())
+        .run()
+        .await
+        .unwrap();
+    let group = discovery.get("split.smi-spec.io").expect("the SMI group");
+    let versions: Vec<String> = group.versions().map(str::to_string).collect();
+    assert_eq!(versions, ["v1alpha4", "v1alpha3", "v1alpha2", "v1alpha1"]);
+    assert_eq!(group.preferred_version_or_latest(), "v1alpha4");
+    let (ar, caps) = discovery
+        .resolve_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"))
+        .expect("deployments are discoverable");
+    assert_eq!(ar.plural, "deployments");
+    assert!(
+        caps.subresources
+            .iter()
+            .any(|(s, _)| s.plural == "deployments/status" || s.plural == "status"),
+        "{caps:?}"
+    );
+    let aggregated = kube::discovery::Discovery::new(client.clone())
+        .run_aggregated()
+        .await
+        .unwrap();
+    assert!(aggregated.has_group("coordination.k8s.io"));
+    let version = client.apiserver_version().await.unwrap();
+    assert_eq!(version.git_version, "v1.37.0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The deployment controller
+
+#[tokio::test]
+async fn deployment_controller_creates_replicasets_and_becomes_available() {
+    let config = ApiServerConfig {
+        controller: ControllerConfig {
+            ready_delay: Duration::from_millis(100),
+            ..ControllerConfig::default()
+        },
+        ..ApiServerConfig::default()
+    };
+    let server = ApiServer::start(config).await;
+    let client = server.client();
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), "default");
+    let mut d = deployment("web", "web:1");
+    d["spec"]["replicas"] = json!(3);
+    let created = api.create(&PostParams::default(), &typed(d)).await.unwrap();
+
+    let available = |d: Option<&Value>| {
+        d.is_some_and(|d| {
+            let s = &d["status"];
+            s["availableReplicas"] == 3
+                && s["updatedReplicas"] == 3
+                && s["observedGeneration"] == d["metadata"]["generation"]
+                && s["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Available" && c["status"] == "True")
+                        && c.iter().any(|c| {
+                            c["type"] == "Progressing" && c["reason"] == "NewReplicaSetAvailable"
+                        })
+                })
+        })
+    };
+    let done = server
+        .wait_for("apps/v1/deployments", "default", "web", TIMEOUT, available)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        done["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "1"
+    );
+
+    let list = replicasets.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    let rs = &list.items[0];
+    let hash = rs.metadata.labels.as_ref().unwrap()["pod-template-hash"].clone();
+    assert_eq!(
+        rs.metadata.name.as_deref(),
+        Some(format!("web-{hash}").as_str())
+    );
+    assert!(
+        hash.len() >= 8
+            && hash
+                .chars()
+                .all(|c| "bcdfghjklmnpqrstvwxz2456789".contains(c)),
+        "{hash}"
+    );
+    let spec = &rs.spec;
+    assert_eq!(
+        spec.selector.match_labels.as_ref().unwrap()["pod-template-hash"],
+        hash
+    );
+    assert_eq!(
+        spec.template
+            .as_ref()
+            .unwrap()
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap()["pod-template-hash"],
+        hash
+    );
+    let owner = &rs.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("Deployment", Some(true))
+    );
+    assert_eq!(Some(&owner.uid), created.metadata.uid.as_ref());
+    let status = rs.status.as_ref().unwrap();
+    assert_eq!(
+        (
+            status.replicas,
+            status.ready_replicas,
+            status.available_replicas
+        ),
+        (3, Some(3), Some(3))
+    );
+
+    // A new template: a second ReplicaSet, the old one scaled to 0 once the new one is available.
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}}})),
+    )
+    .await
+    .unwrap();
+    let done = server
+        .wait_for("apps/v1/deployments", "default", "web", TIMEOUT, |d| {
+            available(d) && d.is_some_and(|d| d["status"]["replicas"] == 3)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        done["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "2"
+    );
+    let list = replicasets.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 2);
+    let by_image: BTreeMap<String, i32> = list
+        .items
+        .iter()
+        .map(|rs| {
+            let image = rs
+                .spec
+                .template
+                .as_ref()
+                .unwrap()
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers[0]
+                .image
+                .clone()
+                .unwrap();
+            (image, rs.spec.replicas.unwrap())
+        })
+        .collect();
+    assert_eq!(
+        by_image,
+        BTreeMap::from([("web:1".to_string(), 0), ("web:2".to_string(), 3)])
+    );
+
+    // Scaling through the scale subresource (as `kubectl scale` does) changes the same
+    // ReplicaSet.
+    let scale = api.get_scale("web").await.unwrap();
+    assert_eq!(scale.spec.as_ref().unwrap().replicas, Some(3));
+    assert_eq!(
+        scale.status.as_ref().unwrap().selector.as_deref(),
+        Some("app=web")
+    );
+    let scaled = api
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.unwrap().replicas, Some(1));
+    let err = api_error(
+        api.patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": -1}})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(err.code, 422);
+    server
+        .wait_for("apps/v1/deployments", "default", "web", TIMEOUT, |d| {
+            d.is_some_and(|d| d["status"]["replicas"] == 1 && d["status"]["availableReplicas"] == 1)
+        })
+        .await
+        .unwrap();
+    server.controller().settle(TIMEOUT).await.unwrap();
+    assert_eq!(
+        replicasets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_broken_canary_never_becomes_ready_and_exceeds_its_deadline() {
+    let server = ApiServer::start(ApiServerConfig::default()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    let mut broken = deployment("web-canary", "web:2");
+    broken["spec"]["replicas"] = json!(1);
+    broken["spec"]["progressDeadlineSeconds"] = json!(1);
+    broken["spec"]["template"]["metadata"]["annotations"] = json!({NEVER_READY_ANNOTATION: "true"});
+    api.create(&PostParams::default(), &typed(broken))
+        .await
+        .unwrap();
+    let timed_out = server
+        .wait_for(
+            "apps/v1/deployments",
+            "default",
+            "web-canary",
+            TIMEOUT,
+            |d| {
+                d.and_then(|d| d["status"]["conditions"].as_array().cloned())
+                    .is_some_and(|c| {
+                        c.iter().any(|c| {
+                            c["type"] == "Progressing"
+                                && c["status"] == "False"
+                                && c["reason"] == "ProgressDeadlineExceeded"
+                        })
+                    })
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let status = &timed_out["status"];
+    assert_eq!(
+        status["readyReplicas"],
+        Value::Null,
+        "zero counts are omitted like Go's omitempty"
+    );
+    assert_eq!(status["replicas"], 1);
+    assert_eq!(status["unavailableReplicas"], 1);
+    let available = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Available")
+        .unwrap();
+    assert_eq!(
+        (available["status"].as_str(), available["reason"].as_str()),
+        (Some("False"), Some("MinimumReplicasUnavailable"))
+    );
+
+    // Never-ready by name, then healed.
+    server.controller().set_never_ready("stuck", true);
+    api.create(&PostParams::default(), &typed(deployment("stuck", "web:1")))
+        .await
+        .unwrap();
+    server.controller().settle(TIMEOUT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.controller().settle(TIMEOUT).await.unwrap();
+    let stuck = server
+        .get("apps/v1/deployments", "default", "stuck")
+        .unwrap();
+    assert_eq!(stuck["status"]["replicas"], 2);
+    assert_eq!(stuck["status"]["availableReplicas"], Value::Null);
+    server.controller().set_never_ready("stuck", false);
+    server
+        .wait_for("apps/v1/deployments", "default", "stuck", TIMEOUT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 2)
+        })
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases and Events
+
+#[tokio::test]
+async fn leases_take_optimistic_concurrency_and_events_are_one_resource() {
+    let server = ApiServer::start(without_controller()).await;
+    let client = server.client();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let lease: Lease = typed(json!({
+        "metadata": {"name": "fledge"},
+        "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15, "renewTime": "2026-01-01T00:00:00.000000Z"}
+    }));
+    let created = leases.create(&PostParams::default(), &lease).await.unwrap();
+    let mut taken = created.clone();
+    taken.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    leases
+        .replace("fledge", &PostParams::default(), &taken)
+        .await
+        .unwrap();
+    let mut late = created.clone();
+    late.spec.as_mut().unwrap().holder_identity = Some("c".into());
+    let err = api_error(
+        leases
+            .replace("fledge", &PostParams::default(), &late)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 409, "a deposed holder cannot write");
+    // Leases may be created by PUT.
+    let mut other = lease.clone();
+    other.metadata.name = Some("other".into());
+    leases
+        .replace("other", &PostParams::default(), &other)
+        .await
+        .unwrap();
+    let mut bad = lease.clone();
+    bad.metadata.name = Some("bad".into());
+    bad.spec.as_mut().unwrap().lease_duration_seconds = Some(0);
+    let err = api_error(
+        leases
+            .create(&PostParams::default(), &bad)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 422);
+
+    // kube's Recorder writes events.k8s.io/v1 Events; they read back as core/v1 Events.
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "fledge".into(),
+            instance: Some("fledge-0".into()),
+        },
+    );
+    let reference = ObjectReference {
+        api_version: Some("apps/v1".into()),
+        kind: Some("Deployment".into()),
+        name: Some("web".into()),
+        namespace: Some("default".into()),
+        uid: Some("0000".into()),
+        ..ObjectReference::default()
+    };
+    let event = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Normal,
+        reason: "Progressing".into(),
+        note: Some("weight 5".into()),
+        action: "SetWeight".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &reference).await.unwrap();
+    recorder.publish(&event, &reference).await.unwrap();
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let events = core
+        .list(&ListParams::default().fields("involvedObject.name=web,reason=Progressing"))
+        .await
+        .unwrap();
+    assert_eq!(
+        events.items.len(),
+        1,
+        "the second publish patches the series"
+    );
+    let e = &events.items[0];
+    assert_eq!(e.message.as_deref(), Some("weight 5"));
+    assert_eq!(e.reporting_component.as_deref(), Some("fledge"));
+    assert_eq!(e.involved_object.kind.as_deref(), Some("Deployment"));
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(Some(2)));
+    assert_eq!(server.events().len(), 1);
+
+    // events.k8s.io validates strictly: a reason is required.
+    let v1: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "default");
+    let err = api_error(
+        v1.create(
+            &PostParams::default(),
+            &typed(json!({
+                "metadata": {"name": "e1"},
+                "eventTime": "2026-01-01T00:00:00.000000Z",
+                "reportingController": "fledge",
+                "reportingInstance": "fledge-0",
+                "action": "SetWeight",
+                "type": "Normal",
+                "regarding": {"kind": "Deployment", "name": "web", "namespace": "default"}
+            })),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(err.code, 422);
+    assert!(
+        err.message.contains("reason: Required value"),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test]
+async fn kubectl_style_apply_as_a_user_goes_through_admission() {
+    let (hook, _certs) = fledge_webhook().await;
+    let mut config = without_controller();
+    config.webhooks = vec![hook];
+    let server = ApiServer::start(config).await;
+    let bob = UserInfo::user("bob");
+    let steps = "- setWeight: 10\n- setWeight: 100\n";
+    let mut v1 = opted_in("web", "web:1", steps);
+    v1["metadata"]["namespace"] = json!("default");
+    v1["metadata"]["labels"]["extra"] = json!("yes");
+    server.apply_as_user(&bob, v1.clone()).await.unwrap();
+    // Apply v2 without the extra label: the label goes, the template becomes the canary.
+    let mut v2 = opted_in("web", "web:2", steps);
+    v2["metadata"]["namespace"] = json!("default");
+    let stored = server.apply_as_user(&bob, v2).await.unwrap();
+    assert_eq!(stored["metadata"]["labels"].get("extra"), None);
+    assert_eq!(
+        stored["spec"]["template"]["spec"]["containers"][0]["image"],
+        "web:1"
+    );
+    assert!(stored["metadata"]["annotations"]["fledge.dev/canary-template"].is_string());
+    let calls = server.webhook_calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].review["request"]["userInfo"]["username"], "bob");
+    assert_eq!(
+        calls[1].review["request"]["options"]["fieldManager"],
+        "kubectl-client-side-apply"
+    );
+    // Everything that happened is in the history, in order.
+    let history = server.history_of("deployments.apps", "default", "web");
+    assert_eq!(history.len(), 2);
+    assert!(history[0].resource_version < history[1].resource_version);
+    let _ = Arc::new(());
+}
+
+#[tokio::test]
+async fn streaming_list_and_metadata_watches() {
+    let server = ApiServer::start(without_controller()).await;
+    let client = server.client();
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    api.create(&PostParams::default(), &service("a", json!({"x": "1"})))
+        .await
+        .unwrap();
+
+    // sendInitialEvents=true: the current objects, then the initial-events-end bookmark.
+    let mut streaming = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut initial = Vec::new();
+    loop {
+        match tokio::time::timeout(TIMEOUT, streaming.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::InitApply(s) => initial.push(s.metadata.name.unwrap()),
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(initial, ["a"]);
+
+    // Metadata-only lists and watches (PartialObjectMetadata).
+    let metas = api.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(metas.items.len(), 1);
+    assert_eq!(metas.items[0].metadata.labels.as_ref().unwrap()["x"], "1");
+    // kube 5: an `Api<PartialObjectMeta<K>>` makes metadata-only requests.
+    let meta_api: Api<kube::core::PartialObjectMeta<Service>> =
+        Api::namespaced(client.clone(), "default");
+    let mut meta_stream = watcher(meta_api, watcher::Config::default()).boxed();
+    loop {
+        if let watcher::Event::InitDone = tokio::time::timeout(TIMEOUT, meta_stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            break;
+        }
+    }
+    api.create(&PostParams::default(), &service("b", json!({})))
+        .await
+        .unwrap();
+    match tokio::time::timeout(TIMEOUT, meta_stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        watcher::Event::Apply(m) => {
+            assert_eq!(m.metadata.name.as_deref(), Some("b"));
+            assert_eq!(m.types.as_ref().unwrap().kind, "PartialObjectMetadata");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match tokio::time::timeout(TIMEOUT, streaming.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        watcher::Event::Apply(s) => assert_eq!(s.metadata.name.as_deref(), Some("b")),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(api.get_opt("nope").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_controller_can_be_paused_and_stepped() {
+    let config = ApiServerConfig {
+        controller: ControllerConfig {
+            start_paused: true,
+            ready_delay: Duration::from_millis(0),
+            ..ControllerConfig::default()
+        },
+        ..ApiServerConfig::default()
+    };
+    let server = ApiServer::start(config).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    api.create(&PostParams::default(), &typed(deployment("web", "web:1")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        server.list("apps/v1/replicasets", None).is_empty(),
+        "paused"
+    );
+    // One step: the ReplicaSet, its pods (ready at once) and both statuses.
+    assert!(server.controller().step().await);
+    let rs = server.list("apps/v1/replicasets", Some("default"));
+    assert_eq!(rs.len(), 1);
+    while server.controller().step().await {}
+    let d = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(d["status"]["availableReplicas"], 2);
+    // Resumed, it keeps up by itself; settle waits for it.
+    server.controller().resume();
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .unwrap();
+    server.controller().settle(TIMEOUT).await.unwrap();
+    let d = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(d["status"]["replicas"], 3);
+
+    // Cluster-wide lists see every namespace.
+    let all: Api<Deployment> = Api::all(server.client());
+    assert_eq!(
+        all.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn further_crds_are_served_with_schema_defaults() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/crds/gateway-api-v1.6.1-httproutes.yaml"
+    );
+    let Ok(yaml) = std::fs::read_to_string(path) else {
+        eprintln!("skipped: {path} is not there");
+        return;
+    };
+    let mut config = without_controller();
+    config.extra_crds = vec![yaml];
+    let server = ApiServer::start(config).await;
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        server.client(),
+        "default",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
+    );
+    let route: DynamicObject = typed(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web"},
+        "spec": {
+            "parentRefs": [{"name": "mesh"}],
+            "rules": [{"backendRefs": [
+                {"name": "web-stable", "port": 80, "weight": 95},
+                {"name": "web-canary", "port": 80, "weight": 5}
+            ]}]
+        }
+    }));
+    let created = routes.create(&PostParams::default(), &route).await.unwrap();
+    // Schema defaults applied, as the API server does.
+    assert_eq!(created.data["spec"]["parentRefs"][0]["kind"], "Gateway");
+    assert_eq!(
+        created.data["spec"]["parentRefs"][0]["group"],
+        "gateway.networking.k8s.io"
+    );
+    assert_eq!(
+        created.data["spec"]["rules"][0]["matches"][0]["path"]["type"],
+        "PathPrefix"
+    );
+    let mut bad = route.clone();
+    bad.metadata.name = Some("bad".into());
+    bad.data["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(-1);
+    let err = api_error(
+        routes
+            .create(&PostParams::default(), &bad)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 422, "{err:?}");
+}
+
+/// The stand-in under the benchmark's load: 1,000 Deployments (run with `--ignored`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a load check of the stand-in, not a behaviour test"]
+async fn a_thousand_deployments() {
+    let server = ApiServer::start(ApiServerConfig::default()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    let started = std::time::Instant::now();
+    for i in 0..1000 {
+        api.create(
+            &PostParams::default(),
+            &typed(deployment(&format!("web-{i}"), "web:1")),
+        )
+        .await
+        .unwrap();
+    }
+    let created = started.elapsed();
+    server
+        .controller()
+        .settle(Duration::from_secs(120))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server
+        .controller()
+        .settle(Duration::from_secs(120))
+        .await
+        .unwrap();
+    let settled = started.elapsed();
+    let available = server
+        .list("apps/v1/deployments", Some("default"))
+        .iter()
+        .filter(|d| d["status"]["availableReplicas"] == 2)
+        .count();
+    // One more write while everything is in place: how long until the controller has reacted.
+    let t = std::time::Instant::now();
+    api.patch(
+        "web-500",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .unwrap();
+    server
+        .controller()
+        .settle(Duration::from_secs(10))
+        .await
+        .unwrap();
+    eprintln!(
+        "created in {created:?}, settled after {settled:?}, {available} available; one scale reacted in {:?}; {} changes",
+        t.elapsed(),
+        server.history().len()
+    );
+    assert_eq!(available, 1000);
+}

@@ -1,0 +1,486 @@
+//! End to end through the API server stand-in: fledge's real webhook over TLS and its real
+//! controller, driven like a user (apply v1, apply v2).
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{Value, json};
+use support::apiserver::{ApiServer, ApiServerConfig, WebhookConfig};
+
+use fledge::controller::{self, Config};
+use fledge::objects::SplitApi;
+use fledge::rollout::machine::{Command, command};
+use fledge::rollout::{Phase, RolloutState, read_state};
+use fledge::spec::ANNOTATION_STATE;
+
+const DEPLOYMENTS: &str = "apps/v1/deployments";
+const SERVICES: &str = "v1/services";
+const SPLITS: &str = "split.smi-spec.io/v1alpha2/trafficsplits";
+const NS: &str = "shop";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The stand-in with fledge's webhook registered and fledge's controller running against it.
+struct Cluster {
+    api: ApiServer,
+    webhook_task: tokio::task::JoinHandle<()>,
+    controller_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.controller_task.abort();
+        self.webhook_task.abort();
+    }
+}
+
+async fn cluster() -> Cluster {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("fledge=debug"))
+        .with_test_writer()
+        .try_init();
+    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
+        service: "fledge".into(),
+        namespace: "fledge".into(),
+        dns: vec![],
+        ips: vec!["127.0.0.1".parse().unwrap()],
+        validity_days: 1,
+    })
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "fledge-e2e-{}-{}",
+        std::process::id(),
+        Timestamp::now().as_nanosecond()
+    ));
+    fledge::certs::write_to_dir(&certs, &dir).unwrap();
+    let cert = fledge::server::tls::ReloadingCert::load(fledge::server::tls::CertFiles {
+        cert: dir.join(fledge::certs::CERT_FILE),
+        key: dir.join(fledge::certs::KEY_FILE),
+    })
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/mutate", listener.local_addr().unwrap());
+    let webhook = tokio::spawn(async move {
+        let _ = fledge::server::serve(
+            listener,
+            cert,
+            fledge::server::AppState::default(),
+            std::future::pending(),
+            Duration::from_secs(1),
+        )
+        .await;
+    });
+    let api = ApiServer::start(ApiServerConfig {
+        webhooks: vec![WebhookConfig::fledge(url, certs.ca_cert_pem.clone())],
+        namespaces: vec![NS.into()],
+        ..ApiServerConfig::default()
+    })
+    .await;
+    let controller = startcontroller_task(&api);
+    Cluster {
+        api,
+        webhook_task: webhook,
+        controller_task: controller,
+    }
+}
+
+fn startcontroller_task(api: &ApiServer) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(controller::run(
+        api.client(),
+        Config {
+            namespace: Some(NS.into()),
+            split_api: SplitApi::V1Alpha2,
+        },
+        std::future::pending(),
+    ))
+}
+
+fn deployment(image: &str, steps: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {
+            "name": "web", "namespace": NS,
+            "labels": {"app": "web", "fledge.dev/enabled": "true"},
+            "annotations": {"fledge.dev/steps": steps},
+        },
+        "spec": {
+            "replicas": 4,
+            "progressDeadlineSeconds": 30,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": image}]},
+            },
+        },
+    })
+}
+
+fn root_service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    })
+}
+
+fn image(d: &Value) -> &str {
+    d["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+fn state(d: Option<&Value>) -> Option<RolloutState> {
+    let annotations = d?["metadata"]["annotations"].as_object()?;
+    let map = annotations
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect();
+    read_state(Some(&map)).ok().flatten()
+}
+
+fn phase(d: Option<&Value>) -> Option<Phase> {
+    state(d).map(|s| s.phase)
+}
+
+/// The canary weights the TrafficSplit carried, in order, repeats removed.
+fn split_weights(api: &ApiServer) -> Vec<u64> {
+    let mut weights: Vec<u64> = api
+        .history_of("trafficsplits.split.smi-spec.io", NS, "web")
+        .iter()
+        .filter_map(|r| r.object["spec"]["backends"][1]["weight"].as_u64())
+        .collect();
+    weights.dedup();
+    weights
+}
+
+/// What `fledge promote|abort|retry` will do: the pure command applied to the stored state, written
+/// with the read resourceVersion as a precondition and tried again on a conflict.
+async fn run_command(api: &ApiServer, cmd: Command) {
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(api.client(), NS);
+    for _ in 0..20 {
+        let stored = api.get(DEPLOYMENTS, NS, "web").unwrap();
+        let spec = fledge::observe::DeploymentFacts::read(&stored)
+            .spec
+            .unwrap();
+        let next = command(
+            state(Some(&stored)).as_ref(),
+            &spec,
+            cmd,
+            "web",
+            Timestamp::now(),
+        )
+        .unwrap();
+        let patch = json!({"metadata": {
+            "resourceVersion": stored["metadata"]["resourceVersion"],
+            "annotations": {ANNOTATION_STATE: serde_json::to_string(&next).unwrap()},
+        }});
+        match deployments
+            .patch(
+                "web",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => panic!("{cmd:?}: {e}"),
+        }
+    }
+    panic!("{cmd:?}: conflicts did not stop");
+}
+
+async fn apply(api: &ApiServer, object: Value) {
+    let client = api.client();
+    let resource: kube::Api<kube::api::DynamicObject> = match object["kind"].as_str() {
+        Some("Service") => kube::Api::namespaced_with(
+            client,
+            NS,
+            &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&()),
+        ),
+        _ => kube::Api::namespaced_with(
+            client,
+            NS,
+            &kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
+        ),
+    };
+    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+    resource
+        .patch(
+            &name,
+            &kube::api::PatchParams::apply("kubectl").force(),
+            &kube::api::Patch::Apply(&object),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_template_walks_the_steps_to_promotion() {
+    let c = cluster().await;
+    let steps =
+        "- setWeight: 5\n- pause: {duration: 1s}\n- setWeight: 50\n- pause: {}\n- setWeight: 100\n";
+    apply(&c.api, root_service()).await;
+    apply(&c.api, deployment("web:1", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+        })
+        .await
+        .unwrap();
+
+    apply(&c.api, deployment("web:2", steps)).await;
+    let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_eq!(
+        image(&web),
+        "web:1",
+        "the webhook keeps the stable template"
+    );
+
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 3)
+        })
+        .await
+        .unwrap();
+    let canary = c.api.get(DEPLOYMENTS, NS, "web-canary").unwrap();
+    assert_eq!(image(&canary), "web:2");
+    assert_eq!(canary["spec"]["replicas"], 2);
+    let stable_svc = c.api.get(SERVICES, NS, "web-stable").unwrap();
+    assert!(stable_svc["spec"]["selector"]["pod-template-hash"].is_string());
+    assert_eq!(split_weights(&c.api), vec![0, 500, 5000]);
+
+    run_command(&c.api, Command::Promote).await;
+    let done = c
+        .api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            phase(d) == Some(Phase::Succeeded)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(image(&done), "web:2");
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
+        .await
+        .unwrap();
+    c.api
+        .wait_for(SPLITS, NS, "web", WAIT, |d| d.is_none())
+        .await
+        .unwrap();
+    assert_eq!(split_weights(&c.api), vec![0, 500, 5000, 10_000, 0]);
+    let promotions = c
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "Promoted")
+        .count();
+    assert_eq!(promotions, 1);
+    assert!(
+        !c.api.webhook_calls().is_empty(),
+        "the API server called fledge's webhook"
+    );
+}
+
+/// Waits for the rollout to reach `phase`.
+async fn wait_phase(api: &ApiServer, wanted: Phase) -> Value {
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| phase(d) == Some(wanted))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn stable_v1(steps: &str) -> Cluster {
+    let c = cluster().await;
+    apply(&c.api, root_service()).await;
+    apply(&c.api, deployment("web:1", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+        })
+        .await
+        .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_never_becomes_available_is_aborted_at_the_progress_deadline() {
+    let c = stable_v1("- setWeight: 50\n").await;
+    let mut broken = deployment("web:broken", "- setWeight: 50\n");
+    broken["spec"]["progressDeadlineSeconds"] = json!(2);
+    broken["spec"]["template"]["metadata"]["annotations"] =
+        json!({support::apiserver::NEVER_READY_ANNOTATION: "true"});
+    apply(&c.api, broken.clone()).await;
+    let aborted = wait_phase(&c.api, Phase::Aborted).await;
+    assert!(
+        state(Some(&aborted))
+            .unwrap()
+            .message
+            .contains("progressDeadlineSeconds")
+    );
+    assert_eq!(image(&aborted), "web:1", "the stable never changed");
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
+        .await
+        .unwrap();
+    // No traffic ever went to the canary, which had no ready pod.
+    assert!(
+        split_weights(&c.api).iter().all(|w| *w == 0),
+        "{:?}",
+        split_weights(&c.api)
+    );
+    // Applying the same template again (a GitOps resync) keeps it aborted: no restart loop.
+    apply(&c.api, broken).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_eq!(phase(Some(&after)), Some(Phase::Aborted));
+    assert!(c.api.get(DEPLOYMENTS, NS, "web-canary").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opting_out_mid_canary_removes_what_fledge_created() {
+    let steps = "- setWeight: 20\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    assert!(c.api.get(SPLITS, NS, "web").is_some());
+    let mut opted_out = deployment("web:2", steps);
+    opted_out["metadata"]["labels"] = json!({"app": "web", "fledge.dev/enabled": "false"});
+    apply(&c.api, opted_out).await;
+    for (gvr, name) in [
+        (DEPLOYMENTS, "web-canary"),
+        (SPLITS, "web"),
+        (SERVICES, "web-canary"),
+        (SERVICES, "web-stable"),
+    ] {
+        c.api
+            .wait_for(gvr, NS, name, WAIT, |d| d.is_none())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        split_weights(&c.api).last(),
+        Some(&0),
+        "traffic went back to stable before the split went"
+    );
+    assert!(
+        c.api.get(SERVICES, NS, "web").is_some(),
+        "the root Service is never touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_by_command_then_retry() {
+    let steps = "- setWeight: 30\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    run_command(&c.api, Command::Abort).await;
+    let aborted = wait_phase(&c.api, Phase::Aborted).await;
+    assert_eq!(image(&aborted), "web:1");
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
+        .await
+        .unwrap();
+    assert_eq!(split_weights(&c.api), vec![0, 3000, 0]);
+    run_command(&c.api, Command::Retry).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    assert_eq!(
+        image(&c.api.get(DEPLOYMENTS, NS, "web-canary").unwrap()),
+        "web:2"
+    );
+    assert_eq!(split_weights(&c.api), vec![0, 3000, 0, 3000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_template_mid_canary_replaces_it_and_starts_over() {
+    let steps = "- setWeight: 10\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    apply(&c.api, deployment("web:3", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| {
+            d.is_some_and(|d| image(d) == "web:3")
+        })
+        .await
+        .unwrap();
+    let paused = c
+        .api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            phase(d) == Some(Phase::Paused)
+                && state(d).is_some_and(|s| {
+                    s.hash
+                        != state(Some(&c.api.get(DEPLOYMENTS, NS, "web").unwrap()))
+                            .map(|_| String::new())
+                            .unwrap_or_default()
+                })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(image(&paused), "web:1", "the stable never changed");
+    let reasons: Vec<String> = c
+        .api
+        .events()
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.contains(&"CanaryReplaced".to_owned()),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acontroller_task_killed_mid_rollout_is_replaced_without_replaying_anything() {
+    let steps =
+        "- setWeight: 10\n- pause: {duration: 2s}\n- setWeight: 60\n- pause: {duration: 1s}\n";
+    let mut c = stable_v1(steps).await;
+    apply(&c.api, deployment("web:2", steps)).await;
+    // Killed in the middle of the first pause, and again at the next weight.
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 1)
+        })
+        .await
+        .unwrap();
+    c.controller_task.abort();
+    let paused_at = state(c.api.get(DEPLOYMENTS, NS, "web").as_ref())
+        .unwrap()
+        .step_started;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.controller_task = startcontroller_task(&c.api);
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            state(d).is_some_and(|s| s.step >= 3)
+        })
+        .await
+        .unwrap();
+    c.controller_task.abort();
+    c.controller_task = startcontroller_task(&c.api);
+    let done = wait_phase(&c.api, Phase::Succeeded).await;
+    assert_eq!(image(&done), "web:2");
+    for (gvr, name) in [
+        (DEPLOYMENTS, "web-canary"),
+        (SPLITS, "web"),
+        (SERVICES, "web-canary"),
+        (SERVICES, "web-stable"),
+    ] {
+        c.api
+            .wait_for(gvr, NS, name, WAIT, |d| d.is_none())
+            .await
+            .unwrap();
+    }
+    // The pause kept its stored start; every weight was written once, in order; one promotion.
+    assert!(paused_at.is_some());
+    assert_eq!(split_weights(&c.api), vec![0, 1000, 6000, 10_000, 0]);
+    let promotions = c
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "Promoted")
+        .count();
+    assert_eq!(promotions, 1);
+}

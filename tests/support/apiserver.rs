@@ -1,0 +1,612 @@
+//! An in-process stand-in for the Kubernetes API server, for tests that drive the real
+//! [`kube::Client`] over HTTP.
+//!
+//! ```ignore
+//! let server = ApiServer::start(ApiServerConfig::default()).await;
+//! let deployments: Api<Deployment> = Api::namespaced(server.client(), "default");
+//! ```
+//!
+//! # What it serves
+//! - Discovery: `/api`, `/api/v1`, `/apis`, `/apis/{group}`, `/apis/{group}/{version}`,
+//!   aggregated discovery (`Accept: ...;as=APIGroupDiscoveryList`, kube's `run_aggregated`),
+//!   `/version`.
+//! - core/v1 Namespaces, Services, ConfigMaps, Pods, Events; events.k8s.io/v1 Events (the same
+//!   stored objects as core/v1 Events, converted field by field like the real conversion);
+//!   apps/v1 Deployments and ReplicaSets; coordination.k8s.io/v1 Leases; split.smi-spec.io
+//!   TrafficSplits at v1alpha1..v1alpha4 (configurable), all versions one stored resource with
+//!   `conversion: None` semantics (reads through another version only change `apiVersion`), each
+//!   version validated against its own CRD schema; further CRDs from YAML
+//!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute).
+//! - Verbs: get, list (labelSelector with `=`, `==`, `!=`, `in`, `notin`, existence, `!key`,
+//!   `>`/`<`; fieldSelector `metadata.name`/`metadata.namespace` and the per-kind fields
+//!   kube-apiserver supports for Events, Pods, Namespaces, ReplicaSets, 400 `field label not
+//!   supported` for others; `limit`/`continue` paging over one consistent snapshot, with
+//!   `remainingItemCount`; `resourceVersion` with `resourceVersionMatch` Exact/NotOlderThan),
+//!   watch (`watch=true` from a resourceVersion, `ADDED`/`MODIFIED`/`DELETED` — an object that
+//!   stops matching a label selector is a DELETED, one that starts an ADDED — `BOOKMARK`s when
+//!   `allowWatchBookmarks=true`, `sendInitialEvents=true` with the `k8s.io/initial-events-end`
+//!   bookmark, `timeoutSeconds`, an `ERROR` event with a 410 `Expired` Status when the
+//!   resourceVersion has been compacted away — after [`ApiServer::compact`] or once more than
+//!   [`ApiServerConfig::history_limit`] changes happened), create (`generateName`, 409
+//!   AlreadyExists), update (409 Conflict on a stale `metadata.resourceVersion`; unconditional
+//!   without one; create-on-update for Leases and Events as upstream), patch (JSON merge, JSON
+//!   patch, strategic merge, server-side apply), delete (`propagationPolicy` Background,
+//!   Foreground, Orphan; `preconditions`; finalizers), deletecollection, the `status`
+//!   subresource (Deployments, ReplicaSets, Services, Pods, Namespaces, CRDs declaring it), the
+//!   `scale` subresource of Deployments and ReplicaSets (`autoscaling/v1` Scale, as `kubectl
+//!   scale` uses it), metadata-only answers (`Accept: ...;as=PartialObjectMetadata[List]`, which
+//!   kube 5's `Api<PartialObjectMeta<K>>` sends), `dryRun=All` everywhere, `fieldValidation`
+//!   Strict/Warn/Ignore, `Warning` headers (unknown fields, webhook warnings).
+//! - Admission: mutating webhooks ([`WebhookConfig`]) called as kube-apiserver calls them (see
+//!   `admission.rs`) for main-resource CREATE/UPDATE (a patch is an UPDATE, an apply that
+//!   creates is a CREATE), never for `/status` or `/scale`.
+//! - Background controllers: a garbage collector (ownerReferences cascade, orphaning, foreground
+//!   deletion, dangling owners, namespace deletion) and a deployment+replicaset controller (see
+//!   `controller.rs`), both writing through the same API paths as clients.
+//!
+//! # Faithful
+//! - Status codes, reasons, messages and details of errors (`metav1.Status`), including
+//!   webhook denials (`admission webhook "x" denied the request: ...`, the webhook's code, at
+//!   least 400) and failures (500 InternalError, `failed calling webhook "x": ...`).
+//! - The order of a write: decode and default, mutating admission, resourceVersion precondition,
+//!   strategy, validation, storage; unconditional writes that race are retried (GuaranteedUpdate),
+//!   conditional ones get 409. One global, monotonically increasing resourceVersion; writes that
+//!   change nothing are not written (no new resourceVersion, no watch event).
+//! - Decoding: built-in kinds go through the k8s-openapi structs, so unknown fields are dropped
+//!   (and reported per `fieldValidation`) and mistyped fields are a 400; defaulting like
+//!   `SetDefaults_*` (Deployment spec and strategy, pod template spec, containers, probes,
+//!   Services incl. a cluster IP, Namespaces) before admission and again after a webhook's
+//!   patch; custom resources pruned and defaulted by their schema.
+//! - Strategies: `status` reset on create; main-resource writes keep the old status; `/status`
+//!   writes keep spec (and, for Deployments, labels) like upstream — so a Deployment `/status`
+//!   write may change annotations, as the real deployment controller relies on; `generation` 1 on
+//!   create and bumped on spec changes (Deployments: spec or annotations, as upstream, because
+//!   annotations are copied to ReplicaSets; custom resources: anything but metadata); `uid`,
+//!   `creationTimestamp` (second precision) kept on update; a terminating object whose last
+//!   finalizer is removed is deleted; no new finalizers on terminating objects.
+//! - Validation (422) of metadata (names per kind, labels, annotations, ownerReferences with a
+//!   single controller, finalizers) and of the fields kube-apiserver checks for Deployments and
+//!   ReplicaSets (selector required, non-empty, matching the template, immutable), pod templates
+//!   (containers, names, images, ports, restartPolicy Always, ...), Services, Leases,
+//!   events.k8s.io Events (the strict rules: reportingController, action, reason, note length).
+//! - Delete answers: a `Success` Status for most kinds, the object for Services, Pods,
+//!   Namespaces and custom resources (`ReturnDeletedObject`), and the object (with
+//!   `deletionTimestamp`) while finalizers remain.
+//!
+//! # Approximated
+//! - No authentication or authorization: bearer tokens only pick the [`UserInfo`] sent to
+//!   webhooks ([`ApiServer::client_as`]); everything is allowed.
+//! - `metadata.managedFields` is never returned (also not in the objects sent to webhooks) and is
+//!   ignored on input. Server-side apply keeps field ownership internally: leaf fields per
+//!   (manager, operation, subresource); lists merged by the merge keys of the built-in types
+//!   (containers/env/volumes by name, container ports by containerPort, Service ports by port,
+//!   conditions by type, ownerReferences by uid, finalizers as a set) or by
+//!   `x-kubernetes-list-type`/`-list-map-keys` in CRD schemas, other lists atomic; a 409
+//!   Conflict (upstream message shape) when another manager owns a field the configuration sets
+//!   to a different value, unless `force=true`; fields a manager stops applying are removed
+//!   unless another manager owns them; every other write makes its manager (`fieldManager`, else
+//!   the User-Agent's product, `unknown` for kube, which sends none) own what it changed
+//!   (`/status` writes only once someone applies status, to keep controllers' status writes cheap). Not modelled: ownership of maps as such (`.`),
+//!   `x-kubernetes-map-type: atomic`, list order, apply to `/scale` (415).
+//! - Strategic merge patch: `$patch` (replace, delete, merge), `$retainKeys`,
+//!   `$deleteFromPrimitiveList`, `$setElementOrder` (ignored); merge keys as above; other
+//!   primitive lists replaced. Not for custom resources (415, like upstream).
+//! - Schemas: types, required, enum, min/max, lengths, items, defaults and pruning are checked;
+//!   `pattern`, `format` and CEL `x-kubernetes-validations` are not. Quantities are stored as
+//!   written (upstream canonicalises `0.5` to `500m`).
+//! - Admission: no `namespaceSelector`, `matchPolicy: Exact` (a webhook is called for the
+//!   versions its rules name), no reinvocation, `sideEffects` not checked (dry runs call every
+//!   matching webhook), a fresh HTTP/1.1 connection per call.
+//! - The watch cache: bookmarks every [`ApiServerConfig::bookmark_interval`] (upstream: about a
+//!   minute); a watcher that falls 65 536 changes behind gets a 410 and is closed.
+//! - Pod template hashes have the upstream shape (FNV-32a, safe-encoded) but not the upstream
+//!   value, which hashes Go's in-memory representation.
+//! - Namespaces must exist for namespaced writes (404 like upstream); `default`, `kube-system`,
+//!   `kube-public`, `kube-node-lease` and [`ApiServerConfig::namespaces`] exist from the start;
+//!   deleting one deletes its content, then it.
+//! - Pods are served but the controllers create none: ReplicaSets keep simulated pods.
+
+mod admission;
+mod controller;
+mod gc;
+mod http;
+mod ops;
+mod patch;
+mod resources;
+mod selectors;
+mod status;
+mod store;
+mod typed;
+mod validation;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+pub use admission::{FailurePolicy, WebhookCall, WebhookConfig, WebhookRule};
+pub use controller::{
+    ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION,
+};
+pub use ops::{Ctx, FieldValidation, PatchKind, Sub};
+pub use status::{ApiError, FieldError};
+pub use store::ChangeKind;
+
+use resources::{Registry, ResourceDef};
+use store::Store;
+
+/// Who makes a request, as authentication would have told the API server (`authentication.k8s.io`
+/// UserInfo), and as webhooks see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UserInfo {
+    pub username: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl UserInfo {
+    /// A user in `system:authenticated`.
+    pub fn user(name: &str) -> Self {
+        UserInfo {
+            username: name.into(),
+            uid: String::new(),
+            groups: vec!["system:authenticated".into()],
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// A service account as the API server names it.
+    pub fn service_account(namespace: &str, name: &str) -> Self {
+        UserInfo {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            uid: String::new(),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// How to start the stand-in.
+#[derive(Clone, Debug)]
+pub struct ApiServerConfig {
+    pub webhooks: Vec<WebhookConfig>,
+    pub controller: ControllerConfig,
+    /// Namespaces to create at start, besides `default`, `kube-system`, `kube-public` and
+    /// `kube-node-lease`.
+    pub namespaces: Vec<String>,
+    /// TrafficSplit versions served (`v1alpha1`..`v1alpha4`). A real cluster serves whichever set
+    /// its one installed CRD serves (linkerd-smi: v1alpha1, v1alpha2; SMI SDK: v1alpha4).
+    pub trafficsplit_versions: Vec<String>,
+    /// More CustomResourceDefinitions to install (YAML text, multi-document allowed).
+    pub extra_crds: Vec<String>,
+    /// Changes kept for watches and paged lists; older resourceVersions get 410 Expired.
+    pub history_limit: usize,
+    /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK.
+    pub bookmark_interval: Duration,
+    /// How long the garbage collector waits after a change before it acts.
+    pub gc_delay: Duration,
+    /// The user of requests without a bearer token.
+    pub default_user: UserInfo,
+    /// `gitVersion` at `/version`.
+    pub version: String,
+    /// Keep every change for [`ApiServer::history`].
+    pub record_history: bool,
+}
+
+impl Default for ApiServerConfig {
+    fn default() -> Self {
+        ApiServerConfig {
+            webhooks: Vec::new(),
+            controller: ControllerConfig::default(),
+            namespaces: Vec::new(),
+            trafficsplit_versions: ["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4"]
+                .map(String::from)
+                .to_vec(),
+            extra_crds: Vec::new(),
+            history_limit: 100_000,
+            bookmark_interval: Duration::from_secs(1),
+            gc_delay: Duration::from_millis(5),
+            default_user: UserInfo {
+                username: "kubernetes-admin".into(),
+                uid: String::new(),
+                groups: vec![
+                    "kubeadm:cluster-admins".into(),
+                    "system:authenticated".into(),
+                ],
+                extra: BTreeMap::new(),
+            },
+            version: "v1.37.0".into(),
+            record_history: true,
+        }
+    }
+}
+
+/// One committed change, as [`ApiServer::history`] reports it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub resource_version: u64,
+    /// `deployments.apps`, `services`, `trafficsplits.split.smi-spec.io`, ...
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    pub kind: ChangeKind,
+    pub object: Value,
+}
+
+/// State shared by the HTTP handlers and the background tasks.
+pub(crate) struct Inner {
+    registry: Registry,
+    store: Mutex<Store>,
+    tokens: Mutex<HashMap<String, UserInfo>>,
+    default_user: UserInfo,
+    webhooks: Mutex<Vec<WebhookConfig>>,
+    webhook_calls: Mutex<Vec<WebhookCall>>,
+    bookmark_interval: Duration,
+    gc_delay: Duration,
+    version: String,
+    url: OnceLock<String>,
+    rng: Mutex<u64>,
+    controller: controller::Shared,
+    /// Set when the [`ApiServer`] is dropped: watches end, the HTTP server drains.
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+
+    /// A pseudo-random 64-bit number (xorshift, seeded from the clock and the process).
+    fn random(&self) -> u64 {
+        let mut s = lock(&self.rng);
+        let mut x = *s;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *s = x;
+        x
+    }
+
+    fn new_uid(&self) -> String {
+        let a = self.random();
+        let b = self.random();
+        let hex = format!("{a:016x}{b:016x}");
+        format!(
+            "{}-{}-4{}-{}{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[13..16],
+            ["8", "9", "a", "b"][(b & 3) as usize],
+            &hex[17..20],
+            &hex[20..32]
+        )
+    }
+
+    /// Five characters of `[bcdfghjklmnpqrstvwxz2456789]`, as `generateName` appends.
+    fn name_suffix(&self) -> String {
+        const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        let mut x = self.random();
+        (0..5)
+            .map(|_| {
+                let c = ALPHANUMS[(x % ALPHANUMS.len() as u64) as usize] as char;
+                x /= ALPHANUMS.len() as u64;
+                c
+            })
+            .collect()
+    }
+
+    fn find(&self, gvr: &str) -> Option<(Arc<ResourceDef>, String)> {
+        let (gv, plural) = gvr.rsplit_once('/')?;
+        let (group, version) = resources::split_api_version(gv);
+        self.registry
+            .find(group, version, plural)
+            .map(|d| (d, version.to_string()))
+    }
+}
+
+/// A running stand-in. Dropping it stops the server and its controllers.
+pub struct ApiServer {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    controller: ControllerHandle,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.inner.shutdown.send_replace(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Now, as `metav1.Time` serializes (RFC 3339, seconds).
+pub(crate) fn now() -> String {
+    let ts = k8s_openapi::jiff::Timestamp::now();
+    serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ts))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl ApiServer {
+    /// Starts the server on 127.0.0.1 (ephemeral port) with its background controllers.
+    pub async fn start(config: ApiServerConfig) -> ApiServer {
+        let mut registry = Registry::with_builtins();
+        if !config.trafficsplit_versions.is_empty() {
+            registry.add(resources::trafficsplit_def(&config.trafficsplit_versions));
+        }
+        for yaml in &config.extra_crds {
+            for crd in resources::parse_crds(yaml).expect("extra_crds must be CRD YAML") {
+                registry.add(resources::def_from_crd(&crd, None).expect("a valid CRD"));
+            }
+        }
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default(),
+            );
+            h.finish() | 1
+        };
+        let inner = Arc::new(Inner {
+            registry,
+            store: Mutex::new(Store::new(config.history_limit, config.record_history)),
+            tokens: Mutex::new(HashMap::new()),
+            default_user: config.default_user.clone(),
+            webhooks: Mutex::new(config.webhooks.clone()),
+            webhook_calls: Mutex::new(Vec::new()),
+            bookmark_interval: config.bookmark_interval,
+            gc_delay: config.gc_delay,
+            version: config.version.clone(),
+            url: OnceLock::new(),
+            rng: Mutex::new(seed),
+            controller: controller::Shared::new(&config.controller),
+            shutdown: tokio::sync::watch::channel(false).0,
+        });
+        // The namespaces every cluster has.
+        let mut namespaces: Vec<String> =
+            ["default", "kube-system", "kube-public", "kube-node-lease"]
+                .map(String::from)
+                .to_vec();
+        namespaces.extend(config.namespaces.iter().cloned());
+        for ns in namespaces {
+            let mut ctx = Ctx::system("system:apiserver");
+            let _ = inner
+                .create_object(
+                    "v1/namespaces",
+                    "",
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+                    &mut ctx,
+                )
+                .await;
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let _ = inner.url.set(format!("http://{addr}"));
+        let app = http::router(inner.clone());
+        let mut stop = inner.shutdown.subscribe();
+        // Not in `tasks`: on drop it drains (watches end on the shutdown signal) instead of
+        // being aborted, which would leave its connections running.
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                })
+                .await;
+        });
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(gc::run(inner.clone())));
+        let controller = ControllerHandle::new(inner.clone());
+        if config.controller.enabled {
+            tasks.push(tokio::spawn(controller::run(inner.clone())));
+        }
+        ApiServer {
+            inner,
+            addr,
+            tasks,
+            controller,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A `kube::Config` for this server (default namespace `default`).
+    pub fn kube_config(&self) -> kube::Config {
+        kube::Config::new(self.url().parse().expect("a valid URL"))
+    }
+
+    /// A client as the default user.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.kube_config()).expect("a client for the stand-in")
+    }
+
+    /// A client whose requests the server attributes to `user` (webhooks see it in `userInfo`).
+    pub fn client_as(&self, user: UserInfo) -> kube::Client {
+        let token = format!("token-{:016x}", self.inner.random());
+        lock(&self.inner.tokens).insert(token.clone(), user);
+        let mut config = self.kube_config();
+        config.auth_info.token = Some(token.into());
+        kube::Client::try_from(config).expect("a client for the stand-in")
+    }
+
+    /// The deployment controller's controls.
+    pub fn controller(&self) -> &ControllerHandle {
+        &self.controller
+    }
+
+    /// Replaces the webhook configurations.
+    pub fn set_webhooks(&self, webhooks: Vec<WebhookConfig>) {
+        *lock(&self.inner.webhooks) = webhooks;
+    }
+
+    /// Every webhook call so far: the AdmissionReview sent and the answer.
+    pub fn webhook_calls(&self) -> Vec<WebhookCall> {
+        lock(&self.inner.webhook_calls).clone()
+    }
+
+    /// The object `ns/name` of `gvr` (`apps/v1/deployments`, `v1/services`,
+    /// `split.smi-spec.io/v1alpha2/trafficsplits`), as that version shows it.
+    pub fn get(&self, gvr: &str, ns: &str, name: &str) -> Option<Value> {
+        let (def, version) = self.inner.find(gvr)?;
+        let key = (def.storage.clone(), ns.to_string(), name.to_string());
+        let store = self.inner.store();
+        let entry = store.get(&key)?;
+        Some(ops::to_version(&def, &version, &entry.object))
+    }
+
+    /// All objects of `gvr` in `ns` (all namespaces when `None`), by namespace and name.
+    pub fn list(&self, gvr: &str, ns: Option<&str>) -> Vec<Value> {
+        let Some((def, version)) = self.inner.find(gvr) else {
+            return Vec::new();
+        };
+        let store = self.inner.store();
+        store
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == def.storage && ns.is_none_or(|ns| k.1 == ns))
+            .map(|(_, e)| ops::to_version(&def, &version, &e.object))
+            .collect()
+    }
+
+    /// Creates an object through the whole pipeline (admission included) as the default user.
+    pub async fn create(&self, gvr: &str, ns: &str, object: Value) -> Result<Value, ApiError> {
+        let mut ctx = Ctx::for_user(self.inner.default_user.clone());
+        self.inner.create_object(gvr, ns, object, &mut ctx).await
+    }
+
+    /// `kubectl apply` (client-side) of `object` as `user`: creates it with the
+    /// `kubectl.kubernetes.io/last-applied-configuration` annotation, or updates it with a
+    /// three-way merge (fields removed from the configuration since the last apply are removed,
+    /// fields others set are kept), field manager `kubectl-client-side-apply`, retried on
+    /// conflicts. Admission sees CREATE or UPDATE like from kubectl.
+    pub async fn apply_as_user(&self, user: &UserInfo, object: Value) -> Result<Value, ApiError> {
+        self.inner.kubectl_apply(user, object).await
+    }
+
+    /// Deletes an object (background propagation) as the default user.
+    pub async fn delete(&self, gvr: &str, ns: &str, name: &str) -> Result<(), ApiError> {
+        let (def, version) = self
+            .inner
+            .find(gvr)
+            .ok_or_else(|| ApiError::bad_request(format!("unknown resource {gvr}")))?;
+        let mut ctx = Ctx::for_user(self.inner.default_user.clone());
+        self.inner
+            .delete(
+                &def,
+                &version,
+                ns,
+                name,
+                &ops::DeleteOpts::default(),
+                &mut ctx,
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Kubernetes Events (core/v1 form), oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        let mut events = self.list("v1/events", None);
+        events.sort_by_key(|e| {
+            e["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|rv| rv.parse::<u64>().ok())
+                .unwrap_or_default()
+        });
+        events
+    }
+
+    /// Every change committed so far, oldest first (empty unless `record_history`).
+    pub fn history(&self) -> Vec<Recorded> {
+        let store = self.inner.store();
+        store
+            .audit
+            .iter()
+            .map(|c| Recorded {
+                resource_version: c.rv,
+                resource: c.key.0.clone(),
+                namespace: c.key.1.clone(),
+                name: c.key.2.clone(),
+                kind: c.kind,
+                object: (*c.object).clone(),
+            })
+            .collect()
+    }
+
+    /// The changes to one object, oldest first.
+    pub fn history_of(&self, resource: &str, ns: &str, name: &str) -> Vec<Recorded> {
+        self.history()
+            .into_iter()
+            .filter(|r| r.resource == resource && r.namespace == ns && r.name == name)
+            .collect()
+    }
+
+    /// The current (global) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.inner.store().rv
+    }
+
+    /// Compacts the history: watches and lists from an older resourceVersion get 410 Expired.
+    pub fn compact(&self) {
+        self.inner.store().compact();
+    }
+
+    /// Waits until `check` holds for the object (or its absence), polling on every change.
+    pub async fn wait_for(
+        &self,
+        gvr: &str,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+        mut check: impl FnMut(Option<&Value>) -> bool,
+    ) -> Result<Option<Value>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut rx = self.inner.store().tx.subscribe();
+        loop {
+            let current = self.get(gvr, ns, name);
+            if check(current.as_ref()) {
+                return Ok(current);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for {gvr} {ns}/{name}; last seen: {}",
+                    current
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "absent".into())
+                ));
+            }
+            // Any change (or a lag) re-checks; a short cap keeps missed wake-ups harmless.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), rx.recv()).await;
+        }
+    }
+}

@@ -1,0 +1,1100 @@
+//! A small deployment + replicaset controller, writing through the API like
+//! kube-controller-manager's:
+//! - per Deployment, one ReplicaSet per distinct pod template, named `{deployment}-{hash}`, with
+//!   label `pod-template-hash` on itself, its selector and its template, a controller
+//!   ownerReference (`blockOwnerDeletion: true`) and the `deployment.kubernetes.io/revision`,
+//!   `desired-replicas`, `max-replicas` annotations; the Deployment's revision annotation is
+//!   written with its status (the real controller does this through `/status` too);
+//! - scaling: the current ReplicaSet at `spec.replicas` at once (no surge limit); older ones
+//!   scaled down as the new one's pods become available (RollingUpdate) or to 0 at once
+//!   (Recreate); old ReplicaSets beyond `revisionHistoryLimit` deleted; `spec.paused` honoured;
+//! - simulated pods per ReplicaSet (no Pod objects): ready after a delay, or never; available
+//!   after `minReadySeconds` more;
+//! - ReplicaSet status (`replicas`, `fullyLabeledReplicas`, `readyReplicas`,
+//!   `availableReplicas`, `observedGeneration`; zeros omitted as Go's `omitempty` does) and
+//!   Deployment status (`observedGeneration`, `replicas`, `updatedReplicas`, `readyReplicas`,
+//!   `availableReplicas`, `unavailableReplicas`, `collisionCount`, conditions `Available`
+//!   (MinimumReplicasAvailable/MinimumReplicasUnavailable, honouring maxUnavailable) and
+//!   `Progressing` (NewReplicaSetCreated, ReplicaSetUpdated, NewReplicaSetAvailable,
+//!   ProgressDeadlineExceeded after `progressDeadlineSeconds` without progress)).
+//!
+//! Pod readiness: the delay is, by precedence, the Deployment's entry in
+//! [`ControllerHandle::set_ready_delay`]/[`ControllerConfig::ready_delays`], the pod template's
+//! annotation `test.fledge.dev/ready-after-ms`, else [`ControllerConfig::ready_delay`]. Pods never
+//! become ready when the Deployment is listed in `never_ready` ([`ControllerHandle::set_never_ready`])
+//! or the template has `test.fledge.dev/never-ready: "true"`. Readiness is evaluated continuously,
+//! so lifting `never_ready` makes the pods ready after their delay.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+
+use super::ops::{Ctx, DeleteOpts, Sub, Write};
+use super::resources::ResourceDef;
+use super::{Inner, lock, now};
+
+/// Pod template annotation: pods of this template never become ready.
+pub const NEVER_READY_ANNOTATION: &str = "test.fledge.dev/never-ready";
+/// Pod template annotation: pods of this template become ready after this many milliseconds.
+pub const READY_DELAY_ANNOTATION: &str = "test.fledge.dev/ready-after-ms";
+
+const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+/// How long the controller lets changes accumulate before a pass.
+const BATCH_WINDOW: Duration = Duration::from_millis(1);
+const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// The deployment controller's configuration.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Run the controller at all.
+    pub enabled: bool,
+    /// Default time from a pod's creation to its readiness.
+    pub ready_delay: Duration,
+    /// Start paused ([`ControllerHandle::resume`] starts it).
+    pub start_paused: bool,
+    /// Deployments whose pods never become ready: `name` (any namespace) or `namespace/name`.
+    pub never_ready: Vec<String>,
+    /// Per-Deployment readiness delays (`name` or `namespace/name`).
+    pub ready_delays: HashMap<String, Duration>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            enabled: true,
+            ready_delay: Duration::from_millis(50),
+            start_paused: false,
+            never_ready: Vec::new(),
+            ready_delays: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Pod {
+    created: Instant,
+}
+
+struct State {
+    enabled: bool,
+    paused: bool,
+    default_delay: Duration,
+    never_ready: HashSet<String>,
+    ready_delays: HashMap<String, Duration>,
+    /// Simulated pods by ReplicaSet uid.
+    pods: HashMap<String, Vec<Pod>>,
+    /// Last progress of each Deployment (by uid), for the progress deadline.
+    progress: HashMap<String, Instant>,
+    /// Future state changes (a pod becoming ready or available, a progress deadline), by time
+    /// and object uid, with the Deployment to look at then.
+    timers: BTreeMap<(Instant, String), (String, String)>,
+    /// The times registered in `timers` per uid.
+    timer_index: HashMap<String, Vec<Instant>>,
+    /// Deployments (ns, name) to look at in the next pass.
+    dirty: BTreeSet<(String, String)>,
+    full_pass: bool,
+}
+
+impl State {
+    /// Replaces the timers of `uid`.
+    fn set_timers(&mut self, uid: &str, key: (String, String), times: Vec<Instant>) {
+        for t in self.timer_index.remove(uid).unwrap_or_default() {
+            self.timers.remove(&(t, uid.to_string()));
+        }
+        for t in &times {
+            self.timers.insert((*t, uid.to_string()), key.clone());
+        }
+        if !times.is_empty() {
+            self.timer_index.insert(uid.to_string(), times);
+        }
+    }
+
+    /// Forgets everything about a deleted object.
+    fn forget(&mut self, uid: &str) {
+        self.set_timers(uid, (String::new(), String::new()), Vec::new());
+        self.pods.remove(uid);
+        self.progress.remove(uid);
+    }
+
+    /// Marks the Deployments of due timers dirty; returns the next timer's time.
+    fn fire_due(&mut self, now: Instant) -> Option<Instant> {
+        while let Some(((t, uid), key)) = self.timers.first_key_value() {
+            if *t > now {
+                return Some(*t);
+            }
+            let (t, uid, key) = (*t, uid.clone(), key.clone());
+            self.timers.remove(&(t, uid.clone()));
+            if let Some(list) = self.timer_index.get_mut(&uid) {
+                list.retain(|x| *x != t);
+            }
+            self.dirty.insert(key);
+        }
+        None
+    }
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    notify: tokio::sync::Notify,
+    pass_lock: tokio::sync::Mutex<()>,
+    settled: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    pub fn new(config: &ControllerConfig) -> Self {
+        Shared {
+            state: Mutex::new(State {
+                enabled: config.enabled,
+                paused: config.start_paused,
+                default_delay: config.ready_delay,
+                never_ready: config.never_ready.iter().cloned().collect(),
+                ready_delays: config.ready_delays.clone(),
+                pods: HashMap::new(),
+                progress: HashMap::new(),
+                timers: BTreeMap::new(),
+                timer_index: HashMap::new(),
+                dirty: BTreeSet::new(),
+                full_pass: true,
+            }),
+            notify: tokio::sync::Notify::new(),
+            pass_lock: tokio::sync::Mutex::new(()),
+            settled: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+/// Controls for the deployment controller.
+pub struct ControllerHandle {
+    inner: Arc<Inner>,
+}
+
+impl ControllerHandle {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        ControllerHandle { inner }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.controller
+    }
+
+    /// Stops reconciling (pods keep their timers; nothing is written).
+    pub fn pause(&self) {
+        lock(&self.shared().state).paused = true;
+    }
+
+    /// Resumes reconciling.
+    pub fn resume(&self) {
+        let mut s = lock(&self.shared().state);
+        s.paused = false;
+        s.full_pass = true;
+        drop(s);
+        self.shared().notify.notify_one();
+    }
+
+    /// Runs one full reconcile pass now (also when paused); returns whether it wrote anything.
+    pub async fn step(&self) -> bool {
+        lock(&self.shared().state).full_pass = true;
+        pass(&self.inner).await
+    }
+
+    /// Waits until the running, unpaused controller has caught up with every change (a pass that
+    /// wrote nothing at the current resourceVersion). Pods that become ready later are not
+    /// waited for. Returns at once when the controller is paused or disabled.
+    pub async fn settle(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut settled = self.shared().settled.subscribe();
+        loop {
+            {
+                let s = lock(&self.shared().state);
+                if s.paused || !s.enabled {
+                    return Ok(());
+                }
+            }
+            let rv = self.inner.store().rv;
+            if *settled.borrow_and_update() >= rv {
+                return Ok(());
+            }
+            self.shared().notify.notify_one();
+            match tokio::time::timeout_at(deadline, settled.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err("the controller stopped".into()),
+                Err(_) => {
+                    return Err(format!(
+                        "the deployment controller did not settle within {timeout:?} (resourceVersion {rv})"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Makes the pods of Deployment `name` (`name` or `namespace/name`) never ready, or lifts it.
+    pub fn set_never_ready(&self, name: &str, never: bool) {
+        let mut s = lock(&self.shared().state);
+        if never {
+            s.never_ready.insert(name.to_string());
+        } else {
+            s.never_ready.remove(name);
+        }
+        s.full_pass = true;
+        drop(s);
+        self.shared().notify.notify_one();
+    }
+
+    /// Sets the readiness delay of Deployment `name`'s pods.
+    pub fn set_ready_delay(&self, name: &str, delay: Duration) {
+        let mut s = lock(&self.shared().state);
+        s.ready_delays.insert(name.to_string(), delay);
+        s.full_pass = true;
+        drop(s);
+        self.shared().notify.notify_one();
+    }
+}
+
+fn ctx() -> Ctx {
+    let mut ctx = Ctx::system("system:serviceaccount:kube-system:deployment-controller");
+    ctx.user = super::UserInfo::service_account("kube-system", "deployment-controller");
+    ctx.field_manager = Some("kube-controller-manager".into());
+    ctx
+}
+
+pub async fn run(inner: Arc<Inner>) {
+    let mut rx = inner.store().tx.subscribe();
+    loop {
+        // Timers that came due meanwhile (also while changes kept the loop busy).
+        lock(&inner.controller.state).fire_due(Instant::now());
+        let paused = lock(&inner.controller.state).paused;
+        if !paused {
+            let start_rv = inner.store().rv;
+            let wrote = pass(&inner).await;
+            if !wrote && inner.store().rv == start_rv {
+                inner.controller.settled.send_replace(start_rv);
+            }
+        }
+        let next_wake = lock(&inner.controller.state).fire_due(Instant::now());
+        let sleep = async {
+            match next_wake {
+                Some(at) if !paused => tokio::time::sleep_until(at.into()).await,
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            msg = rx.recv() => {
+                let mut changes = Vec::new();
+                match msg {
+                    Ok(c) => changes.push(c),
+                    Err(RecvError::Lagged(_)) => lock(&inner.controller.state).full_pass = true,
+                    Err(RecvError::Closed) => return,
+                }
+                // Like a work queue: let a burst of changes arrive before reconciling them.
+                tokio::time::sleep(BATCH_WINDOW).await;
+                loop {
+                    match rx.try_recv() {
+                        Ok(c) => changes.push(c),
+                        Err(TryRecvError::Lagged(_)) => lock(&inner.controller.state).full_pass = true,
+                        Err(_) => break,
+                    }
+                }
+                let mut st = lock(&inner.controller.state);
+                for c in changes {
+                    let (ns, name) = (c.key.1.clone(), c.key.2.clone());
+                    let owner = match c.key.0.as_str() {
+                        "deployments.apps" => name,
+                        // The owning Deployment ("" for orphans: their status is kept too).
+                        "replicasets.apps" => controller_owner(&c.object).unwrap_or_default(),
+                        _ => continue,
+                    };
+                    if c.kind == super::store::ChangeKind::Deleted {
+                        st.forget(s(&c.object["metadata"]["uid"]));
+                    }
+                    st.dirty.insert((ns, owner));
+                }
+            }
+            () = sleep => {}
+            () = inner.controller.notify.notified() => {}
+        }
+    }
+}
+
+fn controller_owner(obj: &Value) -> Option<String> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|r| r["controller"].as_bool() == Some(true) && r["kind"] == "Deployment")
+        .and_then(|r| r["name"].as_str().map(str::to_string))
+}
+
+fn controller_owner_uid(obj: &Value) -> Option<&str> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|r| r["controller"].as_bool() == Some(true))
+        .and_then(|r| r["uid"].as_str())
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+fn int(v: &Value, default: i64) -> i64 {
+    v.as_i64().unwrap_or(default)
+}
+
+/// The readiness delay of a ReplicaSet's pods, or `None` when they never become ready.
+fn pod_timing(state: &State, rs: &Value) -> Option<Duration> {
+    let ns = s(&rs["metadata"]["namespace"]);
+    let owner = controller_owner(rs).unwrap_or_else(|| s(&rs["metadata"]["name"]).to_string());
+    let names = [owner.clone(), format!("{ns}/{owner}")];
+    let annotations = &rs["spec"]["template"]["metadata"]["annotations"];
+    if names.iter().any(|n| state.never_ready.contains(n))
+        || s(&annotations[NEVER_READY_ANNOTATION]) == "true"
+    {
+        return None;
+    }
+    if let Some(d) = names.iter().find_map(|n| state.ready_delays.get(n)) {
+        return Some(*d);
+    }
+    if let Ok(ms) = s(&annotations[READY_DELAY_ANNOTATION]).parse::<u64>() {
+        return Some(Duration::from_millis(ms));
+    }
+    Some(state.default_delay)
+}
+
+/// FNV-32a of the template's canonical JSON (and the collision count), safe-encoded like
+/// `rand.SafeEncodeString(fmt.Sprint(hash))`.
+pub fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    };
+    feed(template.to_string().as_bytes());
+    if let Some(c) = collision_count {
+        feed(&(c as u32).to_le_bytes());
+    }
+    const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    h.to_string()
+        .bytes()
+        .map(|b| ALPHANUMS[usize::from(b) % ALPHANUMS.len()] as char)
+        .collect()
+}
+
+fn without_hash(template: &Value) -> Value {
+    let mut t = template.clone();
+    if let Some(labels) = t["metadata"]["labels"].as_object_mut() {
+        labels.remove(POD_TEMPLATE_HASH);
+        if labels.is_empty()
+            && let Some(m) = t["metadata"].as_object_mut()
+        {
+            m.remove("labels");
+        }
+    }
+    t
+}
+
+fn revision(rs: &Value) -> i64 {
+    s(&rs["metadata"]["annotations"][REVISION])
+        .parse()
+        .unwrap_or(0)
+}
+
+/// maxUnavailable/maxSurge resolved against `replicas` (percent rounded down/up like upstream).
+fn resolve(v: &Value, replicas: i64, round_up: bool) -> i64 {
+    match v {
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        Value::String(p) => {
+            let pct: i64 = p.trim_end_matches('%').parse().unwrap_or(0);
+            if round_up {
+                (pct * replicas + 99) / 100
+            } else {
+                pct * replicas / 100
+            }
+        }
+        _ => 0,
+    }
+}
+
+struct View {
+    deployments: Vec<Arc<Value>>,
+    replicasets: Vec<Arc<Value>>,
+}
+
+fn view(inner: &Inner) -> View {
+    let store = inner.store();
+    let mut deployments = Vec::new();
+    let mut replicasets = Vec::new();
+    for (k, e) in &store.objects {
+        match k.0.as_str() {
+            "deployments.apps" => deployments.push(e.object.clone()),
+            "replicasets.apps" => replicasets.push(e.object.clone()),
+            _ => {}
+        }
+    }
+    View {
+        deployments,
+        replicasets,
+    }
+}
+
+/// ReplicaSets by the uid of their controlling owner.
+fn by_owner(replicasets: &[Arc<Value>]) -> HashMap<&str, Vec<&Value>> {
+    let mut out: HashMap<&str, Vec<&Value>> = HashMap::new();
+    for rs in replicasets {
+        if let Some(uid) = controller_owner_uid(rs) {
+            out.entry(uid).or_default().push(rs.as_ref());
+        }
+    }
+    out
+}
+
+fn owned_by<'a>(index: &HashMap<&str, Vec<&'a Value>>, d: &Value) -> Vec<&'a Value> {
+    let ns = s(&d["metadata"]["namespace"]);
+    index
+        .get(s(&d["metadata"]["uid"]))
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|rs| s(&rs["metadata"]["namespace"]) == ns)
+        .collect()
+}
+
+fn defs(inner: &Inner) -> (Arc<ResourceDef>, Arc<ResourceDef>) {
+    (
+        inner
+            .registry
+            .find("apps", "v1", "deployments")
+            .expect("deployments are served"),
+        inner
+            .registry
+            .find("apps", "v1", "replicasets")
+            .expect("replicasets are served"),
+    )
+}
+
+/// One reconcile pass over the dirty Deployments (all of them after a full-pass request).
+/// Returns whether anything was written.
+async fn pass(inner: &Arc<Inner>) -> bool {
+    let _guard = inner.controller.pass_lock.lock().await;
+    let (full, dirty) = {
+        let mut st = lock(&inner.controller.state);
+        (
+            std::mem::take(&mut st.full_pass),
+            std::mem::take(&mut st.dirty),
+        )
+    };
+    let (ddef, rsdef) = defs(inner);
+    let mut wrote = false;
+    let v = view(inner);
+    let index = by_owner(&v.replicasets);
+    let selected = |d: &Value| {
+        full || dirty.contains(&(
+            s(&d["metadata"]["namespace"]).to_string(),
+            s(&d["metadata"]["name"]).to_string(),
+        ))
+    };
+
+    // 1. ReplicaSets per Deployment.
+    let mut created: HashMap<String, String> = HashMap::new();
+    for d in v.deployments.iter().filter(|d| selected(d)) {
+        if d["metadata"].get("deletionTimestamp").is_some() {
+            continue;
+        }
+        match sync_replicasets(inner, &rsdef, &ddef, d, &index).await {
+            Ok((w, new_rs)) => {
+                wrote |= w;
+                if let Some(name) = new_rs {
+                    created.insert(s(&d["metadata"]["uid"]).to_string(), name);
+                }
+            }
+            Err(e) => tracing::debug!("deployment controller: {e}"),
+        }
+    }
+
+    // 2. Simulated pods and ReplicaSet status.
+    let v = view(inner);
+    for rs in &v.replicasets {
+        let owner = controller_owner(rs).unwrap_or_default();
+        let key = (s(&rs["metadata"]["namespace"]).to_string(), owner);
+        if !full && !dirty.contains(&key) {
+            continue;
+        }
+        wrote |= sync_replicaset_status(inner, &rsdef, rs).await;
+    }
+
+    // 3. Deployment status.
+    let v = view(inner);
+    let index = by_owner(&v.replicasets);
+    for d in v.deployments.iter().filter(|d| selected(d)) {
+        let new_rs = created.get(s(&d["metadata"]["uid"])).cloned();
+        wrote |= sync_deployment_status(inner, &ddef, d, &index, new_rs).await;
+    }
+    wrote
+}
+
+/// Creates the ReplicaSet for the current template if needed and scales them. Returns whether it
+/// wrote, and the name of a ReplicaSet it created.
+async fn sync_replicasets(
+    inner: &Arc<Inner>,
+    rsdef: &Arc<ResourceDef>,
+    ddef: &Arc<ResourceDef>,
+    d: &Value,
+    all: &HashMap<&str, Vec<&Value>>,
+) -> Result<(bool, Option<String>), String> {
+    let ns = s(&d["metadata"]["namespace"]).to_string();
+    let name = s(&d["metadata"]["name"]).to_string();
+    let uid = s(&d["metadata"]["uid"]).to_string();
+    let spec = &d["spec"];
+    let desired = int(&spec["replicas"], 1);
+    let template = &spec["template"];
+    let owned = owned_by(all, d);
+    let current = owned
+        .iter()
+        .find(|rs| without_hash(&rs["spec"]["template"]) == without_hash(template))
+        .copied();
+    let max_revision = owned.iter().map(|rs| revision(rs)).max().unwrap_or(0);
+    let mut wrote = false;
+    let mut created = None;
+    let recreate = s(&spec["strategy"]["type"]) == "Recreate";
+    let paused = spec["paused"].as_bool() == Some(true);
+    let surge = resolve(
+        &spec["strategy"]["rollingUpdate"]["maxSurge"],
+        desired,
+        true,
+    );
+    let old_pods: i64 = owned
+        .iter()
+        .filter(|rs| Some(**rs) != current)
+        .map(|rs| int(&rs["status"]["replicas"], 0))
+        .sum();
+
+    let current_name = match current {
+        Some(rs) => {
+            let rs_name = s(&rs["metadata"]["name"]).to_string();
+            let want_replicas = if paused {
+                int(&rs["spec"]["replicas"], 0)
+            } else if recreate && old_pods > 0 {
+                0
+            } else {
+                desired
+            };
+            let bump_revision = revision(rs) < max_revision;
+            let annotations = rs_annotations(
+                d,
+                if bump_revision {
+                    max_revision + 1
+                } else {
+                    revision(rs)
+                },
+                desired,
+                surge,
+            );
+            let needed = int(&rs["spec"]["replicas"], 1) != want_replicas
+                || annotations
+                    .iter()
+                    .any(|(k, v)| rs["metadata"]["annotations"].get(k) != Some(v));
+            let mut c = ctx();
+            let changed = if !needed {
+                None
+            } else {
+                inner
+                    .modify(rsdef, &ns, &rs_name, Sub::Main, &mut c, |o| {
+                        let mut changed = false;
+                        if int(&o["spec"]["replicas"], 1) != want_replicas {
+                            o["spec"]["replicas"] = json!(want_replicas);
+                            changed = true;
+                        }
+                        let a = &mut o["metadata"]["annotations"];
+                        for (k, v) in &annotations {
+                            if a.get(k) != Some(v) {
+                                a[k] = v.clone();
+                                changed = true;
+                            }
+                        }
+                        changed
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
+            if changed.is_some_and(|o| {
+                o["metadata"]["resourceVersion"] != rs["metadata"]["resourceVersion"]
+            }) {
+                wrote = true;
+            }
+            Some(rs_name)
+        }
+        None if paused => None,
+        None => {
+            let collision = d["status"]["collisionCount"].as_i64();
+            let hash = template_hash(template, collision);
+            let rs_name = format!("{name}-{hash}");
+            let mut rs_template = template.clone();
+            rs_template["metadata"]["labels"][POD_TEMPLATE_HASH] = json!(hash);
+            let mut selector = spec["selector"].clone();
+            selector["matchLabels"][POD_TEMPLATE_HASH] = json!(hash);
+            let mut labels = template["metadata"]["labels"].clone();
+            labels[POD_TEMPLATE_HASH] = json!(hash);
+            let rs = json!({
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {
+                    "name": rs_name,
+                    "namespace": ns,
+                    "labels": labels,
+                    "annotations": rs_annotations(d, max_revision + 1, desired, surge),
+                    "ownerReferences": [{
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "name": name,
+                        "uid": uid,
+                        "controller": true,
+                        "blockOwnerDeletion": true,
+                    }],
+                },
+                "spec": {
+                    "replicas": if recreate && old_pods > 0 { 0 } else { desired },
+                    "minReadySeconds": int(&spec["minReadySeconds"], 0),
+                    "selector": selector,
+                    "template": rs_template,
+                },
+            });
+            let mut c = ctx();
+            match inner
+                .write(rsdef, "v1", &ns, "", Sub::Main, &Write::Create(rs), &mut c)
+                .await
+            {
+                Ok(_) => {
+                    wrote = true;
+                    created = Some(rs_name.clone());
+                    Some(rs_name)
+                }
+                Err(e) if e.code == 409 => {
+                    // A ReplicaSet of that name with another template: bump collisionCount.
+                    let mut c = ctx();
+                    let _ = inner
+                        .modify(ddef, &ns, &name, Sub::Status, &mut c, |o| {
+                            let n = int(&o["status"]["collisionCount"], 0) + 1;
+                            o["status"]["collisionCount"] = json!(n);
+                            true
+                        })
+                        .await;
+                    return Ok((true, None));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+
+    if paused {
+        return Ok((wrote, created));
+    }
+    // Scale older ReplicaSets down.
+    let new_available = current
+        .map(|rs| int(&rs["status"]["availableReplicas"], 0))
+        .unwrap_or(0);
+    let mut old: Vec<&Value> = owned
+        .iter()
+        .copied()
+        .filter(|rs| Some(s(&rs["metadata"]["name"])) != current_name.as_deref())
+        .collect();
+    old.sort_by_key(|rs| revision(rs));
+    let allowed_old = if recreate {
+        0
+    } else {
+        (desired - new_available).max(0)
+    };
+    let mut total_old: i64 = old.iter().map(|rs| int(&rs["spec"]["replicas"], 0)).sum();
+    for rs in &old {
+        if total_old <= allowed_old {
+            break;
+        }
+        let have = int(&rs["spec"]["replicas"], 0);
+        if have == 0 {
+            continue;
+        }
+        let cut = (total_old - allowed_old).min(have);
+        total_old -= cut;
+        let mut c = ctx();
+        let rs_name = s(&rs["metadata"]["name"]).to_string();
+        inner
+            .modify(rsdef, &ns, &rs_name, Sub::Main, &mut c, |o| {
+                o["spec"]["replicas"] = json!(have - cut);
+                true
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        wrote = true;
+    }
+    // Old ReplicaSets beyond revisionHistoryLimit.
+    let limit = int(&spec["revisionHistoryLimit"], 10).max(0) as usize;
+    let empty: Vec<&&Value> = old
+        .iter()
+        .filter(|rs| int(&rs["spec"]["replicas"], 0) == 0 && int(&rs["status"]["replicas"], 0) == 0)
+        .collect();
+    if empty.len() > limit {
+        for rs in empty.iter().take(empty.len() - limit) {
+            let mut c = ctx();
+            let _ = inner
+                .delete(
+                    rsdef,
+                    "v1",
+                    &ns,
+                    s(&rs["metadata"]["name"]),
+                    &DeleteOpts::default(),
+                    &mut c,
+                )
+                .await;
+            wrote = true;
+        }
+    }
+    Ok((wrote, created))
+}
+
+fn rs_annotations(d: &Value, revision: i64, desired: i64, surge: i64) -> Map<String, Value> {
+    let mut a = Map::new();
+    // The controller copies the Deployment's annotations, except kubectl's and its own.
+    if let Some(da) = d["metadata"]["annotations"].as_object() {
+        for (k, v) in da {
+            if k == "kubectl.kubernetes.io/last-applied-configuration"
+                || k.starts_with("deployment.kubernetes.io/")
+            {
+                continue;
+            }
+            a.insert(k.clone(), v.clone());
+        }
+    }
+    a.insert(REVISION.into(), json!(revision.to_string()));
+    a.insert(
+        "deployment.kubernetes.io/desired-replicas".into(),
+        json!(desired.to_string()),
+    );
+    a.insert(
+        "deployment.kubernetes.io/max-replicas".into(),
+        json!((desired + surge).to_string()),
+    );
+    a
+}
+
+/// Adjusts the simulated pods of one ReplicaSet and writes its status.
+async fn sync_replicaset_status(inner: &Arc<Inner>, rsdef: &Arc<ResourceDef>, rs: &Value) -> bool {
+    let uid = s(&rs["metadata"]["uid"]).to_string();
+    let desired = int(&rs["spec"]["replicas"], 1).max(0) as usize;
+    let min_ready = Duration::from_secs(int(&rs["spec"]["minReadySeconds"], 0).max(0) as u64);
+    let now_i = Instant::now();
+    let (n, ready, available) = {
+        let mut st = lock(&inner.controller.state);
+        let timing = pod_timing(&st, rs);
+        let pods = st.pods.entry(uid.clone()).or_default();
+        while pods.len() < desired {
+            pods.push(Pod { created: now_i });
+        }
+        if pods.len() > desired {
+            // Unready (newest) pods go first.
+            pods.sort_by_key(|p| p.created);
+            pods.truncate(desired);
+        }
+        let ready = timing.map_or(0, |d| {
+            pods.iter().filter(|p| p.created + d <= now_i).count()
+        });
+        let available = timing.map_or(0, |d| {
+            pods.iter()
+                .filter(|p| p.created + d + min_ready <= now_i)
+                .count()
+        });
+        let n = pods.len();
+        let future: Vec<Instant> = match timing {
+            Some(d) => pods
+                .iter()
+                .flat_map(|p| [p.created + d, p.created + d + min_ready])
+                .filter(|t| *t > now_i)
+                .collect(),
+            None => Vec::new(),
+        };
+        let key = (
+            s(&rs["metadata"]["namespace"]).to_string(),
+            controller_owner(rs).unwrap_or_default(),
+        );
+        st.set_timers(&uid, key, future);
+        (n, ready, available)
+    };
+    let mut status = json!({"replicas": n});
+    if n > 0 {
+        status["fullyLabeledReplicas"] = json!(n);
+    }
+    if ready > 0 {
+        status["readyReplicas"] = json!(ready);
+    }
+    if available > 0 {
+        status["availableReplicas"] = json!(available);
+    }
+    if let Some(g) = rs["metadata"]["generation"].as_i64() {
+        status["observedGeneration"] = json!(g);
+    }
+    if rs["status"] == status {
+        return false;
+    }
+    let ns = s(&rs["metadata"]["namespace"]).to_string();
+    let name = s(&rs["metadata"]["name"]).to_string();
+    let mut c = ctx();
+    let res = inner
+        .modify(rsdef, &ns, &name, Sub::Status, &mut c, |o| {
+            if o["status"] == status {
+                return false;
+            }
+            o["status"] = status.clone();
+            true
+        })
+        .await;
+    res.is_ok()
+}
+
+fn condition(
+    kind: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    last_update: &str,
+    last_transition: &str,
+) -> Value {
+    json!({
+        "type": kind,
+        "status": status,
+        "lastUpdateTime": last_update,
+        "lastTransitionTime": last_transition,
+        "reason": reason,
+        "message": message,
+    })
+}
+
+/// `SetDeploymentCondition`: keeps the old condition when status and reason are unchanged
+/// (unless `refresh`), keeps lastTransitionTime when only the reason changes.
+fn set_condition(conditions: &mut Vec<Value>, new: Value, refresh: bool) {
+    let kind = new["type"].clone();
+    let now = now();
+    match conditions.iter().position(|c| c["type"] == kind) {
+        Some(i) => {
+            let old = &conditions[i];
+            if old["status"] == new["status"] && old["reason"] == new["reason"] && !refresh {
+                return;
+            }
+            let mut new = new;
+            if old["status"] == new["status"] {
+                new["lastTransitionTime"] = old["lastTransitionTime"].clone();
+            }
+            new["lastUpdateTime"] = json!(now);
+            conditions.remove(i);
+            conditions.push(new);
+        }
+        None => conditions.push(new),
+    }
+}
+
+async fn sync_deployment_status(
+    inner: &Arc<Inner>,
+    ddef: &Arc<ResourceDef>,
+    d: &Value,
+    all: &HashMap<&str, Vec<&Value>>,
+    created: Option<String>,
+) -> bool {
+    let spec = &d["spec"];
+    let uid = s(&d["metadata"]["uid"]).to_string();
+    let desired = int(&spec["replicas"], 1);
+    let owned = owned_by(all, d);
+    let template = &spec["template"];
+    let new_rs = owned
+        .iter()
+        .find(|rs| without_hash(&rs["spec"]["template"]) == without_hash(template))
+        .copied();
+    let sum = |f: &str| owned.iter().map(|rs| int(&rs["status"][f], 0)).sum::<i64>();
+    let replicas = sum("replicas");
+    let ready = sum("readyReplicas");
+    let available = sum("availableReplicas");
+    let total_spec: i64 = owned.iter().map(|rs| int(&rs["spec"]["replicas"], 0)).sum();
+    let updated = new_rs.map_or(0, |rs| int(&rs["status"]["replicas"], 0));
+    let generation = d["metadata"]["generation"].as_i64().unwrap_or(0);
+    let old = &d["status"];
+
+    let mut status = Map::new();
+    status.insert("observedGeneration".into(), json!(generation));
+    for (k, v) in [
+        ("replicas", replicas),
+        ("updatedReplicas", updated),
+        ("readyReplicas", ready),
+        ("availableReplicas", available),
+        ("unavailableReplicas", (total_spec - available).max(0)),
+    ] {
+        if v != 0 {
+            status.insert(k.into(), json!(v));
+        }
+    }
+    if let Some(c) = old.get("collisionCount") {
+        status.insert("collisionCount".into(), c.clone());
+    }
+    let now_s = now();
+    let mut conditions: Vec<Value> = old["conditions"].as_array().cloned().unwrap_or_default();
+    let max_unavailable = if s(&spec["strategy"]["type"]) == "Recreate" {
+        0
+    } else {
+        resolve(
+            &spec["strategy"]["rollingUpdate"]["maxUnavailable"],
+            desired,
+            false,
+        )
+    };
+    if available >= desired - max_unavailable {
+        set_condition(
+            &mut conditions,
+            condition(
+                "Available",
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.",
+                &now_s,
+                &now_s,
+            ),
+            false,
+        );
+    } else {
+        set_condition(
+            &mut conditions,
+            condition(
+                "Available",
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+                &now_s,
+                &now_s,
+            ),
+            false,
+        );
+    }
+    if let Some(deadline) = spec["progressDeadlineSeconds"].as_i64() {
+        let rs_name = new_rs
+            .map(|rs| s(&rs["metadata"]["name"]).to_string())
+            .unwrap_or_default();
+        let complete = updated == desired && replicas == desired && available == desired;
+        let progressed = updated > int(&old["updatedReplicas"], 0)
+            || (replicas - updated) < (int(&old["replicas"], 0) - int(&old["updatedReplicas"], 0))
+            || ready > int(&old["readyReplicas"], 0)
+            || available > int(&old["availableReplicas"], 0);
+        let mut st = lock(&inner.controller.state);
+        let last_progress = *st.progress.entry(uid.clone()).or_insert_with(Instant::now);
+        if let Some(created) = &created {
+            st.progress.insert(uid.clone(), Instant::now());
+            set_condition(
+                &mut conditions,
+                condition(
+                    "Progressing",
+                    "True",
+                    "NewReplicaSetCreated",
+                    &format!("Created new replica set {created:?}"),
+                    &now_s,
+                    &now_s,
+                ),
+                true,
+            );
+        } else if complete && new_rs.is_some() {
+            set_condition(
+                &mut conditions,
+                condition(
+                    "Progressing",
+                    "True",
+                    "NewReplicaSetAvailable",
+                    &format!("ReplicaSet {rs_name:?} has successfully progressed."),
+                    &now_s,
+                    &now_s,
+                ),
+                false,
+            );
+        } else if progressed && new_rs.is_some() {
+            st.progress.insert(uid.clone(), Instant::now());
+            set_condition(
+                &mut conditions,
+                condition(
+                    "Progressing",
+                    "True",
+                    "ReplicaSetUpdated",
+                    &format!("ReplicaSet {rs_name:?} is progressing."),
+                    &now_s,
+                    &now_s,
+                ),
+                true,
+            );
+        } else if new_rs.is_some()
+            && last_progress.elapsed() > Duration::from_secs(deadline.max(0) as u64)
+            && conditions
+                .iter()
+                .any(|c| c["type"] == "Progressing" && c["reason"] != "NewReplicaSetAvailable")
+        {
+            set_condition(
+                &mut conditions,
+                condition(
+                    "Progressing",
+                    "False",
+                    "ProgressDeadlineExceeded",
+                    &format!("ReplicaSet {rs_name:?} has timed out progressing."),
+                    &now_s,
+                    &now_s,
+                ),
+                false,
+            );
+        }
+        // Wake up when the deadline passes, unless the rollout is done.
+        let key = (
+            s(&d["metadata"]["namespace"]).to_string(),
+            s(&d["metadata"]["name"]).to_string(),
+        );
+        let at = st.progress.get(&uid).copied().unwrap_or_else(Instant::now)
+            + Duration::from_secs(deadline.max(0) as u64)
+            + Duration::from_millis(1);
+        let times = if complete || at <= Instant::now() {
+            Vec::new()
+        } else {
+            vec![at]
+        };
+        st.set_timers(&uid, key, times);
+    }
+    if !conditions.is_empty() {
+        status.insert("conditions".into(), json!(conditions));
+    }
+    let status = Value::Object(status);
+    let revision_annotation =
+        new_rs.map(|rs| s(&rs["metadata"]["annotations"][REVISION]).to_string());
+    let annotation_ok = revision_annotation
+        .as_ref()
+        .is_none_or(|r| r.is_empty() || s(&d["metadata"]["annotations"][REVISION]) == r);
+    if *old == status && annotation_ok {
+        return false;
+    }
+    let ns = s(&d["metadata"]["namespace"]).to_string();
+    let name = s(&d["metadata"]["name"]).to_string();
+    let seen_rv = d["metadata"]["resourceVersion"].clone();
+    let mut c = ctx();
+    let mut applied = false;
+    let res = inner
+        .modify(ddef, &ns, &name, Sub::Status, &mut c, |o| {
+            if o["metadata"]["resourceVersion"] != seen_rv {
+                // Changed since this pass looked: the next pass recomputes.
+                applied = false;
+                return false;
+            }
+            o["status"] = status.clone();
+            if let Some(r) = &revision_annotation
+                && !r.is_empty()
+            {
+                o["metadata"]["annotations"][REVISION] = json!(r);
+            }
+            applied = true;
+            true
+        })
+        .await;
+    if !applied {
+        lock(&inner.controller.state).dirty.insert((ns, name));
+        inner.controller.notify.notify_one();
+        return false;
+    }
+    res.is_ok()
+}

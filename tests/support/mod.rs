@@ -1,0 +1,7 @@
+//! Test support shared by the integration tests (`mod support;` in a test file).
+//!
+//! Each integration test is its own crate and uses only part of this module, hence the
+//! `dead_code` allowance.
+#![allow(dead_code, unused_imports)]
+
+pub mod apiserver;
