@@ -7,9 +7,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -23,7 +21,7 @@ use kube::api::{
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use support::apiserver::{
-    ApiServer, ApiServerConfig, ControllerConfig, NEVER_READY_ANNOTATION, UserInfo, WebhookConfig,
+    ApiServer, ApiServerConfig, ControllerConfig, NEVER_READY_ANNOTATION, UserInfo,
 };
 
 /// The longest any single wait may take before the test gives up.
@@ -895,65 +893,6 @@ async fn dry_run_validates_and_persists_nothing() {
 // Admission
 
 /// A unique temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "fledge-apiserver-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// fledge's own webhook server over TLS, in-process, with certificates for `fledge.fledge.svc`.
-async fn fledge_webhook() -> (WebhookConfig, TempDir) {
-    let dir = TempDir::new();
-    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
-        service: "fledge".into(),
-        namespace: "fledge".into(),
-        dns: vec![],
-        ips: vec![],
-        validity_days: 1,
-    })
-    .unwrap();
-    fledge::certs::write_to_dir(&certs, &dir.0).unwrap();
-    let cert = fledge::server::tls::ReloadingCert::load(fledge::server::tls::CertFiles {
-        cert: dir.0.join(fledge::certs::CERT_FILE),
-        key: dir.0.join(fledge::certs::KEY_FILE),
-    })
-    .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = fledge::server::serve(
-            listener,
-            cert,
-            fledge::server::AppState::default(),
-            std::future::pending(),
-            Duration::from_secs(1),
-        )
-        .await;
-    });
-    let mut hook = WebhookConfig::fledge(
-        format!("https://fledge.fledge.svc:{}/mutate", addr.port()),
-        certs.ca_cert_pem.clone(),
-    );
-    hook.connect_to = Some(addr);
-    (hook, dir)
-}
-
 fn opted_in(name: &str, image: &str, steps: &str) -> Value {
     let mut d = deployment(name, image);
     d["metadata"]["labels"]["fledge.dev/enabled"] = json!("true");
@@ -963,7 +902,8 @@ fn opted_in(name: &str, image: &str, steps: &str) -> Value {
 
 #[tokio::test]
 async fn admission_calls_fledges_webhook_like_kube_apiserver() {
-    let (hook, _certs) = fledge_webhook().await;
+    let webhook = support::webhook::start();
+    let hook = webhook.config.clone();
     let mut config = without_controller();
     config.webhooks = vec![hook.clone()];
     let server = ApiServer::start(config).await;
@@ -1752,7 +1692,8 @@ async fn leases_take_optimistic_concurrency_and_events_are_one_resource() {
 
 #[tokio::test]
 async fn kubectl_style_apply_as_a_user_goes_through_admission() {
-    let (hook, _certs) = fledge_webhook().await;
+    let webhook = support::webhook::start();
+    let hook = webhook.config.clone();
     let mut config = without_controller();
     config.webhooks = vec![hook];
     let server = ApiServer::start(config).await;

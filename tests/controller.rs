@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
-use support::apiserver::{ApiServer, ApiServerConfig, WebhookConfig};
+use support::apiserver::{ApiServer, ApiServerConfig};
 
 use fledge::controller::{self, Config};
 use fledge::objects::SplitApi;
@@ -23,14 +23,13 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The stand-in with fledge's webhook registered and fledge's controller running against it.
 struct Cluster {
     api: ApiServer,
-    webhook_task: tokio::task::JoinHandle<()>,
+    _webhook: support::webhook::FledgeWebhook,
     controller_task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.controller_task.abort();
-        self.webhook_task.abort();
     }
 }
 
@@ -39,39 +38,9 @@ async fn cluster() -> Cluster {
         .with_env_filter(tracing_subscriber::EnvFilter::new("fledge=debug"))
         .with_test_writer()
         .try_init();
-    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
-        service: "fledge".into(),
-        namespace: "fledge".into(),
-        dns: vec![],
-        ips: vec!["127.0.0.1".parse().unwrap()],
-        validity_days: 1,
-    })
-    .unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "fledge-e2e-{}-{}",
-        std::process::id(),
-        Timestamp::now().as_nanosecond()
-    ));
-    fledge::certs::write_to_dir(&certs, &dir).unwrap();
-    let cert = fledge::server::tls::ReloadingCert::load(fledge::server::tls::CertFiles {
-        cert: dir.join(fledge::certs::CERT_FILE),
-        key: dir.join(fledge::certs::KEY_FILE),
-    })
-    .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("https://{}/mutate", listener.local_addr().unwrap());
-    let webhook = tokio::spawn(async move {
-        let _ = fledge::server::serve(
-            listener,
-            cert,
-            fledge::server::AppState::default(),
-            std::future::pending(),
-            Duration::from_secs(1),
-        )
-        .await;
-    });
+    let webhook = support::webhook::start();
     let api = ApiServer::start(ApiServerConfig {
-        webhooks: vec![WebhookConfig::fledge(url, certs.ca_cert_pem.clone())],
+        webhooks: vec![webhook.config.clone()],
         namespaces: vec![NS.into()],
         ..ApiServerConfig::default()
     })
@@ -79,7 +48,7 @@ async fn cluster() -> Cluster {
     let controller = startcontroller_task(&api);
     Cluster {
         api,
-        webhook_task: webhook,
+        _webhook: webhook,
         controller_task: controller,
     }
 }
@@ -283,6 +252,20 @@ async fn a_new_template_walks_the_steps_to_promotion() {
     );
 }
 
+/// Waits until none of the objects fledge creates for `web` exists.
+async fn wait_until_nothing_is_left(api: &ApiServer) {
+    for (gvr, name) in [
+        (DEPLOYMENTS, "web-canary"),
+        (SPLITS, "web"),
+        (SERVICES, "web-canary"),
+        (SERVICES, "web-stable"),
+    ] {
+        api.wait_for(gvr, NS, name, WAIT, |d| d.is_none())
+            .await
+            .unwrap();
+    }
+}
+
 /// Waits for the rollout to reach `phase`.
 async fn wait_phase(api: &ApiServer, wanted: Phase) -> Value {
     api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| phase(d) == Some(wanted))
@@ -348,17 +331,7 @@ async fn opting_out_mid_canary_removes_what_fledge_created() {
     let mut opted_out = deployment("web:2", steps);
     opted_out["metadata"]["labels"] = json!({"app": "web", "fledge.dev/enabled": "false"});
     apply(&c.api, opted_out).await;
-    for (gvr, name) in [
-        (DEPLOYMENTS, "web-canary"),
-        (SPLITS, "web"),
-        (SERVICES, "web-canary"),
-        (SERVICES, "web-stable"),
-    ] {
-        c.api
-            .wait_for(gvr, NS, name, WAIT, |d| d.is_none())
-            .await
-            .unwrap();
-    }
+    wait_until_nothing_is_left(&c.api).await;
     assert_eq!(
         split_weights(&c.api).last(),
         Some(&0),
@@ -462,17 +435,7 @@ async fn acontroller_task_killed_mid_rollout_is_replaced_without_replaying_anyth
     c.controller_task = startcontroller_task(&c.api);
     let done = wait_phase(&c.api, Phase::Succeeded).await;
     assert_eq!(image(&done), "web:2");
-    for (gvr, name) in [
-        (DEPLOYMENTS, "web-canary"),
-        (SPLITS, "web"),
-        (SERVICES, "web-canary"),
-        (SERVICES, "web-stable"),
-    ] {
-        c.api
-            .wait_for(gvr, NS, name, WAIT, |d| d.is_none())
-            .await
-            .unwrap();
-    }
+    wait_until_nothing_is_left(&c.api).await;
     // The pause kept its stored start; every weight was written once, in order; one promotion.
     assert!(paused_at.is_some());
     assert_eq!(split_weights(&c.api), vec![0, 1000, 6000, 10_000, 0]);

@@ -1,0 +1,65 @@
+//! fledge's real webhook, served in-process over TLS for the API server stand-in to call.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::apiserver::WebhookConfig;
+
+/// A running webhook; dropping it stops the server and removes its certificates.
+pub struct FledgeWebhook {
+    /// How the stand-in calls it: `fledge.fledge.svc` with the CA from `fledge certs`.
+    pub config: WebhookConfig,
+    task: tokio::task::JoinHandle<()>,
+    dir: PathBuf,
+}
+
+impl Drop for FledgeWebhook {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts the webhook on 127.0.0.1 with a serving certificate for `fledge.fledge.svc`.
+pub fn start() -> FledgeWebhook {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fledge-test-webhook-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
+        service: "fledge".into(),
+        namespace: "fledge".into(),
+        dns: vec![],
+        ips: vec![],
+        validity_days: 1,
+    })
+    .expect("certificates");
+    fledge::certs::write_to_dir(&certs, &dir).expect("writing certificates");
+    let cert = fledge::server::tls::ReloadingCert::load(fledge::server::tls::CertFiles {
+        cert: dir.join(fledge::certs::CERT_FILE),
+        key: dir.join(fledge::certs::KEY_FILE),
+    })
+    .expect("loading certificates");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let addr = listener.local_addr().expect("its address");
+    let task = tokio::spawn(async move {
+        let _ = fledge::server::serve(
+            listener,
+            cert,
+            fledge::server::AppState::default(),
+            std::future::pending(),
+            Duration::from_secs(1),
+        )
+        .await;
+    });
+    let mut config = WebhookConfig::fledge(
+        format!("https://fledge.fledge.svc:{}/mutate", addr.port()),
+        certs.ca_cert_pem.clone(),
+    );
+    config.connect_to = Some(addr);
+    FledgeWebhook { config, task, dir }
+}
