@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod certs;
+pub mod commands;
 pub mod controller;
 pub mod objects;
 pub mod observe;

@@ -7,11 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use fledge::admission::Outcome;
+use fledge::commands;
 use fledge::objects::SplitApi;
 use fledge::plan::{self, Manifest};
+use fledge::rollout::machine::Command as RolloutCommand;
 use fledge::server::{self, AppState, tls};
 use fledge::{certs, spec};
 
@@ -34,6 +36,41 @@ enum Command {
     Plan(PlanArgs),
     /// Make a CA and a serving certificate for the webhook, and print the caBundle.
     Certs(CertsArgs),
+    /// Show the rollout of one Deployment, or of every opted-in one in the namespace.
+    Status(StatusArgs),
+    /// End the current pause of a canary.
+    Promote(TargetArgs),
+    /// Send all traffic back to stable and remove the canary; its template stays aborted.
+    Abort(TargetArgs),
+    /// Start an aborted canary again from step 1.
+    Retry(TargetArgs),
+}
+
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// The Deployment.
+    name: String,
+    /// Its namespace (default: the kubeconfig's).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The Deployment (default: every opted-in Deployment in the namespace).
+    name: Option<String>,
+    /// The namespace (default: the kubeconfig's).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Output: one line per Deployment, or JSON.
+    #[arg(short = 'o', long, value_enum, default_value_t = StatusOutput::Text)]
+    output: StatusOutput,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusOutput {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -133,11 +170,31 @@ fn duration(text: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as `kubectl-fledge`, kubectl runs it for `kubectl fledge ...`: say so in the usage.
+    let invoked_as_plugin = std::env::args()
+        .next()
+        .and_then(|arg0| {
+            std::path::Path::new(&arg0)
+                .file_name()
+                .map(|f| f.to_string_lossy().starts_with("kubectl-fledge"))
+        })
+        .unwrap_or(false);
+    let mut command = Cli::command();
+    if invoked_as_plugin {
+        command = command.bin_name("kubectl fledge");
+    }
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Plan(args) => run_plan(args),
         Command::Certs(args) => run_certs(args),
+        Command::Status(args) => run_status(args),
+        Command::Promote(args) => run_rollout_command(args, RolloutCommand::Promote),
+        Command::Abort(args) => run_rollout_command(args, RolloutCommand::Abort),
+        Command::Retry(args) => run_rollout_command(args, RolloutCommand::Retry),
     };
     match result {
         Ok(code) => code,
@@ -261,6 +318,54 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     })
 }
 
+/// A client from the usual configuration, and the namespace to use.
+async fn client(namespace: Option<String>) -> Result<(kube::Client, String)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API configuration (in-cluster, KUBECONFIG or ~/.kube/config)")?;
+    let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+    Ok((client, namespace))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run_status(args: StatusArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let (client, namespace) = client(args.namespace).await?;
+        let statuses = commands::status(client, &namespace, args.name.as_deref()).await?;
+        match args.output {
+            StatusOutput::Json if args.name.is_some() => {
+                let one = statuses.first().context("no status")?;
+                println!("{}", serde_json::to_string_pretty(one)?);
+            }
+            StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&statuses)?),
+            StatusOutput::Text if statuses.is_empty() => {
+                println!("no Deployment in {namespace} is opted in to fledge")
+            }
+            StatusOutput::Text => {
+                for status in &statuses {
+                    println!("{}", commands::status_line(status));
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn run_rollout_command(args: TargetArgs, cmd: RolloutCommand) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let (client, namespace) = client(args.namespace).await?;
+        let state = commands::run(client, &namespace, &args.name, cmd).await?;
+        println!("{}: {}", args.name, state.message);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 fn run_certs(args: CertsArgs) -> Result<ExitCode> {
     let generated = certs::generate(&certs::CertRequest {
         service: args.service.clone(),
@@ -284,7 +389,6 @@ fn run_certs(args: CertsArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_well_formed() {

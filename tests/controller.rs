@@ -4,15 +4,12 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use support::apiserver::{ApiServer, ApiServerConfig};
 
 use fledge::controller::{self, Config};
 use fledge::objects::SplitApi;
-use fledge::rollout::machine::{Command, command};
 use fledge::rollout::{Phase, RolloutState, read_state};
-use fledge::spec::ANNOTATION_STATE;
 
 const DEPLOYMENTS: &str = "apps/v1/deployments";
 const SERVICES: &str = "v1/services";
@@ -122,42 +119,43 @@ fn split_weights(api: &ApiServer) -> Vec<u64> {
     weights
 }
 
-/// What `fledge promote|abort|retry` will do: the pure command applied to the stored state, written
-/// with the read resourceVersion as a precondition and tried again on a conflict.
-async fn run_command(api: &ApiServer, cmd: Command) {
-    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
-        kube::Api::namespaced(api.client(), NS);
-    for _ in 0..20 {
-        let stored = api.get(DEPLOYMENTS, NS, "web").unwrap();
-        let spec = fledge::observe::DeploymentFacts::read(&stored)
-            .spec
-            .unwrap();
-        let next = command(
-            state(Some(&stored)).as_ref(),
-            &spec,
-            cmd,
-            "web",
-            Timestamp::now(),
-        )
-        .unwrap();
-        let patch = json!({"metadata": {
-            "resourceVersion": stored["metadata"]["resourceVersion"],
-            "annotations": {ANNOTATION_STATE: serde_json::to_string(&next).unwrap()},
-        }});
-        match deployments
-            .patch(
-                "web",
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => panic!("{cmd:?}: {e}"),
-        }
-    }
-    panic!("{cmd:?}: conflicts did not stop");
+/// Runs the real `fledge` binary against the stand-in, with a kubeconfig that points at it.
+async fn fledge(api: &ApiServer, args: &[&str]) -> String {
+    let dir = std::env::temp_dir().join(format!(
+        "fledge-kubeconfig-{}-{}",
+        std::process::id(),
+        api.addr().port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: '{}'}}}}]\n\
+             users: [{{name: user, user: {{}}}}]\n\
+             contexts: [{{name: here, context: {{cluster: stand-in, user: user, namespace: {NS}}}}}]\n\
+             current-context: here\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fledge"))
+            .args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 async fn apply(api: &ApiServer, object: Value) {
@@ -220,7 +218,23 @@ async fn a_new_template_walks_the_steps_to_promotion() {
     assert!(stable_svc["spec"]["selector"]["pod-template-hash"].is_string());
     assert_eq!(split_weights(&c.api), vec![0, 500, 5000]);
 
-    run_command(&c.api, Command::Promote).await;
+    let status: Value =
+        serde_json::from_str(&fledge(&c.api, &["status", "web", "-o", "json"]).await).unwrap();
+    assert_eq!(
+        (
+            status["phase"].as_str(),
+            status["step"].as_u64(),
+            status["steps"].as_u64(),
+            status["weight"].as_str()
+        ),
+        (Some("Paused"), Some(4), Some(5), Some("50"))
+    );
+    assert!(
+        fledge(&c.api, &["status"])
+            .await
+            .contains("paused until `fledge promote web`")
+    );
+    fledge(&c.api, &["promote", "web"]).await;
     let done = c
         .api
         .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
@@ -349,7 +363,7 @@ async fn abort_by_command_then_retry() {
     let c = stable_v1(steps).await;
     apply(&c.api, deployment("web:2", steps)).await;
     wait_phase(&c.api, Phase::Paused).await;
-    run_command(&c.api, Command::Abort).await;
+    fledge(&c.api, &["abort", "web", "-n", NS]).await;
     let aborted = wait_phase(&c.api, Phase::Aborted).await;
     assert_eq!(image(&aborted), "web:1");
     c.api
@@ -357,7 +371,7 @@ async fn abort_by_command_then_retry() {
         .await
         .unwrap();
     assert_eq!(split_weights(&c.api), vec![0, 3000, 0]);
-    run_command(&c.api, Command::Retry).await;
+    fledge(&c.api, &["retry", "web"]).await;
     wait_phase(&c.api, Phase::Paused).await;
     assert_eq!(
         image(&c.api.get(DEPLOYMENTS, NS, "web-canary").unwrap()),

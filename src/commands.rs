@@ -1,0 +1,259 @@
+//! `fledge status`, `promote`, `abort` and `retry`: read a Deployment's rollout, or change its
+//! stored state with the pure [`command`](crate::rollout::machine::command). The controller does
+//! the rest, level-triggered.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::observe::DeploymentFacts;
+use crate::rollout::machine::{self, Command};
+use crate::rollout::{Phase, RolloutState};
+use crate::spec::{ANNOTATION_STATE, LABEL_ENABLED, Step, format_duration};
+
+/// How many times a command reads again after a conflicting write.
+const ATTEMPTS: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("Deployment {namespace}/{name} not found")]
+    NotFound { namespace: String, name: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{name} kept changing while the command was written; try again")]
+    Conflicts { name: String },
+    #[error("encoding: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// What `fledge status NAME -o json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub name: String,
+    pub namespace: String,
+    pub phase: Phase,
+    /// 1-based; `steps` when all are done.
+    pub step: usize,
+    pub steps: usize,
+    /// Canary traffic share, in percent (`"12.5"`).
+    pub weight: String,
+    pub message: String,
+    /// Time left in a timed pause, e.g. `1m30s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_left: Option<String>,
+    /// The pending canary's template hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+}
+
+/// The status of one Deployment, as plain values.
+pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
+    let facts = DeploymentFacts::read(deployment);
+    let state = facts.state.as_ref().ok().cloned().flatten();
+    let steps = facts.spec.as_ref().map_or(0, |s| s.steps.len());
+    let namespace = deployment["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let pending = facts
+        .pending_hash
+        .clone()
+        .filter(|h| *h != facts.stable_hash);
+    let Some(state) = state else {
+        let message = match (&facts.invalid, &pending, &facts.state) {
+            (_, _, Err(e)) => e.to_string(),
+            (Some(invalid), _, _) => invalid.clone(),
+            (None, Some(hash), _) => format!("canary {hash} is waiting for the controller"),
+            (None, None, _) => "no canary".to_owned(),
+        };
+        return Status {
+            name: facts.name.clone(),
+            namespace,
+            phase: Phase::Idle,
+            step: 0,
+            steps,
+            weight: "0".into(),
+            message,
+            pause_left: None,
+            canary: pending,
+        };
+    };
+    let pause_left = match (
+        state.phase,
+        facts.spec.as_ref().and_then(|s| s.steps.get(state.step)),
+    ) {
+        (Phase::Paused, Some(Step::PauseFor(d))) => state.step_started.map(|started| {
+            let elapsed = u64::try_from(now.as_second() - started.as_second()).unwrap_or(0);
+            format_duration(Duration::from_secs(d.as_secs().saturating_sub(elapsed)))
+        }),
+        _ => None,
+    };
+    Status {
+        name: facts.name.clone(),
+        namespace,
+        phase: state.phase,
+        step: (state.step + 1).min(steps),
+        steps,
+        weight: state.weight.to_string(),
+        message: state.message.clone(),
+        pause_left,
+        canary: Some(state.hash.clone()),
+    }
+}
+
+/// One line of `fledge status`.
+pub fn status_line(s: &Status) -> String {
+    let pause = s
+        .pause_left
+        .as_ref()
+        .map(|left| format!(" ({left} left)"))
+        .unwrap_or_default();
+    format!(
+        "{:<24} {:<11} step {}/{}  weight {:>6}%  {}{pause}",
+        s.name,
+        s.phase.to_string(),
+        s.step,
+        s.steps,
+        s.weight,
+        s.message
+    )
+}
+
+/// The status of `name`, or of every opted-in Deployment when `name` is `None`.
+pub async fn status(
+    client: Client,
+    namespace: &str,
+    name: Option<&str>,
+) -> Result<Vec<Status>, CommandError> {
+    let api: Api<Deployment> = Api::namespaced(client, namespace);
+    let deployments = match name {
+        Some(name) => vec![
+            api.get_opt(name)
+                .await?
+                .ok_or_else(|| CommandError::NotFound {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })?,
+        ],
+        None => {
+            api.list(&ListParams::default().labels(&format!("{LABEL_ENABLED}=true")))
+                .await?
+                .items
+        }
+    };
+    let now = Timestamp::now();
+    deployments
+        .iter()
+        .map(|d| Ok(status_of(&serde_json::to_value(d)?, now)))
+        .collect()
+}
+
+/// Applies `cmd` to the stored state of `name`, with the read resourceVersion as a precondition:
+/// on a conflict (the controller wrote in between) it reads again and decides again.
+pub async fn run(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    cmd: Command,
+) -> Result<RolloutState, CommandError> {
+    let api: Api<Deployment> = Api::namespaced(client, namespace);
+    for _ in 0..ATTEMPTS {
+        let deployment = api
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| CommandError::NotFound {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })?;
+        let value = serde_json::to_value(&deployment)?;
+        let facts = DeploymentFacts::read(&value);
+        let Some(spec) = &facts.spec else {
+            return Err(CommandError::Refused(match facts.invalid {
+                Some(why) => format!("{name}'s fledge settings are invalid: {why}"),
+                None => format!(
+                    "{name} is not opted in to fledge ({LABEL_ENABLED}=true and fledge.dev/steps)"
+                ),
+            }));
+        };
+        let state = facts
+            .state
+            .as_ref()
+            .map_err(|e| CommandError::Refused(e.to_string()))?;
+        let next = machine::command(state.as_ref(), spec, cmd, name, Timestamp::now())
+            .map_err(|e| CommandError::Refused(e.0))?;
+        let patch = json!({"metadata": {
+            "resourceVersion": value["metadata"]["resourceVersion"],
+            "annotations": {ANNOTATION_STATE: serde_json::to_string(&next)?},
+        }});
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(next),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(CommandError::Conflicts {
+        name: name.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(state: Option<Value>) -> Value {
+        let mut annotations = json!({
+            "fledge.dev/steps": "- setWeight: 5\n- pause: {duration: 2m}\n- pause: {}\n",
+            "fledge.dev/canary-hash": "c2",
+        });
+        if let Some(state) = state {
+            annotations[ANNOTATION_STATE] = json!(state.to_string());
+        }
+        json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": {LABEL_ENABLED: "true"}, "annotations": annotations},
+            "spec": {"replicas": 2, "template": {"spec": {"containers": []}}},
+        })
+    }
+
+    fn t(second: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + second).unwrap()
+    }
+
+    #[test]
+    fn a_timed_pause_shows_the_time_left() {
+        let state = json!({"phase": "Paused", "hash": "c2", "step": 1, "weight": "5", "message": "step 2/3: paused",
+                           "stepStarted": t(0).to_string()});
+        let s = status_of(&deployment(Some(state)), t(30));
+        assert_eq!(
+            (s.phase, s.step, s.steps, s.weight.as_str()),
+            (Phase::Paused, 2, 3, "5")
+        );
+        assert_eq!(s.pause_left.as_deref(), Some("1m30s"));
+        let json = serde_json::to_value(&s).unwrap();
+        for key in ["phase", "step", "steps", "weight", "message"] {
+            assert!(json.get(key).is_some(), "{key} in {json}");
+        }
+        assert!(
+            status_line(&s).contains("step 2/3  weight      5%  step 2/3: paused (1m30s left)"),
+            "{}",
+            status_line(&s)
+        );
+    }
+
+    #[test]
+    fn without_a_state_the_pending_canary_waits_for_the_controller() {
+        let s = status_of(&deployment(None), t(0));
+        assert_eq!((s.phase, s.step, s.weight.as_str()), (Phase::Idle, 0, "0"));
+        assert_eq!(s.message, "canary c2 is waiting for the controller");
+    }
+}
