@@ -461,3 +461,38 @@ async fn acontroller_task_killed_mid_rollout_is_replaced_without_replaying_anyth
         .count();
     assert_eq!(promotions, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_mid_canary_rescales_the_canary_and_deleting_removes_everything() {
+    let steps = "- setWeight: 20\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    assert_eq!(
+        c.api.get(DEPLOYMENTS, NS, "web-canary").unwrap()["spec"]["replicas"],
+        1
+    );
+    let mut scaled = deployment("web:2", steps);
+    scaled["spec"]["replicas"] = json!(10);
+    apply(&c.api, scaled).await;
+    // ceil(10 × 20 %) = 2 canary pods; the stable scales itself.
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| {
+            d.is_some_and(|d| d["spec"]["replicas"] == 2)
+        })
+        .await
+        .unwrap();
+    let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_eq!(
+        (web["spec"]["replicas"].as_u64(), image(&web)),
+        (Some(10), "web:1")
+    );
+    assert_eq!(phase(Some(&web)), Some(Phase::Paused));
+
+    c.api.delete(DEPLOYMENTS, NS, "web").await.unwrap();
+    wait_until_nothing_is_left(&c.api).await;
+    assert!(
+        c.api.get(SERVICES, NS, "web").is_some(),
+        "the root Service is the user's"
+    );
+}
