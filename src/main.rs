@@ -102,6 +102,15 @@ struct ServeArgs {
     /// TrafficSplit apiVersion to write: v1alpha1, v1alpha2, v1alpha3 or v1alpha4.
     #[arg(long, env = "FLEDGE_SPLIT_API", default_value = "v1alpha2")]
     split_api: SplitApi,
+    /// The Lease that elects the one replica running the controller.
+    #[arg(long, env = "FLEDGE_LEASE_NAME", default_value = "fledge-controller")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's, POD_NAMESPACE, else the kubeconfig's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's name in the Lease (default: POD_NAME, else HOSTNAME, else fledge-PID).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -245,13 +254,32 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 namespace: args.namespace,
                 split_api: args.split_api,
             };
+            let lease = fledge::lease::Config {
+                name: args.lease_name,
+                namespace: args
+                    .lease_namespace
+                    .unwrap_or_else(|| client.default_namespace().to_owned()),
+                identity: args
+                    .identity
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| format!("fledge-{}", std::process::id())),
+                duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+            };
             tracing::info!(
                 namespace = config.namespace.as_deref().unwrap_or("(all)"),
-                "controller starting"
+                lease = %format!("{}/{}", lease.namespace, lease.name),
+                identity = %lease.identity,
+                "controller runs while this replica holds the Lease"
             );
-            Some(tokio::spawn(fledge::controller::run(
-                client,
-                config,
+            let lease_client = client.clone();
+            let lead = move || {
+                fledge::controller::run(client.clone(), config.clone(), std::future::pending())
+            };
+            Some(tokio::spawn(fledge::lease::run_while_leader(
+                lease_client,
+                lease,
+                lead,
                 until_stopped(stopped.clone()),
             )))
         };

@@ -2,6 +2,8 @@
 //! controller, driven like a user (apply v1, apply v2).
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -495,4 +497,96 @@ async fn scaling_mid_canary_rescales_the_canary_and_deleting_removes_everything(
         c.api.get(SERVICES, NS, "web").is_some(),
         "the root Service is the user's"
     );
+}
+
+/// One replica of `fledge serve`'s controller half: it runs the controller only while it holds
+/// the Lease. Counts how often it started leading.
+fn replica(
+    api: &ApiServer,
+    identity: &str,
+    started: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    let client = api.client();
+    let lease = fledge::lease::Config {
+        name: "fledge-controller".into(),
+        namespace: NS.into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(2),
+        renew_every: Duration::from_millis(200),
+    };
+    let lead = move || {
+        started.fetch_add(1, Ordering::SeqCst);
+        controller::run(
+            client.clone(),
+            Config {
+                namespace: Some(NS.into()),
+                split_api: SplitApi::V1Alpha2,
+            },
+            std::future::pending(),
+        )
+    };
+    tokio::spawn(fledge::lease::run_while_leader(
+        api.client(),
+        lease,
+        lead,
+        std::future::pending(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_only_the_lease_holder_runs_the_controller() {
+    let steps = "- setWeight: 25\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    c.controller_task.abort();
+    let (a_started, b_started) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let a = replica(&c.api, "replica-a", a_started.clone());
+    c.api
+        .wait_for(
+            "coordination.k8s.io/v1/leases",
+            NS,
+            "fledge-controller",
+            WAIT,
+            |l| l.is_some_and(|l| l["spec"]["holderIdentity"] == "replica-a"),
+        )
+        .await
+        .unwrap();
+    let b = replica(&c.api, "replica-b", b_started.clone());
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    assert_eq!(
+        (
+            a_started.load(Ordering::SeqCst),
+            b_started.load(Ordering::SeqCst)
+        ),
+        (1, 0)
+    );
+
+    // The leader dies: after the Lease expires the other replica takes over and finishes.
+    a.abort();
+    let lease = c
+        .api
+        .wait_for(
+            "coordination.k8s.io/v1/leases",
+            NS,
+            "fledge-controller",
+            WAIT,
+            |l| l.is_some_and(|l| l["spec"]["holderIdentity"] == "replica-b"),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    for _ in 0..50 {
+        if b_started.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b_started.load(Ordering::SeqCst), 1);
+    fledge(&c.api, &["promote", "web"]).await;
+    let done = wait_phase(&c.api, Phase::Succeeded).await;
+    assert_eq!(image(&done), "web:2");
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(split_weights(&c.api), vec![0, 2500, 10_000, 0]);
+    b.abort();
 }
