@@ -15,12 +15,19 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use std::sync::atomic::AtomicU64;
 
 use crate::objects::{self, LABEL_MANAGED_BY, SplitApi};
 use crate::observe::{self, DeploymentFacts};
-use crate::rollout::RolloutState;
 use crate::rollout::machine::{self, Target};
+use crate::rollout::{Phase, RolloutState};
 use crate::spec::{
     ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, ANNOTATION_STATE, CANARY_SUFFIX,
     STABLE_SUFFIX, Weight,
@@ -53,6 +60,124 @@ pub struct Config {
     /// Watch one namespace only; all when `None`.
     pub namespace: Option<String>,
     pub split_api: SplitApi,
+    pub metrics: Metrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CanaryLabels {
+    namespace: String,
+    deployment: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    namespace: String,
+    deployment: String,
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+const PHASES: [Phase; 6] = [
+    Phase::Idle,
+    Phase::Progressing,
+    Phase::Paused,
+    Phase::Promoting,
+    Phase::Succeeded,
+    Phase::Aborted,
+];
+
+/// The controller's Prometheus metrics (served at the webhook's `/metrics`).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    weight: Family<CanaryLabels, Gauge<f64, AtomicU64>>,
+    phase: Family<PhaseLabels, Gauge>,
+    reconciles: Family<ResultLabels, Counter>,
+    duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            weight: Family::default(),
+            phase: Family::default(),
+            reconciles: Family::default(),
+            // 1 ms … ~16 s: a reconcile is a few API calls.
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+}
+
+impl Metrics {
+    /// New metrics, registered under `fledge_`.
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let metrics = Metrics::default();
+        registry.register(
+            "canary_weight_percent",
+            "Canary traffic share, by Deployment",
+            metrics.weight.clone(),
+        );
+        registry.register(
+            "canary_phase",
+            "1 for the rollout's current phase, 0 for the others, by Deployment",
+            metrics.phase.clone(),
+        );
+        registry.register(
+            "controller_reconciles",
+            "Reconciles, by result (ok, error)",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "controller_reconcile_duration_seconds",
+            "Time one reconcile takes",
+            metrics.duration.clone(),
+        );
+        metrics
+    }
+
+    fn record(&self, namespace: &str, deployment: &str, state: Option<&RolloutState>) {
+        let canary = CanaryLabels {
+            namespace: namespace.to_owned(),
+            deployment: deployment.to_owned(),
+        };
+        let phase_labels = |phase: Phase| PhaseLabels {
+            namespace: namespace.to_owned(),
+            deployment: deployment.to_owned(),
+            phase: phase_name(phase),
+        };
+        match state {
+            Some(state) => {
+                self.weight
+                    .get_or_create(&canary)
+                    .set(f64::from(state.weight.basis_points()) / 100.0);
+                for phase in PHASES {
+                    self.phase
+                        .get_or_create(&phase_labels(phase))
+                        .set(i64::from(phase == state.phase));
+                }
+            }
+            None => {
+                self.weight.remove(&canary);
+                for phase in PHASES {
+                    self.phase.remove(&phase_labels(phase));
+                }
+            }
+        }
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Idle => "Idle",
+        Phase::Progressing => "Progressing",
+        Phase::Paused => "Paused",
+        Phase::Promoting => "Promoting",
+        Phase::Succeeded => "Succeeded",
+        Phase::Aborted => "Aborted",
+    }
 }
 
 struct Context {
@@ -168,6 +293,9 @@ async fn reconcile(
         .collect();
     let observation = facts.observation(canary.as_ref(), &replicasets);
     let next = machine::next(state.as_ref(), &observation, Timestamp::now());
+    ctx.config
+        .metrics
+        .record(&namespace, &name, next.state.as_ref());
     let changed = next.state.as_ref() != state.as_ref();
     // Leaving fledge: the state goes last, once everything fledge created is gone, so that a
     // failed cleanup is tried again. Otherwise it goes first: the webhook lets the promotion

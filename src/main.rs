@@ -239,6 +239,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "webhook listening on {local}");
+        let state = AppState::default();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -253,6 +254,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             let config = fledge::controller::Config {
                 namespace: args.namespace,
                 split_api: args.split_api,
+                metrics: state.metrics.controller.clone(),
             };
             let lease = fledge::lease::Config {
                 name: args.lease_name,
@@ -283,7 +285,6 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 until_stopped(stopped.clone()),
             )))
         };
-        let state = AppState::default();
         let shutdown = async move {
             shutdown_signal().await;
             let _ = stop.send(true);

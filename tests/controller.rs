@@ -22,6 +22,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The stand-in with fledge's webhook registered and fledge's controller running against it.
 struct Cluster {
     api: ApiServer,
+    /// The webhook's and the controller's metrics, as `/metrics` serves them.
+    metrics: Arc<fledge::server::Metrics>,
     _webhook: support::webhook::FledgeWebhook,
     controller_task: tokio::task::JoinHandle<()>,
 }
@@ -44,20 +46,26 @@ async fn cluster() -> Cluster {
         ..ApiServerConfig::default()
     })
     .await;
-    let controller = startcontroller_task(&api);
+    let metrics = Arc::new(fledge::server::Metrics::default());
+    let controller = start_controller(&api, &metrics);
     Cluster {
+        metrics,
         api,
         _webhook: webhook,
         controller_task: controller,
     }
 }
 
-fn startcontroller_task(api: &ApiServer) -> tokio::task::JoinHandle<()> {
+fn start_controller(
+    api: &ApiServer,
+    metrics: &fledge::server::Metrics,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(controller::run(
         api.client(),
         Config {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
+            metrics: metrics.controller.clone(),
         },
         std::future::pending(),
     ))
@@ -440,7 +448,7 @@ async fn acontroller_task_killed_mid_rollout_is_replaced_without_replaying_anyth
         .unwrap()
         .step_started;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    c.controller_task = startcontroller_task(&c.api);
+    c.controller_task = start_controller(&c.api, &c.metrics);
     c.api
         .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
             state(d).is_some_and(|s| s.step >= 3)
@@ -448,7 +456,7 @@ async fn acontroller_task_killed_mid_rollout_is_replaced_without_replaying_anyth
         .await
         .unwrap();
     c.controller_task.abort();
-    c.controller_task = startcontroller_task(&c.api);
+    c.controller_task = start_controller(&c.api, &c.metrics);
     let done = wait_phase(&c.api, Phase::Succeeded).await;
     assert_eq!(image(&done), "web:2");
     wait_until_nothing_is_left(&c.api).await;
@@ -521,6 +529,7 @@ fn replica(
             Config {
                 namespace: Some(NS.into()),
                 split_api: SplitApi::V1Alpha2,
+                metrics: controller::Metrics::default(),
             },
             std::future::pending(),
         )

@@ -56,6 +56,8 @@ pub struct Metrics {
     registry: Registry,
     reviews: Family<ReviewLabels, Counter>,
     duration: Histogram,
+    /// The controller's, served here too.
+    pub controller: crate::controller::Metrics,
 }
 
 impl Default for Metrics {
@@ -74,10 +76,12 @@ impl Default for Metrics {
             "Time to read, decide and answer one AdmissionReview",
             duration.clone(),
         );
+        let controller = crate::controller::Metrics::register(&mut registry);
         Metrics {
             registry,
             reviews,
             duration,
+            controller,
         }
     }
 }
