@@ -195,17 +195,9 @@ async fn apply(api: &ApiServer, object: Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_template_walks_the_steps_to_promotion() {
-    let c = cluster().await;
     let steps =
         "- setWeight: 5\n- pause: {duration: 1s}\n- setWeight: 50\n- pause: {}\n- setWeight: 100\n";
-    apply(&c.api, root_service()).await;
-    apply(&c.api, deployment("web:1", steps)).await;
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
-        })
-        .await
-        .unwrap();
+    let c = stable_v1(steps).await;
 
     apply(&c.api, deployment("web:2", steps)).await;
     let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
