@@ -1,0 +1,136 @@
+//! How fast the controller reacts, through the API server stand-in with fledge's real webhook:
+//! from applying a new template to the canary Deployment existing with the TrafficSplit set, and
+//! from `fledge abort` to no canary traffic. `cargo bench --bench controller_latency`
+//! (FLEDGE_BENCH_RUNS, default 50).
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fledge::controller::{self, Config};
+use fledge::objects::SplitApi;
+use fledge::rollout::machine::Command;
+use serde_json::{Value, json};
+use support::apiserver::{ApiServer, ApiServerConfig};
+
+const NS: &str = "bench";
+const WAIT: Duration = Duration::from_secs(30);
+const SPLITS: &str = "split.smi-spec.io/v1alpha2/trafficsplits";
+const DEPLOYMENTS: &str = "apps/v1/deployments";
+
+fn deployment(image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": NS,
+                     "labels": {"app": "web", "fledge.dev/enabled": "true"},
+                     "annotations": {"fledge.dev/steps": "- setWeight: 50\n- pause: {}\n"}},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": image}]}}},
+    })
+}
+
+async fn apply(api: &ApiServer, object: &Value) -> Result<(), Box<dyn std::error::Error>> {
+    let resource = match object["kind"].as_str() {
+        Some("Service") => {
+            kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&())
+        }
+        _ => kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
+    };
+    let api: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(api.client(), NS, &resource);
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply("bench").force(),
+        &kube::api::Patch::Apply(object),
+    )
+    .await?;
+    Ok(())
+}
+
+fn canary_weight(split: Option<&Value>) -> Option<u64> {
+    split?["spec"]["backends"][1]["weight"].as_u64()
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} runs (target p99 < 100 ms: {})",
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(samples[samples.len() - 1]),
+        samples.len(),
+        if at(0.99) < Duration::from_millis(100) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let runs: usize = std::env::var("FLEDGE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let webhook = support::webhook::start();
+    let api = ApiServer::start(ApiServerConfig {
+        webhooks: vec![webhook.config.clone()],
+        namespaces: vec![NS.into()],
+        record_history: false,
+        ..ApiServerConfig::default()
+    })
+    .await;
+    let controller = tokio::spawn(controller::run(
+        api.client(),
+        Config {
+            namespace: Some(NS.into()),
+            split_api: SplitApi::V1Alpha2,
+            metrics: controller::Metrics::default(),
+        },
+        std::future::pending(),
+    ));
+    apply(
+        &api,
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": NS},
+                         "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}),
+    )
+    .await?;
+    apply(&api, &deployment("web:0")).await?;
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+        d.is_some_and(|d| d["status"]["availableReplicas"] == 2)
+    })
+    .await?;
+    let (mut to_canary, mut to_stable) = (Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let started = Instant::now();
+        apply(&api, &deployment(&format!("web:{run}"))).await?;
+        api.wait_for(SPLITS, NS, "web", WAIT, |s| s.is_some())
+            .await?;
+        api.wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_some())
+            .await?;
+        to_canary.push(started.elapsed());
+        api.wait_for(SPLITS, NS, "web", WAIT, |s| canary_weight(s) == Some(5000))
+            .await?;
+        let started = Instant::now();
+        fledge::commands::run(api.client(), NS, "web", Command::Abort).await?;
+        api.wait_for(SPLITS, NS, "web", WAIT, |s| {
+            canary_weight(s).is_none_or(|w| w == 0)
+        })
+        .await?;
+        to_stable.push(started.elapsed());
+        api.wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
+            .await?;
+    }
+    report(
+        "new template applied -> canary Deployment and TrafficSplit exist",
+        to_canary,
+    );
+    report("fledge abort -> canary weight 0", to_stable);
+    controller.abort();
+    Ok(())
+}
