@@ -283,9 +283,24 @@ async fn reconcile(
             what: "the canary Deployment",
             source,
         })?;
+    // Only this Deployment's ReplicaSets (and its canary's, whose labels include the same ones):
+    // listing the whole namespace on every pass costs memory and API time with many Deployments.
+    let selector = deployment
+        .spec
+        .selector
+        .match_labels
+        .as_ref()
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
     let replicasets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let replicasets: Vec<Value> = replicasets
-        .list(&ListParams::default())
+        .list(&ListParams::default().labels(&selector))
         .await?
         .items
         .iter()
