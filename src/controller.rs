@@ -338,17 +338,40 @@ async fn reconcile(
     if changed && leaving {
         store_state(&deployments, &deployment, None).await?;
     }
+    if let (Converged::NoRootService(service), Some(stored)) = (&converged, &next.state) {
+        let message = format!(
+            "root Service {service} not found: fledge copies its ports and selector for the canary; \
+             create it, or name another one in fledge.dev/root-service"
+        );
+        if stored.message != message {
+            let with_message = RolloutState {
+                message: message.clone(),
+                ..stored.clone()
+            };
+            let event = machine::Event {
+                reason: "RootServiceMissing",
+                message,
+                warning: true,
+            };
+            publish(&ctx, &deployment, &event).await;
+            if !changed {
+                store_state(&deployments, &deployment, Some(&with_message)).await?;
+            }
+        }
+    }
     Ok(Action::requeue(match converged {
         // A changed state may allow the next step at once.
         _ if changed => Duration::from_millis(50),
         Converged::Yes => next.requeue.unwrap_or(RESYNC),
-        Converged::Waiting => RETRY,
+        Converged::Waiting | Converged::NoRootService(_) => RETRY,
     }))
 }
 
 enum Converged {
     Yes,
     Waiting,
+    /// The root Service does not exist: nothing can be routed, which the user must hear about.
+    NoRootService(String),
 }
 
 async fn converge(
@@ -375,8 +398,7 @@ async fn converge(
         return Ok(Converged::Waiting);
     };
     let Some(root) = services.get_opt(&spec.root_service).await? else {
-        tracing::warn!(service = %spec.root_service, "root Service not found");
-        return Ok(Converged::Waiting);
+        return Ok(Converged::NoRootService(spec.root_service.clone()));
     };
     let Some(stable_hash) = stable_hash else {
         return Ok(Converged::Waiting);

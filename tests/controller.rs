@@ -591,3 +591,32 @@ async fn with_two_replicas_only_the_lease_holder_runs_the_controller() {
     assert_eq!(split_weights(&c.api), vec![0, 2500, 10_000, 0]);
     b.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_root_service_is_a_status_message_and_an_event() {
+    let steps = "- setWeight: 10\n";
+    let c = stable_v1(steps).await;
+    c.api.delete(SERVICES, NS, "web").await.unwrap();
+    apply(&c.api, deployment("web:2", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            state(d).is_some_and(|s| s.message.starts_with("root Service web not found"))
+        })
+        .await
+        .unwrap();
+    assert!(
+        fledge(&c.api, &["status", "web"])
+            .await
+            .contains("root Service web not found")
+    );
+    let warned = c
+        .api
+        .events()
+        .iter()
+        .any(|e| e["reason"] == "RootServiceMissing" && e["type"] == "Warning");
+    assert!(warned);
+    assert!(
+        c.api.get(SPLITS, NS, "web").is_none(),
+        "nothing is routed without it"
+    );
+}

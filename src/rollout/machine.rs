@@ -282,9 +282,14 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
             }),
         };
     }
+    // A reason already given for the wait (say, by the controller: a missing root Service) stays.
+    let message = match s.unavailable_since {
+        Some(_) => s.message.clone(),
+        None => format!("waiting for canary {}-canary to be available", obs.name),
+    };
     let state = RolloutState {
         unavailable_since: Some(since),
-        message: format!("waiting for canary {}-canary to be available", obs.name),
+        message,
         ..s.clone()
     };
     let weight = if obs.canary.ready_replicas == 0 {
