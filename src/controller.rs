@@ -455,10 +455,18 @@ async fn converge(
         && target == Target::Promote
         && facts.pending_hash.as_deref() != Some(facts.stable_hash.as_str())
     {
-        // The stable Deployment takes the canary's template, exactly as recorded; the resourceVersion
-        // test makes this a no-op if anything changed since the observation.
+        // The stable Deployment takes the canary's template, exactly as recorded, only while the
+        // stored state is still the one observed (Promoting this canary): a command or a new
+        // template written since makes the patch fail. Status updates, which change the
+        // resourceVersion all through a rollout, do not.
+        let state_path = json_patch::jsonptr::PointerBuf::from_tokens([
+            "metadata",
+            "annotations",
+            ANNOTATION_STATE,
+        ])
+        .to_string();
         let patch: json_patch::Patch = serde_json::from_value(json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": deployment["metadata"]["resourceVersion"]},
+            {"op": "test", "path": state_path, "value": deployment["metadata"]["annotations"][ANNOTATION_STATE]},
             {"op": "replace", "path": "/spec/template", "value": template},
         ]))
         .map_err(|source| ControllerError::Json {
