@@ -246,26 +246,21 @@ async fn a_new_template_walks_the_steps_to_promotion() {
         .unwrap()
         .unwrap();
     assert_eq!(image(&done), "web:2");
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
-        .await
-        .unwrap();
-    c.api
-        .wait_for(SPLITS, NS, "web", WAIT, |d| d.is_none())
-        .await
-        .unwrap();
+    wait_until_nothing_is_left(&c.api).await;
     assert_eq!(split_weights(&c.api), vec![0, 500, 5000, 10_000, 0]);
-    let promotions = c
-        .api
-        .events()
-        .iter()
-        .filter(|e| e["reason"] == "Promoted")
-        .count();
-    assert_eq!(promotions, 1);
+    assert_eq!(events_with_reason(&c.api, "Promoted"), 1);
     assert!(
         !c.api.webhook_calls().is_empty(),
         "the API server called fledge's webhook"
     );
+}
+
+/// How many Events with this reason were recorded.
+fn events_with_reason(api: &ApiServer, reason: &str) -> usize {
+    api.events()
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .count()
 }
 
 /// Waits until none of the objects fledge creates for `web` exists.
@@ -455,13 +450,7 @@ async fn acontroller_task_killed_mid_rollout_is_replaced_without_replaying_anyth
     // The pause kept its stored start; every weight was written once, in order; one promotion.
     assert!(paused_at.is_some());
     assert_eq!(split_weights(&c.api), vec![0, 1000, 6000, 10_000, 0]);
-    let promotions = c
-        .api
-        .events()
-        .iter()
-        .filter(|e| e["reason"] == "Promoted")
-        .count();
-    assert_eq!(promotions, 1);
+    assert_eq!(events_with_reason(&c.api, "Promoted"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -431,6 +431,11 @@ mod tests {
     const STABLE: &str = "stable-hash";
     const V2: &str = "v2-hash";
     const V3: &str = "v3-hash";
+    /// A canary Deployment with no ready pod.
+    const NO_CANARY_POD: CanaryStatus = CanaryStatus {
+        available: false,
+        ready_replicas: 0,
+    };
 
     fn w(bp: u16) -> Weight {
         Weight::from_basis_points(bp).unwrap()
@@ -587,10 +592,7 @@ mod tests {
         let mut s = state(Phase::Progressing, 0, Weight::ZERO);
         s.unavailable_since = Some(t(0));
         let waiting = Observation {
-            canary: CanaryStatus {
-                available: false,
-                ready_replicas: 0,
-            },
+            canary: NO_CANARY_POD,
             ..obs(&spec)
         };
         let n = next(Some(&s), &waiting, t(100));
@@ -625,10 +627,7 @@ mod tests {
         let mut s = state(Phase::Progressing, 0, Weight::ZERO);
         s.unavailable_since = Some(t(0));
         let waiting = Observation {
-            canary: CanaryStatus {
-                available: false,
-                ready_replicas: 0,
-            },
+            canary: NO_CANARY_POD,
             ..obs(&spec)
         };
         let n = next(Some(&s), &waiting, t(600));
@@ -651,10 +650,7 @@ mod tests {
         let spec = spec();
         let s = state(Phase::Paused, 3, w(5000));
         let broken = Observation {
-            canary: CanaryStatus {
-                available: false,
-                ready_replicas: 0,
-            },
+            canary: NO_CANARY_POD,
             ..obs(&spec)
         };
         let n = next(Some(&s), &broken, t(10));
