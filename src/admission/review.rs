@@ -351,6 +351,38 @@ mod tests {
     }
 
     #[test]
+    fn numbers_in_the_stable_template_come_back_exactly() {
+        // Go writes floats as the shortest text that round-trips; the patch that restores the
+        // stable template must write the same value back, not a neighbouring one.
+        let stable = r#"{"metadata":{"labels":{"app":"web"}},"spec":{"x":2.457244779466174e-242,"n":-9007199254740993}}"#;
+        let canary = stable.replace("-242", "-241");
+        let object = |template: &str| {
+            format!(
+                r#"{{"metadata":{{"name":"web","labels":{{"fledge.dev/enabled":"true"}},"annotations":{{"fledge.dev/steps":"- setWeight: 5"}}}},"spec":{{"template":{template}}}}}"#
+            )
+        };
+        let body = review(&object(&canary))
+            .replace("CREATE", "UPDATE")
+            .replacen(
+                r#""object":"#,
+                &format!(r#""oldObject":{},"object":"#, object(stable)),
+                1,
+            );
+        let request = parse(body.as_bytes()).unwrap();
+        let reply: Value =
+            serde_json::from_slice(&answer("", "u", &super::super::decide(&request)).unwrap())
+                .unwrap();
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(reply["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let patch = String::from_utf8(patch).unwrap();
+        assert!(
+            patch.contains(r#""spec":{"n":-9007199254740993,"x":2.457244779466174e-242}"#),
+            "{patch}"
+        );
+    }
+
+    #[test]
     fn versions_and_uids_are_checked() {
         let body = review("{}");
         assert!(matches!(
