@@ -5,4 +5,5 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod apiserver;
+pub mod e2e;
 pub mod webhook;

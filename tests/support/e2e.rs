@@ -1,0 +1,249 @@
+//! End-to-end test support: the stand-in with fledge's real webhook and controller, a user's
+//! Deployment and Service, and the real `fledge` binary run against it.
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::apiserver::{ApiServer, ApiServerConfig, ControllerConfig};
+use fledge::controller::{self, Config};
+use fledge::objects::SplitApi;
+use fledge::rollout::{Phase, RolloutState, read_state};
+
+pub const DEPLOYMENTS: &str = "apps/v1/deployments";
+pub const SERVICES: &str = "v1/services";
+pub const SPLITS: &str = "split.smi-spec.io/v1alpha2/trafficsplits";
+pub const NS: &str = "shop";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The stand-in with fledge's webhook registered and fledge's controller running against it.
+pub struct Cluster {
+    pub api: ApiServer,
+    /// The webhook's and the controller's metrics, as `/metrics` serves them.
+    pub metrics: Arc<fledge::server::Metrics>,
+    _webhook: super::webhook::FledgeWebhook,
+    pub controller_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.controller_task.abort();
+    }
+}
+
+pub async fn cluster() -> Cluster {
+    cluster_with(ControllerConfig::default()).await
+}
+
+/// [`cluster`] with the stand-in's deployment controller configured (e.g. readiness delays).
+pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("fledge=debug"))
+        .with_test_writer()
+        .try_init();
+    let webhook = super::webhook::start();
+    let api = ApiServer::start(ApiServerConfig {
+        webhooks: vec![webhook.config.clone()],
+        namespaces: vec![NS.into()],
+        controller,
+        ..ApiServerConfig::default()
+    })
+    .await;
+    let metrics = Arc::new(fledge::server::Metrics::default());
+    let controller = start_controller(&api, &metrics);
+    Cluster {
+        metrics,
+        api,
+        _webhook: webhook,
+        controller_task: controller,
+    }
+}
+
+pub fn start_controller(
+    api: &ApiServer,
+    metrics: &fledge::server::Metrics,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(controller::run(
+        api.client(),
+        Config {
+            namespace: Some(NS.into()),
+            split_api: SplitApi::V1Alpha2,
+            metrics: metrics.controller.clone(),
+        },
+        std::future::pending(),
+    ))
+}
+
+pub fn deployment(image: &str, steps: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {
+            "name": "web", "namespace": NS,
+            "labels": {"app": "web", "fledge.dev/enabled": "true"},
+            "annotations": {"fledge.dev/steps": steps},
+        },
+        "spec": {
+            "replicas": 4,
+            "progressDeadlineSeconds": 30,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": image}]},
+            },
+        },
+    })
+}
+
+pub fn root_service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    })
+}
+
+pub fn image(d: &Value) -> &str {
+    d["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+pub fn state(d: Option<&Value>) -> Option<RolloutState> {
+    let annotations = d?["metadata"]["annotations"].as_object()?;
+    let map = annotations
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect();
+    read_state(Some(&map)).ok().flatten()
+}
+
+pub fn phase(d: Option<&Value>) -> Option<Phase> {
+    state(d).map(|s| s.phase)
+}
+
+/// The canary weights the TrafficSplit carried, in order, repeats removed.
+pub fn split_weights(api: &ApiServer) -> Vec<u64> {
+    let mut weights: Vec<u64> = api
+        .history_of("trafficsplits.split.smi-spec.io", NS, "web")
+        .iter()
+        .filter_map(|r| r.object["spec"]["backends"][1]["weight"].as_u64())
+        .collect();
+    weights.dedup();
+    weights
+}
+
+/// A kubeconfig that points at the stand-in, namespace [`NS`] by default.
+pub fn kubeconfig(api: &ApiServer) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fledge-kubeconfig-{}-{}",
+        std::process::id(),
+        api.addr().port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: '{}'}}}}]\n\
+             users: [{{name: user, user: {{}}}}]\n\
+             contexts: [{{name: here, context: {{cluster: stand-in, user: user, namespace: {NS}}}}}]\n\
+             current-context: here\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    kubeconfig
+}
+
+/// Runs `command` (with `KUBECONFIG` pointing at the stand-in) to its end, off the async runtime.
+pub async fn run_command(
+    api: &ApiServer,
+    mut command: std::process::Command,
+) -> std::process::Output {
+    command.env("KUBECONFIG", kubeconfig(api));
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Runs the real `fledge` binary against the stand-in; it must succeed. Returns its stdout.
+pub async fn fledge(api: &ApiServer, args: &[&str]) -> String {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fledge"));
+    command.args(args);
+    let output = run_command(api, command).await;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+pub async fn apply(api: &ApiServer, object: Value) {
+    let client = api.client();
+    let resource: kube::Api<kube::api::DynamicObject> = match object["kind"].as_str() {
+        Some("Service") => kube::Api::namespaced_with(
+            client,
+            NS,
+            &kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&()),
+        ),
+        _ => kube::Api::namespaced_with(
+            client,
+            NS,
+            &kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
+        ),
+    };
+    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+    resource
+        .patch(
+            &name,
+            &kube::api::PatchParams::apply("kubectl").force(),
+            &kube::api::Patch::Apply(&object),
+        )
+        .await
+        .unwrap();
+}
+
+/// How many Events with this reason were recorded.
+pub fn events_with_reason(api: &ApiServer, reason: &str) -> usize {
+    api.events()
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .count()
+}
+
+/// Waits until none of the objects fledge creates for `web` exists.
+pub async fn wait_until_nothing_is_left(api: &ApiServer) {
+    for (gvr, name) in [
+        (DEPLOYMENTS, "web-canary"),
+        (SPLITS, "web"),
+        (SERVICES, "web-canary"),
+        (SERVICES, "web-stable"),
+    ] {
+        api.wait_for(gvr, NS, name, WAIT, |d| d.is_none())
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits for the rollout to reach `phase`.
+pub async fn wait_phase(api: &ApiServer, wanted: Phase) -> Value {
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| phase(d) == Some(wanted))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+pub async fn stable_v1(steps: &str) -> Cluster {
+    let c = cluster().await;
+    apply(&c.api, root_service()).await;
+    apply(&c.api, deployment("web:1", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+        })
+        .await
+        .unwrap();
+    c
+}
