@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -24,6 +23,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use std::sync::atomic::AtomicU64;
 
+use crate::events::{self, Reporter};
 use crate::objects::{self, LABEL_MANAGED_BY, SplitApi};
 use crate::observe::{self, DeploymentFacts};
 use crate::rollout::machine::{self, Target};
@@ -183,7 +183,7 @@ fn phase_name(phase: Phase) -> &'static str {
 struct Context {
     client: Client,
     config: Config,
-    recorder: Recorder,
+    reporter: Reporter,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -195,17 +195,14 @@ pub async fn run(
     let deployments: Api<Deployment> = scoped(&client, &config.namespace);
     let services: Api<Service> = scoped(&client, &config.namespace);
     let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").unwrap_or_else(|_| MANAGER.into()),
+    };
     let context = Arc::new(Context {
         client,
         config,
-        recorder,
+        reporter,
     });
     Controller::new(deployments.clone(), watcher::Config::default())
         .owns(deployments, owned.clone())
@@ -316,11 +313,12 @@ async fn reconcile(
     // failed cleanup is tried again. Otherwise it goes first: the webhook lets the promotion
     // through only once it is stored.
     let leaving = next.state.is_none();
-    if changed && !leaving {
-        store_state(&deployments, &deployment, next.state.as_ref()).await?;
-    }
+    // Announced before it is stored: see [`events`] for why that records it exactly once.
     if let Some(event) = &next.event {
         publish(&ctx, &deployment, event).await;
+    }
+    if changed && !leaving {
+        store_state(&deployments, &deployment, next.state.as_ref()).await?;
     }
     // Promotion rewrites the Deployment just observed; after a state write it waits for the next
     // pass, on the fresh object.
@@ -621,25 +619,14 @@ async fn store_state(
 }
 
 async fn publish(ctx: &Context, deployment: &Deployment, event: &machine::Event) {
-    let reference: ObjectReference = deployment.object_ref(&());
-    let result = ctx
-        .recorder
-        .publish(
-            &Event {
-                type_: if event.warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: event.reason.into(),
-                note: Some(event.message.clone()),
-                action: "Rollout".into(),
-                secondary: None,
-            },
-            &reference,
-        )
-        .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not record an Event");
+    let announcement = events::transition_event(
+        deployment.object_ref(&()),
+        deployment.annotations(),
+        event,
+        &ctx.reporter,
+        Timestamp::now(),
+    );
+    if let Err(e) = events::record(&ctx.client, &announcement).await {
+        tracing::warn!(error = %e, reason = event.reason, "could not record an Event");
     }
 }

@@ -12,6 +12,7 @@ pub mod admission;
 pub mod certs;
 pub mod commands;
 pub mod controller;
+pub mod events;
 pub mod lease;
 pub mod objects;
 pub mod observe;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::apiserver::ApiServer;
+use support::apiserver::{ApiServer, ControllerConfig};
 use support::e2e::*;
 
 use fledge::controller::{self, Config};
@@ -385,5 +385,189 @@ async fn a_missing_root_service_is_a_status_message_and_an_event() {
     assert!(
         c.api.get(SPLITS, NS, "web").is_none(),
         "nothing is routed without it"
+    );
+}
+
+/// `(phase, step)` of a stored rollout state: what a kill point is named by.
+type Position = (Phase, usize);
+
+fn position(d: Option<&Value>) -> Option<Position> {
+    state(d).map(|s| (s.phase, s.step))
+}
+
+/// The stored rollout states of `web`, oldest first, with repeats removed.
+fn state_history(api: &ApiServer) -> Vec<fledge::rollout::RolloutState> {
+    let mut states: Vec<_> = api
+        .history_of("deployments.apps", NS, "web")
+        .iter()
+        .filter_map(|r| state(Some(&r.object)))
+        .collect();
+    states.dedup();
+    states
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_at_every_step_boundary_and_mid_every_pause_changes_nothing_observable()
+{
+    let steps = "- setWeight: 10\n- pause: {duration: 2s}\n- setWeight: 40\n- pause: {}\n\
+                 - setWeight: 70\n- pause: {duration: 2s}\n";
+    let timed_pauses = [(1, Duration::from_secs(2)), (5, Duration::from_secs(2))];
+    // Pods take 400 ms to become ready, so every weight step and the promotion hold long enough
+    // for the kill to land while the controller is at that step.
+    let mut c = cluster_with(ControllerConfig {
+        ready_delay: Duration::from_millis(400),
+        ..ControllerConfig::default()
+    })
+    .await;
+    apply(&c.api, root_service()).await;
+    apply(&c.api, deployment("web:1", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+        })
+        .await
+        .unwrap();
+    apply(&c.api, deployment("web:2", steps)).await;
+
+    let mut killed_at: Vec<(Position, &str)> = Vec::new();
+    let mut handled: Option<Position> = None;
+    let mut mid_pause_done: Vec<usize> = Vec::new();
+    loop {
+        let web = c
+            .api
+            .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+                let Some(s) = state(d) else { return false };
+                let mid_pause_due = timed_pauses.iter().any(|(step, length)| {
+                    s.phase == Phase::Paused
+                        && s.step == *step
+                        && !mid_pause_done.contains(step)
+                        && s.step_started.is_some_and(|started| {
+                            let half =
+                                k8s_openapi::jiff::SignedDuration::try_from(*length / 2).unwrap();
+                            k8s_openapi::jiff::Timestamp::now() >= started + half
+                        })
+                });
+                Some((s.phase, s.step)) != handled || mid_pause_due
+            })
+            .await
+            .unwrap();
+        let at = position(web.as_ref()).unwrap();
+        let kind = if Some(at) == handled {
+            mid_pause_done.push(at.1);
+            "mid-pause"
+        } else {
+            "boundary"
+        };
+        handled = Some(at);
+        c.controller_task.abort();
+        killed_at.push((at, kind));
+        if at == (Phase::Paused, 3) {
+            // The manual gate is opened while no controller runs.
+            fledge(&c.api, &["promote", "web"]).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.controller_task = start_controller(&c.api, &c.metrics);
+        if at.0 == Phase::Succeeded {
+            break;
+        }
+    }
+    wait_until_nothing_is_left(&c.api).await;
+
+    use Phase::*;
+    // Every position the rollout was stored in, each with a kill right after it was written.
+    let every_position = vec![
+        (Progressing, 0),
+        (Progressing, 1),
+        (Paused, 1),
+        (Progressing, 2),
+        (Progressing, 3),
+        (Paused, 3),
+        (Progressing, 4),
+        (Progressing, 5),
+        (Paused, 5),
+        (Progressing, 6),
+        (Promoting, 6),
+        (Succeeded, 6),
+    ];
+    let boundaries: Vec<Position> = killed_at
+        .iter()
+        .filter(|(_, kind)| *kind == "boundary")
+        .map(|(at, _)| *at)
+        .collect();
+    assert_eq!(boundaries, every_position);
+    let mid_pauses: Vec<Position> = killed_at
+        .iter()
+        .filter(|(_, kind)| *kind == "mid-pause")
+        .map(|(at, _)| *at)
+        .collect();
+    assert_eq!(mid_pauses, [(Paused, 1), (Paused, 5)]);
+    // Every weight once, in order; the stable template changed once; the canary Deployment was
+    // created once; nothing is left.
+    assert_eq!(split_weights(&c.api), vec![0, 1000, 4000, 7000, 10_000, 0]);
+    let mut stable_images: Vec<String> = c
+        .api
+        .history_of("deployments.apps", NS, "web")
+        .iter()
+        .map(|r| image(&r.object).to_owned())
+        .collect();
+    stable_images.dedup();
+    assert_eq!(stable_images, ["web:1", "web:2"]);
+    let canary_creations = c
+        .api
+        .history_of("deployments.apps", NS, "web-canary")
+        .iter()
+        .filter(|r| matches!(r.kind, support::apiserver::ChangeKind::Added))
+        .count();
+    assert_eq!(canary_creations, 1);
+    // No step started twice, so no pause lost the time it had already waited; and each timed
+    // pause lasted its length.
+    let states = state_history(&c.api);
+    let positions: Vec<Position> = {
+        let mut p: Vec<Position> = states.iter().map(|s| (s.phase, s.step)).collect();
+        p.dedup();
+        p
+    };
+    assert_eq!(
+        positions, every_position,
+        "the same history as without kills"
+    );
+    let started = |step: usize| {
+        let mut starts: Vec<_> = states
+            .iter()
+            .filter(|s| s.step == step && matches!(s.phase, Progressing | Paused))
+            .map(|s| s.step_started)
+            .collect();
+        starts.dedup();
+        assert_eq!(starts.len(), 1, "step {step} started {starts:?}");
+        starts[0].unwrap()
+    };
+    for (step, length) in timed_pauses {
+        let ended = started(step + 1);
+        let waited = ended.duration_since(started(step));
+        assert!(
+            waited >= k8s_openapi::jiff::SignedDuration::try_from(length).unwrap(),
+            "pause at step {step} lasted {waited:?}"
+        );
+    }
+    let reasons: Vec<String> = c
+        .api
+        .events()
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    // Each transition announced once, though every one of them was interrupted.
+    assert_eq!(
+        reasons,
+        [
+            "CanaryStarted",
+            "WeightSet",
+            "PauseEnded",
+            "WeightSet",
+            "WeightSet",
+            "PauseEnded",
+            "Promoting",
+            "Promoted"
+        ]
     );
 }
