@@ -1,6 +1,6 @@
 //! `fledge status`, `promote`, `abort` and `retry`: read a Deployment's rollout, or change its
 //! stored state with the pure [`command`](crate::rollout::machine::command). The controller does
-//! the rest, level-triggered.
+//! the rest, level-triggered. `fledge status --watch` is [`watch`].
 
 use std::time::Duration;
 
@@ -14,10 +14,14 @@ use serde_json::{Value, json};
 use crate::observe::DeploymentFacts;
 use crate::rollout::machine::{self, Command};
 use crate::rollout::{Phase, RolloutState};
-use crate::spec::{ANNOTATION_STATE, LABEL_ENABLED, Step, format_duration};
+use crate::spec::{ANNOTATION_STATE, LABEL_ENABLED, Step, Weight, format_duration};
+
+pub mod watch;
 
 /// How many times a command reads again after a conflicting write.
 const ATTEMPTS: usize = 10;
+/// Cells in the weight bar: one per 10 %.
+const BAR_CELLS: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -31,6 +35,12 @@ pub enum CommandError {
     Conflicts { name: String },
     #[error("encoding: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("watching Deployments: {0}")]
+    Watch(#[from] kube::runtime::watcher::Error),
+    #[error("the watch on Deployments ended")]
+    WatchEnded,
+    #[error("writing the status: {0}")]
+    Output(#[from] std::io::Error),
 }
 
 /// What `fledge status NAME -o json` prints.
@@ -117,13 +127,37 @@ pub fn status_line(s: &Status) -> String {
         .map(|left| format!(" ({left} left)"))
         .unwrap_or_default();
     format!(
-        "{:<24} {:<11} step {}/{}  weight {:>6}%  {}{pause}",
+        "{:<24} {:<11} step {}/{}  weight {:>6}% {}  {}{pause}",
         s.name,
         s.phase.to_string(),
         s.step,
         s.steps,
         s.weight,
+        weight_bar(&s.weight),
         s.message
+    )
+}
+
+/// What `fledge status` prints in text: a line per Deployment, or why there is none.
+pub fn status_text(statuses: &[Status], namespace: &str) -> String {
+    if statuses.is_empty() {
+        return format!("no Deployment in {namespace} is opted in to fledge\n");
+    }
+    statuses.iter().map(|s| status_line(s) + "\n").collect()
+}
+
+/// The canary weight as ten cells, `[##--------]` for 20 %. Any traffic fills a cell, so that a
+/// first step of 1 % does not look like none.
+fn weight_bar(weight: &str) -> String {
+    let basis_points = Weight::parse_percent(weight).map_or(0, |w| u32::from(w.basis_points()));
+    let filled = match basis_points {
+        0 => 0,
+        bp => (bp * BAR_CELLS / u32::from(Weight::FULL.basis_points())).max(1),
+    };
+    format!(
+        "[{}{}]",
+        "#".repeat(filled as usize),
+        "-".repeat((BAR_CELLS - filled) as usize)
     )
 }
 
@@ -244,7 +278,8 @@ mod tests {
             assert!(json.get(key).is_some(), "{key} in {json}");
         }
         assert!(
-            status_line(&s).contains("step 2/3  weight      5%  step 2/3: paused (1m30s left)"),
+            status_line(&s)
+                .contains("step 2/3  weight      5% [#---------]  step 2/3: paused (1m30s left)"),
             "{}",
             status_line(&s)
         );
@@ -255,5 +290,35 @@ mod tests {
         let s = status_of(&deployment(None), t(0));
         assert_eq!((s.phase, s.step, s.weight.as_str()), (Phase::Idle, 0, "0"));
         assert_eq!(s.message, "canary c2 is waiting for the controller");
+    }
+
+    #[test]
+    fn the_weight_bar_has_a_cell_per_ten_percent_and_shows_any_traffic() {
+        let bars: Vec<String> = ["0", "0.01", "5", "20", "99.99", "100"]
+            .iter()
+            .map(|w| weight_bar(w))
+            .collect();
+        assert_eq!(
+            bars,
+            [
+                "[----------]",
+                "[#---------]",
+                "[#---------]",
+                "[##--------]",
+                "[#########-]",
+                "[##########]"
+            ]
+        );
+    }
+
+    #[test]
+    fn status_text_is_a_line_per_deployment_or_says_there_is_none() {
+        let s = status_of(&deployment(None), t(0));
+        assert_eq!(
+            status_text(&[], "shop"),
+            "no Deployment in shop is opted in to fledge\n"
+        );
+        let two = status_text(&[s.clone(), s.clone()], "shop");
+        assert_eq!(two, format!("{}\n{}\n", status_line(&s), status_line(&s)));
     }
 }

@@ -1,6 +1,7 @@
 //! The `fledge` command line: the edge where errors become messages and exit codes.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,14 +9,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use tokio::signal::{self, unix::SignalKind};
 
 use fledge::admission::Outcome;
-use fledge::commands;
+use fledge::commands::{
+    self,
+    watch::{self, Ending, Style},
+};
 use fledge::objects::SplitApi;
 use fledge::plan::{self, Manifest};
 use fledge::rollout::machine::Command as RolloutCommand;
 use fledge::server::{self, AppState, tls};
 use fledge::{certs, spec};
+
+/// The shell's exit code for a command ended by Ctrl-C (128 + SIGINT).
+const INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +73,10 @@ struct StatusArgs {
     /// Output: one line per Deployment, or JSON.
     #[arg(short = 'o', long, value_enum, default_value_t = StatusOutput::Text)]
     output: StatusOutput,
+    /// Keep watching and show every change (JSON: one object per line). With NAME, end when the
+    /// rollout settles: exit 0 at Succeeded or with no canary in flight, 1 at Aborted.
+    #[arg(short = 'w', long)]
+    watch: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -299,24 +311,26 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     })
 }
 
-/// SIGTERM (what the kubelet sends) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// SIGTERM (what the kubelet sends) or Ctrl-C. The handlers are in place from this call on, not
+/// from the first poll, so that a signal in between is not lost (nor kills the process).
+fn shutdown_signal() -> impl Future<Output = ()> {
+    let interrupt = signal::unix::signal(SignalKind::interrupt()).ok();
+    let terminate = signal::unix::signal(SignalKind::terminate()).ok();
+    async move {
+        tokio::select! {
+            () = received(interrupt) => {}
+            () = received(terminate) => {}
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    }
+}
+
+/// Resolves at the first signal; never, when its handler could not be installed.
+async fn received(signal: Option<signal::unix::Signal>) {
+    match signal {
+        Some(mut signal) => {
+            signal.recv().await;
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        None => std::future::pending().await,
     }
 }
 
@@ -364,6 +378,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run_status(args: StatusArgs) -> Result<ExitCode> {
+    if args.watch {
+        return run_status_watch(args);
+    }
     runtime()?.block_on(async {
         let (client, namespace) = client(args.namespace).await?;
         let statuses = commands::status(client, &namespace, args.name.as_deref()).await?;
@@ -373,16 +390,43 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(one)?);
             }
             StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&statuses)?),
-            StatusOutput::Text if statuses.is_empty() => {
-                println!("no Deployment in {namespace} is opted in to fledge")
-            }
-            StatusOutput::Text => {
-                for status in &statuses {
-                    println!("{}", commands::status_line(status));
-                }
-            }
+            StatusOutput::Text => print!("{}", commands::status_text(&statuses, &namespace)),
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `fledge status --watch`. Exit codes, as `kubectl rollout status`: with NAME, 0 at Succeeded or
+/// when no canary is in flight, 1 at Aborted (or when fledge cannot run it), 130 on Ctrl-C before
+/// it settles; without NAME it runs until Ctrl-C and exits 0.
+fn run_status_watch(args: StatusArgs) -> Result<ExitCode> {
+    // Retried watch failures are logged to stderr, out of the view's way.
+    init_logging(LogFormat::Text);
+    let style = match args.output {
+        StatusOutput::Json => Style::Json,
+        StatusOutput::Text if std::io::stdout().is_terminal() => Style::Live,
+        StatusOutput::Text => Style::Log,
+    };
+    runtime()?.block_on(async {
+        let stop = shutdown_signal();
+        let (client, namespace) = client(args.namespace).await?;
+        let ending = watch::watch(
+            client,
+            &namespace,
+            args.name.as_deref(),
+            style,
+            &mut std::io::stdout().lock(),
+            stop,
+        )
+        .await?;
+        match ending {
+            Ending::Settled(watch::Outcome::Succeeded | watch::Outcome::NothingInFlight) => {
+                Ok(ExitCode::SUCCESS)
+            }
+            Ending::Settled(watch::Outcome::Failed(why)) => Err(anyhow::anyhow!(why)),
+            Ending::Stopped if args.name.is_some() => Ok(ExitCode::from(INTERRUPTED)),
+            Ending::Stopped => Ok(ExitCode::SUCCESS),
+        }
     })
 }
 
