@@ -224,8 +224,8 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         }
         Step::PauseFor(d) => {
             let started = s.step_started.unwrap_or(now);
-            let elapsed = seconds_between(started, now);
-            if elapsed >= d.as_secs() {
+            let elapsed = elapsed(started, now);
+            if elapsed >= *d {
                 return advance(
                     state,
                     info(
@@ -237,11 +237,11 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
                     ),
                 );
             }
-            let left = Duration::from_secs(d.as_secs() - elapsed);
+            let left = *d - elapsed;
             state.phase = Phase::Paused;
             state.message = format!(
                 "{position}: paused, {} left",
-                crate::spec::format_duration(left)
+                crate::spec::format_duration(whole_seconds_up(left))
             );
             hold(state, Some(left))
         }
@@ -257,12 +257,13 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
 /// pod, and abort when the Deployment's own progress deadline has passed.
 fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp) -> Next {
     let since = s.unavailable_since.unwrap_or(now);
-    let deadline = obs.progress_deadline.as_secs();
-    let waited = seconds_between(since, now);
+    let deadline = obs.progress_deadline;
+    let waited = elapsed(since, now);
     if waited >= deadline {
         let message = format!(
-            "canary {}-canary was not available within {deadline}s (progressDeadlineSeconds): aborted, traffic back to stable",
-            obs.name
+            "canary {}-canary was not available within {}s (progressDeadlineSeconds): aborted, traffic back to stable",
+            obs.name,
+            deadline.as_secs()
         );
         let state = RolloutState {
             phase: Phase::Aborted,
@@ -300,7 +301,7 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
     Next {
         state: Some(state),
         target: Target::Canary { size, weight },
-        requeue: Some(Duration::from_secs(deadline - waited)),
+        requeue: Some(deadline - waited),
         event: None,
     }
 }
@@ -347,9 +348,15 @@ fn promote(s: &RolloutState, obs: &Observation) -> Next {
     }
 }
 
-/// Whole seconds from `earlier` to `later`, 0 if the clock went back.
-fn seconds_between(earlier: Timestamp, later: Timestamp) -> u64 {
-    u64::try_from(later.as_second() - earlier.as_second()).unwrap_or(0)
+/// The time from `earlier` to `later` to the nanosecond (stored times keep their fraction), zero
+/// if the clock went back. Whole seconds would end a pause up to a second early.
+fn elapsed(earlier: Timestamp, later: Timestamp) -> Duration {
+    Duration::try_from(later.duration_since(earlier)).unwrap_or(Duration::ZERO)
+}
+
+/// `d` rounded up to whole seconds, for messages: a pause with 0.4 s left says `1s`, not `0s`.
+fn whole_seconds_up(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 /// What a user asks with `fledge promote|abort|retry NAME`.
@@ -427,6 +434,7 @@ pub fn command(
 mod tests {
     use super::*;
     use crate::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
+    use k8s_openapi::jiff::SignedDuration;
 
     const STABLE: &str = "stable-hash";
     const V2: &str = "v2-hash";
@@ -744,6 +752,43 @@ mod tests {
             (s.phase, s.step, s.step_started),
             (Phase::Progressing, 2, Some(t(120)))
         );
+    }
+
+    #[test]
+    fn a_pause_lasts_its_whole_length_to_the_fraction_of_a_second() {
+        let spec = spec();
+        let started = t(0) + SignedDuration::from_millis(900);
+        let mut s = state(Phase::Paused, 1, w(500));
+        s.step_started = Some(started);
+        // Stored and read back, as a restarted controller reads it: the fraction stays.
+        let s: RolloutState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(s.step_started, Some(started));
+        // 119.1 s into a 2m pause whose start was at .9: whole seconds would say 120 and end it.
+        let n = next(Some(&s), &obs(&spec), t(120));
+        assert_eq!(phase_of(&n), Some(Phase::Paused));
+        assert_eq!(n.requeue, Some(Duration::from_millis(900)));
+        assert!(n.state.unwrap().message.contains("paused, 1s left"));
+        let n = next(
+            Some(&s),
+            &obs(&spec),
+            started + SignedDuration::from_secs(120),
+        );
+        assert_eq!(n.state.unwrap().step, 2);
+    }
+
+    #[test]
+    fn the_progress_deadline_is_not_cut_short_by_whole_seconds() {
+        let spec = spec();
+        let mut s = state(Phase::Progressing, 0, w(0));
+        s.unavailable_since = Some(t(0) + SignedDuration::from_millis(999));
+        let mut o = obs(&spec);
+        o.canary = CanaryStatus::default();
+        o.progress_deadline = Duration::from_secs(10);
+        let n = next(Some(&s), &o, t(10));
+        assert_eq!(phase_of(&n), Some(Phase::Progressing));
+        assert_eq!(n.requeue, Some(Duration::from_millis(999)));
+        let n = next(Some(&s), &o, t(11));
+        assert_eq!(phase_of(&n), Some(Phase::Aborted));
     }
 
     #[test]
