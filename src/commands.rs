@@ -7,10 +7,11 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::events;
 use crate::observe::DeploymentFacts;
 use crate::rollout::machine::{self, Command};
 use crate::rollout::{Phase, RolloutState};
@@ -190,6 +191,23 @@ pub async fn status(
         .collect()
 }
 
+/// What a command did.
+#[derive(Debug)]
+pub struct Applied {
+    /// The state it stored.
+    pub state: RolloutState,
+    /// Why its Event could not be recorded, if it could not (the command took effect anyway).
+    pub unrecorded: Option<kube::Error>,
+}
+
+/// Who records the Events of `fledge promote|abort|retry`.
+fn cli_reporter() -> events::Reporter {
+    events::Reporter {
+        controller: "fledge-cli".into(),
+        instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "fledge-cli".into()),
+    }
+}
+
 /// Applies `cmd` to the stored state of `name`, with the read resourceVersion as a precondition:
 /// on a conflict (the controller wrote in between) it reads again and decides again.
 pub async fn run(
@@ -197,8 +215,8 @@ pub async fn run(
     namespace: &str,
     name: &str,
     cmd: Command,
-) -> Result<RolloutState, CommandError> {
-    let api: Api<Deployment> = Api::namespaced(client, namespace);
+) -> Result<Applied, CommandError> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     for _ in 0..ATTEMPTS {
         let deployment = api
             .get_opt(name)
@@ -231,7 +249,22 @@ pub async fn run(
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => return Ok(next),
+            Ok(_) => {
+                // Announced after the write, unlike the controller's transitions: a command that
+                // lost a race is decided again on fresh data and must not have been announced.
+                let event = events::transition_event(
+                    deployment.object_ref(&()),
+                    deployment.annotations(),
+                    &cmd.event(&next),
+                    &cli_reporter(),
+                    Timestamp::now(),
+                );
+                let unrecorded = events::record(&client, &event).await.err();
+                return Ok(Applied {
+                    state: next,
+                    unrecorded,
+                });
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(e) => return Err(e.into()),
         }

@@ -433,8 +433,11 @@ fn run_status_watch(args: StatusArgs) -> Result<ExitCode> {
 fn run_rollout_command(args: TargetArgs, cmd: RolloutCommand) -> Result<ExitCode> {
     runtime()?.block_on(async {
         let (client, namespace) = client(args.namespace).await?;
-        let state = commands::run(client, &namespace, &args.name, cmd).await?;
-        println!("{}: {}", args.name, state.message);
+        let applied = commands::run(client, &namespace, &args.name, cmd).await?;
+        println!("{}: {}", args.name, applied.state.message);
+        if let Some(e) = applied.unrecorded {
+            eprintln!("warning: the command took effect, but its Event could not be recorded: {e}");
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -153,6 +153,21 @@ async fn abort_by_command_then_retry() {
         "web:2"
     );
     assert_eq!(split_weights(&c.api), vec![0, 3000, 0, 3000]);
+    // Both commands are on the record, the abort as a warning.
+    let aborted = c
+        .api
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "Aborted")
+        .unwrap();
+    assert_eq!(
+        (
+            aborted["type"].as_str(),
+            aborted["reportingComponent"].as_str()
+        ),
+        (Some("Warning"), Some("fledge-cli"))
+    );
+    assert_eq!(events_with_reason(&c.api, "Retried"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,6 +579,7 @@ async fn a_controller_killed_at_every_step_boundary_and_mid_every_pause_changes_
             "WeightSet",
             "PauseEnded",
             "WeightSet",
+            "Resumed",
             "WeightSet",
             "PauseEnded",
             "Promoting",

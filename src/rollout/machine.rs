@@ -370,6 +370,22 @@ pub enum Command {
     Retry,
 }
 
+impl Command {
+    /// The Event announcing that this command produced `state`.
+    pub fn event(self, state: &RolloutState) -> Event {
+        let reason = match self {
+            Command::Promote => "Resumed",
+            Command::Abort => "Aborted",
+            Command::Retry => "Retried",
+        };
+        Event {
+            reason,
+            message: state.message.clone(),
+            warning: self == Command::Abort,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct CommandError(pub String);
@@ -789,6 +805,21 @@ mod tests {
         assert_eq!(n.requeue, Some(Duration::from_millis(999)));
         let n = next(Some(&s), &o, t(11));
         assert_eq!(phase_of(&n), Some(Phase::Aborted));
+    }
+
+    #[test]
+    fn commands_are_announced_with_their_own_reason_and_the_stored_message() {
+        let spec = spec();
+        let paused = state(Phase::Paused, 3, w(5000));
+        let aborted = command(Some(&paused), &spec, Command::Abort, "web", t(1)).unwrap();
+        let e = Command::Abort.event(&aborted);
+        assert_eq!((e.reason, e.warning), ("Aborted", true));
+        assert_eq!(e.message, aborted.message);
+        let retried = command(Some(&aborted), &spec, Command::Retry, "web", t(2)).unwrap();
+        assert_eq!(Command::Retry.event(&retried).reason, "Retried");
+        let resumed = command(Some(&paused), &spec, Command::Promote, "web", t(3)).unwrap();
+        let e = Command::Promote.event(&resumed);
+        assert_eq!((e.reason, e.warning), ("Resumed", false));
     }
 
     #[test]
