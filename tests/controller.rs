@@ -577,10 +577,13 @@ async fn a_controller_killed_at_every_step_boundary_and_mid_every_pause_changes_
         [
             "CanaryStarted",
             "WeightSet",
+            "Paused",
             "PauseEnded",
             "WeightSet",
+            "Paused",
             "Resumed",
             "WeightSet",
+            "Paused",
             "PauseEnded",
             "Promoting",
             "Promoted"

@@ -206,6 +206,15 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
             ..hold(state, None)
         }
     };
+    // Entering a pause is announced; the countdown in its message is not.
+    let pause = |mut state: RolloutState, requeue: Option<Duration>| {
+        let entering = state.phase != Phase::Paused;
+        state.phase = Phase::Paused;
+        Next {
+            event: entering.then(|| info("Paused", state.message.clone())),
+            ..hold(state, requeue)
+        }
+    };
     let position = format!("step {}/{total}", s.step + 1);
     match step {
         Step::SetWeight(w) => {
@@ -238,17 +247,15 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
                 );
             }
             let left = *d - elapsed;
-            state.phase = Phase::Paused;
             state.message = format!(
                 "{position}: paused, {} left",
                 crate::spec::format_duration(whole_seconds_up(left))
             );
-            hold(state, Some(left))
+            pause(state, Some(left))
         }
         Step::PauseUntilPromoted => {
-            state.phase = Phase::Paused;
             state.message = format!("{position}: paused until `fledge promote {}`", obs.name);
-            hold(state, None)
+            pause(state, None)
         }
     }
 }
@@ -293,16 +300,23 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
         message,
         ..s.clone()
     };
-    let weight = if obs.canary.ready_replicas == 0 {
-        Weight::ZERO
-    } else {
-        s.weight
-    };
     Next {
         state: Some(state),
-        target: Target::Canary { size, weight },
+        target: Target::Canary {
+            size,
+            weight: routable(s.weight, obs),
+        },
         requeue: Some(deadline - waited),
         event: None,
+    }
+}
+
+/// The canary's share of traffic that may be routed now: none while it has no ready pod.
+fn routable(weight: Weight, obs: &Observation) -> Weight {
+    if obs.canary.ready_replicas == 0 {
+        Weight::ZERO
+    } else {
+        weight
     }
 }
 
@@ -321,7 +335,7 @@ fn promote(s: &RolloutState, obs: &Observation) -> Next {
         }
         Target::Canary {
             size: Weight::FULL,
-            weight: state.weight,
+            weight: routable(state.weight, obs),
         }
     } else if obs.pending_hash != Some(obs.stable_hash) || !obs.stable_rolled_out {
         state.message = format!(
@@ -1023,7 +1037,7 @@ mod tests {
                         let promoted =
                             command(Some(&s), spec, Command::Promote, "web", t(now)).unwrap();
                         stored = Some(serde_json::to_string(&promoted).unwrap());
-                        events.push("PromoteCommand");
+                        events.push(Command::Promote.event(&promoted).reason);
                     }
                 }
             }
@@ -1044,15 +1058,153 @@ mod tests {
             vec![
                 "CanaryStarted",
                 "WeightSet",
+                "Paused",
                 "PauseEnded",
                 "WeightSet",
-                "PromoteCommand",
+                "Paused",
+                "Resumed",
                 "WeightSet",
                 "Promoting",
                 "Promoted"
             ]
         );
         assert_eq!(events.iter().filter(|e| **e == "Promoted").count(), 1);
+    }
+
+    /// Every phase × step × weight × hash of a stored state (and none) against every kind of
+    /// observation at three moments: the rules that must hold whatever happens.
+    #[test]
+    fn every_state_against_every_observation_keeps_the_rules() {
+        let spec = spec();
+        let total = spec.steps.len();
+        let allowed_weights: Vec<Weight> = [Weight::ZERO, Weight::FULL]
+            .into_iter()
+            .chain(spec.steps.iter().filter_map(|s| match s {
+                SetWeight(w) => Some(*w),
+                _ => None,
+            }))
+            .collect();
+        let mut states = vec![None];
+        for phase in [
+            Phase::Idle,
+            Phase::Progressing,
+            Phase::Paused,
+            Phase::Promoting,
+            Phase::Succeeded,
+            Phase::Aborted,
+        ] {
+            for step in 0..=total {
+                for weight in [Weight::ZERO, w(500), w(5000), Weight::FULL] {
+                    for hash in [V2, V3] {
+                        for unavailable_since in [None, Some(t(0))] {
+                            states.push(Some(RolloutState {
+                                hash: hash.into(),
+                                unavailable_since,
+                                ..state(phase, step, weight)
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        let canaries = [
+            NO_CANARY_POD,
+            CanaryStatus {
+                available: false,
+                ready_replicas: 1,
+            },
+            CanaryStatus {
+                available: true,
+                ready_replicas: 1,
+            },
+            CanaryStatus {
+                available: true,
+                ready_replicas: 4,
+            },
+        ];
+        let mut cases = 0;
+        for stored in &states {
+            for with_spec in [false, true] {
+                for pending in [None, Some(V2), Some(V3), Some(STABLE)] {
+                    for stable_hash in [STABLE, V2] {
+                        for canary in canaries {
+                            for stable_rolled_out in [false, true] {
+                                for now in [t(0), t(60), t(10_000)] {
+                                    let o = Observation {
+                                        spec: with_spec.then_some(&spec),
+                                        pending_hash: pending,
+                                        stable_hash,
+                                        canary,
+                                        stable_rolled_out,
+                                        ..obs(&spec)
+                                    };
+                                    let n = next(stored.as_ref(), &o, now);
+                                    check_rules(stored.as_ref(), &o, &n, &allowed_weights);
+                                    cases += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, states.len() * 2 * 4 * 2 * 4 * 2 * 3);
+    }
+
+    fn check_rules(stored: Option<&RolloutState>, o: &Observation, n: &Next, weights: &[Weight]) {
+        let case = format!("{stored:?} with {o:?} gave {n:?}");
+        // Not opted in: nothing of fledge's, no state.
+        if o.spec.is_none() {
+            assert!(n.state.is_none() && n.target == Target::Nothing, "{case}");
+            return;
+        }
+        // No traffic to a canary without a ready pod.
+        if let Target::Canary { weight, .. } = n.target {
+            assert!(
+                weight == Weight::ZERO || o.canary.ready_replicas > 0,
+                "{case}"
+            );
+        }
+        // An opted-in Deployment keeps its state; without one there is nothing to run.
+        let Some(next_state) = &n.state else {
+            assert!(stored.is_none() && n.target == Target::Nothing, "{case}");
+            return;
+        };
+        // Weights are only ever 0, 100 % or a step's.
+        assert!(weights.contains(&next_state.weight), "{case}");
+        match stored {
+            Some(s) if s.hash == next_state.hash => {
+                // One step at a time, never backwards.
+                assert!(
+                    next_state.step == s.step || next_state.step == s.step + 1,
+                    "{case}"
+                );
+                // Settled rollouts stay settled, with nothing running.
+                if matches!(s.phase, Phase::Idle | Phase::Succeeded | Phase::Aborted) {
+                    assert_eq!(next_state, s, "{case}");
+                    assert_eq!(n.target, Target::Nothing, "{case}");
+                }
+                // Every change of phase or step is announced.
+                if (s.phase, s.step) != (next_state.phase, next_state.step) {
+                    assert!(n.event.is_some(), "{case}");
+                }
+            }
+            // A new canary starts at step 1 with no traffic, and says so.
+            _ if next_state.phase == Phase::Progressing => {
+                assert_eq!(
+                    (next_state.step, next_state.weight),
+                    (0, Weight::ZERO),
+                    "{case}"
+                );
+                assert!(n.event.is_some(), "{case}");
+            }
+            _ => assert_eq!(Some(next_state), stored, "{case}"),
+        }
+        // Promotion rewrites the stable template only with all traffic on a canary that has pods.
+        if n.target == Target::Promote {
+            assert_eq!(next_state.phase, Phase::Promoting, "{case}");
+            assert_eq!(next_state.weight, Weight::FULL, "{case}");
+        }
     }
 
     #[test]
