@@ -151,6 +151,8 @@ struct Envelope {
 pub enum ReviewError {
     #[error("{0}")]
     Json(#[from] serde_json::Error),
+    #[error("the body is not UTF-8, as JSON must be: {0}")]
+    Utf8(#[from] std::str::Utf8Error),
     #[error("the AdmissionReview has no request to answer")]
     NoRequest,
     #[error("request.uid is empty; the API server needs it to match the answer")]
@@ -166,7 +168,9 @@ const VERSIONS: [&str; 2] = [META_API_VERSION_V1, "admission.k8s.io/v1beta1"];
 
 /// Parses an AdmissionReview body.
 pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DeploymentView>, ReviewError> {
-    let envelope: Envelope = serde_json::from_slice(body)?;
+    // Checked as UTF-8 once, in bulk, rather than string by string (JSON is UTF-8 throughout).
+    let text = std::str::from_utf8(body)?;
+    let envelope: Envelope = serde_json::from_str(text)?;
     if !envelope.api_version.is_empty() && !VERSIONS.contains(&envelope.api_version.as_str()) {
         return Err(ReviewError::Version(envelope.api_version));
     }
@@ -379,6 +383,20 @@ mod tests {
         assert!(
             patch.contains(r#""spec":{"n":-9007199254740993,"x":2.457244779466174e-242}"#),
             "{patch}"
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused_wherever_the_bad_byte_is() {
+        let mut body = review(r#"{"metadata":{"managedFields":[{"manager":"ab"}]}}"#).into_bytes();
+        let at = body.windows(2).position(|w| w == b"ab").unwrap();
+        body[at] = 0xff;
+        let err = parse(&body).unwrap_err().to_string();
+        assert!(err.starts_with("the body is not UTF-8"), "{err}");
+        assert_eq!(
+            uid(&body),
+            Some("u".to_owned()),
+            "the answer can still name the request"
         );
     }
 
