@@ -1,6 +1,7 @@
 //! Load on the real webhook over TLS keep-alive, against a ceiling measured in the same run: a bare
 //! axum + rustls server with the same TLS setup that reads the body and returns a canned
-//! AdmissionReview without parsing anything.
+//! AdmissionReview without parsing anything. A third server answers with `server::review` alone
+//! (no layers, no metrics), which tells the review's cost from the router's.
 //!
 //! `cargo bench --bench webhook_load` (needs `wrk` on PATH: `apt-get install wrk`). Settings by
 //! environment: FLEDGE_BENCH_SECONDS (default 10), FLEDGE_BENCH_CONNECTIONS (default 64),
@@ -85,6 +86,7 @@ fn main() -> BenchResult<()> {
             canned.len()
         );
         let mut best_ceiling: Option<Load> = None;
+        let mut best_review: Option<Load> = None;
         let mut best_fledge: Option<Load> = None;
         for round in 1..=rounds {
             let canned = Bytes::from(canned.clone());
@@ -92,6 +94,15 @@ fn main() -> BenchResult<()> {
                 Router::new().route("/mutate", post(move |_body: Bytes| async move { canned }));
             let ceiling = run(bare, &cert, &script, seconds, connections)?;
             report(&format!("  round {round} ceiling"), &ceiling);
+            // The review alone, without the router's layers and metrics: splits fledge's cost.
+            let review_only = Router::new().route(
+                "/mutate",
+                post(|body: Bytes| async move {
+                    server::review(&body).map_or_else(|e| e.0.into_bytes(), |(_, json)| json)
+                }),
+            );
+            let review_only = run(review_only, &cert, &script, seconds, connections)?;
+            report(&format!("  round {round} review "), &review_only);
             let fledge = run(
                 server::router(AppState::default()),
                 &cert,
@@ -101,11 +112,15 @@ fn main() -> BenchResult<()> {
             )?;
             report(&format!("  round {round} fledge "), &fledge);
             keep_best(&mut best_ceiling, ceiling);
+            keep_best(&mut best_review, review_only);
             keep_best(&mut best_fledge, fledge);
         }
-        if let (Some(ceiling), Some(fledge)) = (best_ceiling, best_fledge) {
+        if let (Some(ceiling), Some(review_only), Some(fledge)) =
+            (best_ceiling, best_review, best_fledge)
+        {
             println!("  best of {rounds} rounds:");
             report("    ceiling (canned reply)", &ceiling);
+            report("    review only, no layers", &review_only);
             report("    fledge webhook        ", &fledge);
             let ratio = fledge.requests_per_sec / ceiling.requests_per_sec;
             println!(

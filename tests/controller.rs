@@ -198,12 +198,7 @@ async fn a_new_template_mid_canary_replaces_it_and_starts_over() {
         .unwrap()
         .unwrap();
     assert_eq!(image(&paused), "web:1", "the stable never changed");
-    let reasons: Vec<String> = c
-        .api
-        .events()
-        .iter()
-        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-        .collect();
+    let reasons = event_reasons(&c.api);
     assert!(
         reasons.contains(&"CanaryReplaced".to_owned()),
         "{reasons:?}"
@@ -429,19 +424,12 @@ async fn a_controller_killed_at_every_step_boundary_and_mid_every_pause_changes_
     let timed_pauses = [(1, Duration::from_secs(2)), (5, Duration::from_secs(2))];
     // Pods take 400 ms to become ready, so every weight step and the promotion hold long enough
     // for the kill to land while the controller is at that step.
-    let mut c = cluster_with(ControllerConfig {
+    let cluster = cluster_with(ControllerConfig {
         ready_delay: Duration::from_millis(400),
         ..ControllerConfig::default()
     })
     .await;
-    apply(&c.api, root_service()).await;
-    apply(&c.api, deployment("web:1", steps)).await;
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
-        })
-        .await
-        .unwrap();
+    let mut c = with_stable_v1(cluster, steps).await;
     apply(&c.api, deployment("web:2", steps)).await;
 
     let mut killed_at: Vec<(Position, &str)> = Vec::new();
@@ -565,12 +553,7 @@ async fn a_controller_killed_at_every_step_boundary_and_mid_every_pause_changes_
             "pause at step {step} lasted {waited:?}"
         );
     }
-    let reasons: Vec<String> = c
-        .api
-        .events()
-        .iter()
-        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-        .collect();
+    let reasons = event_reasons(&c.api);
     // Each transition announced once, though every one of them was interrupted.
     assert_eq!(
         reasons,

@@ -205,6 +205,14 @@ pub async fn apply(api: &ApiServer, object: Value) {
         .unwrap();
 }
 
+/// The reasons of the Events recorded so far, oldest first.
+pub fn event_reasons(api: &ApiServer) -> Vec<String> {
+    api.events()
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// How many Events with this reason were recorded.
 pub fn events_with_reason(api: &ApiServer, reason: &str) -> usize {
     api.events()
@@ -236,7 +244,11 @@ pub async fn wait_phase(api: &ApiServer, wanted: Phase) -> Value {
 }
 
 pub async fn stable_v1(steps: &str) -> Cluster {
-    let c = cluster().await;
+    with_stable_v1(cluster().await, steps).await
+}
+
+/// `c` with the root Service and v1 of `web` applied and available.
+pub async fn with_stable_v1(c: Cluster, steps: &str) -> Cluster {
     apply(&c.api, root_service()).await;
     apply(&c.api, deployment("web:1", steps)).await;
     c.api
