@@ -11,7 +11,9 @@
 //!
 //! Cases: 20,000 hostile fledge fields + 20,000 mangled structures + 20,000 mangled bytes and random
 //! JSON at the decision and `review`, and 40,000 mixed through the HTTP handler; `HOSTILE_SCALE=N`
-//! multiplies them (a longer soak). `--nocapture` shows the counts per test and where cases ended.
+//! multiplies them (a longer soak). The seed is fixed so that CI is repeatable; `HOSTILE_SEED=random`
+//! explores (the seed used is printed, to replay a failure). `--nocapture` shows the counts per test
+//! and where cases ended.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,7 +37,7 @@ use kube::core::admission::{AdmissionRequest, Operation};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
@@ -1526,6 +1528,19 @@ fn scale() -> u32 {
         .unwrap_or(1)
 }
 
+/// The generator's seed: fixed, so that CI throws the same cases every time and a failure can be
+/// replayed; `HOSTILE_SEED=<n>` picks another, `HOSTILE_SEED=random` a fresh one (printed) to explore.
+fn seed() -> u64 {
+    const FIXED: u64 = 0x6f6c_6564_6765_2021;
+    match std::env::var("HOSTILE_SEED").as_deref() {
+        Ok("random") => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(FIXED, |d| d.as_nanos() as u64),
+        Ok(n) => n.parse().unwrap_or(FIXED),
+        Err(_) => FIXED,
+    }
+}
+
 fn run(
     test: &str,
     cases: u32,
@@ -1535,12 +1550,19 @@ fn run(
     let cases = cases * scale();
     let started = Instant::now();
     let counts = Arc::new(Counts::default());
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        max_shrink_time: 60_000,
-        ..Config::default()
-    });
+    let seed = seed();
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            max_shrink_time: 60_000,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    eprintln!("hostile: {test}: HOSTILE_SEED={seed}");
     let result = runner.run(&strategy, |input| {
         counts.add("cases");
         check(&input.body(), &counts)
