@@ -54,8 +54,8 @@ pub struct Status {
     /// 1-based; `steps` when all are done.
     pub step: usize,
     pub steps: usize,
-    /// Canary traffic share, in percent (`"12.5"`).
-    pub weight: String,
+    /// Canary traffic share (in JSON the percentage text, `"12.5"`).
+    pub weight: Weight,
     pub message: String,
     /// Time left in a timed pause, e.g. `1m30s`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,7 +91,7 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
             phase: Phase::Idle,
             step: 0,
             steps,
-            weight: "0".into(),
+            weight: Weight::ZERO,
             message,
             pause_left: None,
             canary: pending,
@@ -113,7 +113,7 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
         phase: state.phase,
         step: (state.step + 1).min(steps),
         steps,
-        weight: state.weight.to_string(),
+        weight: state.weight,
         message: state.message.clone(),
         pause_left,
         canary: Some(state.hash.clone()),
@@ -133,8 +133,8 @@ pub fn status_line(s: &Status) -> String {
         s.phase.to_string(),
         s.step,
         s.steps,
-        s.weight,
-        weight_bar(&s.weight),
+        s.weight.to_string(),
+        weight_bar(s.weight),
         s.message
     )
 }
@@ -149,9 +149,8 @@ pub fn status_text(statuses: &[Status], namespace: &str) -> String {
 
 /// The canary weight as ten cells, `[##--------]` for 20 %. Any traffic fills a cell, so that a
 /// first step of 1 % does not look like none.
-fn weight_bar(weight: &str) -> String {
-    let basis_points = Weight::parse_percent(weight).map_or(0, |w| u32::from(w.basis_points()));
-    let filled = match basis_points {
+fn weight_bar(weight: Weight) -> String {
+    let filled = match u32::from(weight.basis_points()) {
         0 => 0,
         bp => (bp * BAR_CELLS / u32::from(Weight::FULL.basis_points())).max(1),
     };
@@ -302,7 +301,7 @@ mod tests {
                            "stepStarted": t(0).to_string()});
         let s = status_of(&deployment(Some(state)), t(30));
         assert_eq!(
-            (s.phase, s.step, s.steps, s.weight.as_str()),
+            (s.phase, s.step, s.steps, s.weight.to_string().as_str()),
             (Phase::Paused, 2, 3, "5")
         );
         assert_eq!(s.pause_left.as_deref(), Some("1m30s"));
@@ -321,7 +320,7 @@ mod tests {
     #[test]
     fn without_a_state_the_pending_canary_waits_for_the_controller() {
         let s = status_of(&deployment(None), t(0));
-        assert_eq!((s.phase, s.step, s.weight.as_str()), (Phase::Idle, 0, "0"));
+        assert_eq!((s.phase, s.step, s.weight), (Phase::Idle, 0, Weight::ZERO));
         assert_eq!(s.message, "canary c2 is waiting for the controller");
     }
 
@@ -329,7 +328,7 @@ mod tests {
     fn the_weight_bar_has_a_cell_per_ten_percent_and_shows_any_traffic() {
         let bars: Vec<String> = ["0", "0.01", "5", "20", "99.99", "100"]
             .iter()
-            .map(|w| weight_bar(w))
+            .map(|w| weight_bar(Weight::parse_percent(w).unwrap()))
             .collect();
         assert_eq!(
             bars,

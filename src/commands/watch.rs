@@ -251,6 +251,7 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::Weight;
     use serde_json::json;
 
     fn mk_status(name: &str, phase: Phase, weight: &str, pause_left: Option<&str>) -> Status {
@@ -260,7 +261,7 @@ mod tests {
             phase,
             step: 2,
             steps: 4,
-            weight: weight.into(),
+            weight: Weight::parse_percent(weight).unwrap(),
             message: format!("{name} is {phase}"),
             pause_left: pause_left.map(Into::into),
             canary: Some("c2".into()),
