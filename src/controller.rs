@@ -81,15 +81,6 @@ struct ResultLabels {
     result: &'static str,
 }
 
-const PHASES: [Phase; 6] = [
-    Phase::Idle,
-    Phase::Progressing,
-    Phase::Paused,
-    Phase::Promoting,
-    Phase::Succeeded,
-    Phase::Aborted,
-];
-
 /// The controller's Prometheus metrics (served at the webhook's `/metrics`).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -153,7 +144,7 @@ impl Metrics {
                 self.weight
                     .get_or_create(&canary)
                     .set(f64::from(state.weight.basis_points()) / 100.0);
-                for phase in PHASES {
+                for phase in Phase::ALL {
                     self.phase
                         .get_or_create(&phase_labels(phase))
                         .set(i64::from(phase == state.phase));
@@ -161,7 +152,7 @@ impl Metrics {
             }
             None => {
                 self.weight.remove(&canary);
-                for phase in PHASES {
+                for phase in Phase::ALL {
                     self.phase.remove(&phase_labels(phase));
                 }
             }

@@ -31,6 +31,17 @@ pub enum Phase {
     Aborted,
 }
 
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::Idle,
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Promoting,
+        Phase::Succeeded,
+        Phase::Aborted,
+    ];
+}
+
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)

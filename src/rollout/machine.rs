@@ -525,6 +525,22 @@ mod tests {
         }
     }
 
+    /// A new canary at step 1, not available since `since`.
+    fn waiting_since(since: Timestamp) -> RolloutState {
+        RolloutState {
+            unavailable_since: Some(since),
+            ..state(Phase::Progressing, 0, Weight::ZERO)
+        }
+    }
+
+    /// [`obs`] with a canary Deployment that has no ready pod.
+    fn without_canary_pods(spec: &CanarySpec) -> Observation<'_> {
+        Observation {
+            canary: NO_CANARY_POD,
+            ..obs(spec)
+        }
+    }
+
     fn phase_of(n: &Next) -> Option<Phase> {
         n.state.as_ref().map(|s| s.phase)
     }
@@ -627,12 +643,8 @@ mod tests {
     #[test]
     fn weight_moves_only_once_the_canary_is_available() {
         let spec = spec();
-        let mut s = state(Phase::Progressing, 0, Weight::ZERO);
-        s.unavailable_since = Some(t(0));
-        let waiting = Observation {
-            canary: NO_CANARY_POD,
-            ..obs(&spec)
-        };
+        let s = waiting_since(t(0));
+        let waiting = without_canary_pods(&spec);
         let n = next(Some(&s), &waiting, t(100));
         assert_eq!(
             n.target,
@@ -662,12 +674,8 @@ mod tests {
     #[test]
     fn the_progress_deadline_aborts() {
         let spec = spec();
-        let mut s = state(Phase::Progressing, 0, Weight::ZERO);
-        s.unavailable_since = Some(t(0));
-        let waiting = Observation {
-            canary: NO_CANARY_POD,
-            ..obs(&spec)
-        };
+        let s = waiting_since(t(0));
+        let waiting = without_canary_pods(&spec);
         let n = next(Some(&s), &waiting, t(600));
         assert_eq!(phase_of(&n), Some(Phase::Aborted));
         assert_eq!(n.target, Target::Nothing);
@@ -687,10 +695,7 @@ mod tests {
     fn a_canary_that_loses_its_pods_gets_no_traffic_but_keeps_its_place() {
         let spec = spec();
         let s = state(Phase::Paused, 3, w(5000));
-        let broken = Observation {
-            canary: NO_CANARY_POD,
-            ..obs(&spec)
-        };
+        let broken = without_canary_pods(&spec);
         let n = next(Some(&s), &broken, t(10));
         assert_eq!(
             n.target,
@@ -809,11 +814,11 @@ mod tests {
     #[test]
     fn the_progress_deadline_is_not_cut_short_by_whole_seconds() {
         let spec = spec();
-        let mut s = state(Phase::Progressing, 0, w(0));
-        s.unavailable_since = Some(t(0) + SignedDuration::from_millis(999));
-        let mut o = obs(&spec);
-        o.canary = CanaryStatus::default();
-        o.progress_deadline = Duration::from_secs(10);
+        let s = waiting_since(t(0) + SignedDuration::from_millis(999));
+        let o = Observation {
+            progress_deadline: Duration::from_secs(10),
+            ..without_canary_pods(&spec)
+        };
         let n = next(Some(&s), &o, t(10));
         assert_eq!(phase_of(&n), Some(Phase::Progressing));
         assert_eq!(n.requeue, Some(Duration::from_millis(999)));
@@ -1084,29 +1089,31 @@ mod tests {
                 _ => None,
             }))
             .collect();
-        let mut states = vec![None];
-        for phase in [
-            Phase::Idle,
-            Phase::Progressing,
-            Phase::Paused,
-            Phase::Promoting,
-            Phase::Succeeded,
-            Phase::Aborted,
-        ] {
-            for step in 0..=total {
-                for weight in [Weight::ZERO, w(500), w(5000), Weight::FULL] {
-                    for hash in [V2, V3] {
-                        for unavailable_since in [None, Some(t(0))] {
-                            states.push(Some(RolloutState {
-                                hash: hash.into(),
-                                unavailable_since,
-                                ..state(phase, step, weight)
-                            }));
-                        }
-                    }
-                }
-            }
-        }
+        let mut states: Vec<RolloutState> = Phase::ALL
+            .into_iter()
+            .flat_map(|phase| (0..=total).map(move |step| state(phase, step, Weight::ZERO)))
+            .collect();
+        states = vary(
+            states,
+            [Weight::ZERO, w(500), w(5000), Weight::FULL],
+            |s, w| s.weight = w,
+        );
+        states = vary(states, [V2, V3], |s, hash| s.hash = hash.into());
+        states = vary(states, [None, Some(t(0))], |s, since| {
+            s.unavailable_since = since
+        });
+        let states: Vec<Option<RolloutState>> = std::iter::once(None)
+            .chain(states.into_iter().map(Some))
+            .collect();
+        let mut observations = vary(vec![obs(&spec)], [None, Some(&spec)], |o, spec| {
+            o.spec = spec
+        });
+        observations = vary(
+            observations,
+            [None, Some(V2), Some(V3), Some(STABLE)],
+            |o, p| o.pending_hash = p,
+        );
+        observations = vary(observations, [STABLE, V2], |o, h| o.stable_hash = h);
         let canaries = [
             NO_CANARY_POD,
             CanaryStatus {
@@ -1122,33 +1129,40 @@ mod tests {
                 ready_replicas: 4,
             },
         ];
+        observations = vary(observations, canaries, |o, c| o.canary = c);
+        observations = vary(observations, [false, true], |o, r| o.stable_rolled_out = r);
         let mut cases = 0;
         for stored in &states {
-            for with_spec in [false, true] {
-                for pending in [None, Some(V2), Some(V3), Some(STABLE)] {
-                    for stable_hash in [STABLE, V2] {
-                        for canary in canaries {
-                            for stable_rolled_out in [false, true] {
-                                for now in [t(0), t(60), t(10_000)] {
-                                    let o = Observation {
-                                        spec: with_spec.then_some(&spec),
-                                        pending_hash: pending,
-                                        stable_hash,
-                                        canary,
-                                        stable_rolled_out,
-                                        ..obs(&spec)
-                                    };
-                                    let n = next(stored.as_ref(), &o, now);
-                                    check_rules(stored.as_ref(), &o, &n, &allowed_weights);
-                                    cases += 1;
-                                }
-                            }
-                        }
-                    }
+            for o in &observations {
+                for now in [t(0), t(60), t(10_000)] {
+                    let n = next(stored.as_ref(), o, now);
+                    check_rules(stored.as_ref(), o, &n, &allowed_weights);
+                    cases += 1;
                 }
             }
         }
         assert_eq!(cases, states.len() * 2 * 4 * 2 * 4 * 2 * 3);
+    }
+
+    /// Each of `items` once with each of `values` set by `set`: one more dimension of a grid.
+    fn vary<T: Clone, V: Copy>(
+        items: Vec<T>,
+        values: impl IntoIterator<Item = V> + Clone,
+        set: impl Fn(&mut T, V),
+    ) -> Vec<T> {
+        items
+            .into_iter()
+            .flat_map(|item| {
+                values.clone().into_iter().map({
+                    let set = &set;
+                    move |v| {
+                        let mut varied = item.clone();
+                        set(&mut varied, v);
+                        varied
+                    }
+                })
+            })
+            .collect()
     }
 
     fn check_rules(stored: Option<&RolloutState>, o: &Observation, n: &Next, weights: &[Weight]) {
