@@ -318,42 +318,6 @@ fn validate_dns_name(flag: &'static str, value: &str) -> Result<(), CertError> {
 
 /// Test helpers shared with other modules' tests (e.g. `server::tls`).
 #[cfg(test)]
-pub(crate) mod test_support {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    /// A unique directory under the system temp dir, removed on drop.
-    pub(crate) struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new(tag: &str) -> Self {
-            static COUNTER: AtomicU64 = AtomicU64::new(0);
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default();
-            let path = std::env::temp_dir().join(format!(
-                "fledge-{tag}-{}-{nanos}-{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            Self(path)
-        }
-
-        pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
     use rustls::RootCertStore;
@@ -578,7 +542,7 @@ mod tests {
 
     #[test]
     fn write_to_dir_writes_all_files_atomically_with_private_keys() {
-        let tmp = test_support::TempDir::new("certs-write");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("nested/out");
         let certs = generate(&req()).unwrap();
         let paths = write_to_dir(&certs, &dir).unwrap();
@@ -611,7 +575,7 @@ mod tests {
 
     #[test]
     fn write_to_dir_names_the_failing_path() {
-        let tmp = test_support::TempDir::new("certs-write-fail");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let file = tmp.path().join("not-a-dir");
         fs::write(&file, b"x").unwrap();
         let err = write_to_dir(&generate(&req()).unwrap(), &file).unwrap_err();

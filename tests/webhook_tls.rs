@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -49,36 +48,6 @@ const TLS12_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
 
 // ---------------------------------------------------------------------------------------------
 // Files and processes
-
-/// A unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!(
-            "fledge-webhook-tls-{tag}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What one `fledge certs` run wrote.
 struct CertSet {
@@ -154,7 +123,7 @@ struct Server {
     log: Arc<Mutex<String>>,
     /// The certificates it was started with; `tls.crt` and `tls.key` in this directory are served.
     certs: CertSet,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -163,7 +132,11 @@ impl Server {
     }
 
     fn start_with(tag: &str, extra_args: &[&str]) -> Server {
-        let dir = TempDir::new(tag);
+        // Named after the test, to find its files (and the server's log) when one fails.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("fledge-webhook-tls-{tag}-"))
+            .tempdir()
+            .expect("temp dir");
         let certs = fledge_certs(&dir.path().join("served"));
         let mut child = Command::new(FLEDGE)
             .args(["serve", "--webhook-only", "--listen", "127.0.0.1:0"])
@@ -1074,7 +1047,7 @@ async fn tls12_clients_and_the_ip_san_work_and_plain_http_gets_no_answer() {
     patch_of(&response);
 
     // A client that trusts another CA is refused.
-    let other = TempDir::new("tls-other-ca");
+    let other = tempfile::tempdir().expect("temp dir");
     let other = fledge_certs(other.path());
     let stranger = tls_connect(
         server.addr,
@@ -1119,7 +1092,7 @@ async fn a_rotated_certificate_is_served_without_a_restart_or_dropped_connection
     assert_eq!(kept.get("/livez").await.status, StatusCode::OK);
 
     // A fresh `fledge certs` run (a new CA too), moved over the served files.
-    let next_dir = TempDir::new("rotate-next");
+    let next_dir = tempfile::tempdir().expect("temp dir");
     let next = fledge_certs(next_dir.path());
     assert_ne!(next.leaf, server.certs.leaf);
     rotate(&next.dir, &server.certs.dir);

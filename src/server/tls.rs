@@ -253,7 +253,6 @@ fn parse_pair(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::test_support::TempDir;
     use crate::certs::{CertRequest, GeneratedCerts, generate, write_to_dir};
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ProtocolVersion, RootCertStore};
@@ -285,7 +284,7 @@ mod tests {
 
     #[test]
     fn load_serves_the_files_leaf() {
-        let tmp = TempDir::new("tls-load");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let generated = certs();
         write_to_dir(&generated, tmp.path()).unwrap();
         let cert = ReloadingCert::load(files_in(tmp.path())).unwrap();
@@ -295,7 +294,7 @@ mod tests {
 
     #[test]
     fn load_rejects_mismatched_key_naming_the_paths() {
-        let tmp = TempDir::new("tls-mismatch");
+        let tmp = tempfile::tempdir().expect("temp dir");
         write_to_dir(&certs(), tmp.path()).unwrap();
         std::fs::write(tmp.path().join("tls.key"), certs().key_pem).unwrap();
         let err = ReloadingCert::load(files_in(tmp.path())).unwrap_err();
@@ -310,7 +309,7 @@ mod tests {
 
     #[test]
     fn load_errors_name_the_file_and_problem() {
-        let tmp = TempDir::new("tls-errors");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let generated = certs();
         write_to_dir(&generated, tmp.path()).unwrap();
         let files = files_in(tmp.path());
@@ -360,7 +359,7 @@ mod tests {
 
     #[test]
     fn reload_swaps_only_on_valid_changes() {
-        let tmp = TempDir::new("tls-reload");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let first = certs();
         write_to_dir(&first, tmp.path()).unwrap();
         let cert = ReloadingCert::load(files_in(tmp.path())).unwrap();
@@ -476,7 +475,7 @@ mod tests {
 
     #[tokio::test]
     async fn handshake_serves_rotated_cert_without_dropping_connections() {
-        let tmp = TempDir::new("tls-handshake");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let first = certs();
         write_to_dir(&first, tmp.path()).unwrap();
         let cert = ReloadingCert::load(files_in(tmp.path())).unwrap();
@@ -527,7 +526,7 @@ mod tests {
 
     #[tokio::test]
     async fn tls12_only_client_connects() {
-        let tmp = TempDir::new("tls-12");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let generated = certs();
         write_to_dir(&generated, tmp.path()).unwrap();
         let cert = ReloadingCert::load(files_in(tmp.path())).unwrap();
@@ -553,7 +552,7 @@ mod tests {
 
     #[tokio::test]
     async fn reloader_picks_up_rotation() {
-        let tmp = TempDir::new("tls-reloader");
+        let tmp = tempfile::tempdir().expect("temp dir");
         write_to_dir(&certs(), tmp.path()).unwrap();
         let cert = ReloadingCert::load(files_in(tmp.path())).unwrap();
         let task = spawn_reloader(Arc::clone(&cert), Duration::from_millis(100));
