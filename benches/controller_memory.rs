@@ -55,14 +55,7 @@ async fn main() -> BenchResult<()> {
     let total = env_or("FLEDGE_BENCH_DEPLOYMENTS", 1000);
     let canaries = env_or("FLEDGE_BENCH_CANARIES", 100).min(total);
     let dir = std::env::temp_dir().join(format!("fledge-memory-bench-{}", std::process::id()));
-    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
-        service: "fledge".into(),
-        namespace: "fledge".into(),
-        dns: vec![],
-        ips: vec![],
-        validity_days: 1,
-    })?;
-    fledge::certs::write_to_dir(&certs, &dir)?;
+    let certs = support::webhook::serving_certs(&dir);
     let api = ApiServer::start(ApiServerConfig {
         namespaces: vec![NS.into()],
         record_history: false,
@@ -70,15 +63,7 @@ async fn main() -> BenchResult<()> {
     })
     .await;
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: s, cluster: {{server: '{}'}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: s, user: u, namespace: {NS}}}}}]\n\
-             current-context: c\n",
-            api.url()
-        ),
-    )?;
+    std::fs::write(&kubeconfig, api.kubeconfig_yaml(NS))?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_fledge"))
         .args([
             "serve",

@@ -445,6 +445,18 @@ impl ApiServer {
         kube::Config::new(self.url().parse().expect("a valid URL"))
     }
 
+    /// A kubeconfig file's text for this server, as the default user, in `namespace`: what a
+    /// process (`fledge`, `kubectl`) reads from `KUBECONFIG`.
+    pub fn kubeconfig_yaml(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: '{}'}}}}]\n\
+             users: [{{name: user, user: {{}}}}]\n\
+             contexts: [{{name: here, context: {{cluster: stand-in, user: user, namespace: {namespace}}}}}]\n\
+             current-context: here\n",
+            self.url()
+        )
+    }
+
     /// A client as the default user.
     pub fn client(&self) -> kube::Client {
         kube::Client::try_from(self.kube_config()).expect("a client for the stand-in")

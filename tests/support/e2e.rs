@@ -141,17 +141,7 @@ pub fn kubeconfig(api: &ApiServer) -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: stand-in, cluster: {{server: '{}'}}}}]\n\
-             users: [{{name: user, user: {{}}}}]\n\
-             contexts: [{{name: here, context: {{cluster: stand-in, user: user, namespace: {NS}}}}}]\n\
-             current-context: here\n",
-            api.url()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, api.kubeconfig_yaml(NS)).unwrap();
     kubeconfig
 }
 

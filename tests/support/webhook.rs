@@ -1,6 +1,6 @@
 //! fledge's real webhook, served in-process over TLS for the API server stand-in to call.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -21,14 +21,9 @@ impl Drop for FledgeWebhook {
     }
 }
 
-/// Starts the webhook on 127.0.0.1 with a serving certificate for `fledge.fledge.svc`.
-pub fn start() -> FledgeWebhook {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "fledge-test-webhook-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+/// A CA and a serving certificate for `fledge.fledge.svc`, as `fledge certs` makes them, written
+/// to `dir` as `fledge certs --out` writes them.
+pub fn serving_certs(dir: &Path) -> fledge::certs::GeneratedCerts {
     let certs = fledge::certs::generate(&fledge::certs::CertRequest {
         service: "fledge".into(),
         namespace: "fledge".into(),
@@ -37,7 +32,19 @@ pub fn start() -> FledgeWebhook {
         validity_days: 1,
     })
     .expect("certificates");
-    fledge::certs::write_to_dir(&certs, &dir).expect("writing certificates");
+    fledge::certs::write_to_dir(&certs, dir).expect("writing certificates");
+    certs
+}
+
+/// Starts the webhook on 127.0.0.1 with a serving certificate for `fledge.fledge.svc`.
+pub fn start() -> FledgeWebhook {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fledge-test-webhook-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let certs = serving_certs(&dir);
     let cert = fledge::server::tls::ReloadingCert::load(fledge::server::tls::CertFiles {
         cert: dir.join(fledge::certs::CERT_FILE),
         key: dir.join(fledge::certs::KEY_FILE),
