@@ -81,6 +81,15 @@ fn trafficsplit(version: &str, stable: Value, canary: Value) -> DynamicObject {
     }))
 }
 
+/// A JSON merge patch of `name`, as `kubectl patch --type merge` sends it.
+async fn merge<K>(api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+}
+
 fn api_error(e: kube::Error) -> kube::core::Status {
     match e {
         kube::Error::Api(status) => *status,
@@ -190,45 +199,34 @@ async fn crud_with_defaults_generations_and_api_errors() {
 
     // A stale resourceVersion in a merge patch is a precondition too.
     let err = api_error(
-        api.patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"resourceVersion": created.metadata.resource_version}, "spec": {"replicas": 5}})),
-        )
+        merge(&api, "web", json!({"metadata": {"resourceVersion": created.metadata.resource_version}, "spec": {"replicas": 5}}))
         .await
         .unwrap_err(),
     );
     assert_eq!(err.code, 409);
 
     // Labels do not bump generation; annotations do (Deployments copy them to ReplicaSets).
-    let labelled = api
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
-        )
+    let labelled = merge(&api, "web", json!({"metadata": {"labels": {"team": "a"}}}))
         .await
         .unwrap();
     assert_eq!(labelled.metadata.generation, Some(2));
-    let annotated = api
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"note": "x"}}})),
-        )
-        .await
-        .unwrap();
+    let annotated = merge(
+        &api,
+        "web",
+        json!({"metadata": {"annotations": {"note": "x"}}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(annotated.metadata.generation, Some(3));
 
     // A write that changes nothing keeps the resourceVersion.
-    let same = api
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"note": "x"}}})),
-        )
-        .await
-        .unwrap();
+    let same = merge(
+        &api,
+        "web",
+        json!({"metadata": {"annotations": {"note": "x"}}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         same.metadata.resource_version,
         annotated.metadata.resource_version
@@ -500,13 +498,9 @@ async fn watcher_sees_added_modified_deleted() {
     )
     .await
     .unwrap();
-    api.patch(
-        "a",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"tier": "db"}}})),
-    )
-    .await
-    .unwrap();
+    merge(&api, "a", json!({"metadata": {"labels": {"tier": "db"}}}))
+        .await
+        .unwrap();
     api.delete("a", &DeleteParams::default()).await.unwrap();
 
     let mut seen = Vec::new();
@@ -555,20 +549,12 @@ async fn watcher_sees_added_modified_deleted() {
     )
     .await
     .unwrap();
-    api.patch(
-        "b",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"tier": "db"}}})),
-    )
-    .await
-    .unwrap();
-    api.patch(
-        "b",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"tier": "api"}}})),
-    )
-    .await
-    .unwrap();
+    merge(&api, "b", json!({"metadata": {"labels": {"tier": "db"}}}))
+        .await
+        .unwrap();
+    merge(&api, "b", json!({"metadata": {"labels": {"tier": "api"}}}))
+        .await
+        .unwrap();
     let mut kinds = Vec::new();
     let mut bookmarks = 0;
     while kinds.len() < 3 || bookmarks == 0 {
@@ -1042,13 +1028,9 @@ async fn admission_calls_fledges_webhook_like_kube_apiserver() {
     broken.connect_to = Some(closed);
     server.set_webhooks(vec![broken]);
     let err = api_error(
-        api.patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 3}})),
-        )
-        .await
-        .unwrap_err(),
+        merge(&api, "web", json!({"spec": {"replicas": 3}}))
+            .await
+            .unwrap_err(),
     );
     assert_eq!((err.code, err.reason.as_str()), (500, "InternalError"));
     assert!(
@@ -1827,13 +1809,9 @@ async fn the_controller_can_be_paused_and_stepped() {
     assert_eq!(d["status"]["availableReplicas"], 2);
     // Resumed, it keeps up by itself; settle waits for it.
     server.controller().resume();
-    api.patch(
-        "web",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"replicas": 3}})),
-    )
-    .await
-    .unwrap();
+    merge(&api, "web", json!({"spec": {"replicas": 3}}))
+        .await
+        .unwrap();
     server.controller().settle(TIMEOUT).await.unwrap();
     let d = server.get("apps/v1/deployments", "default", "web").unwrap();
     assert_eq!(d["status"]["replicas"], 3);
@@ -1937,13 +1915,9 @@ async fn a_thousand_deployments() {
         .count();
     // One more write while everything is in place: how long until the controller has reacted.
     let t = std::time::Instant::now();
-    api.patch(
-        "web-500",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"replicas": 3}})),
-    )
-    .await
-    .unwrap();
+    merge(&api, "web-500", json!({"spec": {"replicas": 3}}))
+        .await
+        .unwrap();
     server
         .controller()
         .settle(Duration::from_secs(10))
