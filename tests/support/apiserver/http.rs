@@ -343,56 +343,14 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
                 .await?;
             Ok(json_response(201, &view(&obj), &ctx.warnings))
         }
-        (Method::PUT, Some(name)) => {
-            let obj = parse_body(&headers, &body)?;
-            let (obj, created) = inner
-                .write(
-                    &def,
-                    &version,
-                    &ns,
-                    name,
-                    target.sub,
-                    &Write::Update(obj),
-                    &mut ctx,
-                )
-                .await?;
-            Ok(json_response(
-                if created { 201 } else { 200 },
-                &view(&obj),
-                &ctx.warnings,
-            ))
-        }
-        (Method::PATCH, Some(name)) => {
-            let content_type = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            let mime = content_type.split(';').next().unwrap_or_default().trim();
-            let force = query.get("force").is_some_and(|f| f == "true");
-            let kind = match mime {
-                "application/merge-patch+json" => PatchKind::Merge,
-                "application/strategic-merge-patch+json" => PatchKind::Strategic,
-                "application/json-patch+json" => PatchKind::Json,
-                "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-                    PatchKind::Apply { force }
-                }
-                other => return Err(ApiError::unsupported_media_type(other)),
+        (method @ (Method::PUT | Method::PATCH), Some(name)) => {
+            let write = if method == Method::PUT {
+                Write::Update(parse_body(&headers, &body)?)
+            } else {
+                Write::Patch(patch_kind(&headers, &query)?, body.to_vec())
             };
-            if force && !matches!(kind, PatchKind::Apply { .. }) {
-                return Err(ApiError::bad_request(
-                    "force: Forbidden: may not be specified for non-apply patch",
-                ));
-            }
             let (obj, created) = inner
-                .write(
-                    &def,
-                    &version,
-                    &ns,
-                    name,
-                    target.sub,
-                    &Write::Patch(kind, body.to_vec()),
-                    &mut ctx,
-                )
+                .write(&def, &version, &ns, name, target.sub, &write, &mut ctx)
                 .await?;
             Ok(json_response(
                 if created { 201 } else { 200 },
@@ -475,6 +433,31 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
             "the server does not allow this method on the requested resource",
         )),
     }
+}
+
+/// The patch type a PATCH request's Content-Type names; `force` only for server-side apply.
+fn patch_kind(headers: &HeaderMap, query: &Query) -> Result<PatchKind, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mime = content_type.split(';').next().unwrap_or_default().trim();
+    let force = query.get("force").is_some_and(|f| f == "true");
+    let kind = match mime {
+        "application/merge-patch+json" => PatchKind::Merge,
+        "application/strategic-merge-patch+json" => PatchKind::Strategic,
+        "application/json-patch+json" => PatchKind::Json,
+        "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
+            PatchKind::Apply { force }
+        }
+        other => return Err(ApiError::unsupported_media_type(other)),
+    };
+    if force && !matches!(kind, PatchKind::Apply { .. }) {
+        return Err(ApiError::bad_request(
+            "force: Forbidden: may not be specified for non-apply patch",
+        ));
+    }
+    Ok(kind)
 }
 
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
