@@ -108,6 +108,20 @@ fn ctx() -> Ctx {
     ctx
 }
 
+/// Deletes `key` as the garbage collector; a failure is left for the next pass.
+async fn collect(inner: &Inner, def: &Arc<ResourceDef>, key: &Key, opts: DeleteOpts) {
+    let _ = inner
+        .delete(
+            def,
+            &def.versions[0].name,
+            &key.1,
+            &key.2,
+            &opts,
+            &mut ctx(),
+        )
+        .await;
+}
+
 fn owner_refs(obj: &Value) -> Vec<Value> {
     obj["metadata"]["ownerReferences"]
         .as_array()
@@ -201,16 +215,7 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
         }
         if live.is_empty() {
             if obj["metadata"].get("deletionTimestamp").is_none() {
-                let _ = inner
-                    .delete(
-                        &def,
-                        &def.versions[0].name,
-                        &key.1,
-                        &key.2,
-                        &DeleteOpts::default(),
-                        &mut ctx(),
-                    )
-                    .await;
+                collect(inner, &def, key, DeleteOpts::default()).await;
             }
         } else {
             let gone: Vec<Value> = dangling.iter().map(|r| r["uid"].clone()).collect();
@@ -265,16 +270,7 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
                     continue;
                 }
                 if let Some(d) = def_of(k) {
-                    let _ = inner
-                        .delete(
-                            &d,
-                            &d.versions[0].name,
-                            &k.1,
-                            &k.2,
-                            &DeleteOpts::default(),
-                            &mut ctx(),
-                        )
-                        .await;
+                    collect(inner, &d, k, DeleteOpts::default()).await;
                 }
             }
             if content.is_empty() {
@@ -330,16 +326,7 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
                         propagation: Some("Foreground".into()),
                         ..DeleteOpts::default()
                     };
-                    let _ = inner
-                        .delete(
-                            &dep_def,
-                            &dep_def.versions[0].name,
-                            &dep_key.1,
-                            &dep_key.2,
-                            &opts,
-                            &mut ctx(),
-                        )
-                        .await;
+                    collect(inner, &dep_def, dep_key, opts).await;
                 }
             }
             if !deps.iter().any(|(_, block)| *block) {
