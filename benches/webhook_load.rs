@@ -3,7 +3,7 @@
 //! AdmissionReview without parsing anything. A third server answers with `server::review` alone
 //! (no layers, no metrics), which tells the review's cost from the router's.
 //!
-//! `cargo bench --bench webhook_load` (needs `wrk` on PATH: `apt-get install wrk`). Settings by
+//! `cargo bench --bench webhook_load` (needs `wrk` on PATH: `apt-get update && apt-get install -y wrk`). Settings by
 //! environment: FLEDGE_BENCH_SECONDS (default 10), FLEDGE_BENCH_CONNECTIONS (default 64),
 //! FLEDGE_BENCH_ROUNDS (default 3; servers alternate, best round of each is kept),
 //! FLEDGE_BENCH_WORKERS (server threads; default one per core, as `fledge serve`),
@@ -189,7 +189,7 @@ fn run(
         .arg(script)
         .arg(&url)
         .output()
-        .map_err(|e| format!("running wrk (apt-get install wrk): {e}"))?;
+        .map_err(|e| format!("running wrk (apt-get update && apt-get install -y wrk): {e}"))?;
     let cpu = process_cpu_seconds()? - cpu_before;
     handle.graceful_shutdown(Some(Duration::from_secs(1)));
     runtime.shutdown_timeout(Duration::from_secs(2));
