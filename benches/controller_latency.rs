@@ -7,9 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use fledge::controller::{self, Config};
-use fledge::objects::SplitApi;
-use fledge::rollout::machine::Command;
+use fledge::core::objects::SplitApi;
+use fledge::core::rollout::machine::Command;
+use fledge::runtime::controller::{self, Config};
 use serde_json::{Value, json};
 use support::apiserver::{ApiServer, ApiServerConfig};
 
@@ -117,7 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         api.wait_for(SPLITS, NS, "web", WAIT, |s| canary_weight(s) == Some(5000))
             .await?;
         let started = Instant::now();
-        fledge::commands::run(api.client(), NS, "web", Command::Abort).await?;
+        fledge::runtime::commands::run(api.client(), NS, "web", Command::Abort).await?;
         api.wait_for(SPLITS, NS, "web", WAIT, |s| {
             canary_weight(s).is_none_or(|w| w == 0)
         })

@@ -11,7 +11,7 @@ use support::apiserver::ApiServer;
 use support::e2e::*;
 use tokio::io::AsyncReadExt;
 
-use fledge::rollout::Phase;
+use fledge::core::rollout::Phase;
 
 const FLEDGE: &str = env!("CARGO_BIN_EXE_fledge");
 const PAUSE_UNTIL_PROMOTED: &str = "- setWeight: 20\n- pause: {}\n";

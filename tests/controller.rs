@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use support::apiserver::{ApiServer, ControllerConfig};
 use support::e2e::*;
 
-use fledge::controller::{self, Config};
-use fledge::objects::SplitApi;
-use fledge::rollout::Phase;
+use fledge::core::objects::SplitApi;
+use fledge::core::rollout::Phase;
+use fledge::runtime::controller::{self, Config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_template_walks_the_steps_to_promotion() {
@@ -284,7 +284,7 @@ fn replica(
     started: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     let client = api.client();
-    let lease = fledge::lease::Config {
+    let lease = fledge::runtime::lease::Config {
         name: "fledge-controller".into(),
         namespace: NS.into(),
         identity: identity.into(),
@@ -303,7 +303,7 @@ fn replica(
             std::future::pending(),
         )
     };
-    tokio::spawn(fledge::lease::run_while_leader(
+    tokio::spawn(fledge::runtime::lease::run_while_leader(
         api.client(),
         lease,
         lead,
@@ -406,7 +406,7 @@ fn position(d: Option<&Value>) -> Option<Position> {
 }
 
 /// The stored rollout states of `web`, oldest first, with repeats removed.
-fn state_history(api: &ApiServer) -> Vec<fledge::rollout::RolloutState> {
+fn state_history(api: &ApiServer) -> Vec<fledge::core::rollout::RolloutState> {
     let mut states: Vec<_> = api
         .history_of("deployments.apps", NS, "web")
         .iter()

@@ -1,6 +1,6 @@
 //! Hostile input: mutated and random AdmissionReviews thrown at the decision
-//! ([`fledge::admission::review::parse`], [`fledge::admission::decide`] and
-//! [`fledge::admission::review::answer`]), at [`fledge::server::review`], and at the HTTP handler
+//! ([`fledge::core::admission::review::parse`], [`fledge::core::admission::decide`] and
+//! [`fledge::core::admission::review::answer`]), at [`fledge::runtime::server::review`], and at the HTTP handler
 //! (`POST /mutate`, driven in-process). None may panic or hang; every reply must be a well-formed
 //! AdmissionReview under the request's uid (or a 4xx with a reason when there is no uid); every patch
 //! must apply to the request's object, keep the stable template, and be stable under reinvocation.
@@ -24,14 +24,14 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
-use fledge::admission::review as wire;
-use fledge::admission::{self, DeploymentView, Outcome};
-use fledge::server::{self, AppState, BadRequest, MAX_BODY_BYTES};
-use fledge::spec::{
+use fledge::core::admission::review as wire;
+use fledge::core::admission::{self, DeploymentView, Outcome};
+use fledge::core::spec::{
     ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, ANNOTATION_ROOT_SERVICE, ANNOTATION_STATE,
     ANNOTATION_STEPS, LABEL_ENABLED,
 };
-use fledge::template;
+use fledge::core::template;
+use fledge::runtime::server::{self, AppState, BadRequest, MAX_BODY_BYTES};
 use http_body_util::BodyExt as _;
 use kube::core::admission::{AdmissionRequest, Operation};
 use proptest::collection::vec;
@@ -137,7 +137,7 @@ fn recorded(object: Value, pending: &Value) -> Value {
 }
 
 fn review(operation: &str, object: Option<Value>, old: Option<Value>) -> Value {
-    let mut review = fledge::admission::review::deployment_review(
+    let mut review = fledge::core::admission::review::deployment_review(
         "705ab4f5-6393-11e8-b7cc-42010a800002",
         "kubernetes-admin",
         object.as_ref().unwrap_or(&Value::Null),

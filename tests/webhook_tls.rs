@@ -566,7 +566,7 @@ fn annotation<'a>(object: &'a Value, key: &str) -> &'a str {
 }
 
 fn template_hash(object: &Value) -> String {
-    fledge::template::hash(&object["spec"]["template"])
+    fledge::core::template::hash(&object["spec"]["template"])
 }
 
 // ---------------------------------------------------------------------------------------------

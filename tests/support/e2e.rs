@@ -6,9 +6,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::apiserver::{ApiServer, ApiServerConfig, ControllerConfig};
-use fledge::controller::{self, Config};
-use fledge::objects::SplitApi;
-use fledge::rollout::{Phase, RolloutState, read_state};
+use fledge::core::objects::SplitApi;
+use fledge::core::rollout::{Phase, RolloutState, read_state};
+use fledge::runtime::controller::{self, Config};
 
 pub const DEPLOYMENTS: &str = "apps/v1/deployments";
 pub const SERVICES: &str = "v1/services";
@@ -20,7 +20,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct Cluster {
     pub api: ApiServer,
     /// The webhook's and the controller's metrics, as `/metrics` serves them.
-    pub metrics: Arc<fledge::server::Metrics>,
+    pub metrics: Arc<fledge::runtime::server::Metrics>,
     _webhook: super::webhook::FledgeWebhook,
     pub controller_task: tokio::task::JoinHandle<()>,
 }
@@ -49,7 +49,7 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
         ..ApiServerConfig::default()
     })
     .await;
-    let metrics = Arc::new(fledge::server::Metrics::default());
+    let metrics = Arc::new(fledge::runtime::server::Metrics::default());
     let controller = start_controller(&api, &metrics);
     Cluster {
         metrics,
@@ -61,7 +61,7 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
 
 pub fn start_controller(
     api: &ApiServer,
-    metrics: &fledge::server::Metrics,
+    metrics: &fledge::runtime::server::Metrics,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(controller::run(
         api.client(),

@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value, json};
 
-use crate::spec::{
+use crate::core::spec::{
     ANNOTATION_CANARY_HASH, CANARY_SUFFIX, LABEL_ENABLED, LABEL_TRACK, STABLE_SUFFIX, Weight,
 };
 

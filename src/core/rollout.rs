@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{ANNOTATION_STATE, Step, Weight};
+use crate::core::spec::{ANNOTATION_STATE, Step, Weight};
 
 pub mod machine;
 
@@ -132,7 +132,7 @@ pub struct Earliest {
 
 impl fmt::Display for Earliest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let after = crate::spec::format_duration(self.after);
+        let after = crate::core::spec::format_duration(self.after);
         match self.promotions {
             0 => write!(f, "+{after}"),
             1 => write!(f, "promote +{after}"),

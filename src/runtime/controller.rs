@@ -1,4 +1,4 @@
-//! The controller: the IO around [`crate::rollout::machine`]. It watches Deployments and the objects
+//! The controller: the IO around [`crate::core::rollout::machine`]. It watches Deployments and the objects
 //! fledge owns, reads an observation off them, asks the state machine for the next step, converges
 //! the cluster to its target with server-side apply, and stores the state with optimistic
 //! concurrency. Level-triggered: a controller killed at any point resumes from what is stored.
@@ -23,15 +23,15 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use std::sync::atomic::AtomicU64;
 
-use crate::events::{self, Reporter};
-use crate::objects::{self, LABEL_MANAGED_BY, SplitApi};
-use crate::observe::{self, DeploymentFacts};
-use crate::rollout::machine::{self, Target};
-use crate::rollout::{Phase, RolloutState};
-use crate::spec::{
+use crate::core::objects::{self, LABEL_MANAGED_BY, SplitApi};
+use crate::core::observe::{self, DeploymentFacts};
+use crate::core::rollout::machine::{self, Target};
+use crate::core::rollout::{Phase, RolloutState};
+use crate::core::spec::{
     ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, ANNOTATION_STATE, CANARY_SUFFIX,
     STABLE_SUFFIX, Weight,
 };
+use crate::runtime::events::{self, Reporter};
 
 /// Field manager for server-side apply, and the Event reporter.
 pub const MANAGER: &str = "fledge";

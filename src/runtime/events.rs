@@ -15,8 +15,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 
-use crate::rollout::machine;
-use crate::spec::{ANNOTATION_CANARY_HASH, ANNOTATION_STATE};
+use crate::core::rollout::machine;
+use crate::core::spec::{ANNOTATION_CANARY_HASH, ANNOTATION_STATE};
 
 /// The `action` of every Event fledge records.
 const ACTION: &str = "Rollout";

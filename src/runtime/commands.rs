@@ -1,5 +1,5 @@
 //! `fledge status`, `promote`, `abort` and `retry`: read a Deployment's rollout, or change its
-//! stored state with the pure [`command`](crate::rollout::machine::command). The controller does
+//! stored state with the pure [`command`](crate::core::rollout::machine::command). The controller does
 //! the rest, level-triggered. `fledge status --watch` is [`watch`].
 
 use std::time::Duration;
@@ -11,11 +11,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::events;
-use crate::observe::DeploymentFacts;
-use crate::rollout::machine::{self, Command};
-use crate::rollout::{Phase, RolloutState};
-use crate::spec::{ANNOTATION_STATE, LABEL_ENABLED, Step, Weight, format_duration};
+use crate::core::observe::DeploymentFacts;
+use crate::core::rollout::machine::{self, Command};
+use crate::core::rollout::{Phase, RolloutState};
+use crate::core::spec::{ANNOTATION_STATE, LABEL_ENABLED, Step, Weight, format_duration};
+use crate::runtime::events;
 
 pub mod watch;
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Phase, RolloutState};
-use crate::objects::canary_replicas;
-use crate::spec::{CanarySpec, Step, Weight};
+use crate::core::objects::canary_replicas;
+use crate::core::spec::{CanarySpec, Step, Weight};
 
 /// What the controller read from the cluster, as plain values.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,7 +241,7 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
                         "PauseEnded",
                         format!(
                             "{position}: pause of {} ended",
-                            crate::spec::format_duration(*d)
+                            crate::core::spec::format_duration(*d)
                         ),
                     ),
                 );
@@ -249,7 +249,7 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
             let left = *d - elapsed;
             state.message = format!(
                 "{position}: paused, {} left",
-                crate::spec::format_duration(whole_seconds_up(left))
+                crate::core::spec::format_duration(whole_seconds_up(left))
             );
             pause(state, Some(left))
         }
@@ -463,7 +463,7 @@ pub fn command(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
+    use crate::core::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
     use k8s_openapi::jiff::SignedDuration;
 
     const STABLE: &str = "stable-hash";

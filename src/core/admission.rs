@@ -17,9 +17,9 @@ use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::rollout::{self, Phase};
-use crate::spec::{self, ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, OptIn};
-use crate::template;
+use crate::core::rollout::{self, Phase};
+use crate::core::spec::{self, ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, OptIn};
+use crate::core::template;
 
 pub mod review;
 pub use review::DeploymentView;
@@ -369,8 +369,8 @@ fn set_annotation(key: &str, value: String) -> PatchOperation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::RolloutState;
-    use crate::spec::{ANNOTATION_STATE, ANNOTATION_STEPS, LABEL_ENABLED, Weight};
+    use crate::core::rollout::RolloutState;
+    use crate::core::spec::{ANNOTATION_STATE, ANNOTATION_STEPS, LABEL_ENABLED, Weight};
     use serde_json::json;
 
     const STEPS: &str = "- setWeight: 5\n- pause: {duration: 2m}\n- setWeight: 50\n- pause: {}\n";

@@ -17,9 +17,9 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 use super::{CommandError, Status, status_of, status_text};
-use crate::observe::DeploymentFacts;
-use crate::rollout::Phase;
-use crate::spec::LABEL_ENABLED;
+use crate::core::observe::DeploymentFacts;
+use crate::core::rollout::Phase;
+use crate::core::spec::LABEL_ENABLED;
 
 /// How often the view is rendered again without a change, for the countdown of a timed pause.
 const TICK: Duration = Duration::from_secs(1);
@@ -251,7 +251,7 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Weight;
+    use crate::core::spec::Weight;
     use serde_json::json;
 
     fn mk_status(name: &str, phase: Phase, weight: &str, pause_left: Option<&str>) -> Status {

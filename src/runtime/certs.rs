@@ -99,7 +99,7 @@ pub enum CertError {
 /// Generates a fresh CA and a serving certificate signed by it.
 pub fn generate(req: &CertRequest) -> Result<GeneratedCerts, CertError> {
     // Service names are DNS-1035 labels: stricter than namespaces (they start with a letter).
-    crate::spec::check_dns1035(&req.service)
+    crate::core::spec::check_dns1035(&req.service)
         .map_err(|why| invalid("--service", req.service.clone(), why))?;
     validate_label("--namespace", &req.namespace)?;
     for name in &req.dns {

@@ -253,7 +253,7 @@ fn parse_pair(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::{CertRequest, GeneratedCerts, generate, write_to_dir};
+    use crate::runtime::certs::{CertRequest, GeneratedCerts, generate, write_to_dir};
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ProtocolVersion, RootCertStore};
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

@@ -8,10 +8,12 @@ use kube::core::admission::AdmissionRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admission::{self, Decision, DeploymentView, Outcome, review};
-use crate::objects::{self, Desired, SplitApi};
-use crate::rollout::{self, Timeline};
-use crate::spec::{self, ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, CanarySpec, Weight};
+use crate::core::admission::{self, Decision, DeploymentView, Outcome, review};
+use crate::core::objects::{self, Desired, SplitApi};
+use crate::core::rollout::{self, Timeline};
+use crate::core::spec::{
+    self, ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, CanarySpec, Weight,
+};
 
 /// Stands in for the stable ReplicaSet's `pod-template-hash`, which only the cluster knows.
 pub const STABLE_HASH_PLACEHOLDER: &str = "STABLE-POD-TEMPLATE-HASH";
@@ -435,8 +437,8 @@ pub fn to_yaml(plan: &Plan) -> Result<String, serde_yaml_ng::Error> {
 mod tests {
     use super::*;
 
-    const V1: &str = include_str!("../examples/web-v1.yaml");
-    const V2: &str = include_str!("../examples/web-v2.yaml");
+    const V1: &str = include_str!("../../examples/web-v1.yaml");
+    const V2: &str = include_str!("../../examples/web-v2.yaml");
 
     fn manifest(text: &str) -> Manifest {
         Manifest::parse("test.yaml", text).unwrap()

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::rollout::machine::{CanaryStatus, Observation};
-use crate::rollout::{self, RolloutState, StateError};
-use crate::spec::{self, ANNOTATION_CANARY_HASH, CanarySpec, OptIn};
-use crate::template;
+use crate::core::rollout::machine::{CanaryStatus, Observation};
+use crate::core::rollout::{self, RolloutState, StateError};
+use crate::core::spec::{self, ANNOTATION_CANARY_HASH, CanarySpec, OptIn};
+use crate::core::template;
 
 /// Kubernetes' default for `spec.progressDeadlineSeconds`.
 const DEFAULT_PROGRESS_DEADLINE: u64 = 600;

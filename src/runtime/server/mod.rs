@@ -1,6 +1,6 @@
 //! The HTTPS webhook server: `POST /mutate`, `GET /livez`, `GET /readyz`, `GET /metrics`.
 //!
-//! The only IO around the pure [`crate::admission`] decision. Every request gets an answer: a
+//! The only IO around the pure [`crate::core::admission`] decision. Every request gets an answer: a
 //! well-formed AdmissionReview carrying the request's uid when there is one, otherwise an HTTP 4xx
 //! naming what is wrong.
 
@@ -25,7 +25,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::admission::{self, review};
+use crate::core::admission::{self, review};
 
 /// Larger request bodies get 413. The API server caps objects at about 1.5 MiB, and a review holds
 /// two of them.
@@ -57,7 +57,7 @@ pub struct Metrics {
     reviews: Family<ReviewLabels, Counter>,
     duration: Histogram,
     /// The controller's, served here too.
-    pub controller: crate::controller::Metrics,
+    pub controller: crate::runtime::controller::Metrics,
 }
 
 impl Default for Metrics {
@@ -76,7 +76,7 @@ impl Default for Metrics {
             "Time to read, decide and answer one AdmissionReview",
             duration.clone(),
         );
-        let controller = crate::controller::Metrics::register(&mut registry);
+        let controller = crate::runtime::controller::Metrics::register(&mut registry);
         Metrics {
             registry,
             reviews,
