@@ -264,7 +264,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 "no Kubernetes API configuration (in-cluster, KUBECONFIG or ~/.kube/config); \
                  run with --webhook-only to serve the webhook alone",
             )?;
-            let config = fledge::runtime::controller::Config {
+            let config = fledge::runtime::controller::ControllerConfig {
                 namespace: args.namespace,
                 split_api: args.split_api,
                 metrics: state.metrics.controller.clone(),

@@ -3,6 +3,7 @@
 //! that no module here uses the client or the runtime.
 
 pub mod admission;
+pub mod converge;
 pub mod objects;
 pub mod observe;
 pub mod plan;

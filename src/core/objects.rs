@@ -32,6 +32,10 @@ pub enum ObjectError {
     RootService(String, String),
 }
 
+/// The SMI API group of TrafficSplits, and their kind.
+pub const SPLIT_GROUP: &str = "split.smi-spec.io";
+pub const SPLIT_KIND: &str = "TrafficSplit";
+
 /// The TrafficSplit API version to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SplitApi {
@@ -76,12 +80,11 @@ impl FromStr for SplitApi {
 
 /// What the desired objects are computed from.
 pub struct Inputs<'a> {
-    /// The user's Deployment as JSON (the stable version runs from its `spec.template`).
+    /// The user's Deployment as JSON, held: its `spec.template` is the canary's, the stable pods
+    /// run from the ReplicaSet of `stable_pod_template_hash`.
     pub deployment: &'a Value,
-    /// The pending canary pod template.
-    pub canary_template: &'a Value,
-    /// Its `fledge.dev/canary-hash`, recorded on the canary Deployment so that its status can be
-    /// told apart from that of an earlier canary.
+    /// The hash of `spec.template`, recorded on the canary Deployment (`fledge.dev/canary-hash`) so
+    /// that its status can be told apart from that of an earlier canary.
     pub canary_hash: &'a str,
     /// The root Service clients address.
     pub root_service: &'a Value,
@@ -135,7 +138,6 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, ObjectError> {
         canary_deployment: canary_deployment(
             &owner,
             inputs.deployment,
-            inputs.canary_template,
             inputs.canary_hash,
             canary_replicas(stable_replicas, inputs.size.max(inputs.weight)),
         )?,
@@ -150,6 +152,24 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, ObjectError> {
             inputs.weight,
         ),
     })
+}
+
+/// The traffic object of Deployment `deployment` with all traffic on its stable pods: what an
+/// abort, a rollback and the end of a canary write before anything is removed.
+pub fn traffic_to_stable(
+    deployment: &Value,
+    root_service: &str,
+    split_api: SplitApi,
+) -> Result<Value, ObjectError> {
+    let owner = Owner::of(deployment)?;
+    Ok(traffic_split(
+        &owner,
+        split_api,
+        root_service,
+        &format!("{}{STABLE_SUFFIX}", owner.name),
+        &format!("{}{CANARY_SUFFIX}", owner.name),
+        Weight::ZERO,
+    ))
 }
 
 /// Canary pods for capacity: `ceil(stable × weight)`, at least one so the canary can become available.
@@ -205,17 +225,19 @@ impl Owner {
 
 fn canary_deployment(
     owner: &Owner,
-    stable: &Value,
-    canary_template: &Value,
+    deployment: &Value,
     canary_hash: &str,
     replicas: u64,
 ) -> Result<Value, ObjectError> {
     let field = |f| ObjectError::DeploymentField(owner.name.clone(), f);
-    let mut spec = stable["spec"]
+    let mut spec = deployment["spec"]
         .as_object()
         .cloned()
         .ok_or_else(|| field("spec"))?;
-    let mut template = canary_template.clone();
+    let mut template = spec
+        .get("template")
+        .cloned()
+        .ok_or_else(|| field("spec.template"))?;
     set_label(&mut template, LABEL_TRACK, TRACK_CANARY).ok_or_else(|| field("spec.template"))?;
     // On the pods too, so that the canary's ReplicaSets say which template they run.
     set_metadata(
@@ -244,7 +266,7 @@ fn canary_deployment(
     spec.remove("paused");
 
     // The canary carries the Deployment's labels but not the opt-in: it is fledge's, not a canary target.
-    let mut labels: BTreeMap<String, String> = stable["metadata"]["labels"]
+    let mut labels: BTreeMap<String, String> = deployment["metadata"]["labels"]
         .as_object()
         .map(|m| {
             m.iter()
@@ -379,6 +401,7 @@ fn str_at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v str> {
 mod tests {
     use super::*;
 
+    /// `web`, held with the canary's template (`web:2`) in `spec.template`.
     fn deployment(replicas: u64) -> Value {
         json!({
             "apiVersion": "apps/v1",
@@ -392,13 +415,10 @@ mod tests {
                 "replicas": replicas,
                 "progressDeadlineSeconds": 600,
                 "selector": {"matchLabels": {"app": "web"}},
-                "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+                "paused": true,
+                "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:2"}], "futureField": 1}},
             },
         })
-    }
-
-    fn canary_template() -> Value {
-        json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:2"}], "futureField": 1}})
     }
 
     fn root_service() -> Value {
@@ -416,7 +436,6 @@ mod tests {
     fn build(weight_bp: u16, api: SplitApi) -> Desired {
         desired(&Inputs {
             deployment: &deployment(4),
-            canary_template: &canary_template(),
             canary_hash: "c2",
             root_service: &root_service(),
             stable_pod_template_hash: "7d9c6b5f4",
@@ -462,13 +481,16 @@ mod tests {
         assert_eq!(d["spec"]["template"]["spec"]["futureField"], 1);
         assert_eq!(d["spec"]["progressDeadlineSeconds"], 600);
         assert_eq!(d["spec"]["replicas"], 1);
+        assert!(
+            d["spec"].get("paused").is_none(),
+            "the canary itself is never paused"
+        );
     }
 
     #[test]
     fn the_canary_is_sized_ahead_of_its_traffic() {
         let ahead = desired(&Inputs {
             deployment: &deployment(4),
-            canary_template: &canary_template(),
             canary_hash: "c2",
             root_service: &root_service(),
             stable_pod_template_hash: "h",
@@ -560,7 +582,6 @@ mod tests {
             .remove("selector");
         let err = desired(&Inputs {
             deployment: &deployment(1),
-            canary_template: &canary_template(),
             canary_hash: "c2",
             root_service: &no_selector,
             stable_pod_template_hash: "h",
@@ -582,7 +603,6 @@ mod tests {
         d["metadata"].as_object_mut().unwrap().remove("uid");
         let desired = desired(&Inputs {
             deployment: &d,
-            canary_template: &canary_template(),
             canary_hash: "c2",
             root_service: &root_service(),
             stable_pod_template_hash: "h",

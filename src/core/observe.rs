@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::core::rollout::machine::{CanaryStatus, Observation};
 use crate::core::rollout::{self, RolloutState, StateError};
-use crate::core::spec::{self, ANNOTATION_CANARY_HASH, CanarySpec, OptIn};
+use crate::core::spec::{
+    self, ANNOTATION_CANARY_HASH, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, CanarySpec, OptIn,
+};
 use crate::core::template;
 
 /// Kubernetes' default for `spec.progressDeadlineSeconds`.
@@ -24,8 +26,15 @@ pub struct DeploymentFacts {
     pub spec: Option<CanarySpec>,
     /// Why the settings are not used, when the Deployment is labelled but they are invalid.
     pub invalid: Option<String>,
-    pub pending_hash: Option<String>,
-    pub stable_hash: String,
+    /// Hash of `spec.template`, from the JSON as the API server returned it: the same identity the
+    /// webhook computes from the same JSON.
+    pub template_hash: String,
+    /// `fledge.dev/stable-hash`.
+    pub stable_hash: Option<String>,
+    /// `fledge.dev/hold` is `"true"`: fledge holds `spec.paused`.
+    pub held: bool,
+    /// `spec.paused`.
+    pub paused: bool,
     pub stable_replicas: u64,
     pub progress_deadline: Duration,
     pub rolled_out: bool,
@@ -48,10 +57,14 @@ impl DeploymentFacts {
         DeploymentFacts {
             spec,
             invalid,
-            pending_hash: annotations.get(ANNOTATION_CANARY_HASH).cloned(),
-            stable_hash: template::of_deployment(deployment)
+            template_hash: template::of_deployment(deployment)
                 .map(template::hash)
                 .unwrap_or_default(),
+            stable_hash: annotations.get(ANNOTATION_STABLE_HASH).cloned(),
+            held: annotations
+                .get(ANNOTATION_HOLD)
+                .is_some_and(|v| v == "true"),
+            paused: deployment["spec"]["paused"].as_bool() == Some(true),
             stable_replicas: deployment["spec"]["replicas"].as_u64().unwrap_or(1),
             progress_deadline: Duration::from_secs(
                 deployment["spec"]["progressDeadlineSeconds"]
@@ -64,8 +77,23 @@ impl DeploymentFacts {
         }
     }
 
+    /// The template waiting to be canaried, if any.
+    pub fn pending(&self) -> Option<&str> {
+        self.stable_hash
+            .as_deref()
+            .filter(|stable| *stable != self.template_hash)
+            .map(|_| self.template_hash.as_str())
+    }
+
+    /// fledge's hold record is on the Deployment although nothing is pending for fledge (it left
+    /// fledge, or the template was reverted while the webhook was not called): it must be released.
+    pub fn needs_release(&self) -> bool {
+        (self.held || self.stable_hash.is_some())
+            && (self.spec.is_none() || self.pending().is_none())
+    }
+
     /// The observation for the state machine, given the canary Deployment (if it exists) and the
-    /// namespace's ReplicaSets.
+    /// canary's ReplicaSets.
     pub fn observation<'a>(
         &'a self,
         canary: Option<&Value>,
@@ -74,11 +102,13 @@ impl DeploymentFacts {
         Observation {
             name: &self.name,
             spec: self.spec.as_ref(),
-            pending_hash: self.pending_hash.as_deref(),
-            stable_hash: &self.stable_hash,
+            template_hash: &self.template_hash,
+            stable_hash: self.stable_hash.as_deref(),
+            held: self.held,
             stable_replicas: self.stable_replicas,
             progress_deadline: self.progress_deadline,
-            canary: canary_status(canary, self.pending_hash.as_deref(), replicasets),
+            // The canary always runs `spec.template`: held, or being rolled out by the promotion.
+            canary: canary_status(canary, Some(&self.template_hash), replicasets),
             stable_rolled_out: self.rolled_out,
         }
     }
@@ -169,11 +199,12 @@ mod tests {
                 "labels": {"fledge.dev/enabled": "true"},
                 "annotations": {
                     "fledge.dev/steps": "- setWeight: 5",
-                    ANNOTATION_CANARY_HASH: "c2",
+                    ANNOTATION_STABLE_HASH: "c1",
+                    ANNOTATION_HOLD: "true",
                     REVISION: "3",
                 },
             },
-            "spec": {"replicas": 4, "progressDeadlineSeconds": 120, "template": {"spec": {"containers": []}}},
+            "spec": {"replicas": 4, "paused": true, "progressDeadlineSeconds": 120, "template": {"spec": {"containers": []}}},
             "status": {"observedGeneration": 4, "replicas": 4, "updatedReplicas": 4, "availableReplicas": 4},
         })
     }
@@ -198,11 +229,11 @@ mod tests {
     fn facts_of_an_opted_in_deployment() {
         let facts = DeploymentFacts::read(&deployment());
         assert_eq!(facts.spec.as_ref().unwrap().steps.len(), 1);
-        assert_eq!(facts.pending_hash.as_deref(), Some("c2"));
-        assert_eq!(
-            facts.stable_hash,
-            template::hash(&json!({"spec": {"containers": []}}))
-        );
+        let template_hash = template::hash(&json!({"spec": {"containers": []}}));
+        assert_eq!(facts.template_hash, template_hash);
+        assert_eq!(facts.stable_hash.as_deref(), Some("c1"));
+        assert_eq!(facts.pending(), Some(template_hash.as_str()));
+        assert!(facts.held && facts.paused && !facts.needs_release());
         assert_eq!(
             (facts.stable_replicas, facts.progress_deadline),
             (4, Duration::from_secs(120))
@@ -210,8 +241,8 @@ mod tests {
         assert!(facts.rolled_out);
         assert!(matches!(facts.state, Ok(None)));
         let o = facts.observation(
-            Some(&canary("c2", 1, 1, 2, 2)),
-            &[canary_rs("c-uid", "c2", 2)],
+            Some(&canary(&template_hash, 1, 1, 2, 2)),
+            &[canary_rs("c-uid", &template_hash, 2)],
         );
         assert_eq!(
             o.canary,
@@ -237,6 +268,8 @@ mod tests {
         d["metadata"]["labels"] = json!({});
         let facts = DeploymentFacts::read(&d);
         assert!(facts.spec.is_none() && facts.invalid.is_none());
+        // Out of fledge with the hold record still there: it must be released.
+        assert!(facts.needs_release());
     }
 
     #[test]

@@ -8,12 +8,11 @@ use kube::core::admission::AdmissionRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::core::admission::{self, Decision, DeploymentView, Outcome, review};
+use crate::core::admission::{self, Decision, DeploymentView, Outcome, PatchReason, review};
 use crate::core::objects::{self, Desired, SplitApi};
 use crate::core::rollout::{self, Timeline};
-use crate::core::spec::{
-    self, ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, CanarySpec, Weight,
-};
+use crate::core::spec::{self, CanarySpec, Weight};
+use crate::core::template;
 
 /// Stands in for the stable ReplicaSet's `pod-template-hash`, which only the cluster knows.
 pub const STABLE_HASH_PLACEHOLDER: &str = "STABLE-POD-TEMPLATE-HASH";
@@ -120,6 +119,8 @@ pub fn plan(
             to: name,
         });
     }
+    let applied = old.map(|old| as_applied(old, new));
+    let new = applied.as_ref().unwrap_or(new);
     let req = request(old, new)?;
     let decision = admission::decide(&req);
     let annotations = req
@@ -130,7 +131,13 @@ pub fn plan(
     let spec = spec::parse(&name, &annotations).ok();
     let timeline = spec.as_ref().map(|s| rollout::timeline(&s.steps));
     let objects = match (&decision.outcome, &spec) {
-        (Outcome::Patch(_, patch), Some(spec)) => {
+        (
+            Outcome::Patch(
+                PatchReason::Hold | PatchReason::HoldReplaced | PatchReason::HoldTakenOver,
+                patch,
+            ),
+            Some(spec),
+        ) => {
             let mut stored = new.clone();
             Some(
                 json_patch::patch(&mut stored, patch)
@@ -153,6 +160,31 @@ pub fn plan(
     })
 }
 
+/// `new` as `kubectl apply` of it over `old` stores it: fields the manifest does not mention are
+/// kept, and fledge's own (`spec.paused`, its annotations) are never in a user's manifest.
+fn as_applied(old: &Value, new: &Value) -> Value {
+    let mut merged = new.clone();
+    if merged["spec"].get("paused").is_none()
+        && let Some(paused) = old["spec"].get("paused")
+        && merged["spec"].is_object()
+    {
+        merged["spec"]["paused"] = paused.clone();
+    }
+    for key in spec::FLEDGE_ANNOTATIONS {
+        if let Some(value) = old["metadata"]["annotations"].get(key)
+            && merged["metadata"].is_object()
+        {
+            if !merged["metadata"]["annotations"].is_object() {
+                merged["metadata"]["annotations"] = json!({});
+            }
+            if merged["metadata"]["annotations"].get(key).is_none() {
+                merged["metadata"]["annotations"][key] = value.clone();
+            }
+        }
+    }
+    merged
+}
+
 fn request(
     old: Option<&Value>,
     new: &Value,
@@ -169,12 +201,8 @@ fn canary_objects<'m>(
     manifests: impl Iterator<Item = &'m Manifest>,
     split_api: SplitApi,
 ) -> Result<Desired, String> {
-    let template: Value = stored["metadata"]["annotations"][ANNOTATION_CANARY_TEMPLATE]
-        .as_str()
-        .ok_or("the patch records no canary template")
-        .and_then(|t| {
-            serde_json::from_str(t).map_err(|_| "the recorded canary template is not JSON")
-        })?;
+    // Held: `spec.template` is the canary's.
+    let template = template::of_deployment(stored).ok_or("the Deployment has no spec.template")?;
     let manifests: Vec<&Manifest> = manifests.collect();
     let root = manifests
         .iter()
@@ -185,13 +213,9 @@ fn canary_objects<'m>(
                 spec.root_service
             )
         })?;
-    let hash = stored["metadata"]["annotations"][ANNOTATION_CANARY_HASH]
-        .as_str()
-        .unwrap_or_default();
     objects::desired(&objects::Inputs {
         deployment: stored,
-        canary_template: &template,
-        canary_hash: hash,
+        canary_hash: &template::hash(template),
         root_service: root,
         stable_pod_template_hash: STABLE_HASH_PLACEHOLDER,
         size: Weight::ZERO,
@@ -209,11 +233,10 @@ pub fn render_text(plan: &Plan) -> String {
         Outcome::Allow(reason) => {
             let _ = writeln!(out, "Decision: allow unchanged: {reason}");
         }
-        Outcome::Deny(message) => {
+        Outcome::Deny(denial) => {
             let _ = writeln!(out, "Decision: deny");
-            for problem in message.split("; fledge.dev/") {
-                let problem = problem.strip_prefix("fledge.dev/").unwrap_or(problem);
-                let _ = writeln!(out, "  fledge.dev/{problem}");
+            for problem in &denial.problems {
+                let _ = writeln!(out, "  {problem}");
             }
         }
         Outcome::Patch(reason, patch) => {
@@ -387,7 +410,7 @@ fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
 pub fn to_json(plan: &Plan) -> Value {
     let (decision, reason, patch) = match &plan.decision.outcome {
         Outcome::Allow(r) => ("allow", r.to_string(), Value::Null),
-        Outcome::Deny(m) => ("deny", m.clone(), Value::Null),
+        Outcome::Deny(denial) => ("deny", denial.to_string(), Value::Null),
         Outcome::Patch(r, p) => (
             "patch",
             r.to_string(),
@@ -449,12 +472,18 @@ mod tests {
         let plan = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
         assert!(matches!(
             plan.decision.outcome,
-            Outcome::Patch(admission::PatchReason::NewCanary, _)
+            Outcome::Patch(PatchReason::Hold, _)
         ));
         let desired = plan.objects.as_ref().unwrap().as_ref().unwrap();
         assert_eq!(desired.canary_deployment["metadata"]["name"], "web-canary");
+        assert_eq!(
+            desired.canary_deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/example/web:1.1.0"
+        );
         let text = render_text(&plan);
         assert!(text.contains("Decision: allow with patch"), "{text}");
+        assert!(text.contains("held (spec.paused)"), "{text}");
+        assert!(text.contains("add     /spec/paused = true"), "{text}");
         assert!(text.contains("TrafficSplit web"), "{text}");
         assert!(text.contains("1/5"), "{text}");
         let yaml = to_yaml(&plan).unwrap();
@@ -493,6 +522,45 @@ mod tests {
             text.contains("\n  fledge.dev/steps[2].setWeight: 150 is not between 0 and 100"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_revert_of_an_in_flight_canary_is_a_rollback() {
+        // `--from` the live Deployment, held at v2 (its `kubectl get -o yaml`), `--to` v1.
+        let held = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let Outcome::Patch(_, patch) = &held.decision.outcome else {
+            panic!("not held")
+        };
+        let mut live = manifest(V2).deployment().unwrap().clone();
+        json_patch::patch(&mut live, patch).unwrap();
+        let live = Manifest {
+            file: "live.yaml".into(),
+            objects: vec![live],
+        };
+        let plan = plan(Some(&live), &manifest(V1), &[], SplitApi::V1Alpha2).unwrap();
+        assert!(matches!(
+            plan.decision.outcome,
+            Outcome::Patch(PatchReason::Revert, _)
+        ));
+        let text = render_text(&plan);
+        assert!(
+            text.contains("Decision: allow with patch: rollback"),
+            "{text}"
+        );
+        assert!(text.contains("add     /spec/paused = false"), "{text}");
+    }
+
+    #[test]
+    fn a_long_name_is_denied_at_its_own_place() {
+        let name = "a".repeat(57);
+        let long = |text: &str| manifest(&text.replace("name: web\n", &format!("name: {name}\n")));
+        let plan = plan(Some(&long(V1)), &long(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let text = render_text(&plan);
+        assert!(
+            text.contains("Decision: deny\n  metadata.name: fledge creates Services"),
+            "{text}"
+        );
+        assert!(!text.contains("fledge.dev/metadata.name"), "{text}");
     }
 
     #[test]

@@ -27,24 +27,43 @@ pub enum Phase {
     Promoting,
     /// The canary's template is the stable one.
     Succeeded,
-    /// Traffic went back to stable; the canary template stays aborted until it changes or is retried.
+    /// Traffic went back to stable; the canary template stays aborted (and the Deployment held)
+    /// until it changes or is retried.
     Aborted,
+    /// The template was reverted to the stable one: traffic on stable, canary removed, unpaused.
+    RolledBack,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Idle,
         Phase::Progressing,
         Phase::Paused,
         Phase::Promoting,
         Phase::Succeeded,
         Phase::Aborted,
+        Phase::RolledBack,
     ];
+}
+
+impl Phase {
+    /// The phase's name, as `fledge status` and the metrics' labels show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Idle => "Idle",
+            Phase::Progressing => "Progressing",
+            Phase::Paused => "Paused",
+            Phase::Promoting => "Promoting",
+            Phase::Succeeded => "Succeeded",
+            Phase::Aborted => "Aborted",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
 }
 
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        f.write_str(self.name())
     }
 }
 

@@ -17,22 +17,23 @@ pub const LABEL_TRACK: &str = "fledge.dev/track";
 pub const ANNOTATION_STEPS: &str = "fledge.dev/steps";
 /// The Service that clients address; default: the Deployment's name.
 pub const ANNOTATION_ROOT_SERVICE: &str = "fledge.dev/root-service";
-/// Written by the webhook: the pending canary pod template (JSON).
-pub const ANNOTATION_CANARY_TEMPLATE: &str = "fledge.dev/canary-template";
-/// Written by the webhook: the stable hash of the pending canary template.
-pub const ANNOTATION_CANARY_HASH: &str = "fledge.dev/canary-hash";
+/// Written by the webhook while a template change is pending: the hash of the template the stable
+/// pods run (the one before the change). A template with this hash again is a revert.
+pub const ANNOTATION_STABLE_HASH: &str = "fledge.dev/stable-hash";
+/// Written by the webhook: `"true"` while fledge, not the user, holds `spec.paused`.
+pub const ANNOTATION_HOLD: &str = "fledge.dev/hold";
 /// Written by the controller: the rollout state (JSON).
 pub const ANNOTATION_STATE: &str = "fledge.dev/state";
+/// On the canary Deployment and its pod template (never on the user's Deployment): the hash of the
+/// template it runs, so that its pods are counted per template.
+pub const ANNOTATION_CANARY_HASH: &str = "fledge.dev/canary-hash";
 
 pub const PREFIX: &str = "fledge.dev/";
 /// Keys a user writes.
 const USER_ANNOTATIONS: [&str; 2] = [ANNOTATION_STEPS, ANNOTATION_ROOT_SERVICE];
 /// Keys fledge writes itself; users leave them alone.
-pub const FLEDGE_ANNOTATIONS: [&str; 3] = [
-    ANNOTATION_CANARY_TEMPLATE,
-    ANNOTATION_CANARY_HASH,
-    ANNOTATION_STATE,
-];
+pub const FLEDGE_ANNOTATIONS: [&str; 3] =
+    [ANNOTATION_STABLE_HASH, ANNOTATION_HOLD, ANNOTATION_STATE];
 /// Step kinds Argo Rollouts users know that fledge reserves but does not run yet.
 const RESERVED_STEPS: [&str; 7] = [
     "analysis",
@@ -185,7 +186,7 @@ pub struct SpecError {
 }
 
 /// The problems joined by `; `, the first [`MAX_PROBLEMS`] of them, then how many more there are.
-fn summary(problems: &[String]) -> String {
+pub fn summary(problems: &[String]) -> String {
     let mut text = problems
         .iter()
         .take(MAX_PROBLEMS)
@@ -857,7 +858,7 @@ mod tests {
                 ("fledge.dev/colour", "x"),
                 ("fledge.dev/enabled", "true"),
                 ("example.com/other", "ignored"),
-                (ANNOTATION_CANARY_HASH, "fledge-owned keys are known"),
+                (ANNOTATION_STABLE_HASH, "fledge-owned keys are known"),
             ]),
         )
         .unwrap_err();

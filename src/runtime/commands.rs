@@ -2,15 +2,15 @@
 //! stored state with the pure [`command`](crate::core::rollout::machine::command). The controller does
 //! the rest, level-triggered. `fledge status --watch` is [`watch`].
 
-use std::time::Duration;
-
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::core::admission;
+use crate::core::objects::{self, SplitApi};
 use crate::core::observe::DeploymentFacts;
 use crate::core::rollout::machine::{self, Command};
 use crate::core::rollout::{Phase, RolloutState};
@@ -74,10 +74,7 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let pending = facts
-        .pending_hash
-        .clone()
-        .filter(|h| *h != facts.stable_hash);
+    let pending = facts.pending().map(str::to_owned);
     let Some(state) = state else {
         let message = match (&facts.invalid, &pending, &facts.state) {
             (_, _, Err(e)) => e.to_string(),
@@ -101,10 +98,9 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
         state.phase,
         facts.spec.as_ref().and_then(|s| s.steps.get(state.step)),
     ) {
-        (Phase::Paused, Some(Step::PauseFor(d))) => state.step_started.map(|started| {
-            let elapsed = u64::try_from(now.as_second() - started.as_second()).unwrap_or(0);
-            format_duration(Duration::from_secs(d.as_secs().saturating_sub(elapsed)))
-        }),
+        (Phase::Paused, Some(Step::PauseFor(d))) => state
+            .step_started
+            .map(|started| format_duration(machine::pause_left(started, *d, now))),
         _ => None,
     };
     Status {
@@ -167,7 +163,7 @@ pub async fn status(
     namespace: &str,
     name: Option<&str>,
 ) -> Result<Vec<Status>, CommandError> {
-    let api: Api<Deployment> = Api::namespaced(client, namespace);
+    let api = deployments(client, namespace);
     let deployments = match name {
         Some(name) => vec![
             api.get_opt(name)
@@ -199,6 +195,57 @@ pub struct Applied {
     pub unrecorded: Option<kube::Error>,
 }
 
+/// Deployments as the JSON the API server returns: a pod template's identity is the hash of exactly
+/// that JSON, which typed structs would change.
+fn deployments(client: Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client, namespace, &ApiResource::erase::<Deployment>(&()))
+}
+
+/// fledge's own writes carry its field manager, which the webhook recognises.
+fn writer() -> PatchParams {
+    PatchParams {
+        field_manager: Some(admission::FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+/// Sends all traffic of `deployment`'s TrafficSplit to stable, in whichever SMI version the
+/// cluster serves (all versions are one stored object); nothing when there is none.
+async fn traffic_to_stable(
+    client: &Client,
+    namespace: &str,
+    deployment: &Value,
+    root_service: &str,
+) -> Result<(), CommandError> {
+    let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
+    let group = match kube::discovery::group(client, objects::SPLIT_GROUP).await {
+        Ok(group) => group,
+        // No SMI on this cluster: no traffic object to turn.
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let Some((resource, _)) = group.recommended_kind(objects::SPLIT_KIND) else {
+        return Ok(());
+    };
+    let Ok(split_api) = resource.version.parse::<SplitApi>() else {
+        return Ok(());
+    };
+    let splits: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    if splits.get_opt(name).await?.is_none() {
+        return Ok(());
+    }
+    let body = objects::traffic_to_stable(deployment, root_service, split_api)
+        .map_err(|e| CommandError::Refused(e.to_string()))?;
+    splits
+        .patch(
+            name,
+            &PatchParams::apply(admission::FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Who records the Events of `fledge promote|abort|retry`.
 fn cli_reporter() -> events::Reporter {
     events::Reporter {
@@ -215,7 +262,7 @@ pub async fn run(
     name: &str,
     cmd: Command,
 ) -> Result<Applied, CommandError> {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let api = deployments(client.clone(), namespace);
     for _ in 0..ATTEMPTS {
         let deployment = api
             .get_opt(name)
@@ -240,20 +287,22 @@ pub async fn run(
             .map_err(|e| CommandError::Refused(e.to_string()))?;
         let next = machine::command(state.as_ref(), spec, cmd, name, Timestamp::now())
             .map_err(|e| CommandError::Refused(e.0))?;
+        if cmd == Command::Abort {
+            // Traffic back to stable before the state says so, as the controller does.
+            traffic_to_stable(&client, namespace, &value, &spec.root_service).await?;
+        }
         let patch = json!({"metadata": {
             "resourceVersion": value["metadata"]["resourceVersion"],
             "annotations": {ANNOTATION_STATE: serde_json::to_string(&next)?},
         }});
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        match api.patch(name, &writer(), &Patch::Merge(&patch)).await {
             Ok(_) => {
                 // Announced after the write, unlike the controller's transitions: a command that
                 // lost a race is decided again on fresh data and must not have been announced.
                 let event = events::transition_event(
-                    deployment.object_ref(&()),
-                    deployment.annotations(),
+                    deployment.object_ref(&ApiResource::erase::<Deployment>(&())),
+                    value["metadata"]["annotations"][ANNOTATION_STATE].as_str(),
+                    &facts.template_hash,
                     &cmd.event(&next),
                     &cli_reporter(),
                     Timestamp::now(),
@@ -280,7 +329,8 @@ mod tests {
     fn deployment(state: Option<Value>) -> Value {
         let mut annotations = json!({
             "fledge.dev/steps": "- setWeight: 5\n- pause: {duration: 2m}\n- pause: {}\n",
-            "fledge.dev/canary-hash": "c2",
+            "fledge.dev/stable-hash": "c1",
+            "fledge.dev/hold": "true",
         });
         if let Some(state) = state {
             annotations[ANNOTATION_STATE] = json!(state.to_string());
@@ -321,7 +371,11 @@ mod tests {
     fn without_a_state_the_pending_canary_waits_for_the_controller() {
         let s = status_of(&deployment(None), t(0));
         assert_eq!((s.phase, s.step, s.weight), (Phase::Idle, 0, Weight::ZERO));
-        assert_eq!(s.message, "canary c2 is waiting for the controller");
+        let pending = crate::core::template::hash(&json!({"spec": {"containers": []}}));
+        assert_eq!(
+            s.message,
+            format!("canary {pending} is waiting for the controller")
+        );
     }
 
     #[test]

@@ -6,8 +6,6 @@
 //! (409 AlreadyExists). A generated name would lose the Event (store first) or repeat it
 //! (announce first).
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -16,7 +14,6 @@ use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 
 use crate::core::rollout::machine;
-use crate::core::spec::{ANNOTATION_CANARY_HASH, ANNOTATION_STATE};
 
 /// The `action` of every Event fledge records.
 const ACTION: &str = "Rollout";
@@ -32,23 +29,23 @@ pub struct Reporter {
     pub instance: String,
 }
 
-/// The Event announcing `event` for the Deployment `regarding`, whose annotations (as stored
-/// before the transition) are `annotations`.
+/// The Event announcing `event` for the Deployment `regarding`, whose `fledge.dev/state` as
+/// stored before the transition is `stored_state`, and whose pod template has `template_hash`.
 pub fn transition_event(
     regarding: ObjectReference,
-    annotations: &BTreeMap<String, String>,
+    stored_state: Option<&str>,
+    template_hash: &str,
     event: &machine::Event,
     reporter: &Reporter,
     now: Timestamp,
 ) -> Event {
     let name = regarding.name.clone().unwrap_or_default();
     let uid = regarding.uid.clone().unwrap_or_default();
-    let field = |key: &str| annotations.get(key).map_or("", String::as_str);
     let mut hasher = Sha256::new();
     for part in [
         uid.as_str(),
-        field(ANNOTATION_STATE),
-        field(ANNOTATION_CANARY_HASH),
+        stored_state.unwrap_or_default(),
+        template_hash,
         event.reason,
     ] {
         // Length-prefixed, so that no two different tuples hash alike.
@@ -118,13 +115,6 @@ mod tests {
         }
     }
 
-    fn annotations(state: &str) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (ANNOTATION_STATE.to_owned(), state.to_owned()),
-            (ANNOTATION_CANARY_HASH.to_owned(), "c2".to_owned()),
-        ])
-    }
-
     fn weight_set(message: &str) -> machine::Event {
         machine::Event {
             reason: "WeightSet",
@@ -141,7 +131,7 @@ mod tests {
     }
 
     fn name_of(state: &str, event: &machine::Event, now: Timestamp) -> String {
-        transition_event(web(), &annotations(state), event, &reporter(), now)
+        transition_event(web(), Some(state), "c2", event, &reporter(), now)
             .metadata
             .name
             .unwrap()
@@ -169,7 +159,8 @@ mod tests {
         };
         let other = transition_event(
             other,
-            &annotations(r#"{"step":0}"#),
+            Some(r#"{"step":0}"#),
+            "c2",
             &event,
             &reporter(),
             Timestamp::now(),
@@ -185,7 +176,7 @@ mod tests {
             message: "canary web-canary was not available within 600s".into(),
             warning: true,
         };
-        let e = transition_event(web(), &annotations("{}"), &warning, &reporter(), now);
+        let e = transition_event(web(), Some("{}"), "c2", &warning, &reporter(), now);
         assert_eq!(e.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(e.type_.as_deref(), Some("Warning"));
         assert_eq!(e.reason.as_deref(), Some("ProgressDeadlineExceeded"));

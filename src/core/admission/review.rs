@@ -35,6 +35,8 @@ pub struct DeploymentView {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SpecView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<Box<RawValue>>,
 }
 
@@ -88,6 +90,11 @@ impl DeploymentView {
     /// `spec.template` as raw JSON.
     pub fn template(&self) -> Option<&RawValue> {
         self.spec.as_ref()?.template.as_deref()
+    }
+
+    /// `spec.paused`; absent is `false`, as Kubernetes reads it.
+    pub fn paused(&self) -> bool {
+        self.spec.as_ref().and_then(|s| s.paused) == Some(true)
     }
 }
 
@@ -241,7 +248,7 @@ struct ResponseOut<'a> {
     uid: &'a str,
     allowed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<StatusOut<'a>>,
+    status: Option<StatusOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -251,9 +258,9 @@ struct ResponseOut<'a> {
 }
 
 #[derive(Serialize)]
-struct StatusOut<'a> {
+struct StatusOut {
     status: &'static str,
-    message: &'a str,
+    message: String,
     reason: &'static str,
     code: u16,
 }
@@ -274,11 +281,11 @@ pub fn answer(
     };
     match &decision.outcome {
         Outcome::Allow(_) => {}
-        Outcome::Deny(message) => {
+        Outcome::Deny(denial) => {
             response.allowed = false;
             response.status = Some(StatusOut {
                 status: "Failure",
-                message,
+                message: denial.to_string(),
                 reason: "BadRequest",
                 code: 400,
             });
@@ -306,7 +313,7 @@ pub fn unreadable(uid: &str, message: &str) -> Result<Vec<u8>, serde_json::Error
         META_API_VERSION_V1,
         uid,
         &Decision {
-            outcome: Outcome::Deny(message.to_owned()),
+            outcome: Outcome::Deny(message.to_owned().into()),
             warnings: Vec::new(),
         },
     )
@@ -355,9 +362,10 @@ mod tests {
     }
 
     #[test]
-    fn numbers_in_the_stable_template_come_back_exactly() {
-        // Go writes floats as the shortest text that round-trips; the patch that restores the
-        // stable template must write the same value back, not a neighbouring one.
+    fn numbers_in_the_stable_template_are_hashed_exactly() {
+        // Go writes floats as the shortest text that round-trips; the stable template's identity
+        // must be that value's, not a neighbouring one's, or the controller (reading the same
+        // JSON) would not recognise it.
         let stable = r#"{"metadata":{"labels":{"app":"web"}},"spec":{"x":2.457244779466174e-242,"n":-9007199254740993}}"#;
         let canary = stable.replace("-242", "-241");
         let object = |template: &str| {
@@ -379,11 +387,16 @@ mod tests {
         let patch = base64::engine::general_purpose::STANDARD
             .decode(reply["response"]["patch"].as_str().unwrap())
             .unwrap();
-        let patch = String::from_utf8(patch).unwrap();
-        assert!(
-            patch.contains(r#""spec":{"n":-9007199254740993,"x":2.457244779466174e-242}"#),
-            "{patch}"
+        let patch: Value = serde_json::from_slice(&patch).unwrap();
+        let recorded = &patch[0]["value"];
+        let hash = |text: &str| crate::core::template::hash(&serde_json::from_str(text).unwrap());
+        assert_eq!(
+            patch[0]["path"],
+            "/metadata/annotations/fledge.dev~1stable-hash"
         );
+        assert_eq!(*recorded, json!(hash(stable)));
+        let neighbour = stable.replace("2.457244779466174e-242", "2.4572447794661738e-242");
+        assert_ne!(*recorded, json!(hash(&neighbour)));
     }
 
     #[test]

@@ -18,10 +18,12 @@ pub struct Observation<'a> {
     pub name: &'a str,
     /// The parsed settings; `None` when the Deployment is not (or no longer) opted in.
     pub spec: Option<&'a CanarySpec>,
-    /// `fledge.dev/canary-hash`: the template the webhook recorded as the pending canary.
-    pub pending_hash: Option<&'a str>,
-    /// Hash of the Deployment's own `spec.template` (the stable version).
-    pub stable_hash: &'a str,
+    /// Hash of the Deployment's `spec.template`: the template the user applied.
+    pub template_hash: &'a str,
+    /// `fledge.dev/stable-hash`: while a change is pending, the template the stable pods run.
+    pub stable_hash: Option<&'a str>,
+    /// `fledge.dev/hold`: fledge (not the user) holds the Deployment paused.
+    pub held: bool,
     /// The user's Deployment's `spec.replicas`.
     pub stable_replicas: u64,
     /// The Deployment's own `progressDeadlineSeconds`.
@@ -29,6 +31,15 @@ pub struct Observation<'a> {
     pub canary: CanaryStatus,
     /// The user's Deployment has rolled out its current template (all replicas updated and available).
     pub stable_rolled_out: bool,
+}
+
+impl Observation<'_> {
+    /// The template waiting to be canaried: `spec.template`, when it is not the stable one.
+    pub fn pending(&self) -> Option<&str> {
+        self.stable_hash
+            .filter(|stable| *stable != self.template_hash)
+            .map(|_| self.template_hash)
+    }
 }
 
 /// The `NAME-canary` Deployment as observed.
@@ -47,7 +58,8 @@ pub enum Target {
     Nothing,
     /// The canary Deployment sized for `size`, both Services, and the split at `weight`.
     Canary { size: Weight, weight: Weight },
-    /// All traffic on the canary while the user's Deployment takes the canary's template.
+    /// All traffic on the canary while the user's Deployment, unpaused, rolls out the canary's
+    /// template with its own strategy.
     Promote,
 }
 
@@ -87,18 +99,27 @@ pub fn next(state: Option<&RolloutState>, obs: &Observation, now: Timestamp) -> 
             requeue: None,
         };
     };
-    let Some(pending) = obs.pending_hash else {
-        return settled(state);
-    };
-    match state {
-        Some(s) if s.hash == pending => match s.phase {
+    match (state, obs.pending()) {
+        (Some(s), Some(pending)) if s.hash == pending => match s.phase {
             Phase::Progressing | Phase::Paused => progress(s, spec, obs, now),
             Phase::Promoting => promote(s, obs),
-            Phase::Idle | Phase::Succeeded | Phase::Aborted => settled(state),
+            Phase::Aborted => settled(state),
+            // Applied again after a rollback or a success: a fresh canary, once fledge holds it.
+            Phase::Idle | Phase::Succeeded | Phase::RolledBack if obs.held => {
+                start(state, pending, obs, now)
+            }
+            Phase::Idle | Phase::Succeeded | Phase::RolledBack => settled(state),
         },
-        // A template already stable has nothing to canary (promoted, or applied before opting in).
-        _ if pending == obs.stable_hash => settled(state),
-        previous => start(previous, pending, obs, now),
+        // The user keeps the Deployment paused: the canary starts when they resume.
+        (_, Some(_)) if !obs.held => settled(state),
+        (previous, Some(pending)) => start(previous, pending, obs, now),
+        // Unpaused by the promotion: the Deployment rolls the canary's template out.
+        (Some(s), None) if s.phase == Phase::Promoting && s.hash == obs.template_hash => {
+            promote(s, obs)
+        }
+        // The template is the stable one again while a canary was pending, running or aborted.
+        (Some(s), None) if in_flight(s.phase) || s.phase == Phase::Aborted => rolled_back(s, obs),
+        (state, None) => settled(state),
     }
 }
 
@@ -121,6 +142,26 @@ fn settled(state: Option<&RolloutState>) -> Next {
         target: Target::Nothing,
         requeue: None,
         event: None,
+    }
+}
+
+/// A revert: all traffic back to stable, the canary removed, the rollout settled.
+fn rolled_back(s: &RolloutState, obs: &Observation) -> Next {
+    let message = format!(
+        "rolled back: the pod template is the stable one ({}) again; canary {} removed, all traffic on the stable pods",
+        obs.template_hash, s.hash
+    );
+    Next {
+        state: Some(RolloutState {
+            phase: Phase::RolledBack,
+            weight: Weight::ZERO,
+            message: message.clone(),
+            unavailable_since: None,
+            ..s.clone()
+        }),
+        target: Target::Nothing,
+        requeue: None,
+        event: Some(info("RolledBack", message)),
     }
 }
 
@@ -249,7 +290,7 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
             let left = *d - elapsed;
             state.message = format!(
                 "{position}: paused, {} left",
-                crate::core::spec::format_duration(whole_seconds_up(left))
+                crate::core::spec::format_duration(shown(left))
             );
             pause(state, Some(left))
         }
@@ -268,9 +309,10 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
     let waited = elapsed(since, now);
     if waited >= deadline {
         let message = format!(
-            "canary {}-canary was not available within {}s (progressDeadlineSeconds): aborted, traffic back to stable",
+            "canary {}-canary was not available within {}s (progressDeadlineSeconds): aborted, traffic back to stable. {}",
             obs.name,
-            deadline.as_secs()
+            deadline.as_secs(),
+            how_to_go_on(obs.name)
         );
         let state = RolloutState {
             phase: Phase::Aborted,
@@ -311,6 +353,13 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
     }
 }
 
+/// What a user can do with an aborted canary; the Deployment stays held with the aborted template.
+pub fn how_to_go_on(name: &str) -> String {
+    format!(
+        "{name} stays paused with the aborted template: change the template, apply the previous one to roll back, or run `kubectl fledge retry {name}`"
+    )
+}
+
 /// The canary's share of traffic that may be routed now: none while it has no ready pod.
 fn routable(weight: Weight, obs: &Observation) -> Weight {
     if obs.canary.ready_replicas == 0 {
@@ -337,7 +386,7 @@ fn promote(s: &RolloutState, obs: &Observation) -> Next {
             size: Weight::FULL,
             weight: routable(state.weight, obs),
         }
-    } else if obs.pending_hash != Some(obs.stable_hash) || !obs.stable_rolled_out {
+    } else if obs.held || !obs.stable_rolled_out {
         state.message = format!(
             "promoting: {} is rolling out the canary's template",
             obs.name
@@ -368,9 +417,16 @@ fn elapsed(earlier: Timestamp, later: Timestamp) -> Duration {
     Duration::try_from(later.duration_since(earlier)).unwrap_or(Duration::ZERO)
 }
 
-/// `d` rounded up to whole seconds, for messages: a pause with 0.4 s left says `1s`, not `0s`.
-fn whole_seconds_up(d: Duration) -> Duration {
+/// `d` rounded up to whole seconds, for people: a pause with 0.4 s left says `1s`, not `0s`.
+fn shown(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+/// The time left in a timed pause of length `length` that started at `started`, as the machine
+/// counts it (to the nanosecond) and rounded up to whole seconds for display: `fledge status`
+/// shows this very figure.
+pub fn pause_left(started: Timestamp, length: Duration, now: Timestamp) -> Duration {
+    shown(length.saturating_sub(elapsed(started, now)))
 }
 
 /// What a user asks with `fledge promote|abort|retry NAME`.
@@ -435,7 +491,10 @@ pub fn command(
             phase: Phase::Aborted,
             weight: Weight::ZERO,
             unavailable_since: None,
-            message: format!("aborted by `fledge abort` at {position}: traffic back to stable"),
+            message: format!(
+                "aborted by `fledge abort` at {position}: traffic back to stable. {}",
+                how_to_go_on(name)
+            ),
             ..s.clone()
         }),
         (Command::Abort, Phase::Promoting) => refuse(format!(
@@ -501,8 +560,9 @@ mod tests {
         Observation {
             name: "web",
             spec: Some(spec),
-            pending_hash: Some(V2),
-            stable_hash: STABLE,
+            template_hash: V2,
+            stable_hash: Some(STABLE),
+            held: true,
             stable_replicas: 4,
             progress_deadline: Duration::from_secs(600),
             canary: CanaryStatus {
@@ -573,17 +633,57 @@ mod tests {
     fn nothing_pending_means_nothing_to_run() {
         let spec = spec();
         let o = Observation {
-            pending_hash: None,
+            stable_hash: None,
+            held: false,
             ..obs(&spec)
         };
         assert_eq!(next(None, &o, t(0)), settled(None));
         let done = state(Phase::Succeeded, 5, Weight::ZERO);
         assert_eq!(next(Some(&done), &o, t(0)), settled(Some(&done)));
         let already_stable = Observation {
-            pending_hash: Some(STABLE),
+            template_hash: STABLE,
             ..obs(&spec)
         };
         assert_eq!(next(None, &already_stable, t(0)).target, Target::Nothing);
+        // Paused by the user with a change pending: the canary waits for them.
+        let user_paused = Observation {
+            held: false,
+            ..obs(&spec)
+        };
+        assert_eq!(next(None, &user_paused, t(0)), settled(None));
+    }
+
+    #[test]
+    fn a_revert_rolls_back_whatever_was_pending_running_or_aborted() {
+        let spec = spec();
+        let reverted = Observation {
+            template_hash: STABLE,
+            stable_hash: None,
+            held: false,
+            ..obs(&spec)
+        };
+        for phase in [
+            Phase::Progressing,
+            Phase::Paused,
+            Phase::Promoting,
+            Phase::Aborted,
+        ] {
+            let n = next(Some(&state(phase, 3, w(5000))), &reverted, t(9));
+            let s = n.state.clone().unwrap();
+            assert_eq!(
+                (s.phase, s.weight, n.target),
+                (Phase::RolledBack, Weight::ZERO, Target::Nothing),
+                "{phase}"
+            );
+            assert_eq!(n.event.unwrap().reason, "RolledBack");
+            assert!(s.message.starts_with("rolled back"), "{}", s.message);
+            // Settled: it stays so.
+            assert_eq!(next(Some(&s), &reverted, t(10)), settled(Some(&s)));
+            // Applying the reverted template again later is a fresh canary.
+            let n = next(Some(&s), &obs(&spec), t(11));
+            let fresh = n.state.unwrap();
+            assert_eq!((fresh.phase, fresh.step), (Phase::Progressing, 0));
+        }
     }
 
     #[test]
@@ -614,7 +714,7 @@ mod tests {
     fn a_new_template_mid_canary_restarts_at_step_one() {
         let spec = spec();
         let o = Observation {
-            pending_hash: Some(V3),
+            template_hash: V3,
             ..obs(&spec)
         };
         for phase in [Phase::Progressing, Phase::Paused, Phase::Promoting] {
@@ -871,10 +971,10 @@ mod tests {
             next(Some(&promoting), &obs(&spec), t(1)).target,
             Target::Promote
         );
-        // Template written, stable still rolling out.
+        // Unpaused (the hold record gone with it), the Deployment still rolling out.
         let rolling = Observation {
-            pending_hash: Some(V2),
-            stable_hash: V2,
+            stable_hash: None,
+            held: false,
             stable_rolled_out: false,
             ..obs(&spec)
         };
@@ -999,7 +1099,7 @@ mod tests {
     fn walk(spec: &CanarySpec) -> (Vec<Weight>, Vec<&'static str>) {
         let mut stored: Option<String> = None;
         let mut now = 0;
-        let mut stable_hash = STABLE;
+        let mut held = true;
         let mut canary_ready = 0;
         let mut weights = vec![];
         let mut events = vec![];
@@ -1007,7 +1107,8 @@ mod tests {
             let state: Option<RolloutState> =
                 stored.as_deref().map(|j| serde_json::from_str(j).unwrap());
             let o = Observation {
-                stable_hash,
+                stable_hash: held.then_some(STABLE),
+                held,
                 canary: CanaryStatus {
                     available: canary_ready > 0,
                     ready_replicas: canary_ready,
@@ -1021,7 +1122,8 @@ mod tests {
                     canary_ready = canary_replicas(o.stable_replicas, size.max(weight));
                     weights.push(weight);
                 }
-                Target::Promote => stable_hash = V2,
+                // The unpause: the hold record goes with it.
+                Target::Promote => held = false,
                 Target::Nothing => weights.push(Weight::ZERO),
             }
             let next_state = n.state.clone();
@@ -1108,12 +1210,11 @@ mod tests {
         let mut observations = vary(vec![obs(&spec)], [None, Some(&spec)], |o, spec| {
             o.spec = spec
         });
-        observations = vary(
-            observations,
-            [None, Some(V2), Some(V3), Some(STABLE)],
-            |o, p| o.pending_hash = p,
-        );
-        observations = vary(observations, [STABLE, V2], |o, h| o.stable_hash = h);
+        observations = vary(observations, [V2, V3, STABLE], |o, h| o.template_hash = h);
+        observations = vary(observations, [None, Some(STABLE), Some(V2)], |o, h| {
+            o.stable_hash = h
+        });
+        observations = vary(observations, [false, true], |o, held| o.held = held);
         let canaries = [
             NO_CANARY_POD,
             CanaryStatus {
@@ -1141,7 +1242,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(cases, states.len() * 2 * 4 * 2 * 4 * 2 * 3);
+        assert_eq!(cases, states.len() * 2 * 3 * 3 * 2 * 4 * 2 * 3);
     }
 
     /// Each of `items` once with each of `values` set by `set`: one more dimension of a grid.
@@ -1186,15 +1287,38 @@ mod tests {
         };
         // Weights are only ever 0, 100 % or a step's.
         assert!(weights.contains(&next_state.weight), "{case}");
+        let settled_phase =
+            |p: Phase| matches!(p, Phase::Idle | Phase::Succeeded | Phase::RolledBack);
+        // A revert: whatever was pending, running or aborted is rolled back, traffic on stable.
+        if let Some(s) = stored
+            && o.pending().is_none()
+            && (in_flight(s.phase) || s.phase == Phase::Aborted)
+            && !(s.phase == Phase::Promoting && s.hash == o.template_hash)
+        {
+            assert_eq!(next_state.phase, Phase::RolledBack, "{case}");
+            assert_eq!(
+                (next_state.weight, n.target),
+                (Weight::ZERO, Target::Nothing),
+                "{case}"
+            );
+            assert!(n.event.is_some(), "{case}");
+        }
         match stored {
             Some(s) if s.hash == next_state.hash => {
-                // One step at a time, never backwards.
+                // One step at a time, never backwards; or a fresh canary of a settled template.
+                let fresh = settled_phase(s.phase)
+                    && (next_state.phase, next_state.step) == (Phase::Progressing, 0);
                 assert!(
-                    next_state.step == s.step || next_state.step == s.step + 1,
+                    fresh || next_state.step == s.step || next_state.step == s.step + 1,
                     "{case}"
                 );
-                // Settled rollouts stay settled, with nothing running.
-                if matches!(s.phase, Phase::Idle | Phase::Succeeded | Phase::Aborted) {
+                // Settled rollouts stay settled, with nothing running, until a change is held.
+                if settled_phase(s.phase) && !(o.held && o.pending() == Some(s.hash.as_str())) {
+                    assert_eq!(next_state, s, "{case}");
+                    assert_eq!(n.target, Target::Nothing, "{case}");
+                }
+                // An aborted template stays aborted while it is the held one.
+                if s.phase == Phase::Aborted && o.pending() == Some(s.hash.as_str()) {
                     assert_eq!(next_state, s, "{case}");
                     assert_eq!(n.target, Target::Nothing, "{case}");
                 }

@@ -151,18 +151,20 @@ pub fn outcome(deployment: &Value) -> Option<Outcome> {
         // The controller stops at an unreadable state too, until someone repairs it.
         Err(e) => return Some(Outcome::Failed(format!("{name}: {e}"))),
     };
-    let pending = facts.pending_hash.as_deref();
+    let pending = facts.pending();
     match state {
         Some(s) if pending.is_none_or(|p| p == s.hash) => match s.phase {
+            // Also a revert the controller has not rolled back yet.
             Phase::Progressing | Phase::Paused | Phase::Promoting => None,
             Phase::Succeeded => Some(Outcome::Succeeded),
             Phase::Aborted => Some(Outcome::Failed(format!(
                 "{name} was aborted: {}",
                 s.message
             ))),
-            Phase::Idle => Some(Outcome::NothingInFlight),
+            // Rolled back to the stable template: it runs, nothing is pending.
+            Phase::Idle | Phase::RolledBack => Some(Outcome::NothingInFlight),
         },
-        _ if facts.spec.is_some() && pending.is_some_and(|p| p != facts.stable_hash) => None,
+        _ if facts.spec.is_some() && pending.is_some() => None,
         _ => Some(Outcome::NothingInFlight),
     }
 }
@@ -360,11 +362,13 @@ mod tests {
 
     const STABLE: &str = "- setWeight: 20\n- pause: {}\n";
 
-    /// A Deployment whose stable template runs `image`, with a pending hash and a stored state.
-    fn mk_deployment(image: &str, pending: Option<&str>, state: Option<(&str, &str)>) -> Value {
+    /// Deployment `web` whose template runs `image`, held against the template of `stable` when
+    /// given, with a stored state.
+    fn mk_deployment(image: &str, stable: Option<&str>, state: Option<(&str, &str)>) -> Value {
         let mut annotations = json!({ "fledge.dev/steps": STABLE });
-        if let Some(pending) = pending {
-            annotations["fledge.dev/canary-hash"] = json!(pending);
+        if let Some(stable) = stable {
+            annotations["fledge.dev/stable-hash"] = json!(hash(stable));
+            annotations["fledge.dev/hold"] = json!("true");
         }
         if let Some((phase, hash)) = state {
             annotations["fledge.dev/state"] = json!(
@@ -375,36 +379,39 @@ mod tests {
         json!({
             "metadata": {"name": "web", "namespace": "shop",
                          "labels": {LABEL_ENABLED: "true"}, "annotations": annotations},
-            "spec": {"template": {"spec": {"containers": [{"name": "web", "image": image}]}}},
+            "spec": {"paused": stable.is_some(), "template": {"spec": {"containers": [{"name": "web", "image": image}]}}},
         })
     }
 
-    fn stable_hash(image: &str) -> String {
-        DeploymentFacts::read(&mk_deployment(image, None, None)).stable_hash
+    fn hash(image: &str) -> String {
+        crate::core::template::hash(
+            &json!({"spec": {"containers": [{"name": "web", "image": image}]}}),
+        )
     }
 
     #[test]
     fn a_rollout_settles_at_success_or_abort_of_the_pending_template() {
-        let (v1, v2) = (stable_hash("web:1"), stable_hash("web:2"));
-        let d =
-            |image, pending: &str, phase| mk_deployment(image, Some(pending), Some((phase, &v2)));
-        assert_eq!(outcome(&d("web:1", &v2, "Paused")), None);
-        assert_eq!(outcome(&d("web:2", &v2, "Promoting")), None);
+        let v2 = hash("web:2");
+        let held = |phase| mk_deployment("web:2", Some("web:1"), Some((phase, &v2)));
+        let unpaused = |phase| mk_deployment("web:2", None, Some((phase, &v2)));
+        assert_eq!(outcome(&held("Paused")), None);
+        assert_eq!(outcome(&held("Promoting")), None);
+        assert_eq!(outcome(&unpaused("Promoting")), None);
+        assert_eq!(outcome(&unpaused("Succeeded")), Some(Outcome::Succeeded));
         assert_eq!(
-            outcome(&d("web:2", &v2, "Succeeded")),
-            Some(Outcome::Succeeded)
-        );
-        assert_eq!(
-            outcome(&d("web:1", &v2, "Aborted")),
+            outcome(&held("Aborted")),
             Some(Outcome::Failed("web was aborted: why not".into()))
         );
         // A new template over a settled one: the controller has yet to start it.
-        let v3 = "c3";
-        assert_eq!(outcome(&d("web:2", v3, "Succeeded")), None);
-        assert_eq!(outcome(&d("web:1", v3, "Aborted")), None);
-        // Back to the stable template: the old canary's state is not waited for.
+        for phase in ["Succeeded", "Aborted"] {
+            let v3 = mk_deployment("web:3", Some("web:1"), Some((phase, &v2)));
+            assert_eq!(outcome(&v3), None);
+        }
+        // Back to the stable template: the rollback is waited for, then nothing is in flight.
+        let reverted = |phase| mk_deployment("web:1", None, Some((phase, &v2)));
+        assert_eq!(outcome(&reverted("Paused")), None);
         assert_eq!(
-            outcome(&d("web:1", &v1, "Paused")),
+            outcome(&reverted("RolledBack")),
             Some(Outcome::NothingInFlight)
         );
     }
@@ -416,17 +423,17 @@ mod tests {
             Some(Outcome::NothingInFlight)
         );
         assert_eq!(
-            outcome(&mk_deployment("web:1", Some("c2"), None)),
+            outcome(&mk_deployment("web:2", Some("web:1"), None)),
             None,
             "a pending canary waits for the controller"
         );
-        let mut not_opted_in = mk_deployment("web:1", Some("c2"), None);
+        let mut not_opted_in = mk_deployment("web:2", Some("web:1"), None);
         not_opted_in["metadata"]["labels"] = json!({});
         assert_eq!(outcome(&not_opted_in), Some(Outcome::NothingInFlight));
-        let mut invalid = mk_deployment("web:1", Some("c2"), None);
+        let mut invalid = mk_deployment("web:2", Some("web:1"), None);
         invalid["metadata"]["annotations"]["fledge.dev/steps"] = json!("- setWeight: 150\n");
         assert!(matches!(outcome(&invalid), Some(Outcome::Failed(why)) if why.contains("150")));
-        let mut unreadable = mk_deployment("web:1", Some("c2"), None);
+        let mut unreadable = mk_deployment("web:2", Some("web:1"), None);
         unreadable["metadata"]["annotations"]["fledge.dev/state"] = json!("{");
         assert!(matches!(outcome(&unreadable), Some(Outcome::Failed(_))));
     }

@@ -57,7 +57,7 @@ pub struct Metrics {
     reviews: Family<ReviewLabels, Counter>,
     duration: Histogram,
     /// The controller's, served here too.
-    pub controller: crate::runtime::controller::Metrics,
+    pub controller: crate::runtime::controller::ControllerMetrics,
 }
 
 impl Default for Metrics {
@@ -76,7 +76,7 @@ impl Default for Metrics {
             "Time to read, decide and answer one AdmissionReview",
             duration.clone(),
         );
-        let controller = crate::runtime::controller::Metrics::register(&mut registry);
+        let controller = crate::runtime::controller::ControllerMetrics::register(&mut registry);
         Metrics {
             registry,
             reviews,
