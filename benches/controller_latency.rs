@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fledge::core::objects::SplitApi;
 use fledge::core::rollout::machine::Command;
-use fledge::runtime::controller::{self, Config};
+use fledge::runtime::controller;
 use serde_json::{Value, json};
 use support::apiserver::{ApiServer, ApiServerConfig};
 
@@ -87,10 +87,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await;
     let controller = tokio::spawn(controller::run(
         api.client(),
-        Config {
+        controller::ControllerConfig {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
-            metrics: controller::Metrics::default(),
+            metrics: controller::ControllerMetrics::default(),
         },
         std::future::pending(),
     ));

@@ -295,10 +295,10 @@ fn replica(
         started.fetch_add(1, Ordering::SeqCst);
         controller::run(
             client.clone(),
-            Config {
+            controller::ControllerConfig {
                 namespace: Some(NS.into()),
                 split_api: SplitApi::V1Alpha2,
-                metrics: controller::Metrics::default(),
+                metrics: controller::ControllerMetrics::default(),
             },
             std::future::pending(),
         )

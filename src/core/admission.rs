@@ -492,8 +492,10 @@ impl<'r> Update<'r> {
     fn start_hold(&self) -> Decision {
         let mut ops = vec![set_annotation(ANNOTATION_STABLE_HASH, &self.old_hash)];
         // The user's own pause keeps Kubernetes' meaning: nothing rolls out, and no canary starts
-        // until they resume.
-        if self.old_paused && self.new.paused() {
+        // until they resume. (An update that already carries fledge's hold is this decision's own
+        // output coming back: reinvocation.)
+        if self.old_paused && self.new.paused() && self.annotation(ANNOTATION_HOLD) != Some("true")
+        {
             ops.extend(self.unset_annotation(ANNOTATION_HOLD));
             return Decision::patch(
                 PatchReason::PendingWhileUserPaused,

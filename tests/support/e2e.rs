@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::apiserver::{ApiServer, ApiServerConfig, ControllerConfig};
 use fledge::core::objects::SplitApi;
 use fledge::core::rollout::{Phase, RolloutState, read_state};
-use fledge::runtime::controller::{self, Config};
+use fledge::runtime::controller;
 
 pub const DEPLOYMENTS: &str = "apps/v1/deployments";
 pub const SERVICES: &str = "v1/services";
@@ -65,7 +65,7 @@ pub fn start_controller(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(controller::run(
         api.client(),
-        Config {
+        controller::ControllerConfig {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
             metrics: metrics.controller.clone(),
