@@ -193,6 +193,22 @@ struct Caches {
     canary_replicasets: Store<ReplicaSet>,
 }
 
+impl Caches {
+    /// Whether every cache has been listed once: a controller that starts (or restarts) must not
+    /// take a cache still empty for a world without canary pods, and turn their traffic off.
+    fn ready(&self) -> bool {
+        use futures::FutureExt as _;
+        [
+            self.canaries.wait_until_ready().boxed(),
+            self.services.wait_until_ready().boxed(),
+            self.replicasets.wait_until_ready().boxed(),
+            self.canary_replicasets.wait_until_ready().boxed(),
+        ]
+        .into_iter()
+        .all(|ready| matches!(ready.now_or_never(), Some(Ok(()))))
+    }
+}
+
 struct Context {
     client: Client,
     config: ControllerConfig,
@@ -456,6 +472,9 @@ async fn reconcile_one(
     ctx: &Context,
 ) -> Result<Action, ControllerError> {
     let namespace = deployment.namespace().unwrap_or_default();
+    if !ctx.caches.ready() {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
     let seen = read(deployment, &ctx.caches)?;
     let facts = &seen.facts;
     let state = match &facts.state {

@@ -249,3 +249,38 @@ pub async fn with_stable_v1(c: Cluster, steps: &str) -> Cluster {
         .unwrap();
     c
 }
+
+/// The images `web`'s own pods run: those of its ReplicaSets with replicas, sorted. A held
+/// Deployment keeps running the stable one whatever its `spec.template` shows.
+pub fn running_images(api: &ApiServer) -> Vec<String> {
+    let Some(web) = api.get(DEPLOYMENTS, NS, "web") else {
+        return Vec::new();
+    };
+    let uid = web["metadata"]["uid"].clone();
+    let mut images: Vec<String> = api
+        .list("apps/v1/replicasets", Some(NS))
+        .iter()
+        .filter(|rs| rs["metadata"]["ownerReferences"][0]["uid"] == uid)
+        .filter(|rs| rs["spec"]["replicas"].as_u64().unwrap_or(0) > 0)
+        .map(|rs| image(rs).to_owned())
+        .collect();
+    images.sort();
+    images
+}
+
+/// `web` shows `applied` (the user's template, untouched) and is held paused, while its pods
+/// still run `stable`.
+pub fn assert_held(api: &ApiServer, applied: &str, stable: &str) {
+    let web = api.get(DEPLOYMENTS, NS, "web").expect("web");
+    assert_eq!(
+        image(&web),
+        applied,
+        "the Deployment shows what was applied"
+    );
+    assert_eq!(web["spec"]["paused"], json!(true), "held with spec.paused");
+    assert_eq!(
+        running_images(api),
+        vec![stable.to_owned()],
+        "the stable pods keep running"
+    );
+}
