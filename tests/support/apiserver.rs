@@ -107,9 +107,11 @@
 //! - Pods are served but the controllers create none: ReplicaSets keep simulated pods.
 
 mod admission;
+mod audit;
 mod controller;
 mod gc;
 mod http;
+mod kinds;
 mod ops;
 mod patch;
 mod resources;
@@ -128,6 +130,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 pub use admission::{FailurePolicy, WebhookCall, WebhookConfig, WebhookRule};
+pub use audit::ApiRequest;
 pub use controller::{
     ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION,
 };
@@ -252,6 +255,7 @@ pub(crate) struct Inner {
     default_user: UserInfo,
     webhooks: Mutex<Vec<WebhookConfig>>,
     webhook_calls: Mutex<Vec<WebhookCall>>,
+    requests: audit::Requests,
     bookmark_interval: Duration,
     gc_delay: Duration,
     version: String,
@@ -375,6 +379,7 @@ impl ApiServer {
             default_user: config.default_user.clone(),
             webhooks: Mutex::new(config.webhooks.clone()),
             webhook_calls: Mutex::new(Vec::new()),
+            requests: audit::Requests::default(),
             bookmark_interval: config.bookmark_interval,
             gc_delay: config.gc_delay,
             version: config.version.clone(),
