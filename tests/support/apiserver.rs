@@ -16,7 +16,11 @@
 //!   TrafficSplits at v1alpha1..v1alpha4 (configurable), all versions one stored resource with
 //!   `conversion: None` semantics (reads through another version only change `apiVersion`), each
 //!   version validated against its own CRD schema; further CRDs from YAML
-//!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute).
+//!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute); the kinds the Helm chart
+//!   installs (ServiceAccounts, Secrets, RBAC, MutatingWebhookConfigurations,
+//!   PodDisruptionBudgets), stored without behaviour of their own (`kinds.rs`).
+//! - Every resource request recorded with its user and RBAC verb ([`ApiServer::requests_by`],
+//!   `audit.rs`), for least-privilege checks.
 //! - Verbs: get, list (labelSelector with `=`, `==`, `!=`, `in`, `notin`, existence, `!key`,
 //!   `>`/`<`; fieldSelector `metadata.name`/`metadata.namespace` and the per-kind fields
 //!   kube-apiserver supports for Events, Pods, Namespaces, ReplicaSets, 400 `field label not
