@@ -8,7 +8,8 @@ use super::apiserver::WebhookConfig;
 
 /// A running webhook; dropping it stops the server and removes its certificates.
 pub struct FledgeWebhook {
-    /// How the stand-in calls it: `fledge.fledge.svc` with the CA from `fledge certs`.
+    /// How the stand-in calls it: the chart's MutatingWebhookConfiguration, at `fledge.fledge.svc`
+    /// with the CA from `fledge certs`.
     pub config: WebhookConfig,
     task: tokio::task::JoinHandle<()>,
     dir: PathBuf,
@@ -65,9 +66,11 @@ pub fn start() -> FledgeWebhook {
         )
         .await;
     });
-    let mut config = WebhookConfig::fledge(
-        format!("https://fledge.fledge.svc:{}/mutate", addr.port()),
-        certs.ca_cert_pem.clone(),
+    // The chart's webhook configuration, at this server with this CA.
+    let mut config = super::chart::webhook_config(
+        super::chart::default_render(),
+        addr.port(),
+        Some(&certs.ca_cert_pem),
     );
     config.connect_to = Some(addr);
     FledgeWebhook { config, task, dir }
