@@ -206,7 +206,7 @@ async fn a_new_template_mid_canary_replaces_it_and_starts_over() {
         .await
         .unwrap()
         .unwrap();
-    assert_held(&c.api, &image(&paused).to_owned(), "web:1");
+    assert_held(&c.api, image(&paused), "web:1");
     let reasons = event_reasons(&c.api);
     assert!(
         reasons.contains(&"CanaryReplaced".to_owned()),

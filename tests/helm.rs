@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use fledge::rollout::Phase;
+use fledge::core::rollout::Phase;
 use support::apiserver::{ApiRequest, ApiServer, ApiServerConfig, UserInfo};
 use support::chart::{self, CHART, RELEASE_NS, helm, only, template};
 use support::e2e::{self, DEPLOYMENTS, NS, WAIT};
