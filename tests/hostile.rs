@@ -1691,7 +1691,7 @@ fn check_decision(
             if reply_patch(&reply).as_ref() != Some(patch) {
                 return Err(fail("the reply's patch is not the decision's", body));
             }
-            check_patch(body, req, patch, counts)?;
+            check_patch(body, patch, counts)?;
         }
         _ => {
             if r.get("patch").is_some() {
@@ -1707,7 +1707,6 @@ fn check_decision(
 /// more.
 fn check_patch(
     body: &[u8],
-    req: &AdmissionRequest<DeploymentView>,
     patch: &json_patch::Patch,
     counts: &Counts,
 ) -> Result<(), TestCaseError> {
