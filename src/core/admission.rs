@@ -490,31 +490,40 @@ impl<'r> Update<'r> {
 
     /// A first template change: it goes through and is held, against the template before it.
     fn start_hold(&self) -> Decision {
-        let mut ops = vec![set_annotation(ANNOTATION_STABLE_HASH, &self.old_hash)];
+        let mut ops = Vec::new();
+        if self.annotation(ANNOTATION_STABLE_HASH) != Some(self.old_hash.as_str()) {
+            ops.push(set_annotation(ANNOTATION_STABLE_HASH, &self.old_hash));
+        }
         // The user's own pause keeps Kubernetes' meaning: nothing rolls out, and no canary starts
         // until they resume. (An update that already carries fledge's hold is this decision's own
         // output coming back: reinvocation.)
-        if self.old_paused && self.new.paused() && self.annotation(ANNOTATION_HOLD) != Some("true")
+        let (reason, warning) = if self.old_paused
+            && self.new.paused()
+            && self.annotation(ANNOTATION_HOLD) != Some("true")
         {
             ops.extend(self.unset_annotation(ANNOTATION_HOLD));
-            return Decision::patch(
+            (
                 PatchReason::PendingWhileUserPaused,
-                ops,
-                vec![format!(
+                format!(
                     "fledge: {} is paused by you; the new pod template ({}) is recorded and its canary starts when you run `kubectl rollout resume deployment/{}`",
                     self.name, self.new_hash, self.name
-                )],
-            );
+                ),
+            )
+        } else {
+            ops.extend(self.hold_ops());
+            (
+                PatchReason::Hold,
+                format!(
+                    "fledge: the new pod template ({}) is held as a canary (spec.paused); the stable pods keep running until promotion. Follow it with `kubectl fledge status {} -w`",
+                    self.new_hash, self.name
+                ),
+            )
+        };
+        if ops.is_empty() {
+            // This decision's own output again (reinvocation): nothing to add.
+            return Decision::allow(AllowReason::HoldIntact);
         }
-        ops.extend(self.hold_ops());
-        Decision::patch(
-            PatchReason::Hold,
-            ops,
-            vec![format!(
-                "fledge: the new pod template ({}) is held as a canary (spec.paused); the stable pods keep running until promotion. Follow it with `kubectl fledge status {} -w`",
-                self.new_hash, self.name
-            )],
-        )
+        Decision::patch(reason, ops, vec![warning])
     }
 
     /// `paused: true` and `fledge.dev/hold`, where the update lacks them.
