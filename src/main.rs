@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio::signal::{self, unix::SignalKind};
 
-use fledge::core::admission::Outcome;
+use fledge::core::admission::AdmissionOutcome;
 use fledge::core::objects::SplitApi;
 use fledge::core::plan::{self, Manifest};
 use fledge::core::rollout::machine::Command as RolloutCommand;
@@ -269,7 +269,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 split_api: args.split_api,
                 metrics: state.metrics.controller.clone(),
             };
-            let lease = fledge::runtime::lease::Config {
+            let lease = fledge::runtime::lease::LeaseConfig {
                 name: args.lease_name,
                 namespace: args
                     .lease_namespace
@@ -361,7 +361,7 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     }
     // Like a failed `kubectl apply`, a denied change fails the command (useful in CI).
     Ok(match plan.decision.outcome {
-        Outcome::Deny(_) => ExitCode::FAILURE,
+        AdmissionOutcome::Deny(_) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     })
 }
@@ -425,10 +425,10 @@ fn run_status_watch(args: StatusArgs) -> Result<ExitCode> {
         )
         .await?;
         match ending {
-            Ending::Settled(watch::Outcome::Succeeded | watch::Outcome::NothingInFlight) => {
+            Ending::Settled(watch::Settled::Succeeded | watch::Settled::NothingInFlight) => {
                 Ok(ExitCode::SUCCESS)
             }
-            Ending::Settled(watch::Outcome::Failed(why)) => Err(anyhow::anyhow!(why)),
+            Ending::Settled(watch::Settled::Failed(why)) => Err(anyhow::anyhow!(why)),
             Ending::Stopped if args.name.is_some() => Ok(ExitCode::from(INTERRUPTED)),
             Ending::Stopped => Ok(ExitCode::SUCCESS),
         }

@@ -291,7 +291,7 @@ fn replica(
     started: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     let client = api.client();
-    let lease = fledge::runtime::lease::Config {
+    let lease = fledge::runtime::lease::LeaseConfig {
         name: "fledge-controller".into(),
         namespace: NS.into(),
         identity: identity.into(),

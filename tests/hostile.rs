@@ -25,7 +25,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
 use fledge::core::admission::review as wire;
-use fledge::core::admission::{self, DeploymentView, Outcome};
+use fledge::core::admission::{self, AdmissionOutcome, DeploymentView};
 use fledge::core::spec::{
     ANNOTATION_HOLD, ANNOTATION_ROOT_SERVICE, ANNOTATION_STABLE_HASH, ANNOTATION_STATE,
     ANNOTATION_STEPS, LABEL_ENABLED,
@@ -1673,7 +1673,7 @@ fn check_decision(
         .map_err(|e| fail(format!("the answer does not serialize: {e}"), body))?;
     let reply = check_reply(&json, &req.uid, reply_types(req), body)?;
     let r = &reply["response"];
-    let allowed = !matches!(decision.outcome, Outcome::Deny(_));
+    let allowed = !matches!(decision.outcome, AdmissionOutcome::Deny(_));
     if r["allowed"] != allowed {
         return Err(fail(
             format!("allowed is {} for {:?}", r["allowed"], decision.outcome),
@@ -1687,7 +1687,7 @@ fn check_decision(
         return Err(fail("the reply lost warnings", body));
     }
     match &decision.outcome {
-        Outcome::Patch(_, patch) => {
+        AdmissionOutcome::Patch(_, patch) => {
             if reply_patch(&reply).as_ref() != Some(patch) {
                 return Err(fail("the reply's patch is not the decision's", body));
             }
@@ -1738,12 +1738,12 @@ fn check_patch(
     let second = admission::decide(&again);
     counts.add("reinvoked");
     match &second.outcome {
-        Outcome::Allow(_) => Ok(()),
-        Outcome::Deny(message) => Err(fail(
+        AdmissionOutcome::Allow(_) => Ok(()),
+        AdmissionOutcome::Deny(message) => Err(fail(
             format!("reinvocation denies what the first pass patched: {message}"),
             body,
         )),
-        Outcome::Patch(reason, patch2) => {
+        AdmissionOutcome::Patch(reason, patch2) => {
             let mut twice = patched.clone();
             json_patch::patch(&mut twice, &patch2.0)
                 .map_err(|e| fail(format!("the reinvocation patch does not apply: {e}"), body))?;

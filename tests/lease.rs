@@ -13,7 +13,7 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use support::apiserver::{ApiServer, ApiServerConfig};
 
-use fledge::runtime::lease::{self, Config};
+use fledge::runtime::lease::{self, LeaseConfig};
 
 const LEASES: &str = "coordination.k8s.io/v1/leases";
 const NS: &str = "default";
@@ -57,7 +57,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = Config {
+    let config = LeaseConfig {
         name: lease.into(),
         namespace: NS.into(),
         identity: identity.into(),

@@ -37,13 +37,13 @@ pub const KUBECTL_ROLLOUT: &str = "kubectl-rollout";
 /// What the webhook answers, and why.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
-    pub outcome: Outcome,
+    pub outcome: AdmissionOutcome,
     /// Shown by kubectl as `Warning: …`.
     pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
+pub enum AdmissionOutcome {
     Allow(AllowReason),
     Patch(PatchReason, Patch),
     Deny(Denial),
@@ -116,13 +116,13 @@ pub enum PatchReason {
     StaleStateRemoved,
 }
 
-impl Outcome {
+impl AdmissionOutcome {
     /// `allow`, `patch` or `deny`: the metric label.
     pub fn label(&self) -> &'static str {
         match self {
-            Outcome::Allow(_) => "allow",
-            Outcome::Patch(..) => "patch",
-            Outcome::Deny(_) => "deny",
+            AdmissionOutcome::Allow(_) => "allow",
+            AdmissionOutcome::Patch(..) => "patch",
+            AdmissionOutcome::Deny(_) => "deny",
         }
     }
 }
@@ -185,21 +185,21 @@ impl fmt::Display for PatchReason {
 impl Decision {
     fn allow(reason: AllowReason) -> Decision {
         Decision {
-            outcome: Outcome::Allow(reason),
+            outcome: AdmissionOutcome::Allow(reason),
             warnings: Vec::new(),
         }
     }
 
     fn deny(denial: impl Into<Denial>) -> Decision {
         Decision {
-            outcome: Outcome::Deny(denial.into()),
+            outcome: AdmissionOutcome::Deny(denial.into()),
             warnings: Vec::new(),
         }
     }
 
     fn patch(reason: PatchReason, ops: Vec<PatchOperation>, warnings: Vec<String>) -> Decision {
         Decision {
-            outcome: Outcome::Patch(reason, Patch(ops)),
+            outcome: AdmissionOutcome::Patch(reason, Patch(ops)),
             warnings,
         }
     }
@@ -371,14 +371,14 @@ fn release(
 ) -> Decision {
     let Some(old) = old else {
         return Decision {
-            outcome: Outcome::Allow(reason),
+            outcome: AdmissionOutcome::Allow(reason),
             warnings,
         };
     };
     let record = HoldRecord::of(old);
     if record.stable_hash.is_none() && !record.held {
         return Decision {
-            outcome: Outcome::Allow(reason),
+            outcome: AdmissionOutcome::Allow(reason),
             warnings,
         };
     }
@@ -573,7 +573,7 @@ impl<'r> Update<'r> {
         };
         if ops.is_empty() {
             return Decision {
-                outcome: Outcome::Allow(AllowReason::Reverted),
+                outcome: AdmissionOutcome::Allow(AllowReason::Reverted),
                 warnings: vec![warning],
             };
         }
@@ -635,7 +635,7 @@ impl<'r> Update<'r> {
             ));
         } else if ops.is_empty() {
             return Decision {
-                outcome: Outcome::Allow(AllowReason::HoldIntact),
+                outcome: AdmissionOutcome::Allow(AllowReason::HoldIntact),
                 warnings: self.aborted_hint().into_iter().collect(),
             };
         }
@@ -643,7 +643,7 @@ impl<'r> Update<'r> {
         if ops.is_empty() {
             // A new template while the user keeps their pause: nothing to write, only to say.
             return Decision {
-                outcome: Outcome::Allow(AllowReason::HoldIntact),
+                outcome: AdmissionOutcome::Allow(AllowReason::HoldIntact),
                 warnings,
             };
         }
@@ -717,52 +717,14 @@ mod tests {
     use crate::core::spec::{ANNOTATION_STATE, ANNOTATION_STEPS, LABEL_ENABLED, Weight};
     use serde_json::json;
 
-    const STEPS: &str = "- setWeight: 5\n- pause: {duration: 2m}\n- setWeight: 50\n- pause: {}\n";
-
-    /// A Deployment `web` as the API server sends it, with `image` in its one container.
-    fn deployment(image: &str) -> Value {
-        json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {
-                "name": "web",
-                "namespace": "shop",
-                "uid": "6b1c7a0e-0d6c-4d59-9b0e-2b0c7f8a4e11",
-                "resourceVersion": "1200",
-                "generation": 3,
-                "labels": {"app": "web", LABEL_ENABLED: "true"},
-                "annotations": {ANNOTATION_STEPS: STEPS},
-            },
-            "spec": {
-                "replicas": 4,
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {
-                    "metadata": {"creationTimestamp": null, "labels": {"app": "web"}},
-                    "spec": {"containers": [{"name": "web", "image": image, "ports": [{"containerPort": 8080}]}]}
-                }
-            }
-        })
-    }
-
-    fn with_annotation(mut object: Value, key: &str, value: &str) -> Value {
-        object["metadata"]["annotations"][key] = json!(value);
-        object
-    }
+    use crate::core::builders::{
+        STEPS, mk_deployment as deployment, mk_held as held, mk_state, with_annotation,
+    };
 
     fn with_state(object: Value, phase: Phase, hash: &str) -> Value {
-        let state = RolloutState {
-            phase,
-            hash: hash.into(),
-            step: 1,
-            weight: Weight::from_basis_points(500).unwrap(),
-            message: String::new(),
-            step_started: None,
-            unavailable_since: None,
-        };
-        with_annotation(
+        crate::core::builders::with_state(
             object,
-            ANNOTATION_STATE,
-            &serde_json::to_string(&state).unwrap(),
+            &mk_state(phase, hash, 1, Weight::from_basis_points(500).unwrap()),
         )
     }
 
@@ -784,18 +746,7 @@ mod tests {
         object
     }
 
-    fn hash_of(image: &str) -> String {
-        template::hash(&deployment(image)["spec"]["template"])
-    }
-
-    /// `web` running `stable`, with `image` applied and held by fledge.
-    fn held(stable: &str, image: &str) -> Value {
-        let d = with_annotation(deployment(image), ANNOTATION_HOLD, "true");
-        paused(
-            with_annotation(d, ANNOTATION_STABLE_HASH, &hash_of(stable)),
-            Some(true),
-        )
-    }
+    use crate::core::builders::mk_hash as hash_of;
 
     fn request(
         operation: &str,
@@ -829,7 +780,7 @@ mod tests {
         let mut object: Value =
             serde_json::from_str(&serde_json::to_string(req.object.as_ref().unwrap()).unwrap())
                 .unwrap();
-        if let Outcome::Patch(_, patch) = &decision.outcome {
+        if let AdmissionOutcome::Patch(_, patch) = &decision.outcome {
             json_patch::patch(&mut object, patch).unwrap();
         }
         object
@@ -845,19 +796,19 @@ mod tests {
 
     fn reason(d: &Decision) -> String {
         match &d.outcome {
-            Outcome::Allow(r) => format!("allow: {r:?}"),
-            Outcome::Patch(r, _) => format!("patch: {r:?}"),
-            Outcome::Deny(m) => format!("deny: {m}"),
+            AdmissionOutcome::Allow(r) => format!("allow: {r:?}"),
+            AdmissionOutcome::Patch(r, _) => format!("patch: {r:?}"),
+            AdmissionOutcome::Deny(m) => format!("deny: {m}"),
         }
     }
 
     fn is_patch(d: &Decision, wanted: PatchReason) -> bool {
-        matches!(d.outcome, Outcome::Patch(r, _) if r == wanted)
+        matches!(d.outcome, AdmissionOutcome::Patch(r, _) if r == wanted)
     }
 
     fn denial(d: &Decision) -> String {
         match &d.outcome {
-            Outcome::Deny(m) => m.to_string(),
+            AdmissionOutcome::Deny(m) => m.to_string(),
             _ => panic!("not denied: {}", reason(d)),
         }
     }
@@ -904,7 +855,7 @@ mod tests {
     #[test]
     fn create_of_a_valid_opted_in_deployment_passes_unchanged() {
         let d = decide(&request("CREATE", deployment("web:1"), None, None));
-        assert_eq!(d.outcome, Outcome::Allow(AllowReason::FirstDeploy));
+        assert_eq!(d.outcome, AdmissionOutcome::Allow(AllowReason::FirstDeploy));
     }
 
     #[test]
@@ -960,7 +911,7 @@ mod tests {
     #[test]
     fn patch_paths_escape_annotation_keys_per_rfc6901() {
         let d = decide(&update(deployment("web:1"), deployment("web:2")));
-        let Outcome::Patch(_, patch) = d.outcome else {
+        let AdmissionOutcome::Patch(_, patch) = d.outcome else {
             panic!("{}", reason(&d))
         };
         let text = serde_json::to_value(&patch).unwrap();
@@ -1005,7 +956,7 @@ mod tests {
         let stored_v2 = held("web:1", "web:2");
         // The user applies v2 again: the merged object keeps fledge's annotations and paused.
         let d = decide(&update(stored_v2.clone(), stored_v2.clone()));
-        assert_eq!(d.outcome, Outcome::Allow(AllowReason::HoldIntact));
+        assert_eq!(d.outcome, AdmissionOutcome::Allow(AllowReason::HoldIntact));
         // A GitOps tool that drops fledge's fields (replace, or server-side apply under a manager
         // that owns them): they are set again, never refused.
         let req = update(stored_v2.clone(), paused(deployment("web:2"), None));
@@ -1047,7 +998,7 @@ mod tests {
         let req = update(stored_v2, v3.clone());
         let (d, result) = stored(&req);
         assert!(
-            matches!(d.outcome, Outcome::Allow(AllowReason::HoldIntact))
+            matches!(d.outcome, AdmissionOutcome::Allow(AllowReason::HoldIntact))
                 || is_patch(&d, PatchReason::HoldReplaced),
             "{}",
             reason(&d)
@@ -1076,7 +1027,7 @@ mod tests {
                 let (d, result) = stored(&req);
                 assert!(
                     is_patch(&d, PatchReason::Revert)
-                        || d.outcome == Outcome::Allow(AllowReason::Reverted),
+                        || d.outcome == AdmissionOutcome::Allow(AllowReason::Reverted),
                     "{}",
                     reason(&d)
                 );
@@ -1099,7 +1050,7 @@ mod tests {
     fn reapplying_an_aborted_template_keeps_it_aborted_and_says_how_to_go_on() {
         let aborted = with_state(held("web:1", "web:2"), Phase::Aborted, &hash_of("web:2"));
         let d = decide(&update(aborted.clone(), aborted.clone()));
-        assert_eq!(d.outcome, Outcome::Allow(AllowReason::HoldIntact));
+        assert_eq!(d.outcome, AdmissionOutcome::Allow(AllowReason::HoldIntact));
         assert!(
             d.warnings[0].contains("fledge retry web"),
             "{:?}",
@@ -1133,7 +1084,7 @@ mod tests {
             promoting.clone(),
             unpaused.clone(),
         ));
-        assert_eq!(d.outcome, Outcome::Allow(AllowReason::Promotion));
+        assert_eq!(d.outcome, AdmissionOutcome::Allow(AllowReason::Promotion));
         // Anyone else's unpause is undone; a Paused state is no promotion either.
         let d = decide(&update_by(
             "argocd-controller",
@@ -1172,7 +1123,7 @@ mod tests {
             ),
         ));
         assert!(
-            matches!(d.outcome, Outcome::Allow(AllowReason::HoldIntact)),
+            matches!(d.outcome, AdmissionOutcome::Allow(AllowReason::HoldIntact)),
             "{}",
             reason(&d)
         );
@@ -1199,7 +1150,7 @@ mod tests {
             without_label(deployment("web:1")),
             without_label(deployment("web:2")),
         ));
-        assert_eq!(d.outcome, Outcome::Allow(AllowReason::NotOptedIn));
+        assert_eq!(d.outcome, AdmissionOutcome::Allow(AllowReason::NotOptedIn));
     }
 
     trait RemoveSteps {
@@ -1238,14 +1189,14 @@ mod tests {
         let scaled = with_annotation(scaled, "example.com/note", "hi");
         assert_eq!(
             decide(&update(old.clone(), scaled)).outcome,
-            Outcome::Allow(AllowReason::TemplateUnchanged)
+            AdmissionOutcome::Allow(AllowReason::TemplateUnchanged)
         );
         // Scaling while held keeps the hold.
         let mut held_scaled = held("web:1", "web:2");
         held_scaled["spec"]["replicas"] = json!(9);
         assert_eq!(
             decide(&update(held("web:1", "web:2"), held_scaled)).outcome,
-            Outcome::Allow(AllowReason::HoldIntact)
+            AdmissionOutcome::Allow(AllowReason::HoldIntact)
         );
     }
 
@@ -1281,12 +1232,12 @@ mod tests {
         );
         assert_eq!(
             decide(&req).outcome,
-            Outcome::Allow(AllowReason::OperationNotWatched)
+            AdmissionOutcome::Allow(AllowReason::OperationNotWatched)
         );
         req.kind.kind = "StatefulSet".into();
         assert_eq!(
             decide(&req).outcome,
-            Outcome::Allow(AllowReason::NotADeployment)
+            AdmissionOutcome::Allow(AllowReason::NotADeployment)
         );
     }
 
@@ -1331,25 +1282,28 @@ mod tests {
         scaled["spec"]["replicas"] = json!(9);
         assert_eq!(
             decide(&update(bad.clone(), scaled)).outcome,
-            Outcome::Allow(AllowReason::TemplateUnchanged)
+            AdmissionOutcome::Allow(AllowReason::TemplateUnchanged)
         );
         let still_bad = with_annotation(bad.clone(), ANNOTATION_STEPS, "- setWeight: 151");
         assert!(matches!(
             decide(&update(bad.clone(), still_bad)).outcome,
-            Outcome::Deny(_)
+            AdmissionOutcome::Deny(_)
         ));
         let typo = with_annotation(bad.clone(), "fledge.dev/rootservice", "web");
         assert!(matches!(
             decide(&update(bad.clone(), typo)).outcome,
-            Outcome::Deny(_)
+            AdmissionOutcome::Deny(_)
         ));
         let newly_opted_in = update(without_label(bad.clone()), bad.clone());
-        assert!(matches!(decide(&newly_opted_in).outcome, Outcome::Deny(_)));
+        assert!(matches!(
+            decide(&newly_opted_in).outcome,
+            AdmissionOutcome::Deny(_)
+        ));
         // fledge's own bookkeeping changes are not settings.
         let state_written = with_state(bad.clone(), Phase::Idle, "h");
         assert_eq!(
             decide(&update(bad, state_written)).outcome,
-            Outcome::Allow(AllowReason::TemplateUnchanged)
+            AdmissionOutcome::Allow(AllowReason::TemplateUnchanged)
         );
     }
 
@@ -1384,7 +1338,7 @@ mod tests {
         );
         assert_eq!(
             decide(&req).outcome,
-            Outcome::Allow(AllowReason::TemplateUnchanged)
+            AdmissionOutcome::Allow(AllowReason::TemplateUnchanged)
         );
     }
 
@@ -1405,7 +1359,7 @@ mod tests {
         let patch = base64::engine::general_purpose::STANDARD
             .decode(r["patch"].as_str().unwrap())
             .unwrap();
-        let Outcome::Patch(_, expected) = &d.outcome else {
+        let AdmissionOutcome::Patch(_, expected) = &d.outcome else {
             panic!("{}", reason(&d))
         };
         assert_eq!(serde_json::from_slice::<Patch>(&patch).unwrap(), *expected);

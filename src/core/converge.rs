@@ -137,40 +137,25 @@ pub fn writes(world: &World) -> Vec<Write> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::builders::{mk_deployment, mk_hash, mk_held, mk_state};
     use crate::core::rollout::Phase;
     use crate::core::rollout::machine::Event;
-    use serde_json::{Value, json};
 
     fn w(bp: u16) -> Weight {
         Weight::from_basis_points(bp).unwrap()
     }
 
-    /// Deployment `web`, opted in, its template `v2` held against `v1` when `held`.
-    fn facts(held: bool, annotations: Value) -> DeploymentFacts {
-        let mut meta_annotations = json!({"fledge.dev/steps": "- setWeight: 50"});
-        if held {
-            meta_annotations["fledge.dev/hold"] = json!("true");
-            meta_annotations["fledge.dev/stable-hash"] = json!("v1-hash");
-        }
-        for (k, v) in annotations.as_object().into_iter().flatten() {
-            meta_annotations[k] = v.clone();
-        }
-        DeploymentFacts::read(&json!({
-            "metadata": {"name": "web", "labels": {"fledge.dev/enabled": "true"}, "annotations": meta_annotations},
-            "spec": {"replicas": 2, "paused": held, "template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}},
-        }))
+    /// Deployment `web` running `web:2`: held against `web:1` when `held`, else unpaused.
+    fn facts(held: bool) -> DeploymentFacts {
+        DeploymentFacts::read(&if held {
+            mk_held("web:1", "web:2")
+        } else {
+            mk_deployment("web:2")
+        })
     }
 
     fn state(phase: Phase, weight: Weight) -> RolloutState {
-        RolloutState {
-            phase,
-            hash: "v2".into(),
-            step: 1,
-            weight,
-            message: String::new(),
-            step_started: None,
-            unavailable_since: None,
-        }
+        mk_state(phase, "v2", 1, weight)
     }
 
     fn next(state: Option<RolloutState>, target: Target, event: bool) -> Next {
@@ -212,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_settled_deployment_costs_no_write() {
-        let f = facts(false, json!({}));
+        let f = facts(false);
         let done = state(Phase::Succeeded, Weight::ZERO);
         let n = next(Some(done.clone()), Target::Nothing, false);
         assert_eq!(
@@ -225,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_step_writes_the_event_then_traffic_then_state() {
-        let f = facts(true, json!({}));
+        let f = facts(true);
         let before = state(Phase::Progressing, w(500));
         let after = state(Phase::Progressing, w(5000));
         let target = Target::Canary {
@@ -249,7 +234,7 @@ mod tests {
 
     #[test]
     fn an_abort_sends_traffic_back_before_its_state_then_removes_in_order() {
-        let f = facts(true, json!({}));
+        let f = facts(true);
         let before = state(Phase::Paused, w(5000));
         let aborted = state(Phase::Aborted, Weight::ZERO);
         let n = next(Some(aborted.clone()), Target::Nothing, true);
@@ -269,8 +254,8 @@ mod tests {
     #[test]
     fn a_rollback_without_the_webhook_also_releases_the_hold() {
         // The template is v1 again, but the hold record is still there (the webhook was not called).
-        let mut f = facts(true, json!({}));
-        f.template_hash = "v1-hash".into();
+        let mut f = facts(true);
+        f.template_hash = mk_hash("web:1");
         let before = state(Phase::Paused, w(5000));
         let rolled_back = state(Phase::RolledBack, Weight::ZERO);
         let n = next(Some(rolled_back.clone()), Target::Nothing, true);
@@ -290,7 +275,7 @@ mod tests {
 
     #[test]
     fn after_a_promotion_stable_is_repinned_before_traffic_goes_back() {
-        let f = facts(false, json!({}));
+        let f = facts(false);
         let before = state(Phase::Promoting, Weight::FULL);
         let done = state(Phase::Succeeded, Weight::ZERO);
         let n = next(Some(done.clone()), Target::Nothing, true);
@@ -306,7 +291,7 @@ mod tests {
 
     #[test]
     fn the_unpause_follows_only_a_stored_promoting_state_of_a_held_deployment() {
-        let held = facts(true, json!({}));
+        let held = facts(true);
         let promoting = state(Phase::Promoting, Weight::FULL);
         let n = next(Some(promoting.clone()), Target::Promote, false);
         let full = Write::ApplyCanary {
@@ -322,7 +307,7 @@ mod tests {
             decide(&held, Some(&before), &n, all_objects("h1"), Some("h1")),
             vec![full.clone(), Write::StoreState(promoting.clone())]
         );
-        let unpaused = facts(false, json!({}));
+        let unpaused = facts(false);
         assert_eq!(
             decide(
                 &unpaused,
@@ -337,7 +322,7 @@ mod tests {
 
     #[test]
     fn leaving_fledge_forgets_the_state_last() {
-        let mut f = facts(true, json!({}));
+        let mut f = facts(true);
         f.spec = None;
         let before = state(Phase::Paused, w(500));
         let n = next(None, Target::Nothing, true);

@@ -3,6 +3,8 @@
 //! that no module here uses the client or the runtime.
 
 pub mod admission;
+#[cfg(test)]
+pub mod builders;
 pub mod converge;
 pub mod objects;
 pub mod observe;

@@ -8,7 +8,9 @@ use kube::core::admission::AdmissionRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::core::admission::{self, Decision, DeploymentView, Outcome, PatchReason, review};
+use crate::core::admission::{
+    self, AdmissionOutcome, Decision, DeploymentView, PatchReason, review,
+};
 use crate::core::objects::{self, Desired, SplitApi};
 use crate::core::rollout::{self, Timeline};
 use crate::core::spec::{self, CanarySpec, Weight};
@@ -132,7 +134,7 @@ pub fn plan(
     let timeline = spec.as_ref().map(|s| rollout::timeline(&s.steps));
     let objects = match (&decision.outcome, &spec) {
         (
-            Outcome::Patch(
+            AdmissionOutcome::Patch(
                 PatchReason::Hold | PatchReason::HoldReplaced | PatchReason::HoldTakenOver,
                 patch,
             ),
@@ -230,16 +232,16 @@ pub fn render_text(plan: &Plan) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Deployment {} ({})", plan.name, plan.operation);
     match &plan.decision.outcome {
-        Outcome::Allow(reason) => {
+        AdmissionOutcome::Allow(reason) => {
             let _ = writeln!(out, "Decision: allow unchanged: {reason}");
         }
-        Outcome::Deny(denial) => {
+        AdmissionOutcome::Deny(denial) => {
             let _ = writeln!(out, "Decision: deny");
             for problem in &denial.problems {
                 let _ = writeln!(out, "  {problem}");
             }
         }
-        Outcome::Patch(reason, patch) => {
+        AdmissionOutcome::Patch(reason, patch) => {
             let _ = writeln!(out, "Decision: allow with patch: {reason}");
             let _ = writeln!(out, "\nPatch (JSONPatch, {} operations):", patch.0.len());
             for op in &patch.0 {
@@ -368,7 +370,7 @@ fn render_objects(out: &mut String, plan: &Plan, d: &Desired) {
 
 fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
     let when = match plan.decision.outcome {
-        Outcome::Patch(..) => "",
+        AdmissionOutcome::Patch(..) => "",
         _ => " (on the next pod template change)",
     };
     let _ = writeln!(
@@ -409,9 +411,9 @@ fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
 /// `-o json`: the report as data.
 pub fn to_json(plan: &Plan) -> Value {
     let (decision, reason, patch) = match &plan.decision.outcome {
-        Outcome::Allow(r) => ("allow", r.to_string(), Value::Null),
-        Outcome::Deny(denial) => ("deny", denial.to_string(), Value::Null),
-        Outcome::Patch(r, p) => (
+        AdmissionOutcome::Allow(r) => ("allow", r.to_string(), Value::Null),
+        AdmissionOutcome::Deny(denial) => ("deny", denial.to_string(), Value::Null),
+        AdmissionOutcome::Patch(r, p) => (
             "patch",
             r.to_string(),
             serde_json::to_value(p).unwrap_or_default(),
@@ -472,7 +474,7 @@ mod tests {
         let plan = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
         assert!(matches!(
             plan.decision.outcome,
-            Outcome::Patch(PatchReason::Hold, _)
+            AdmissionOutcome::Patch(PatchReason::Hold, _)
         ));
         let desired = plan.objects.as_ref().unwrap().as_ref().unwrap();
         assert_eq!(desired.canary_deployment["metadata"]["name"], "web-canary");
@@ -528,7 +530,7 @@ mod tests {
     fn a_revert_of_an_in_flight_canary_is_a_rollback() {
         // `--from` the live Deployment, held at v2 (its `kubectl get -o yaml`), `--to` v1.
         let held = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
-        let Outcome::Patch(_, patch) = &held.decision.outcome else {
+        let AdmissionOutcome::Patch(_, patch) = &held.decision.outcome else {
             panic!("not held")
         };
         let mut live = manifest(V2).deployment().unwrap().clone();
@@ -540,7 +542,7 @@ mod tests {
         let plan = plan(Some(&live), &manifest(V1), &[], SplitApi::V1Alpha2).unwrap();
         assert!(matches!(
             plan.decision.outcome,
-            Outcome::Patch(PatchReason::Revert, _)
+            AdmissionOutcome::Patch(PatchReason::Revert, _)
         ));
         let text = render_text(&plan);
         assert!(

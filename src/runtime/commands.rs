@@ -325,20 +325,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::builders::{mk_hash, mk_held, with_annotation};
 
+    /// `web` held at `web:2` with three steps, and `state` stored when given.
     fn deployment(state: Option<Value>) -> Value {
-        let mut annotations = json!({
-            "fledge.dev/steps": "- setWeight: 5\n- pause: {duration: 2m}\n- pause: {}\n",
-            "fledge.dev/stable-hash": "c1",
-            "fledge.dev/hold": "true",
-        });
-        if let Some(state) = state {
-            annotations[ANNOTATION_STATE] = json!(state.to_string());
+        let d = with_annotation(
+            mk_held("web:1", "web:2"),
+            "fledge.dev/steps",
+            "- setWeight: 5\n- pause: {duration: 2m}\n- pause: {}\n",
+        );
+        match state {
+            Some(state) => with_annotation(d, ANNOTATION_STATE, &state.to_string()),
+            None => d,
         }
-        json!({
-            "metadata": {"name": "web", "namespace": "shop", "labels": {LABEL_ENABLED: "true"}, "annotations": annotations},
-            "spec": {"replicas": 2, "template": {"spec": {"containers": []}}},
-        })
     }
 
     fn t(second: i64) -> Timestamp {
@@ -371,7 +370,7 @@ mod tests {
     fn without_a_state_the_pending_canary_waits_for_the_controller() {
         let s = status_of(&deployment(None), t(0));
         assert_eq!((s.phase, s.step, s.weight), (Phase::Idle, 0, Weight::ZERO));
-        let pending = crate::core::template::hash(&json!({"spec": {"containers": []}}));
+        let pending = mk_hash("web:2");
         assert_eq!(
             s.message,
             format!("canary {pending} is waiting for the controller")

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 /// What a replica should do about the Lease, decided from what it read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
+pub enum LeaseStep {
     /// Ours: renew it.
     Renew,
     /// Absent, released, or someone else's and unchanged for its whole duration: take it.
@@ -35,13 +35,13 @@ pub enum Step {
 /// The remote `renewTime` and `acquireTime` play no part: they were written by another node's
 /// clock. The wait is the Lease's own `leaseDurationSeconds` (this replica's duration when the
 /// Lease has none).
-pub fn step(lease: Option<&LeaseSpec>, unchanged_for: Duration, me: &Config) -> Step {
+pub fn step(lease: Option<&LeaseSpec>, unchanged_for: Duration, me: &LeaseConfig) -> LeaseStep {
     let Some(spec) = lease else {
-        return Step::Acquire;
+        return LeaseStep::Acquire;
     };
     match spec.holder_identity.as_deref() {
-        Some(holder) if holder == me.identity => Step::Renew,
-        None | Some("") => Step::Acquire,
+        Some(holder) if holder == me.identity => LeaseStep::Renew,
+        None | Some("") => LeaseStep::Acquire,
         Some(_) => {
             let duration = spec
                 .lease_duration_seconds
@@ -49,9 +49,9 @@ pub fn step(lease: Option<&LeaseSpec>, unchanged_for: Duration, me: &Config) -> 
                 .filter(|s| *s > 0)
                 .map_or(me.duration, Duration::from_secs);
             if unchanged_for >= duration {
-                Step::Acquire
+                LeaseStep::Acquire
             } else {
-                Step::Wait
+                LeaseStep::Wait
             }
         }
     }
@@ -87,7 +87,7 @@ impl Observer {
 
 /// How one replica takes part.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub struct LeaseConfig {
     pub name: String,
     pub namespace: String,
     /// This replica's name (the pod's, in a cluster).
@@ -103,13 +103,13 @@ pub struct Config {
 /// Pure: how long the holder keeps leading without a successful renewal. Shorter than the
 /// duration others wait (counted from when they see the renewal, which is after the round that
 /// wrote it started), so that the controller has stopped before anyone else may start theirs.
-pub fn renew_deadline(config: &Config) -> Duration {
+pub fn renew_deadline(config: &LeaseConfig) -> Duration {
     config.duration.saturating_sub(config.renew_every)
 }
 
 /// Pure: how long to wait before starting the controller again after it ended for the
 /// `restarts`-th time in a row: `renew_every`, doubling, at most `duration`.
-pub fn restart_delay(restarts: u32, config: &Config) -> Duration {
+pub fn restart_delay(restarts: u32, config: &LeaseConfig) -> Duration {
     config
         .renew_every
         .saturating_mul(2_u32.saturating_pow(restarts))
@@ -123,7 +123,7 @@ pub fn restart_delay(restarts: u32, config: &Config) -> Duration {
 /// this replica holds the Lease, the Lease is released; then this returns.
 pub async fn run_while_leader<F, Fut>(
     client: Client,
-    config: Config,
+    config: LeaseConfig,
     lead: F,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -229,7 +229,7 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    fn new(lead: F, config: &Config) -> Self {
+    fn new(lead: F, config: &LeaseConfig) -> Self {
         Leading {
             lead,
             task: Task::Idle,
@@ -254,7 +254,7 @@ where
     }
 
     /// Aborts the task on the spot.
-    fn stop(&mut self, config: &Config, why: &str) {
+    fn stop(&mut self, config: &LeaseConfig, why: &str) {
         tracing::warn!(identity = %config.identity, reason = why, "no longer leading: controller stops");
         if let Task::Running { handle, .. } = std::mem::replace(&mut self.task, Task::Idle) {
             handle.abort();
@@ -262,7 +262,7 @@ where
     }
 
     /// Aborts the task and waits until it is gone: nothing of it runs once this returns.
-    async fn stop_and_wait(&mut self, config: &Config) {
+    async fn stop_and_wait(&mut self, config: &LeaseConfig) {
         if let Task::Running { handle, .. } = std::mem::replace(&mut self.task, Task::Idle) {
             tracing::info!(identity = %config.identity, "shutting down: controller stops");
             handle.abort();
@@ -272,7 +272,7 @@ where
 
     /// Resolves when the task ended (and a restart is scheduled) or was restarted; never when
     /// not leading. Cancel-safe: the state changes only after an await completed.
-    async fn supervise(&mut self, config: &Config) {
+    async fn supervise(&mut self, config: &LeaseConfig) {
         match &mut self.task {
             Task::Idle => std::future::pending().await,
             Task::Running {
@@ -321,20 +321,20 @@ impl<F> Drop for Leading<F> {
 /// written when this replica holds it.
 async fn try_hold(
     leases: &Api<Lease>,
-    config: &Config,
+    config: &LeaseConfig,
     observer: &mut Observer,
 ) -> Result<Option<Lease>, kube::Error> {
     let current = leases.get_opt(&config.name).await?;
     let unchanged_for = observer.observe(current.as_ref(), Instant::now());
     let spec = current.as_ref().and_then(|l| l.spec.as_ref());
     let decided = step(spec, unchanged_for, config);
-    if decided == Step::Wait {
+    if decided == LeaseStep::Wait {
         return Ok(None);
     }
     // Written for others to read; never compared with anyone's clock.
     let now = MicroTime(Timestamp::now());
     let previous = spec.cloned().unwrap_or_default();
-    let (transitions, acquired) = if decided == Step::Renew {
+    let (transitions, acquired) = if decided == LeaseStep::Renew {
         (
             previous.lease_transitions.unwrap_or(0),
             previous.acquire_time.unwrap_or_else(|| now.clone()),
@@ -410,7 +410,7 @@ pub fn released(mut lease: Lease, now: Timestamp) -> Lease {
 
 /// Gives the Lease up (see [`released`]), bounded by `renew_every`: on failure the Lease simply
 /// expires after its duration.
-async fn release(leases: &Api<Lease>, lease: Lease, config: &Config) {
+async fn release(leases: &Api<Lease>, lease: Lease, config: &LeaseConfig) {
     let lease = released(lease, Timestamp::now());
     let written = tokio::time::timeout(
         config.renew_every,
@@ -434,8 +434,8 @@ mod tests {
 
     const ME: &str = "me";
 
-    fn me() -> Config {
-        Config {
+    fn me() -> LeaseConfig {
+        LeaseConfig {
             name: "fledge".into(),
             namespace: "default".into(),
             identity: ME.into(),
@@ -474,14 +474,17 @@ mod tests {
 
     #[test]
     fn no_lease_or_no_holder_is_acquired_at_once() {
-        assert_eq!(step(None, Duration::ZERO, &me()), Step::Acquire);
+        assert_eq!(step(None, Duration::ZERO, &me()), LeaseStep::Acquire);
         for holder in [None, Some("")] {
             let released = spec(holder, Some(15), Some(t(2_000_000_000)));
-            assert_eq!(step(Some(&released), Duration::ZERO, &me()), Step::Acquire);
+            assert_eq!(
+                step(Some(&released), Duration::ZERO, &me()),
+                LeaseStep::Acquire
+            );
         }
         assert_eq!(
             step(Some(&LeaseSpec::default()), Duration::ZERO, &me()),
-            Step::Acquire
+            LeaseStep::Acquire
         );
     }
 
@@ -490,7 +493,7 @@ mod tests {
         for unchanged in [Duration::ZERO, S(15), S(100_000)] {
             for renewed in [None, Some(t(0)), Some(t(4_000_000_000))] {
                 let ours = spec(Some(ME), Some(15), renewed);
-                assert_eq!(step(Some(&ours), unchanged, &me()), Step::Renew);
+                assert_eq!(step(Some(&ours), unchanged, &me()), LeaseStep::Renew);
             }
         }
     }
@@ -498,25 +501,25 @@ mod tests {
     #[test]
     fn anothers_is_taken_after_its_duration_by_the_local_clock() {
         let theirs = spec(Some("other"), Some(15), Some(t(1_800_000_000)));
-        assert_eq!(step(Some(&theirs), Duration::ZERO, &me()), Step::Wait);
-        assert_eq!(step(Some(&theirs), S(15) - MS(1), &me()), Step::Wait);
-        assert_eq!(step(Some(&theirs), S(15), &me()), Step::Acquire);
-        assert_eq!(step(Some(&theirs), S(16), &me()), Step::Acquire);
+        assert_eq!(step(Some(&theirs), Duration::ZERO, &me()), LeaseStep::Wait);
+        assert_eq!(step(Some(&theirs), S(15) - MS(1), &me()), LeaseStep::Wait);
+        assert_eq!(step(Some(&theirs), S(15), &me()), LeaseStep::Acquire);
+        assert_eq!(step(Some(&theirs), S(16), &me()), LeaseStep::Acquire);
         // Its own duration counts, not ours.
         let short = spec(Some("other"), Some(1), Some(t(1_800_000_000)));
-        assert_eq!(step(Some(&short), MS(999), &me()), Step::Wait);
-        assert_eq!(step(Some(&short), S(1), &me()), Step::Acquire);
+        assert_eq!(step(Some(&short), MS(999), &me()), LeaseStep::Wait);
+        assert_eq!(step(Some(&short), S(1), &me()), LeaseStep::Acquire);
         let long = spec(Some("other"), Some(60), Some(t(1_800_000_000)));
-        assert_eq!(step(Some(&long), S(59), &me()), Step::Wait);
-        assert_eq!(step(Some(&long), S(60), &me()), Step::Acquire);
+        assert_eq!(step(Some(&long), S(59), &me()), LeaseStep::Wait);
+        assert_eq!(step(Some(&long), S(60), &me()), LeaseStep::Acquire);
     }
 
     #[test]
     fn without_a_valid_duration_ours_counts() {
         for duration in [None, Some(0), Some(-5)] {
             let theirs = spec(Some("other"), duration, Some(t(1_800_000_000)));
-            assert_eq!(step(Some(&theirs), S(14), &me()), Step::Wait);
-            assert_eq!(step(Some(&theirs), S(15), &me()), Step::Acquire);
+            assert_eq!(step(Some(&theirs), S(14), &me()), LeaseStep::Wait);
+            assert_eq!(step(Some(&theirs), S(15), &me()), LeaseStep::Acquire);
         }
     }
 
@@ -546,7 +549,7 @@ mod tests {
         for holder in [None, Some(""), Some(ME), Some("other")] {
             for duration in [None, Some(-5), Some(0), Some(1), Some(15), Some(60)] {
                 for unchanged in observed {
-                    let decisions: Vec<Step> = renew_times
+                    let decisions: Vec<LeaseStep> = renew_times
                         .iter()
                         .map(|r| step(Some(&spec(holder, duration, *r)), unchanged, &me()))
                         .collect();
@@ -556,9 +559,9 @@ mod tests {
                     );
                     let wait = S(duration.filter(|d| *d > 0).map_or(15, |d| d as u64));
                     let expected = match holder {
-                        Some(ME) => Step::Renew,
-                        Some("other") if unchanged < wait => Step::Wait,
-                        _ => Step::Acquire,
+                        Some(ME) => LeaseStep::Renew,
+                        Some("other") if unchanged < wait => LeaseStep::Wait,
+                        _ => LeaseStep::Acquire,
                     };
                     assert_eq!(
                         decisions[0], expected,
@@ -618,9 +621,9 @@ mod tests {
                 let unchanged = observer.observe(Some(&held), at);
                 step(held.spec.as_ref(), unchanged, &me())
             };
-            assert_eq!(decide(&mut observer, start), Step::Wait);
-            assert_eq!(decide(&mut observer, start + S(14)), Step::Wait);
-            assert_eq!(decide(&mut observer, start + S(15)), Step::Acquire);
+            assert_eq!(decide(&mut observer, start), LeaseStep::Wait);
+            assert_eq!(decide(&mut observer, start + S(14)), LeaseStep::Wait);
+            assert_eq!(decide(&mut observer, start + S(15)), LeaseStep::Acquire);
         }
     }
 
@@ -628,7 +631,7 @@ mod tests {
     fn the_holder_stops_before_anyone_else_may_start() {
         assert_eq!(renew_deadline(&me()), S(10));
         assert!(renew_deadline(&me()) < me().duration);
-        let odd = Config {
+        let odd = LeaseConfig {
             renew_every: S(20),
             ..me()
         };
@@ -676,12 +679,12 @@ mod tests {
             step(
                 given_up.spec.as_ref(),
                 Duration::ZERO,
-                &Config {
+                &LeaseConfig {
                     identity: "other".into(),
                     ..me()
                 }
             ),
-            Step::Acquire
+            LeaseStep::Acquire
         );
     }
 
@@ -691,7 +694,7 @@ mod tests {
     async fn a_controller_task_that_ends_is_started_again() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let config = Config {
+        let config = LeaseConfig {
             duration: S(2),
             renew_every: MS(20),
             ..me()
@@ -747,7 +750,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_task_that_ran_a_while_restarts_without_the_accumulated_backoff() {
-        let config = Config {
+        let config = LeaseConfig {
             duration: MS(100),
             renew_every: MS(10),
             ..me()

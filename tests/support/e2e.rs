@@ -20,7 +20,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct Cluster {
     pub api: ApiServer,
     /// The webhook's and the controller's metrics, as `/metrics` serves them.
-    pub metrics: Arc<fledge::runtime::server::Metrics>,
+    pub metrics: Arc<fledge::runtime::server::ServerMetrics>,
     _webhook: super::webhook::FledgeWebhook,
     pub controller_task: tokio::task::JoinHandle<()>,
 }
@@ -49,7 +49,7 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
         ..ApiServerConfig::default()
     })
     .await;
-    let metrics = Arc::new(fledge::runtime::server::Metrics::default());
+    let metrics = Arc::new(fledge::runtime::server::ServerMetrics::default());
     let controller = start_controller(&api, &metrics);
     Cluster {
         metrics,
@@ -61,7 +61,7 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
 
 pub fn start_controller(
     api: &ApiServer,
-    metrics: &fledge::runtime::server::Metrics,
+    metrics: &fledge::runtime::server::ServerMetrics,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(controller::run(
         api.client(),

@@ -21,7 +21,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use super::{Decision, Outcome};
+use super::{AdmissionOutcome, Decision};
 
 /// An apps/v1 Deployment as the webhook reads it. The pod template stays raw JSON, exactly as the
 /// API server sent it, so that no field is lost however new it is.
@@ -280,8 +280,8 @@ pub fn answer(
         warnings: &decision.warnings,
     };
     match &decision.outcome {
-        Outcome::Allow(_) => {}
-        Outcome::Deny(denial) => {
+        AdmissionOutcome::Allow(_) => {}
+        AdmissionOutcome::Deny(denial) => {
             response.allowed = false;
             response.status = Some(StatusOut {
                 status: "Failure",
@@ -290,7 +290,7 @@ pub fn answer(
                 code: 400,
             });
         }
-        Outcome::Patch(_, patch) => {
+        AdmissionOutcome::Patch(_, patch) => {
             let json = serde_json::to_vec(patch)?;
             response.patch_type = Some("JSONPatch");
             response.patch = Some(base64::engine::general_purpose::STANDARD.encode(json));
@@ -313,7 +313,7 @@ pub fn unreadable(uid: &str, message: &str) -> Result<Vec<u8>, serde_json::Error
         META_API_VERSION_V1,
         uid,
         &Decision {
-            outcome: Outcome::Deny(message.to_owned().into()),
+            outcome: AdmissionOutcome::Deny(message.to_owned().into()),
             warnings: Vec::new(),
         },
     )
@@ -431,7 +431,7 @@ mod tests {
                 &parse(beta.as_bytes()).unwrap().types.api_version,
                 "u",
                 &Decision {
-                    outcome: Outcome::Allow(super::super::AllowReason::FirstDeploy),
+                    outcome: AdmissionOutcome::Allow(super::super::AllowReason::FirstDeploy),
                     warnings: vec![],
                 },
             )

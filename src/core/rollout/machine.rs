@@ -458,7 +458,7 @@ impl Command {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct CommandError(pub String);
+pub struct CommandRefused(pub String);
 
 /// The state after a user's command, or why the command does not apply now.
 pub fn command(
@@ -467,8 +467,8 @@ pub fn command(
     cmd: Command,
     name: &str,
     now: Timestamp,
-) -> Result<RolloutState, CommandError> {
-    let refuse = |why: String| Err(CommandError(why));
+) -> Result<RolloutState, CommandRefused> {
+    let refuse = |why: String| Err(CommandRefused(why));
     let Some(s) = state else {
         return refuse(format!("{name} has no canary"));
     };

@@ -124,7 +124,7 @@ impl View {
 
 /// How the rollout of a watched Deployment ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Settled {
     /// The canary was promoted: its template is the stable one.
     Succeeded,
     /// No canary in flight nor pending: never one, not opted in, or the template went back to the
@@ -138,34 +138,34 @@ pub enum Outcome {
 /// in flight, or a new template the controller has not started yet. A settled state counts only
 /// when it is about the pending template, so a past rollout's `Succeeded` does not end the watch of
 /// a template just applied.
-pub fn outcome(deployment: &Value) -> Option<Outcome> {
+pub fn outcome(deployment: &Value) -> Option<Settled> {
     let facts = DeploymentFacts::read(deployment);
     let name = &facts.name;
     if let Some(why) = &facts.invalid {
-        return Some(Outcome::Failed(format!(
+        return Some(Settled::Failed(format!(
             "{name}'s fledge settings are invalid: {why}"
         )));
     }
     let state = match &facts.state {
         Ok(state) => state.as_ref(),
         // The controller stops at an unreadable state too, until someone repairs it.
-        Err(e) => return Some(Outcome::Failed(format!("{name}: {e}"))),
+        Err(e) => return Some(Settled::Failed(format!("{name}: {e}"))),
     };
     let pending = facts.pending();
     match state {
         Some(s) if pending.is_none_or(|p| p == s.hash) => match s.phase {
             // Also a revert the controller has not rolled back yet.
             Phase::Progressing | Phase::Paused | Phase::Promoting => None,
-            Phase::Succeeded => Some(Outcome::Succeeded),
-            Phase::Aborted => Some(Outcome::Failed(format!(
+            Phase::Succeeded => Some(Settled::Succeeded),
+            Phase::Aborted => Some(Settled::Failed(format!(
                 "{name} was aborted: {}",
                 s.message
             ))),
             // Rolled back to the stable template: it runs, nothing is pending.
-            Phase::Idle | Phase::RolledBack => Some(Outcome::NothingInFlight),
+            Phase::Idle | Phase::RolledBack => Some(Settled::NothingInFlight),
         },
         _ if facts.spec.is_some() && pending.is_some() => None,
-        _ => Some(Outcome::NothingInFlight),
+        _ => Some(Settled::NothingInFlight),
     }
 }
 
@@ -173,7 +173,7 @@ pub fn outcome(deployment: &Value) -> Option<Outcome> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ending {
     /// The watched rollout settled (with a NAME only).
-    Settled(Outcome),
+    Settled(Settled),
     /// `stop` resolved (Ctrl-C).
     Stopped,
 }
@@ -253,6 +253,7 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::builders::{self, mk_hash, mk_held, with_annotation};
     use crate::core::spec::Weight;
     use serde_json::json;
 
@@ -365,42 +366,34 @@ mod tests {
     /// Deployment `web` whose template runs `image`, held against the template of `stable` when
     /// given, with a stored state.
     fn mk_deployment(image: &str, stable: Option<&str>, state: Option<(&str, &str)>) -> Value {
-        let mut annotations = json!({ "fledge.dev/steps": STABLE });
-        if let Some(stable) = stable {
-            annotations["fledge.dev/stable-hash"] = json!(hash(stable));
-            annotations["fledge.dev/hold"] = json!("true");
+        let d = match stable {
+            Some(stable) => mk_held(stable, image),
+            None => builders::mk_deployment(image),
+        };
+        let d = with_annotation(d, "fledge.dev/steps", STABLE);
+        match state {
+            Some((phase, hash)) => with_annotation(
+                d,
+                "fledge.dev/state",
+                &json!({"phase": phase, "hash": hash, "step": 1, "weight": "20", "message": "why not"})
+                    .to_string(),
+            ),
+            None => d,
         }
-        if let Some((phase, hash)) = state {
-            annotations["fledge.dev/state"] = json!(
-                json!({"phase": phase, "hash": hash, "step": 1, "weight": "20", "message": "why not"})
-                    .to_string()
-            );
-        }
-        json!({
-            "metadata": {"name": "web", "namespace": "shop",
-                         "labels": {LABEL_ENABLED: "true"}, "annotations": annotations},
-            "spec": {"paused": stable.is_some(), "template": {"spec": {"containers": [{"name": "web", "image": image}]}}},
-        })
-    }
-
-    fn hash(image: &str) -> String {
-        crate::core::template::hash(
-            &json!({"spec": {"containers": [{"name": "web", "image": image}]}}),
-        )
     }
 
     #[test]
     fn a_rollout_settles_at_success_or_abort_of_the_pending_template() {
-        let v2 = hash("web:2");
+        let v2 = mk_hash("web:2");
         let held = |phase| mk_deployment("web:2", Some("web:1"), Some((phase, &v2)));
         let unpaused = |phase| mk_deployment("web:2", None, Some((phase, &v2)));
         assert_eq!(outcome(&held("Paused")), None);
         assert_eq!(outcome(&held("Promoting")), None);
         assert_eq!(outcome(&unpaused("Promoting")), None);
-        assert_eq!(outcome(&unpaused("Succeeded")), Some(Outcome::Succeeded));
+        assert_eq!(outcome(&unpaused("Succeeded")), Some(Settled::Succeeded));
         assert_eq!(
             outcome(&held("Aborted")),
-            Some(Outcome::Failed("web was aborted: why not".into()))
+            Some(Settled::Failed("web was aborted: why not".into()))
         );
         // A new template over a settled one: the controller has yet to start it.
         for phase in ["Succeeded", "Aborted"] {
@@ -412,7 +405,7 @@ mod tests {
         assert_eq!(outcome(&reverted("Paused")), None);
         assert_eq!(
             outcome(&reverted("RolledBack")),
-            Some(Outcome::NothingInFlight)
+            Some(Settled::NothingInFlight)
         );
     }
 
@@ -420,7 +413,7 @@ mod tests {
     fn nothing_to_wait_for_without_a_canary_and_a_failure_when_fledge_cannot_run_it() {
         assert_eq!(
             outcome(&mk_deployment("web:1", None, None)),
-            Some(Outcome::NothingInFlight)
+            Some(Settled::NothingInFlight)
         );
         assert_eq!(
             outcome(&mk_deployment("web:2", Some("web:1"), None)),
@@ -429,12 +422,12 @@ mod tests {
         );
         let mut not_opted_in = mk_deployment("web:2", Some("web:1"), None);
         not_opted_in["metadata"]["labels"] = json!({});
-        assert_eq!(outcome(&not_opted_in), Some(Outcome::NothingInFlight));
+        assert_eq!(outcome(&not_opted_in), Some(Settled::NothingInFlight));
         let mut invalid = mk_deployment("web:2", Some("web:1"), None);
         invalid["metadata"]["annotations"]["fledge.dev/steps"] = json!("- setWeight: 150\n");
-        assert!(matches!(outcome(&invalid), Some(Outcome::Failed(why)) if why.contains("150")));
+        assert!(matches!(outcome(&invalid), Some(Settled::Failed(why)) if why.contains("150")));
         let mut unreadable = mk_deployment("web:2", Some("web:1"), None);
         unreadable["metadata"]["annotations"]["fledge.dev/state"] = json!("{");
-        assert!(matches!(outcome(&unreadable), Some(Outcome::Failed(_))));
+        assert!(matches!(outcome(&unreadable), Some(Settled::Failed(_))));
     }
 }

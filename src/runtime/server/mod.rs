@@ -52,7 +52,7 @@ struct ReviewLabels {
 }
 
 /// Webhook metrics, served at `/metrics` in Prometheus text format.
-pub struct Metrics {
+pub struct ServerMetrics {
     registry: Registry,
     reviews: Family<ReviewLabels, Counter>,
     duration: Histogram,
@@ -60,7 +60,7 @@ pub struct Metrics {
     pub controller: crate::runtime::controller::ControllerMetrics,
 }
 
-impl Default for Metrics {
+impl Default for ServerMetrics {
     fn default() -> Self {
         let reviews = Family::<ReviewLabels, Counter>::default();
         // 25 µs … ~0.8 s: the decision takes tens of microseconds; the tail shows trouble.
@@ -77,7 +77,7 @@ impl Default for Metrics {
             duration.clone(),
         );
         let controller = crate::runtime::controller::ControllerMetrics::register(&mut registry);
-        Metrics {
+        ServerMetrics {
             registry,
             reviews,
             duration,
@@ -86,7 +86,7 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
+impl ServerMetrics {
     fn observe(&self, decision: &'static str, started: Instant) {
         self.reviews.get_or_create(&ReviewLabels { decision }).inc();
         self.duration.observe(started.elapsed().as_secs_f64());
@@ -102,7 +102,7 @@ impl Metrics {
 /// What the handlers share.
 #[derive(Clone, Default)]
 pub struct AppState {
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<ServerMetrics>,
     /// Cleared when draining, so `/readyz` turns away new traffic first.
     pub ready: Arc<AtomicBool>,
 }
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn metrics_count_decisions() {
-        let metrics = Metrics::default();
+        let metrics = ServerMetrics::default();
         metrics.observe("patch", Instant::now());
         let text = metrics.encode().unwrap();
         assert!(
