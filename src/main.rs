@@ -21,7 +21,9 @@ use fledge::runtime::commands::{
     self,
     watch::{self, Ending, Style},
 };
-use fledge::runtime::server::{self, AppState, tls};
+use fledge::runtime::lease::LeaseConfig;
+use fledge::runtime::serve::{self, ControllerOptions, ServeOptions};
+use fledge::runtime::server::{AppState, tls};
 
 /// The shell's exit code for a command ended by Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
@@ -243,20 +245,10 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     init_logging(args.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let cert = tls::ReloadingCert::load(tls::CertFiles {
-            cert: args.tls_cert,
-            key: args.tls_key,
-        })?;
-        let reloader = tls::spawn_reloader(cert.clone(), args.tls_reload_interval);
         let listener = std::net::TcpListener::bind(args.listen)
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "webhook listening on {local}");
-        let state = AppState::default();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
         let controller = if args.webhook_only {
             None
         } else {
@@ -264,12 +256,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 "no Kubernetes API configuration (in-cluster, KUBECONFIG or ~/.kube/config); \
                  run with --webhook-only to serve the webhook alone",
             )?;
-            let config = fledge::runtime::controller::ControllerConfig {
-                namespace: args.namespace,
-                split_api: args.split_api,
-                metrics: state.metrics.controller.clone(),
-            };
-            let lease = fledge::runtime::lease::LeaseConfig {
+            let lease = LeaseConfig {
                 name: args.lease_name,
                 namespace: args
                     .lease_namespace
@@ -281,36 +268,24 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 duration: Duration::from_secs(15),
                 renew_every: Duration::from_secs(5),
             };
-            tracing::info!(
-                namespace = config.namespace.as_deref().unwrap_or("(all)"),
-                lease = %format!("{}/{}", lease.namespace, lease.name),
-                identity = %lease.identity,
-                "controller runs while this replica holds the Lease"
-            );
-            let lease_client = client.clone();
-            let lead = move || {
-                fledge::runtime::controller::run(
-                    client.clone(),
-                    config.clone(),
-                    std::future::pending(),
-                )
-            };
-            Some(tokio::spawn(fledge::runtime::lease::run_while_leader(
-                lease_client,
+            Some(ControllerOptions {
+                client,
                 lease,
-                lead,
-                until_stopped(stopped.clone()),
-            )))
+                namespace: args.namespace,
+                split_api: args.split_api,
+            })
         };
-        let shutdown = async move {
-            shutdown_signal().await;
-            let _ = stop.send(true);
+        let options = ServeOptions {
+            listener,
+            cert: tls::CertFiles {
+                cert: args.tls_cert,
+                key: args.tls_key,
+            },
+            tls_reload_interval: args.tls_reload_interval,
+            drain_timeout: args.drain_timeout,
+            controller,
         };
-        server::serve(listener, cert, state, shutdown, args.drain_timeout).await?;
-        if let Some(controller) = controller {
-            let _ = controller.await;
-        }
-        reloader.abort();
+        serve::run(options, AppState::default(), shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })

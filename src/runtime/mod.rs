@@ -6,4 +6,5 @@ pub mod commands;
 pub mod controller;
 pub mod events;
 pub mod lease;
+pub mod serve;
 pub mod server;

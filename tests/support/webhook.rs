@@ -46,23 +46,25 @@ pub fn start() -> FledgeWebhook {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     let certs = serving_certs(&dir);
-    let cert = fledge::runtime::server::tls::ReloadingCert::load(
-        fledge::runtime::server::tls::CertFiles {
-            cert: dir.join(fledge::runtime::certs::CERT_FILE),
-            key: dir.join(fledge::runtime::certs::KEY_FILE),
-        },
-    )
-    .expect("loading certificates");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     listener.set_nonblocking(true).expect("non-blocking");
     let addr = listener.local_addr().expect("its address");
+    // `fledge serve --webhook-only`, wired as the binary wires it.
+    let options = fledge::runtime::serve::ServeOptions {
+        listener,
+        cert: fledge::runtime::server::tls::CertFiles {
+            cert: dir.join(fledge::runtime::certs::CERT_FILE),
+            key: dir.join(fledge::runtime::certs::KEY_FILE),
+        },
+        tls_reload_interval: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(1),
+        controller: None,
+    };
     let task = tokio::spawn(async move {
-        let _ = fledge::runtime::server::serve(
-            listener,
-            cert,
+        let _ = fledge::runtime::serve::run(
+            options,
             fledge::runtime::server::AppState::default(),
             std::future::pending(),
-            Duration::from_secs(1),
         )
         .await;
     });
