@@ -1,7 +1,8 @@
 //! How fast the controller reacts, through the API server stand-in with fledge's real webhook:
-//! from applying a new template to the canary Deployment existing with the TrafficSplit set, and
-//! from `fledge abort` to no canary traffic. `cargo bench --bench controller_latency`
-//! (FLEDGE_BENCH_RUNS, default 50).
+//! from applying a new template to the canary Deployment existing with the TrafficSplit set; from
+//! `fledge abort` to no canary traffic; from a revert (`kubectl apply` of the stable template) to
+//! no canary traffic. And what a settled Deployment costs: the API requests the controller makes
+//! when it reconciles one. `cargo bench --bench controller_latency` (FLEDGE_BENCH_RUNS, default 50).
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -11,7 +12,7 @@ use fledge::core::objects::SplitApi;
 use fledge::core::rollout::machine::Command;
 use fledge::runtime::controller;
 use serde_json::{Value, json};
-use support::apiserver::{ApiServer, ApiServerConfig};
+use support::apiserver::{ApiServer, ApiServerConfig, UserInfo};
 
 const NS: &str = "bench";
 const WAIT: Duration = Duration::from_secs(30);
@@ -85,8 +86,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..ApiServerConfig::default()
     })
     .await;
+    // The controller under its own name, so that its requests can be counted.
+    let fledge_user = UserInfo::service_account("fledge", "fledge");
     let controller = tokio::spawn(controller::run(
-        api.client(),
+        api.client_as(fledge_user.clone()),
         controller::ControllerConfig {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
@@ -105,7 +108,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         d.is_some_and(|d| d["status"]["availableReplicas"] == 2)
     })
     .await?;
-    let (mut to_canary, mut to_stable) = (Vec::new(), Vec::new());
+    let (mut to_canary, mut to_stable, mut reverted) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
         let started = Instant::now();
         apply(&api, &deployment(&format!("web:{run}"))).await?;
@@ -125,12 +128,56 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         to_stable.push(started.elapsed());
         api.wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
             .await?;
+        // Another template, and then the stable one again: a rollback.
+        apply(&api, &deployment(&format!("web:{run}b"))).await?;
+        api.wait_for(SPLITS, NS, "web", WAIT, |s| canary_weight(s) == Some(5000))
+            .await?;
+        let started = Instant::now();
+        apply(&api, &deployment("web:0")).await?;
+        api.wait_for(SPLITS, NS, "web", WAIT, |s| {
+            canary_weight(s).is_none_or(|w| w == 0)
+        })
+        .await?;
+        reverted.push(started.elapsed());
+        api.wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
+            .await?;
     }
+    // A settled Deployment: changes that are not fledge's business make the controller
+    // reconcile it; count what that costs beyond its watches.
+    api.wait_for(SPLITS, NS, "web", WAIT, |s| s.is_none())
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = api.requests_by(&fledge_user).len();
+    let touches = 20;
+    for i in 0..touches {
+        let mut touched = deployment("web:0");
+        touched["metadata"]["labels"]["touched"] = json!(i.to_string());
+        apply(&api, &touched).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let settled: Vec<_> = api.requests_by(&fledge_user)[before..]
+        .iter()
+        .filter(|r| r.verb != "watch" && r.verb != "list")
+        .cloned()
+        .collect();
+    let writes = settled
+        .iter()
+        .filter(|r| !matches!(r.verb, "get" | "list" | "watch"))
+        .count();
+    println!(
+        "settled Deployment: {touches} reconciles made {} API requests beyond the watches, {writes} of them writes (target 0 writes: {})",
+        settled.len(),
+        if writes == 0 { "met" } else { "NOT met" }
+    );
     report(
         "new template applied -> canary Deployment and TrafficSplit exist",
         to_canary,
     );
     report("fledge abort -> canary weight 0", to_stable);
+    report(
+        "revert (stable template applied) -> canary weight 0",
+        reverted,
+    );
     controller.abort();
     Ok(())
 }
