@@ -1930,3 +1930,188 @@ async fn a_thousand_deployments() {
     );
     assert_eq!(available, 1000);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The wire encoding
+
+/// `METHOD path` with a JSON body through `client`, answering the raw JSON (any status).
+async fn raw(client: &kube::Client, method: &str, path: &str, body: Option<Value>) -> Value {
+    let content_type = if method == "PATCH" {
+        "application/merge-patch+json"
+    } else {
+        "application/json"
+    };
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", content_type)
+        .body(body.map(|b| b.to_string().into_bytes()).unwrap_or_default())
+        .unwrap();
+    match client.request::<Value>(request).await {
+        Ok(v) => v,
+        Err(kube::Error::Api(status)) => serde_json::to_value(*status).unwrap(),
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/default/deployments";
+
+#[tokio::test]
+async fn objects_are_stored_and_returned_as_sent() {
+    let server = ApiServer::start(ApiServerConfig::default()).await;
+    let client = server.client();
+    let mut d = deployment("web", "web:1");
+    // A field a newer API server knows and k8s-openapi does not, and Go's zero time as older
+    // clients encode it.
+    d["spec"]["template"]["spec"]["containers"][0]["futureField"] = json!({"on": true});
+    d["spec"]["template"]["metadata"]["creationTimestamp"] = Value::Null;
+    let created = raw(
+        &client,
+        "POST",
+        &format!("{DEPLOYMENTS}?fieldValidation=Ignore"),
+        Some(d),
+    )
+    .await;
+    let container = &created["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["futureField"], json!({"on": true}), "{created}");
+    assert_eq!(container["imagePullPolicy"], "IfNotPresent", "defaulted");
+    let template_meta = created["spec"]["template"]["metadata"].as_object().unwrap();
+    assert!(
+        !template_meta.contains_key("creationTimestamp"),
+        "{template_meta:?}"
+    );
+    let got = raw(&client, "GET", &format!("{DEPLOYMENTS}/web"), None).await;
+    assert_eq!(
+        got["spec"]["template"]["spec"]["containers"][0]["futureField"],
+        json!({"on": true})
+    );
+    // Wrong types are still a 400; unknown fields are still reported.
+    let mut bad = deployment("bad", "web:1");
+    bad["spec"]["replicas"] = json!("two");
+    let err = raw(&client, "POST", DEPLOYMENTS, Some(bad)).await;
+    assert_eq!(err["code"], 400, "{err}");
+    let mut strict = deployment("strict", "web:1");
+    strict["spec"]["replicaz"] = json!(1);
+    let err = raw(
+        &client,
+        "POST",
+        &format!("{DEPLOYMENTS}?fieldValidation=Strict"),
+        Some(strict),
+    )
+    .await;
+    assert_eq!(err["code"], 400, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("spec.replicaz"));
+
+    // The ReplicaSet's template is the Deployment's, unknown field included.
+    let rs = wait_for_replicaset(&server, "web").await;
+    assert_eq!(
+        rs["spec"]["template"]["spec"]["containers"][0]["futureField"],
+        json!({"on": true})
+    );
+}
+
+/// The one ReplicaSet of Deployment `name` in `default`, once there is one.
+async fn wait_for_replicaset(server: &ApiServer, name: &str) -> Value {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let owned: Vec<Value> = server
+            .list("apps/v1/replicasets", Some("default"))
+            .into_iter()
+            .filter(|rs| rs["metadata"]["ownerReferences"][0]["name"] == name)
+            .collect();
+        if let [rs] = owned.as_slice() {
+            return rs.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no single ReplicaSet for {name}: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn legacy_encoding_writes_null_creation_timestamps_and_hashes_the_same() {
+    let modern = ApiServer::start(ApiServerConfig::default()).await;
+    let legacy = ApiServer::start(ApiServerConfig {
+        legacy_creation_timestamp: true,
+        ..ApiServerConfig::default()
+    })
+    .await;
+    let null_timestamp = |v: &Value| {
+        v["spec"]["template"]["metadata"]
+            .as_object()
+            .is_some_and(|m| m.get("creationTimestamp") == Some(&Value::Null))
+    };
+    let mut hashes = Vec::new();
+    for (server, is_legacy) in [(&modern, false), (&legacy, true)] {
+        let client = server.client();
+        let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+        let mut events = api
+            .watch(&WatchParams::default(), "0")
+            .await
+            .unwrap()
+            .boxed();
+        let created = raw(
+            &client,
+            "POST",
+            DEPLOYMENTS,
+            Some(deployment("web", "web:1")),
+        )
+        .await;
+        assert_eq!(null_timestamp(&created), is_legacy, "{created}");
+        assert_eq!(
+            created["metadata"]["creationTimestamp"].is_string(),
+            true,
+            "top-level metadata has a real one"
+        );
+        let got = raw(&client, "GET", &format!("{DEPLOYMENTS}/web"), None).await;
+        assert_eq!(null_timestamp(&got), is_legacy);
+        let list = raw(&client, "GET", DEPLOYMENTS, None).await;
+        assert_eq!(null_timestamp(&list["items"][0]), is_legacy);
+        let patched = raw(
+            &client,
+            "PATCH",
+            &format!("{DEPLOYMENTS}/web"),
+            Some(json!({"metadata": {"labels": {"x": "y"}}})),
+        )
+        .await;
+        assert_eq!(null_timestamp(&patched), is_legacy);
+        // Watch events carry the same encoding (kube's typed watch drops the null, so the test
+        // only checks the event arrived; the raw body is the list/GET encoder's).
+        let first = tokio::time::timeout(TIMEOUT, events.next()).await.unwrap();
+        assert!(matches!(first, Some(Ok(WatchEvent::Added(_)))));
+        let rs = wait_for_replicaset(server, "web").await;
+        let rs_raw = raw(
+            &client,
+            "GET",
+            &format!(
+                "/apis/apps/v1/namespaces/default/replicasets/{}",
+                rs["metadata"]["name"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+        assert_eq!(null_timestamp(&rs_raw), is_legacy, "{rs_raw}");
+        // Stored without it either way.
+        assert!(!null_timestamp(&rs));
+        hashes.push(rs["metadata"]["labels"]["pod-template-hash"].clone());
+        // A client writing the legacy form back changes nothing.
+        server.controller().settle(TIMEOUT).await.unwrap();
+        let fresh = raw(&client, "GET", &format!("{DEPLOYMENTS}/web"), None).await;
+        let mut back = fresh.clone();
+        back["spec"]["template"]["metadata"]["creationTimestamp"] = Value::Null;
+        let replaced = raw(&client, "PUT", &format!("{DEPLOYMENTS}/web"), Some(back)).await;
+        assert_eq!(
+            replaced["metadata"]["resourceVersion"], fresh["metadata"]["resourceVersion"],
+            "a no-op: {replaced}"
+        );
+        server.controller().settle(TIMEOUT).await.unwrap();
+        assert_eq!(
+            server.list("apps/v1/replicasets", Some("default")).len(),
+            1,
+            "no new ReplicaSet in either encoding"
+        );
+    }
+    assert_eq!(hashes[0], hashes[1]);
+}

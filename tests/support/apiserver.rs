@@ -52,8 +52,17 @@
 //!   strategy, validation, storage; unconditional writes that race are retried (GuaranteedUpdate),
 //!   conditional ones get 409. One global, monotonically increasing resourceVersion; writes that
 //!   change nothing are not written (no new resourceVersion, no watch event).
-//! - Decoding: built-in kinds go through the k8s-openapi structs, so unknown fields are dropped
-//!   (and reported per `fieldValidation`) and mistyped fields are a 400; defaulting like
+//! - Decoding: built-in kinds are checked against the k8s-openapi structs (mistyped fields are a
+//!   400; fields the structs lack are reported per `fieldValidation`: Strict 400, Warn a
+//!   `Warning` header, Ignore nothing) but stored and returned as the client sent them, `null`s
+//!   removed (Go decodes them to zero values it does not encode again). Fields unknown to
+//!   k8s-openapi are kept, unlike a real API server of k8s-openapi's version would: a newer API
+//!   server knows fields k8s-openapi does not yet, and fledge must carry them through (its
+//!   template hashes are computed over the raw JSON). Webhooks get this stored form too. The
+//!   encoding of an embedded ObjectMeta without creationTimestamp follows the server version:
+//!   omitted (1.35 and later, the default), or `"creationTimestamp": null`
+//!   ([`ApiServerConfig::legacy_creation_timestamp`]) in every answer, list item, watch event
+//!   and AdmissionReview. Defaulting like
 //!   `SetDefaults_*` (Deployment spec and strategy, pod template spec, containers, probes,
 //!   Services incl. a cluster IP, Namespaces) before admission and again after a webhook's
 //!   patch; custom resources pruned and defaulted by their schema.
@@ -202,6 +211,10 @@ pub struct ApiServerConfig {
     pub version: String,
     /// Keep every change for [`ApiServer::history`].
     pub record_history: bool,
+    /// Encode objects as API servers before Kubernetes 1.35 did: an embedded ObjectMeta without
+    /// a creationTimestamp (`spec.template.metadata` of Deployments and ReplicaSets) carries
+    /// `"creationTimestamp": null` in every answer, list item, watch event and AdmissionReview.
+    pub legacy_creation_timestamp: bool,
 }
 
 impl Default for ApiServerConfig {
@@ -228,6 +241,7 @@ impl Default for ApiServerConfig {
             },
             version: "v1.37.0".into(),
             record_history: true,
+            legacy_creation_timestamp: false,
         }
     }
 }
@@ -255,6 +269,7 @@ pub(crate) struct Inner {
     bookmark_interval: Duration,
     gc_delay: Duration,
     version: String,
+    legacy_creation_timestamp: bool,
     url: OnceLock<String>,
     rng: Mutex<u64>,
     controller: controller::Shared,
@@ -378,6 +393,7 @@ impl ApiServer {
             bookmark_interval: config.bookmark_interval,
             gc_delay: config.gc_delay,
             version: config.version.clone(),
+            legacy_creation_timestamp: config.legacy_creation_timestamp,
             url: OnceLock::new(),
             rng: Mutex::new(seed),
             controller: controller::Shared::new(&config.controller),

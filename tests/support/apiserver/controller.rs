@@ -362,9 +362,9 @@ fn pod_timing(state: &State, rs: &Value) -> Option<Duration> {
     Some(state.default_delay)
 }
 
-/// FNV-32a of the template's canonical JSON (and the collision count), safe-encoded like
-/// `rand.SafeEncodeString(fmt.Sprint(hash))`.
-pub fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
+/// FNV-32a of the template's canonical JSON ([`semantic_template`]) and the collision count,
+/// safe-encoded like `rand.SafeEncodeString(fmt.Sprint(hash))`.
+fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
     let mut h: u32 = 0x811c_9dc5;
     let mut feed = |bytes: &[u8]| {
         for b in bytes {
@@ -372,7 +372,7 @@ pub fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
             h = h.wrapping_mul(0x0100_0193);
         }
     };
-    feed(template.to_string().as_bytes());
+    feed(semantic_template(template).to_string().as_bytes());
     if let Some(c) = collision_count {
         feed(&(c as u32).to_le_bytes());
     }
@@ -383,17 +383,35 @@ pub fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
         .collect()
 }
 
-fn without_hash(template: &Value) -> Value {
+/// A pod template as upstream's `EqualIgnoreHash` and `ComputeHash` see it: the Go struct, so
+/// without the `pod-template-hash` label, and with `null`s, empty maps and empty lists (Go's nil
+/// and empty are semantically equal) left out. The same whatever the encoding the template came
+/// in (`"creationTimestamp": null` or not).
+fn semantic_template(template: &Value) -> Value {
+    fn normalize(v: &Value) -> Option<Value> {
+        match v {
+            Value::Null => None,
+            Value::Object(m) => {
+                let out: Map<String, Value> = m
+                    .iter()
+                    .filter_map(|(k, x)| normalize(x).map(|x| (k.clone(), x)))
+                    .collect();
+                (!out.is_empty()).then_some(Value::Object(out))
+            }
+            Value::Array(a) if a.is_empty() => None,
+            Value::Array(a) => Some(Value::Array(
+                a.iter()
+                    .map(|x| normalize(x).unwrap_or(json!({})))
+                    .collect(),
+            )),
+            other => Some(other.clone()),
+        }
+    }
     let mut t = template.clone();
     if let Some(labels) = t["metadata"]["labels"].as_object_mut() {
         labels.remove(POD_TEMPLATE_HASH);
-        if labels.is_empty()
-            && let Some(m) = t["metadata"].as_object_mut()
-        {
-            m.remove("labels");
-        }
     }
-    t
+    normalize(&t).unwrap_or(json!({}))
 }
 
 fn revision(rs: &Value) -> i64 {
@@ -553,7 +571,7 @@ async fn sync_replicasets(
     let owned = owned_by(all, d);
     let current = owned
         .iter()
-        .find(|rs| without_hash(&rs["spec"]["template"]) == without_hash(template))
+        .find(|rs| semantic_template(&rs["spec"]["template"]) == semantic_template(template))
         .copied();
     let max_revision = owned.iter().map(|rs| revision(rs)).max().unwrap_or(0);
     let mut wrote = false;
@@ -906,7 +924,7 @@ async fn sync_deployment_status(
     let template = &spec["template"];
     let new_rs = owned
         .iter()
-        .find(|rs| without_hash(&rs["spec"]["template"]) == without_hash(template))
+        .find(|rs| semantic_template(&rs["spec"]["template"]) == semantic_template(template))
         .copied();
     let sum = |f: &str| owned.iter().map(|rs| int(&rs["status"][f], 0)).sum::<i64>();
     let replicas = sum("replicas");

@@ -269,11 +269,14 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
     let def = target.def.clone();
     let version = target.version.clone();
     let meta_only = metadata_only(&headers);
+    let legacy = inner.legacy_creation_timestamp;
     let view = |obj: &Value| {
         if meta_only {
             as_metadata(obj)
         } else {
-            obj.clone()
+            let mut obj = obj.clone();
+            ops::encode(&def, &mut obj, legacy);
+            obj
         }
     };
 
@@ -317,6 +320,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
                 label,
                 field,
                 meta_only,
+                legacy,
             };
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 return Ok(watch(inner, filter, &query));
@@ -368,7 +372,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
             let (resp, code) = inner
                 .delete(&def, &version, &ns, name, &opts, &mut ctx)
                 .await?;
-            Ok(json_response(code, &resp, &ctx.warnings))
+            Ok(json_response(code, &view(&resp), &ctx.warnings))
         }
         (Method::DELETE, None) => {
             let opts = delete_opts(&query, &body, &mut ctx)?;
@@ -408,9 +412,9 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
                 {
                     Ok((resp, _)) => {
                         if resp["kind"] != "Status" {
-                            items.push(resp);
+                            items.push(view(&resp));
                         } else {
-                            items.push(before);
+                            items.push(view(&before));
                         }
                     }
                     Err(e) if e.code == 404 => {}
@@ -524,6 +528,8 @@ struct Filter {
     label: LabelSelector,
     field: FieldSelector,
     meta_only: bool,
+    /// [`super::ApiServerConfig::legacy_creation_timestamp`].
+    legacy: bool,
 }
 
 impl Filter {
@@ -534,8 +540,12 @@ impl Filter {
         self.label.matches_object(obj) && self.field.matches(obj)
     }
     fn render(&self, obj: &Value) -> Value {
-        let v = ops::to_version(&self.def, &self.version, obj);
-        if self.meta_only { as_metadata(&v) } else { v }
+        let mut v = ops::to_version(&self.def, &self.version, obj);
+        if self.meta_only {
+            return as_metadata(&v);
+        }
+        ops::encode(&self.def, &mut v, self.legacy);
+        v
     }
 }
 

@@ -143,6 +143,14 @@ pub fn to_version(def: &ResourceDef, version: &str, stored: &Value) -> Value {
     v
 }
 
+/// The encoding of an object (in its version's form) on the wire: as stored, or with
+/// [`super::ApiServerConfig::legacy_creation_timestamp`], as API servers before 1.35 wrote it.
+pub fn encode(def: &ResourceDef, v: &mut Value, legacy: bool) {
+    if let Some(b) = def.builtin.filter(|_| legacy) {
+        typed::add_legacy_null_timestamps(b, v);
+    }
+}
+
 /// The storage form of an object written through `def`.
 pub fn from_version(def: &ResourceDef, v: &Value) -> Value {
     if def.builtin == Some(Builtin::EventsV1) {
@@ -379,13 +387,14 @@ impl Inner {
         }
         let (mut out, unknown, errs) = match def.builtin {
             Some(b) => {
-                let (out, unknown) = typed::decode(b, &body).map_err(|e| {
+                let unknown = typed::check(b, &body).map_err(|e| {
                     ApiError::bad_request(format!(
                         "{} in version {version:?} cannot be handled as a {}: {e}",
                         def.kind, def.kind
                     ))
                 })?;
-                (out, unknown, Vec::new())
+                typed::strip_nulls(&mut body);
+                (body, unknown, Vec::new())
             }
             None => match def.schema(version) {
                 Some(schema) => {
@@ -431,7 +440,7 @@ impl Inner {
         ns: &str,
         name: &str,
         operation: &str,
-        obj: Value,
+        mut obj: Value,
         old_view: Option<&Value>,
         ctx: &mut Ctx,
     ) -> Result<Value, ApiError> {
@@ -439,8 +448,15 @@ impl Inner {
         if hooks.is_empty() {
             return Ok(obj);
         }
+        let legacy = self.legacy_creation_timestamp;
+        let old_view = old_view.map(|o| {
+            let mut o = o.clone();
+            encode(def, &mut o, legacy);
+            o
+        });
+        let old_view = old_view.as_ref();
         let mut view = to_version(def, version, &obj);
-        let mut changed = false;
+        encode(def, &mut view, legacy);
         for hook in hooks {
             if !hook.matches(
                 &def.group,
@@ -485,7 +501,8 @@ impl Inner {
                             .decode(def, version, admitted.object, &mut quiet)
                             .map_err(|e| ApiError::internal(e.message))?;
                         view = to_version(def, version, &decoded);
-                        changed = true;
+                        encode(def, &mut view, legacy);
+                        obj = decoded;
                     }
                 }
                 Err(rejection) => {
@@ -498,11 +515,7 @@ impl Inner {
                 }
             }
         }
-        Ok(if changed {
-            from_version(def, &view)
-        } else {
-            obj
-        })
+        Ok(obj)
     }
 
     /// `PrepareForCreate` + `BeforeCreate`.
