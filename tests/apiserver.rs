@@ -937,6 +937,11 @@ async fn admission_calls_fledges_webhook_like_kube_apiserver() {
         "IfNotPresent"
     );
     assert_eq!(request["object"]["metadata"]["uid"], Value::Null);
+    // The field manager runs before admission: the object carries this write's managedFields.
+    assert_eq!(
+        request["object"]["metadata"]["managedFields"][0]["operation"],
+        "Update"
+    );
     assert_eq!(
         calls[0].response.as_ref().unwrap()["response"]["allowed"],
         true
@@ -969,6 +974,7 @@ async fn admission_calls_fledges_webhook_like_kube_apiserver() {
         review["oldObject"]["metadata"]["uid"],
         json!(v1.metadata.uid)
     );
+    assert!(review["oldObject"]["metadata"]["managedFields"].is_array());
 
     // A Deployment that is not opted in is not sent.
     let n = server.webhook_calls().len();
@@ -2060,9 +2066,8 @@ async fn legacy_encoding_writes_null_creation_timestamps_and_hashes_the_same() {
         )
         .await;
         assert_eq!(null_timestamp(&created), is_legacy, "{created}");
-        assert_eq!(
+        assert!(
             created["metadata"]["creationTimestamp"].is_string(),
-            true,
             "top-level metadata has a real one"
         );
         let got = raw(&client, "GET", &format!("{DEPLOYMENTS}/web"), None).await;
@@ -2114,4 +2119,124 @@ async fn legacy_encoding_writes_null_creation_timestamps_and_hashes_the_same() {
         );
     }
     assert_eq!(hashes[0], hashes[1]);
+}
+
+/// The managedFields entry of `manager` (and `operation`), if any.
+fn managed_entry(obj: &Value, manager: &str, operation: &str) -> Option<Value> {
+    obj["metadata"]["managedFields"]
+        .as_array()?
+        .iter()
+        .find(|e| e["manager"] == manager && e["operation"] == operation)
+        .cloned()
+}
+
+#[tokio::test]
+async fn managed_fields_are_returned_and_can_be_reset() {
+    let server = ApiServer::start(without_controller()).await;
+    let client = server.client();
+    let created = raw(
+        &client,
+        "POST",
+        &format!("{DEPLOYMENTS}?fieldManager=alice"),
+        Some(deployment("web", "web:1")),
+    )
+    .await;
+    let alice = managed_entry(&created, "alice", "Update").expect("alice's entry");
+    assert_eq!(alice["apiVersion"], "apps/v1");
+    assert_eq!(alice["fieldsType"], "FieldsV1");
+    assert!(alice["time"].is_string());
+    assert!(alice.get("subresource").is_none());
+    let f = &alice["fieldsV1"];
+    assert_eq!(f["f:spec"]["f:replicas"], json!({}), "{f}");
+    assert_eq!(
+        f["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["f:image"],
+        json!({}),
+        "{f}"
+    );
+    assert_eq!(
+        f["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["."],
+        json!({})
+    );
+    assert_eq!(f["f:metadata"]["f:labels"]["f:app"], json!({}));
+
+    // Server-side apply takes replicas over (forced); the GET shows both entries.
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    api.patch(
+        "web",
+        &PatchParams::apply("bob").force(),
+        &Patch::Apply(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web"}, "spec": {"replicas": 3}
+        })),
+    )
+    .await
+    .unwrap();
+    let got = raw(&client, "GET", &format!("{DEPLOYMENTS}/web"), None).await;
+    let bob = managed_entry(&got, "bob", "Apply").expect("bob's entry");
+    assert_eq!(bob["fieldsV1"], json!({"f:spec": {"f:replicas": {}}}));
+    let alice = managed_entry(&got, "alice", "Update").unwrap();
+    assert!(alice["fieldsV1"]["f:spec"].get("f:replicas").is_none());
+    // Apply entries sort before Update ones, as upstream.
+    assert_eq!(got["metadata"]["managedFields"][0]["operation"], "Apply");
+    // A status apply is an entry of the status subresource.
+    raw_apply_status(&client, "carol").await;
+    let got = raw(&client, "GET", &format!("{DEPLOYMENTS}/web"), None).await;
+    let carol = managed_entry(&got, "carol", "Apply").expect("carol's entry");
+    assert_eq!(carol["subresource"], "status");
+
+    // Lists and watches carry them too.
+    let list = raw(&client, "GET", DEPLOYMENTS, None).await;
+    assert_eq!(
+        list["items"][0]["metadata"]["managedFields"],
+        got["metadata"]["managedFields"]
+    );
+    // Sending other managedFields changes nothing; `[]` (or `[{}]`) resets them.
+    let mut other = got.clone();
+    other["metadata"]["managedFields"] = json!([{"manager": "mallory", "operation": "Update"}]);
+    let kept = raw(&client, "PUT", &format!("{DEPLOYMENTS}/web"), Some(other)).await;
+    assert_eq!(
+        kept["metadata"]["managedFields"],
+        got["metadata"]["managedFields"]
+    );
+    let reset = raw(
+        &client,
+        "PATCH",
+        &format!("{DEPLOYMENTS}/web?fieldManager=dave"),
+        Some(json!({"metadata": {"managedFields": [], "labels": {"team": "x"}}})),
+    )
+    .await;
+    assert_eq!(
+        reset["metadata"]["managedFields"],
+        json!([managed_entry(&reset, "dave", "Update").unwrap()]),
+        "only dave's change is owned after the reset: {reset}"
+    );
+    assert_eq!(
+        reset["metadata"]["managedFields"][0]["fieldsV1"],
+        json!({"f:metadata": {"f:labels": {"f:team": {}}}})
+    );
+    let cleared = raw(
+        &client,
+        "PATCH",
+        &format!("{DEPLOYMENTS}/web"),
+        Some(json!({"metadata": {"managedFields": [{}]}})),
+    )
+    .await;
+    assert!(
+        cleared["metadata"].get("managedFields").is_none(),
+        "{cleared}"
+    );
+}
+
+async fn raw_apply_status(client: &kube::Client, manager: &str) {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    api.patch_status(
+        "web",
+        &PatchParams::apply(manager),
+        &Patch::Apply(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web"}, "status": {"observedGeneration": 7}
+        })),
+    )
+    .await
+    .unwrap();
 }

@@ -85,8 +85,18 @@
 //! # Approximated
 //! - No authentication or authorization: bearer tokens only pick the [`UserInfo`] sent to
 //!   webhooks ([`ApiServer::client_as`]); everything is allowed.
-//! - `metadata.managedFields` is never returned (also not in the objects sent to webhooks) and is
-//!   ignored on input. Server-side apply keeps field ownership internally: leaf fields per
+//! - `metadata.managedFields` are returned in every answer, list item, watch event and webhook
+//!   object (the object under admission carries this write's ownership, as upstream runs the
+//!   field manager before mutating admission), built from the ownership tracked below: one entry
+//!   per (manager, operation `Apply`/`Update`, subresource), sorted like upstream, `apiVersion`,
+//!   `time` (when the manager last changed the object), `fieldsType: FieldsV1`. On input they are
+//!   ignored, except that a main-resource write carrying `[]` or `[{}]` resets them (upstream's
+//!   `isResetManagedFields`), after which the writer owns only what it changed; upstream would
+//!   also take any other list a client sends as the new ownership. FieldsV1 has `.` for keyed
+//!   list items only, and keys of one field (`k:{"containerPort":80}` where upstream also names
+//!   the protocol). [`ApiServer::get`], [`ApiServer::list`] and [`ApiServer::history`] show the
+//!   stored form (with managedFields, never with the legacy `null`s).
+//!   Server-side apply keeps field ownership: leaf fields per
 //!   (manager, operation, subresource); lists merged by the merge keys of the built-in types
 //!   (containers/env/volumes by name, container ports by containerPort, Service ports by port,
 //!   conditions by type, ownerReferences by uid, finalizers as a set) or by

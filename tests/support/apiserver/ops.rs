@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::admission::{self, Attributes};
-use super::patch::{self, FieldSet, Managers, Operation, Seg};
+use super::patch::{self, FieldSet, Managers, Operation, Owned, Seg};
 use super::resources::{Builtin, Generation, ResourceDef};
 use super::status::{ApiError, FieldError};
 use super::store::{Entry, Key};
@@ -173,8 +173,8 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
         .unwrap_or_default()
 }
 
-/// Equal but for `metadata.resourceVersion` (without copying either).
-fn same_but_rv(a: &Value, b: &Value) -> bool {
+/// Equal but for the `metadata` fields named in `skip` (without copying either).
+fn same_except(a: &Value, b: &Value, skip: &[&str]) -> bool {
     let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
         return a == b;
     };
@@ -191,14 +191,119 @@ fn same_but_rv(a: &Value, b: &Value) -> bool {
         let (Some(am), Some(bm)) = (av.as_object(), bv.as_object()) else {
             return av == bv;
         };
-        fn without(m: &serde_json::Map<String, Value>) -> Vec<(&str, &Value)> {
+        fn without<'a>(
+            m: &'a serde_json::Map<String, Value>,
+            skip: &[&str],
+        ) -> Vec<(&'a str, &'a Value)> {
             m.iter()
-                .filter(|(k, _)| *k != "resourceVersion")
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
                 .map(|(k, v)| (k.as_str(), v))
                 .collect()
         }
-        without(am) == without(bm)
+        without(am, skip) == without(bm, skip)
     })
+}
+
+/// Renders `managers` into `metadata.managedFields` (absent when nobody owns anything).
+fn set_managed_fields(obj: &mut Value, managers: &Managers) {
+    let entries = patch::managed_fields(managers);
+    if let Some(meta) = obj["metadata"].as_object_mut() {
+        if entries.is_empty() {
+            meta.remove("managedFields");
+        } else {
+            meta.insert("managedFields".into(), Value::Array(entries));
+        }
+    }
+}
+
+/// How a write changes field ownership.
+struct Ownership {
+    /// The owners before the write (none after a reset).
+    before: Arc<Managers>,
+    manager: String,
+    sub: Sub,
+    api_version: String,
+    /// The fields of an apply, and whether it forces.
+    apply: Option<(FieldSet, bool)>,
+}
+
+impl Ownership {
+    /// The owners after a write from `old` to `new` (both as the request's version shows them).
+    fn after(
+        &self,
+        old: Option<&Value>,
+        new: &Value,
+        kinds: &dyn Fn(&[String]) -> patch::ListKind,
+        status_subresource: bool,
+    ) -> Arc<Managers> {
+        let mut managers = self.before.clone();
+        let sub = self.sub.name();
+        // Status writes are tracked only once someone applies status (the controllers'
+        // frequent status updates would otherwise pay for it on every write).
+        let track = self.apply.is_some()
+            || self.sub != Sub::Status
+            || managers
+                .keys()
+                .any(|(_, op, s)| *op == Operation::Apply && s == sub);
+        if !track {
+            return managers;
+        }
+        let now = now();
+        let m = Arc::make_mut(&mut managers);
+        match &self.apply {
+            Some((fields, force)) => {
+                if *force {
+                    for (k, owned) in m.iter_mut() {
+                        if k.0 != self.manager {
+                            owned.fields.retain(|p| !fields.contains(p));
+                        }
+                    }
+                }
+                let key = (self.manager.clone(), Operation::Apply, sub.to_string());
+                // The time moves only when the apply changed something.
+                let unchanged =
+                    old.is_some_and(|o| same_except(o, new, &["resourceVersion", "managedFields"]));
+                let time = match m.get(&key) {
+                    Some(prev) if prev.fields == *fields && unchanged => prev.time.clone(),
+                    _ => now,
+                };
+                m.insert(
+                    key,
+                    Owned {
+                        api_version: self.api_version.clone(),
+                        fields: fields.clone(),
+                        time,
+                    },
+                );
+            }
+            None => {
+                let skip_status = self.sub == Sub::Main && status_subresource;
+                let (mut changed, removed) = patch::changed_leaves(old, new, kinds, skip_status);
+                if self.sub == Sub::Status {
+                    changed.retain(|p| p.first() == Some(&Seg::F("status".into())));
+                }
+                for owned in m.values_mut() {
+                    owned
+                        .fields
+                        .retain(|p| !changed.contains(p) && !removed.contains(p));
+                }
+                if !changed.is_empty() {
+                    let entry = m
+                        .entry((self.manager.clone(), Operation::Update, sub.to_string()))
+                        .or_insert_with(|| Owned {
+                            api_version: String::new(),
+                            fields: FieldSet::new(),
+                            time: String::new(),
+                        });
+                    entry.fields.extend(changed);
+                    entry.api_version = self.api_version.clone();
+                    entry.time = now;
+                }
+            }
+        }
+        m.retain(|_, owned| !owned.fields.is_empty());
+        managers
+    }
 }
 
 /// The `autoscaling/v1` Scale of a Deployment or ReplicaSet.
@@ -800,15 +905,15 @@ impl Inner {
                 let me = (manager.clone(), Operation::Apply, sub.name().to_string());
                 if !force {
                     let mut conflicts: Vec<(String, String, String)> = Vec::new();
-                    for (k, (api_version, owned)) in managers.iter() {
+                    for (k, owned) in managers.iter() {
                         if *k == me {
                             continue;
                         }
-                        for p in fields.intersection(owned) {
+                        for p in fields.intersection(&owned.fields) {
                             if patch::get_path(&base, p) != patch::get_path(&applied, p) {
                                 conflicts.push((
                                     k.0.clone(),
-                                    api_version.clone(),
+                                    owned.api_version.clone(),
                                     patch::render(p),
                                 ));
                             }
@@ -820,9 +925,11 @@ impl Inner {
                 }
                 let mut merged = base.clone();
                 patch::apply_merge(&mut merged, &applied, &mut Vec::new(), &kinds);
-                if let Some((_, previous)) = managers.get(&me) {
-                    for p in previous.difference(&fields) {
-                        let others = managers.iter().any(|(k, (_, s))| *k != me && s.contains(p));
+                if let Some(previous) = managers.get(&me) {
+                    for p in previous.fields.difference(&fields) {
+                        let others = managers
+                            .iter()
+                            .any(|(k, o)| *k != me && o.fields.contains(p));
                         if !others {
                             patch::remove_path(&mut merged, p);
                         }
@@ -903,6 +1010,18 @@ impl Inner {
             return Err(ApiError::bad_request(message).into());
         }
         let precondition = str_at(&body, "/metadata/resourceVersion").to_string();
+        // Ownership is kept from the live object, whatever managedFields the request carries,
+        // unless a main-resource write resets them.
+        let reset = sub == Sub::Main
+            && apply_fields.is_none()
+            && patch::is_reset(body["metadata"].get("managedFields"));
+        let ownership = Ownership {
+            before: if reset { Arc::default() } else { managers },
+            manager,
+            sub,
+            api_version: def.api_version(version),
+            apply: apply_fields.map(|fields| (fields, force)),
+        };
 
         let (mut obj, schema_errs) = self.decode(def, version, body, ctx)?;
         if def.namespaced {
@@ -921,6 +1040,15 @@ impl Inner {
             .map(|c| to_version(def, version, &c.object));
         let name_for_review = str_at(&obj, "/metadata/name").to_string();
         if sub == Sub::Main {
+            // Webhooks see the managedFields this write makes (upstream runs the field manager
+            // before mutating admission).
+            let owners = ownership.after(
+                old_view.as_ref(),
+                &to_version(def, version, &obj),
+                &kinds,
+                def.status_subresource,
+            );
+            set_managed_fields(&mut obj, &owners);
             let op = if create { "CREATE" } else { "UPDATE" };
             obj = self
                 .admit(
@@ -987,53 +1115,13 @@ impl Inner {
             return Err(ApiError::invalid(&def.kind, &def.group, &name, &errs).into());
         }
 
-        // Field ownership after this write.
-        let skip_status = sub == Sub::Main && def.status_subresource;
-        let mut new_managers = managers.clone();
-        let api_version = def.api_version(version);
-        // Status writes are tracked only once someone applies status (the controllers'
-        // frequent status updates would otherwise pay for it on every write).
-        let track = apply_fields.is_some()
-            || sub != Sub::Status
-            || managers
-                .keys()
-                .any(|(_, op, s)| *op == Operation::Apply && s == sub.name());
-        match apply_fields {
-            _ if !track => {}
-            Some(fields) => {
-                let new_managers = Arc::make_mut(&mut new_managers);
-                if force {
-                    for (k, (_, owned)) in new_managers.iter_mut() {
-                        if k.0 != manager {
-                            owned.retain(|p| !fields.contains(p));
-                        }
-                    }
-                }
-                new_managers.insert(
-                    (manager.clone(), Operation::Apply, sub.name().into()),
-                    (api_version, fields),
-                );
-            }
-            None => {
-                let new_managers = Arc::make_mut(&mut new_managers);
-                let new_view = to_version(def, version, &obj);
-                let (mut changed, removed) =
-                    patch::changed_leaves(old_view.as_ref(), &new_view, &kinds, skip_status);
-                if sub == Sub::Status {
-                    changed.retain(|p| p.first() == Some(&Seg::F("status".into())));
-                }
-                for (_, owned) in new_managers.values_mut() {
-                    owned.retain(|p| !changed.contains(p) && !removed.contains(p));
-                }
-                if !changed.is_empty() {
-                    let entry = new_managers
-                        .entry((manager.clone(), Operation::Update, sub.name().into()))
-                        .or_insert_with(|| (api_version, FieldSet::new()));
-                    entry.1.extend(changed);
-                }
-                new_managers.retain(|_, (_, owned)| !owned.is_empty());
-            }
-        }
+        let new_managers = ownership.after(
+            old_view.as_ref(),
+            &to_version(def, version, &obj),
+            &kinds,
+            def.status_subresource,
+        );
+        set_managed_fields(&mut obj, &new_managers);
 
         // Commit.
         let key = self.key(def, ns, &name);
@@ -1063,11 +1151,8 @@ impl Inner {
             return Ok((to_version(def, version, &obj), create));
         }
         if let Some(cur) = &current
-            && same_but_rv(&cur.object, &obj)
+            && same_except(&cur.object, &obj, &["resourceVersion"])
         {
-            if let Some(e) = store.objects.get_mut(&key) {
-                e.managers = new_managers;
-            }
             return Ok((to_version(def, version, &cur.object), false));
         }
         let terminating = obj["metadata"].get("deletionTimestamp").is_some();
