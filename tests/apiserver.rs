@@ -21,7 +21,8 @@ use kube::api::{
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use support::apiserver::{
-    ApiServer, ApiServerConfig, ControllerConfig, NEVER_READY_ANNOTATION, UserInfo,
+    ApiServer, ApiServerConfig, ControllerConfig, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION,
+    UserInfo,
 };
 
 /// The longest any single wait may take before the test gives up.
@@ -2239,4 +2240,279 @@ async fn raw_apply_status(client: &kube::Client, manager: &str) {
     )
     .await
     .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The deployment controller: pausing, proportional scaling, rolling updates, reverts
+
+fn progressing(d: &Value) -> (String, String) {
+    d["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Progressing")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// The ReplicaSets of Deployment `name` by image: (image, spec.replicas, revision).
+fn replicasets_of(server: &ApiServer, name: &str) -> Vec<(String, i64, String)> {
+    let mut out: Vec<(String, i64, String)> = server
+        .list("apps/v1/replicasets", Some("default"))
+        .into_iter()
+        .filter(|rs| rs["metadata"]["ownerReferences"][0]["name"] == name)
+        .map(|rs| {
+            (
+                rs["spec"]["template"]["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                rs["spec"]["replicas"].as_i64().unwrap_or_default(),
+                rs["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn rolled_out(server: &ApiServer, name: &str, replicas: i64) -> Value {
+    server
+        .wait_for("apps/v1/deployments", "default", name, TIMEOUT, |d| {
+            d.is_some_and(|d| {
+                let s = &d["status"];
+                s["updatedReplicas"] == replicas
+                    && s["replicas"] == replicas
+                    && s["availableReplicas"] == replicas
+                    && s["observedGeneration"] == d["metadata"]["generation"]
+                    && progressing(d).1 == "NewReplicaSetAvailable"
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_paused_deployment_holds_its_template_scales_in_proportion_and_rolls_on_resume() {
+    let server = ApiServer::start(ApiServerConfig {
+        controller: ControllerConfig {
+            ready_delay: Duration::from_millis(20),
+            ..ControllerConfig::default()
+        },
+        ..ApiServerConfig::default()
+    })
+    .await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    let mut d = deployment("web", "web:1");
+    d["spec"]["replicas"] = json!(6);
+    d["spec"]["strategy"] =
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 1}});
+    api.create(&PostParams::default(), &typed(d)).await.unwrap();
+    rolled_out(&server, "web", 6).await;
+
+    // Paused with a new template: no new ReplicaSet, nothing updated, no progress estimated.
+    // The new pods take ten minutes to become ready (until the test shortens it).
+    merge(
+        &api,
+        "web",
+        json!({"spec": {"paused": true, "template": {
+            "metadata": {"annotations": {READY_DELAY_ANNOTATION: "600000"}},
+            "spec": {"containers": [{"name": "web", "image": "web:2"}]}
+        }}}),
+    )
+    .await
+    .unwrap();
+    server.controller().settle(TIMEOUT).await.unwrap();
+    let held = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(
+        replicasets_of(&server, "web"),
+        [("web:1".into(), 6, "1".into())]
+    );
+    assert_eq!(held["status"].get("updatedReplicas"), None, "{held}");
+    assert_eq!(
+        progressing(&held),
+        ("Unknown".into(), "DeploymentPaused".into())
+    );
+    assert_eq!(
+        held["status"]["observedGeneration"],
+        held["metadata"]["generation"]
+    );
+
+    // Resumed: a rolling update within maxSurge/maxUnavailable; the new pods do not become
+    // ready, so it stops where upstream's would: 2 new (unavailable), 5 old.
+    merge(&api, "web", json!({"spec": {"paused": false}}))
+        .await
+        .unwrap();
+    server
+        .wait_for("apps/v1/deployments", "default", "web", TIMEOUT, |d| {
+            d.is_some_and(|d| d["status"]["updatedReplicas"] == 2)
+        })
+        .await
+        .unwrap();
+    server.controller().settle(TIMEOUT).await.unwrap();
+    let mut by_image = replicasets_of(&server, "web");
+    by_image.iter_mut().for_each(|rs| rs.2.clear());
+    assert_eq!(
+        by_image,
+        [
+            ("web:1".into(), 5, String::new()),
+            ("web:2".into(), 2, String::new())
+        ]
+    );
+    let stuck = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(progressing(&stuck).0, "True", "{stuck}");
+
+    // Paused mid-rollout and scaled to 10 through /scale: every active ReplicaSet grows in
+    // proportion to the 7 (6 + maxSurge) it was sized for: old 5 → round(5·11/7) = 8, new 2 →
+    // 2 + min(round(2·11/7) - 2, 1) = 3 (upstream's GetProportion).
+    merge(&api, "web", json!({"spec": {"paused": true}}))
+        .await
+        .unwrap();
+    api.patch_scale(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 10}})),
+    )
+    .await
+    .unwrap();
+    server.controller().settle(TIMEOUT).await.unwrap();
+    let mut by_image = replicasets_of(&server, "web");
+    by_image.iter_mut().for_each(|rs| rs.2.clear());
+    assert_eq!(
+        by_image,
+        [
+            ("web:1".into(), 8, String::new()),
+            ("web:2".into(), 3, String::new())
+        ]
+    );
+    for rs in server.list("apps/v1/replicasets", Some("default")) {
+        let a = &rs["metadata"]["annotations"];
+        assert_eq!(a["deployment.kubernetes.io/desired-replicas"], "10");
+        assert_eq!(a["deployment.kubernetes.io/max-replicas"], "11");
+    }
+
+    // Resumed with ready pods: step by step to 10 new, never above 11 pods, never below 9
+    // available.
+    let before = server.controller().rollout_steps("default/web").len();
+    server
+        .controller()
+        .set_ready_delay("web", Duration::from_millis(20));
+    server
+        .wait_for("apps/v1/deployments", "default", "web", TIMEOUT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 11)
+        })
+        .await
+        .unwrap();
+    merge(&api, "web", json!({"spec": {"paused": false}}))
+        .await
+        .unwrap();
+    let done = rolled_out(&server, "web", 10).await;
+    let steps = server.controller().rollout_steps("default/web")[before..].to_vec();
+    assert!(steps.len() >= 4, "{steps:?}");
+    for step in &steps {
+        assert!(step.new_replicas + step.old_replicas <= 11, "{steps:?}");
+        assert!(step.available >= 9, "{steps:?}");
+    }
+    assert_eq!(
+        steps.last().map(|s| (s.new_replicas, s.old_replicas)),
+        Some((10, 0))
+    );
+    assert_eq!(
+        done["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "2"
+    );
+
+    // A revert while paused reuses the old ReplicaSet: it takes revision 3 at once, and rolls
+    // back on resume without a third ReplicaSet.
+    merge(
+        &api,
+        "web",
+        json!({"spec": {"paused": true, "template": {
+            "metadata": {"annotations": null},
+            "spec": {"containers": [{"name": "web", "image": "web:1"}]}
+        }}}),
+    )
+    .await
+    .unwrap();
+    server.controller().settle(TIMEOUT).await.unwrap();
+    assert_eq!(
+        replicasets_of(&server, "web"),
+        [
+            ("web:1".into(), 0, "3".into()),
+            ("web:2".into(), 10, "2".into())
+        ]
+    );
+    let old = server
+        .list("apps/v1/replicasets", Some("default"))
+        .into_iter()
+        .find(|rs| rs["spec"]["template"]["spec"]["containers"][0]["image"] == "web:1")
+        .unwrap();
+    assert_eq!(
+        old["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"],
+        "1"
+    );
+    merge(&api, "web", json!({"spec": {"paused": false}}))
+        .await
+        .unwrap();
+    let resumed = server
+        .wait_for("apps/v1/deployments", "default", "web", TIMEOUT, |d| {
+            d.is_some_and(|d| progressing(d).1 != "DeploymentPaused")
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(progressing(&resumed).1, "ProgressDeadlineExceeded");
+    rolled_out(&server, "web", 10).await;
+    assert_eq!(
+        replicasets_of(&server, "web"),
+        [
+            ("web:1".into(), 10, "3".into()),
+            ("web:2".into(), 0, "2".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_progress_deadline_is_not_checked_while_paused() {
+    let server = ApiServer::start(ApiServerConfig::default()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    let mut d = deployment("web", "web:1");
+    d["spec"]["progressDeadlineSeconds"] = json!(1);
+    api.create(&PostParams::default(), &typed(d)).await.unwrap();
+    rolled_out(&server, "web", 2).await;
+    merge(
+        &api,
+        "web",
+        json!({"spec": {"paused": true, "template": {"spec": {"containers": [{"name": "web", "image": "web:2"}]}}}}),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.controller().settle(TIMEOUT).await.unwrap();
+    let held = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(
+        progressing(&held),
+        ("Unknown".into(), "DeploymentPaused".into())
+    );
+    let message = held["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .unwrap()["message"]
+        .clone();
+    assert_eq!(message, "Deployment is paused");
+    merge(&api, "web", json!({"spec": {"paused": false}}))
+        .await
+        .unwrap();
+    rolled_out(&server, "web", 2).await;
 }

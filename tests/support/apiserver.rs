@@ -148,7 +148,7 @@ use serde_json::{Value, json};
 
 pub use admission::{FailurePolicy, WebhookCall, WebhookConfig, WebhookRule};
 pub use controller::{
-    ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION,
+    ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION, RolloutStep,
 };
 pub use ops::{Ctx, FieldValidation, PatchKind, Sub};
 pub use status::{ApiError, FieldError};
