@@ -22,7 +22,7 @@ use kube::runtime::watcher;
 use serde_json::{Value, json};
 use support::apiserver::{
     ApiServer, ApiServerConfig, ControllerConfig, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION,
-    UserInfo,
+    ReinvocationPolicy, UserInfo, WebhookConfig,
 };
 
 /// The longest any single wait may take before the test gives up.
@@ -2515,4 +2515,231 @@ async fn the_progress_deadline_is_not_checked_while_paused() {
         .await
         .unwrap();
     rolled_out(&server, "web", 2).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission: reinvocation, timeouts, selectors, options
+
+/// A webhook for tests over TLS (a certificate for `fledge.fledge.svc`): it answers each review
+/// after `delay` with the JSON patch `patch` makes of the object (none when it returns `None`).
+struct TestWebhook {
+    config: WebhookConfig,
+    _dir: tempfile::TempDir,
+    handle: axum_server::Handle<std::net::SocketAddr>,
+}
+
+impl Drop for TestWebhook {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+fn test_webhook(
+    name: &str,
+    delay: Duration,
+    patch: impl Fn(&Value) -> Option<Value> + Send + Sync + 'static,
+) -> TestWebhook {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::PemObject as _;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = support::webhook::serving_certs(dir.path());
+    let chain: Vec<_> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(certs.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(certs.key_pem.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let patch = Arc::new(patch);
+    let app = axum::Router::new().route(
+        "/mutate",
+        axum::routing::post(move |axum::Json(review): axum::Json<Value>| {
+            let patch = patch.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let request = &review["request"];
+                let mut response = json!({"uid": request["uid"], "allowed": true});
+                if let Some(ops) = patch(&request["object"]) {
+                    response["patchType"] = json!("JSONPatch");
+                    response["patch"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(ops.to_string()));
+                }
+                axum::Json(json!({
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "response": response,
+                }))
+            }
+        }),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)),
+    )
+    .unwrap()
+    .handle(handle.clone());
+    tokio::spawn(server.serve(app.into_make_service()));
+    let mut config = WebhookConfig::fledge(
+        format!("https://fledge.fledge.svc:{}/mutate", addr.port()),
+        certs.ca_cert_pem.clone(),
+    );
+    config.name = name.into();
+    config.connect_to = Some(addr);
+    config.object_selector = None;
+    TestWebhook {
+        config,
+        _dir: dir,
+        handle,
+    }
+}
+
+/// A webhook that sets label `key` (when absent).
+fn labeller(name: &str, key: &'static str, policy: ReinvocationPolicy) -> TestWebhook {
+    let mut hook = test_webhook(name, Duration::ZERO, move |obj| {
+        obj["metadata"]["labels"].get(key).is_none().then(
+            || json!([{"op": "add", "path": format!("/metadata/labels/{key}"), "value": "set"}]),
+        )
+    });
+    hook.config.reinvocation_policy = policy;
+    hook
+}
+
+fn calls_to(server: &ApiServer) -> Vec<String> {
+    server
+        .webhook_calls()
+        .into_iter()
+        .map(|c| c.webhook)
+        .collect()
+}
+
+#[tokio::test]
+async fn webhooks_are_reinvoked_if_needed_once() {
+    let server = ApiServer::start(without_controller()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    // a (IfNeeded) then b, which changes the object after a: a is called again, once.
+    let a = labeller("a.test", "a", ReinvocationPolicy::IfNeeded);
+    let b = labeller("b.test", "b", ReinvocationPolicy::Never);
+    server.set_webhooks(vec![a.config.clone(), b.config.clone()]);
+    let created = api
+        .create(&PostParams::default(), &typed(deployment("one", "web:1")))
+        .await
+        .unwrap();
+    let labels = created.metadata.labels.unwrap();
+    assert_eq!((labels["a"].as_str(), labels["b"].as_str()), ("set", "set"));
+    assert_eq!(calls_to(&server), ["a.test", "b.test", "a.test"]);
+    let last = server.webhook_calls().pop().unwrap();
+    assert_eq!(
+        last.review["request"]["object"]["metadata"]["labels"]["b"],
+        "set"
+    );
+    // With `Never`, nobody is called twice.
+    let a_never = labeller("a.test", "a", ReinvocationPolicy::Never);
+    server.set_webhooks(vec![a_never.config.clone(), b.config.clone()]);
+    let n = server.webhook_calls().len();
+    api.create(&PostParams::default(), &typed(deployment("two", "web:1")))
+        .await
+        .unwrap();
+    assert_eq!(calls_to(&server)[n..], ["a.test", "b.test"]);
+    // Nothing changed after a: no second round.
+    server.set_webhooks(vec![b.config.clone(), a.config.clone()]);
+    let n = server.webhook_calls().len();
+    api.create(&PostParams::default(), &typed(deployment("three", "web:1")))
+        .await
+        .unwrap();
+    assert_eq!(calls_to(&server)[n..], ["b.test", "a.test"]);
+}
+
+#[tokio::test]
+async fn webhook_timeouts_fail_or_are_ignored_by_failure_policy() {
+    let server = ApiServer::start(without_controller()).await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    let mut slow = test_webhook("slow.test", Duration::from_secs(3), |_| None);
+    slow.config.timeout = Duration::from_secs(1);
+    server.set_webhooks(vec![slow.config.clone()]);
+    let started = std::time::Instant::now();
+    let err = api_error(
+        api.create(&PostParams::default(), &typed(deployment("web", "web:1")))
+            .await
+            .unwrap_err(),
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(err.code, 500);
+    let port = slow.config.connect_to.unwrap().port();
+    assert_eq!(
+        err.message,
+        format!(
+            "Internal error occurred: failed calling webhook \"slow.test\": failed to call webhook: Post \"https://fledge.fledge.svc:{port}/mutate?timeout=1s\": context deadline exceeded"
+        )
+    );
+    slow.config.failure_policy = support::apiserver::FailurePolicy::Ignore;
+    server.set_webhooks(vec![slow.config.clone()]);
+    api.create(&PostParams::default(), &typed(deployment("web", "web:1")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn namespace_selectors_and_request_options() {
+    let server = ApiServer::start(ApiServerConfig {
+        namespaces: vec!["team-a".into()],
+        ..without_controller()
+    })
+    .await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(server.client());
+    merge(
+        &namespaces,
+        "team-a",
+        json!({"metadata": {"labels": {"team": "a"}}}),
+    )
+    .await
+    .unwrap();
+    let mut hook = test_webhook("ns.test", Duration::ZERO, |_| None);
+    hook.config.namespace_selector = Some("team=a".into());
+    server.set_webhooks(vec![hook.config.clone()]);
+    for ns in ["default", "team-a"] {
+        let api: Api<Deployment> = Api::namespaced(server.client(), ns);
+        api.create(&PostParams::default(), &typed(deployment("web", "web:1")))
+            .await
+            .unwrap();
+    }
+    let calls = server.webhook_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].review["request"]["namespace"], "team-a");
+
+    // PATCH: UpdateOptions carrying the request's fieldManager — none when the client sent
+    // none (the manager recorded in managedFields then comes from the User-Agent).
+    let api: Api<Deployment> = Api::namespaced(server.client(), "team-a");
+    api.patch(
+        "web",
+        &PatchParams {
+            field_manager: Some("kubectl-rollout".into()),
+            ..PatchParams::default()
+        },
+        &Patch::Strategic(json!({"spec": {"paused": true}})),
+    )
+    .await
+    .unwrap();
+    merge(&api, "web", json!({"spec": {"paused": false}}))
+        .await
+        .unwrap();
+    let calls = server.webhook_calls();
+    assert_eq!(
+        calls[1].review["request"]["options"],
+        json!({"kind": "UpdateOptions", "apiVersion": "meta.k8s.io/v1", "fieldManager": "kubectl-rollout"})
+    );
+    assert_eq!(
+        calls[2].review["request"]["options"],
+        json!({"kind": "UpdateOptions", "apiVersion": "meta.k8s.io/v1"})
+    );
 }

@@ -113,9 +113,15 @@
 //! - Schemas: types, required, enum, min/max, lengths, items, defaults and pruning are checked;
 //!   `pattern`, `format` and CEL `x-kubernetes-validations` are not. Quantities are stored as
 //!   written (upstream canonicalises `0.5` to `500m`).
-//! - Admission: no `namespaceSelector`, `matchPolicy: Exact` (a webhook is called for the
-//!   versions its rules name), no reinvocation, `sideEffects` not checked (dry runs call every
-//!   matching webhook), a fresh HTTP/1.1 connection per call.
+//! - Admission: `namespaceSelector` (the namespace's labels), `objectSelector` (old or new
+//!   object), `reinvocationPolicy: IfNeeded` (called again, once, when a later webhook changed
+//!   the object after it; other in-tree mutating plugins do not exist here), `timeoutSeconds`
+//!   with upstream's `context deadline exceeded` error and `failurePolicy`, `options`
+//!   (`CreateOptions`/`UpdateOptions`; a PATCH is an `UpdateOptions` carrying the request's
+//!   `fieldManager` and `dryRun`, none when the client sent none) are modelled; not modelled:
+//!   `matchPolicy: Equivalent` (a webhook is called for the versions its rules name),
+//!   `matchConditions`, `sideEffects` (dry runs call every matching webhook), a fresh HTTP/1.1
+//!   connection per call.
 //! - The watch cache: bookmarks every [`ApiServerConfig::bookmark_interval`] (upstream: about a
 //!   minute); a watcher that falls 65 536 changes behind gets a 410 and is closed.
 //! - Pod template hashes have the upstream shape (FNV-32a, safe-encoded) but not the upstream
@@ -146,7 +152,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-pub use admission::{FailurePolicy, WebhookCall, WebhookConfig, WebhookRule};
+pub use admission::{FailurePolicy, ReinvocationPolicy, WebhookCall, WebhookConfig, WebhookRule};
 pub use controller::{
     ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION, RolloutStep,
 };

@@ -3,6 +3,7 @@
 //! decode (+ defaults) → mutating admission → resourceVersion precondition → strategy
 //! (`PrepareForCreate`/`PrepareForUpdate`) → validation → storage (no-op writes skipped).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -562,62 +563,94 @@ impl Inner {
         let old_view = old_view.as_ref();
         let mut view = to_version(def, version, &obj);
         encode(def, &mut view, legacy);
-        for hook in hooks {
-            if !hook.matches(
-                &def.group,
-                version,
-                &def.plural,
-                operation,
-                Some(&view),
-                old_view,
-            ) {
-                continue;
+        // The labels namespaceSelector looks at: the namespace's, a Namespace's own.
+        let namespace = if def.builtin == Some(Builtin::Namespace) {
+            Some(view.clone())
+        } else if def.namespaced {
+            self.store()
+                .get(&("namespaces".into(), String::new(), ns.to_string()))
+                .map(|e| (*e.object).clone())
+        } else {
+            None
+        };
+        let managed_fields = obj["metadata"].get("managedFields").cloned();
+        // Webhooks with `reinvocationPolicy: IfNeeded` called since the last change, and those
+        // to call again (once) because a later webhook changed the object after them.
+        let mut reinvocable: BTreeSet<usize> = BTreeSet::new();
+        let mut reinvoke: BTreeSet<usize> = BTreeSet::new();
+        for round in 0..2 {
+            for (i, hook) in hooks.iter().enumerate() {
+                if round == 1 && !reinvoke.contains(&i) {
+                    continue;
+                }
+                let selected = hook.matches(
+                    &def.group,
+                    version,
+                    &def.plural,
+                    operation,
+                    Some(&view),
+                    old_view,
+                ) && hook.namespace_matches(namespace.as_ref());
+                if !selected {
+                    continue;
+                }
+                let attrs = Attributes {
+                    uid: self.new_uid(),
+                    group: &def.group,
+                    version,
+                    kind: &def.kind,
+                    resource: &def.plural,
+                    name,
+                    namespace: ns,
+                    operation,
+                    user: &ctx.user,
+                    object: &view,
+                    old_object: old_view,
+                    dry_run: ctx.dry_run,
+                    options: admission::options(
+                        operation == "CREATE",
+                        ctx.dry_run,
+                        ctx.field_manager.as_deref(),
+                        &ctx.field_validation_param,
+                    ),
+                };
+                match admission::call(hook, &attrs).await {
+                    Ok(admitted) => {
+                        lock(&self.webhook_calls).push(admitted.call);
+                        ctx.warnings.extend(admitted.warnings);
+                        if admitted.object != view {
+                            // The patched object is decoded and defaulted again, as upstream
+                            // does; it keeps the managedFields of this write.
+                            let mut quiet = Ctx::for_user(ctx.user.clone());
+                            quiet.field_validation = FieldValidation::Ignore;
+                            let (mut decoded, _) = self
+                                .decode(def, version, admitted.object, &mut quiet)
+                                .map_err(|e| ApiError::internal(e.message))?;
+                            if let Some(m) = &managed_fields {
+                                decoded["metadata"]["managedFields"] = m.clone();
+                            }
+                            view = to_version(def, version, &decoded);
+                            encode(def, &mut view, legacy);
+                            obj = decoded;
+                            reinvoke.append(&mut reinvocable);
+                        }
+                        if hook.reinvocation_policy == admission::ReinvocationPolicy::IfNeeded {
+                            reinvocable.insert(i);
+                        }
+                    }
+                    Err(rejection) => {
+                        lock(&self.webhook_calls).push(rejection.call);
+                        if rejection.failure
+                            && hook.failure_policy == admission::FailurePolicy::Ignore
+                        {
+                            continue;
+                        }
+                        return Err(rejection.error);
+                    }
+                }
             }
-            let attrs = Attributes {
-                uid: self.new_uid(),
-                group: &def.group,
-                version,
-                kind: &def.kind,
-                resource: &def.plural,
-                name,
-                namespace: ns,
-                operation,
-                user: &ctx.user,
-                object: &view,
-                old_object: old_view,
-                dry_run: ctx.dry_run,
-                options: admission::options(
-                    operation == "CREATE",
-                    ctx.dry_run,
-                    ctx.field_manager.as_deref(),
-                    &ctx.field_validation_param,
-                ),
-            };
-            match admission::call(&hook, &attrs).await {
-                Ok(admitted) => {
-                    lock(&self.webhook_calls).push(admitted.call);
-                    ctx.warnings.extend(admitted.warnings);
-                    if admitted.object != view {
-                        // The patched object is decoded (unknown fields dropped) and defaulted
-                        // again, as upstream does.
-                        let mut quiet = Ctx::for_user(ctx.user.clone());
-                        quiet.field_validation = FieldValidation::Ignore;
-                        let (decoded, _) = self
-                            .decode(def, version, admitted.object, &mut quiet)
-                            .map_err(|e| ApiError::internal(e.message))?;
-                        view = to_version(def, version, &decoded);
-                        encode(def, &mut view, legacy);
-                        obj = decoded;
-                    }
-                }
-                Err(rejection) => {
-                    lock(&self.webhook_calls).push(rejection.call);
-                    if rejection.failure && hook.failure_policy == admission::FailurePolicy::Ignore
-                    {
-                        continue;
-                    }
-                    return Err(rejection.error);
-                }
+            if reinvoke.is_empty() {
+                break;
             }
         }
         Ok(obj)
