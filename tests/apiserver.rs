@@ -2743,3 +2743,151 @@ async fn namespace_selectors_and_request_options() {
         json!({"kind": "UpdateOptions", "apiVersion": "meta.k8s.io/v1"})
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Watch cache: expiry and staleness
+
+#[tokio::test]
+async fn a_small_history_limit_makes_a_kube_runtime_watcher_relist() {
+    let server = ApiServer::start(ApiServerConfig {
+        history_limit: 5,
+        ..without_controller()
+    })
+    .await;
+    let api: Api<Deployment> = Api::namespaced(server.client(), "default");
+    api.create(
+        &PostParams::default(),
+        &typed(deployment("watched", "web:1")),
+    )
+    .await
+    .unwrap();
+    let config = watcher::Config::default()
+        .labels("app=watched")
+        .timeout(1)
+        .disable_bookmarks();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = watcher(api.clone(), config);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let seen = match event {
+                Ok(watcher::Event::Init) => "init".to_string(),
+                Ok(watcher::Event::InitApply(d)) => {
+                    format!("init-apply {}", d.metadata.name.unwrap())
+                }
+                Ok(watcher::Event::InitDone) => "init-done".to_string(),
+                Ok(watcher::Event::Apply(d)) => format!(
+                    "apply {} {}",
+                    d.metadata.name.unwrap(),
+                    d.metadata
+                        .labels
+                        .unwrap()
+                        .get("round")
+                        .cloned()
+                        .unwrap_or_default()
+                ),
+                Ok(watcher::Event::Delete(d)) => format!("delete {}", d.metadata.name.unwrap()),
+                Err(e) => format!("error {e}"),
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut next = async || {
+        let event = tokio::time::timeout(TIMEOUT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(event.clone());
+        event
+    };
+    while next().await != "init-done" {}
+    // Changes the watcher does not select push its resourceVersion out of the history; when its
+    // watch times out, watching again from there is a 410 and it lists again.
+    api.create(&PostParams::default(), &typed(deployment("noise", "web:1")))
+        .await
+        .unwrap();
+    for round in 0..10 {
+        merge(
+            &api,
+            "noise",
+            json!({"metadata": {"labels": {"round": round.to_string()}}}),
+        )
+        .await
+        .unwrap();
+    }
+    loop {
+        let event = next().await;
+        if event.starts_with("error") {
+            assert!(
+                event.contains("410") || event.contains("too old"),
+                "{event}"
+            );
+            break;
+        }
+    }
+    while next().await != "init-done" {}
+    merge(
+        &api,
+        "watched",
+        json!({"metadata": {"labels": {"round": "after"}}}),
+    )
+    .await
+    .unwrap();
+    while next().await != "apply watched after" {}
+    task.abort();
+    assert!(
+        seen.iter().filter(|e| *e == "init-apply watched").count() >= 2,
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn lists_and_watches_at_resource_version_0_may_be_stale() {
+    let server = ApiServer::start(ApiServerConfig {
+        rv0_lag: 3,
+        ..without_controller()
+    })
+    .await;
+    let client = server.client();
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    for name in ["a", "b", "c", "d"] {
+        api.create(&PostParams::default(), &typed(deployment(name, "web:1")))
+            .await
+            .unwrap();
+    }
+    let names = |list: &Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let stale = raw(
+        &client,
+        "GET",
+        &format!("{DEPLOYMENTS}?resourceVersion=0"),
+        None,
+    )
+    .await;
+    assert_eq!(names(&stale), ["a"], "three changes behind");
+    let consistent = raw(&client, "GET", DEPLOYMENTS, None).await;
+    assert_eq!(names(&consistent), ["a", "b", "c", "d"]);
+    // A watch at "0" starts from the stale state and catches up through the changes since.
+    let mut events = api
+        .watch(&WatchParams::default(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let mut added = Vec::new();
+    while added.len() < 4 {
+        match tokio::time::timeout(TIMEOUT, events.next()).await.unwrap() {
+            Some(Ok(WatchEvent::Added(d))) => added.push(d.metadata.name.unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(added, ["a", "b", "c", "d"]);
+}

@@ -123,7 +123,11 @@
 //!   `matchConditions`, `sideEffects` (dry runs call every matching webhook), a fresh HTTP/1.1
 //!   connection per call.
 //! - The watch cache: bookmarks every [`ApiServerConfig::bookmark_interval`] (upstream: about a
-//!   minute); a watcher that falls 65 536 changes behind gets a 410 and is closed.
+//!   minute); a watcher that falls 65 536 changes behind gets a 410 and is closed; a watch or
+//!   paged list from a resourceVersion older than the last [`ApiServerConfig::history_limit`]
+//!   changes gets a 410 (a kube-runtime watcher relists); reads at `resourceVersion=0` may be
+//!   stale by [`ApiServerConfig::rv0_lag`] changes (a watch then replays the changes since),
+//!   reads without a resourceVersion never are.
 //! - Pod template hashes have the upstream shape (FNV-32a, safe-encoded) but not the upstream
 //!   value, which hashes Go's in-memory representation.
 //! - Namespaces must exist for namespaced writes (404 like upstream); `default`, `kube-system`,
@@ -215,8 +219,14 @@ pub struct ApiServerConfig {
     pub trafficsplit_versions: Vec<String>,
     /// More CustomResourceDefinitions to install (YAML text, multi-document allowed).
     pub extra_crds: Vec<String>,
-    /// Changes kept for watches and paged lists; older resourceVersions get 410 Expired.
+    /// Changes kept for watches and paged lists; older resourceVersions get 410 Expired (a
+    /// kube-runtime watcher then relists).
     pub history_limit: usize,
+    /// How many changes the watch cache lags behind: a list or watch at `resourceVersion=0`
+    /// ("any", kube-runtime's default `ListSemantic::Any`) is served from the state that many
+    /// changes ago (a watch then replays the changes since), as a real watch cache may be stale.
+    /// Lists without a resourceVersion (consistent reads) are never stale. 0: not stale.
+    pub rv0_lag: usize,
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK.
     pub bookmark_interval: Duration,
     /// How long the garbage collector waits after a change before it acts.
@@ -244,6 +254,7 @@ impl Default for ApiServerConfig {
                 .to_vec(),
             extra_crds: Vec::new(),
             history_limit: 100_000,
+            rv0_lag: 0,
             bookmark_interval: Duration::from_secs(1),
             gc_delay: Duration::from_millis(5),
             default_user: UserInfo {
@@ -284,6 +295,7 @@ pub(crate) struct Inner {
     webhook_calls: Mutex<Vec<WebhookCall>>,
     bookmark_interval: Duration,
     gc_delay: Duration,
+    rv0_lag: usize,
     version: String,
     legacy_creation_timestamp: bool,
     url: OnceLock<String>,
@@ -339,6 +351,15 @@ impl Inner {
                 c
             })
             .collect()
+    }
+
+    /// The resourceVersion a read at `resourceVersion=0` is served at
+    /// ([`ApiServerConfig::rv0_lag`] changes ago, never before the compacted history).
+    fn rv0(&self, store: &Store) -> u64 {
+        store
+            .rv
+            .saturating_sub(self.rv0_lag as u64)
+            .max(store.compacted)
     }
 
     fn find(&self, gvr: &str) -> Option<(Arc<ResourceDef>, String)> {
@@ -408,6 +429,7 @@ impl ApiServer {
             webhook_calls: Mutex::new(Vec::new()),
             bookmark_interval: config.bookmark_interval,
             gc_delay: config.gc_delay,
+            rv0_lag: config.rv0_lag,
             version: config.version.clone(),
             legacy_creation_timestamp: config.legacy_creation_timestamp,
             url: OnceLock::new(),

@@ -582,8 +582,10 @@ fn list(inner: &Inner, filter: &Filter, query: &Query) -> Result<Response, ApiEr
             .trim_end_matches('\u{0}');
         let (ns, name) = start.split_once('/').unwrap_or(("", start));
         start_after = Some((ns.to_string(), name.to_string()));
-    } else if rv_param.is_empty() || rv_param == "0" {
+    } else if rv_param.is_empty() {
         snapshot_rv = store.rv;
+    } else if rv_param == "0" {
+        snapshot_rv = inner.rv0(&store);
     } else {
         let n: u64 = rv_param
             .parse()
@@ -736,15 +738,25 @@ fn watch(inner: Arc<Inner>, filter: Filter, query: &Query) -> Response {
         let changes = store.tx.subscribe();
         let start_rv = store.rv;
         if send_initial || rv_param.is_empty() || rv_param == "0" {
-            for (key, entry) in store.objects.iter().filter(|(k, _)| filter.in_scope(k)) {
-                let _ = key;
-                if filter.selects(&entry.object) {
-                    initial.push(event_line("ADDED", &filter.render(&entry.object)));
+            // At "0" the watch cache may serve a state that lags; the changes since follow.
+            let from = if rv_param == "0" {
+                inner.rv0(&store)
+            } else {
+                start_rv
+            };
+            let state = store
+                .snapshot(&filter.def.storage, from)
+                .unwrap_or_default();
+            for ((ns, _), object) in &state {
+                if filter.ns.as_ref().is_none_or(|f| f == ns) && filter.selects(object) {
+                    initial.push(event_line("ADDED", &filter.render(object)));
                 }
             }
             if send_initial {
-                initial.push(bookmark(&filter, start_rv, true));
+                initial.push(bookmark(&filter, from, true));
             }
+            let replay = store.since(from).unwrap_or_default();
+            initial.extend(replay.iter().filter_map(|c| watch_event(&filter, c)));
         } else {
             match rv_param.parse::<u64>().ok() {
                 None => {
