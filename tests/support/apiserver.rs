@@ -9,7 +9,12 @@
 //! # What it serves
 //! - Discovery: `/api`, `/api/v1`, `/apis`, `/apis/{group}`, `/apis/{group}/{version}`,
 //!   aggregated discovery (`Accept: ...;as=APIGroupDiscoveryList`, kube's `run_aggregated`),
-//!   `/version`.
+//!   `/version`, and a minimal OpenAPI v3 (`/openapi/v3` and one document per group-version with
+//!   only each resource's PATCH operation and its query parameters: enough for kubectl to use
+//!   server-side field validation and build strategic merge patches from its compiled-in types;
+//!   no schemas, no `/openapi/v2`). The real kubectl works against it: `apply` (client-side and
+//!   `--server-side`), `diff` (server-side dry run), `rollout status|pause|resume`, `scale` are
+//!   tested in `tests/apiserver.rs`.
 //! - core/v1 Namespaces, Services, ConfigMaps, Pods, Events; events.k8s.io/v1 Events (the same
 //!   stored objects as core/v1 Events, converted field by field like the real conversion);
 //!   apps/v1 Deployments and ReplicaSets; coordination.k8s.io/v1 Leases; split.smi-spec.io

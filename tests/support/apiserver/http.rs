@@ -109,6 +109,13 @@ fn route(inner: &Inner, path: &str) -> Result<Route, ApiError> {
             ));
         }
         ["apis"] => return Ok(Route::Discovery(reg.group_list())),
+        ["openapi", "v3"] => return Ok(Route::Discovery(reg.openapi_v3_index())),
+        ["openapi", "v3", gv @ ..] => {
+            return reg
+                .openapi_v3(&gv.join("/"))
+                .map(Route::Discovery)
+                .ok_or_else(ApiError::no_route);
+        }
         ["api", "v1"] => {
             return reg
                 .resource_list("", "v1")
