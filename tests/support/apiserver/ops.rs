@@ -229,6 +229,26 @@ struct Ownership {
 }
 
 impl Ownership {
+    /// Sets `obj`'s (storage form) managedFields to the owners after this write from `old` (as
+    /// `version` shows it); returns them.
+    fn stamp(
+        &self,
+        obj: &mut Value,
+        old: Option<&Value>,
+        def: &ResourceDef,
+        version: &str,
+        kinds: &dyn Fn(&[String]) -> patch::ListKind,
+    ) -> Arc<Managers> {
+        let owners = self.after(
+            old,
+            &to_version(def, version, obj),
+            kinds,
+            def.status_subresource,
+        );
+        set_managed_fields(obj, &owners);
+        owners
+    }
+
     /// The owners after a write from `old` to `new` (both as the request's version shows them).
     fn after(
         &self,
@@ -1075,13 +1095,7 @@ impl Inner {
         if sub == Sub::Main {
             // Webhooks see the managedFields this write makes (upstream runs the field manager
             // before mutating admission).
-            let owners = ownership.after(
-                old_view.as_ref(),
-                &to_version(def, version, &obj),
-                &kinds,
-                def.status_subresource,
-            );
-            set_managed_fields(&mut obj, &owners);
+            ownership.stamp(&mut obj, old_view.as_ref(), def, version, &kinds);
             let op = if create { "CREATE" } else { "UPDATE" };
             obj = self
                 .admit(
@@ -1148,13 +1162,7 @@ impl Inner {
             return Err(ApiError::invalid(&def.kind, &def.group, &name, &errs).into());
         }
 
-        let new_managers = ownership.after(
-            old_view.as_ref(),
-            &to_version(def, version, &obj),
-            &kinds,
-            def.status_subresource,
-        );
-        set_managed_fields(&mut obj, &new_managers);
+        let new_managers = ownership.stamp(&mut obj, old_view.as_ref(), def, version, &kinds);
 
         // Commit.
         let key = self.key(def, ns, &name);
