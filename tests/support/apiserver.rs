@@ -65,9 +65,12 @@
 //!   server knows fields k8s-openapi does not yet, and fledge must carry them through (its
 //!   template hashes are computed over the raw JSON). Webhooks get this stored form too. The
 //!   encoding of an embedded ObjectMeta without creationTimestamp follows the server version:
-//!   omitted (1.35 and later, the default), or `"creationTimestamp": null`
+//!   omitted (API servers with kubernetes/kubernetes#130989, 2025; the default), or
+//!   `"creationTimestamp": null` as older ones wrote Go's zero time
 //!   ([`ApiServerConfig::legacy_creation_timestamp`]) in every answer, list item, watch event
-//!   and AdmissionReview. Defaulting like
+//!   and AdmissionReview. Not Go's: zero values Go would omit (`false`, `0`, `""` of `omitempty`
+//!   fields, such as `paused: false`) are kept as sent, and keys come sorted, not in the Go
+//!   structs' order. Defaulting like
 //!   `SetDefaults_*` (Deployment spec and strategy, pod template spec, containers, probes,
 //!   Services incl. a cluster IP, Namespaces) before admission and again after a webhook's
 //!   patch; custom resources pruned and defaulted by their schema.
@@ -83,6 +86,11 @@
 //!   ReplicaSets (selector required, non-empty, matching the template, immutable), pod templates
 //!   (containers, names, images, ports, restartPolicy Always, ...), Services, Leases,
 //!   events.k8s.io Events (the strict rules: reportingController, action, reason, note length).
+//! - The deployment controller's rollout (`controller.rs`): paused Deployments hold (no new
+//!   ReplicaSet, Progressing `Unknown`/DeploymentPaused, no deadline), are only scaled, in
+//!   proportion; rolling updates go step by step within maxSurge/maxUnavailable as the pods
+//!   become available; reverts reuse the old ReplicaSet with the next revision; `updatedReplicas`
+//!   counts the current template's pods only, so `kubectl rollout status` waits while paused.
 //! - Delete answers: a `Success` Status for most kinds, the object for Services, Pods,
 //!   Namespaces and custom resources (`ReturnDeletedObject`), and the object (with
 //!   `deletionTimestamp`) while finalizers remain.
@@ -134,11 +142,14 @@
 //!   stale by [`ApiServerConfig::rv0_lag`] changes (a watch then replays the changes since),
 //!   reads without a resourceVersion never are.
 //! - Pod template hashes have the upstream shape (FNV-32a, safe-encoded) but not the upstream
-//!   value, which hashes Go's in-memory representation.
+//!   value, which hashes Go's in-memory representation; like it, they (and the "is this the
+//!   ReplicaSet of the template" test) see the template semantically: without
+//!   `pod-template-hash`, nulls, empty maps and lists, so the same in both encodings.
 //! - Namespaces must exist for namespaced writes (404 like upstream); `default`, `kube-system`,
 //!   `kube-public`, `kube-node-lease` and [`ApiServerConfig::namespaces`] exist from the start;
 //!   deleting one deletes its content, then it.
-//! - Pods are served but the controllers create none: ReplicaSets keep simulated pods.
+//! - Pods are served but the controllers create none: ReplicaSets keep simulated pods (no
+//!   terminating pods: a ReplicaSet scaled down loses its pods at once, unavailable ones first).
 
 mod admission;
 mod controller;

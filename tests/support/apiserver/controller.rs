@@ -304,7 +304,16 @@ pub async fn run(inner: Arc<Inner>) {
                 inner.controller.settled.send_replace(start_rv);
             }
         }
-        let next_wake = lock(&inner.controller.state).fire_due(Instant::now());
+        let (next_wake, due) = {
+            let mut st = lock(&inner.controller.state);
+            let next_wake = st.fire_due(Instant::now());
+            (next_wake, !st.dirty.is_empty())
+        };
+        if due && !paused {
+            // Timers came due during the pass (a pod became ready meanwhile): waiting for the
+            // next change or timer would leave them unseen.
+            continue;
+        }
         let sleep = async {
             match next_wake {
                 Some(at) if !paused => tokio::time::sleep_until(at.into()).await,
