@@ -7,9 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use fledge::controller::{self, Config};
-use fledge::objects::SplitApi;
-use fledge::rollout::machine::Command;
+use fledge::core::objects::SplitApi;
+use fledge::core::rollout::machine::Command;
+use fledge::runtime::controller;
 use serde_json::{Value, json};
 use support::apiserver::{ApiServer, ApiServerConfig};
 
@@ -87,10 +87,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await;
     let controller = tokio::spawn(controller::run(
         api.client(),
-        Config {
+        controller::ControllerConfig {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
-            metrics: controller::Metrics::default(),
+            metrics: controller::ControllerMetrics::default(),
         },
         std::future::pending(),
     ));
@@ -117,7 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         api.wait_for(SPLITS, NS, "web", WAIT, |s| canary_weight(s) == Some(5000))
             .await?;
         let started = Instant::now();
-        fledge::commands::run(api.client(), NS, "web", Command::Abort).await?;
+        fledge::runtime::commands::run(api.client(), NS, "web", Command::Abort).await?;
         api.wait_for(SPLITS, NS, "web", WAIT, |s| {
             canary_weight(s).is_none_or(|w| w == 0)
         })

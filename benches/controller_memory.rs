@@ -75,9 +75,9 @@ async fn main() -> BenchResult<()> {
             "bench",
         ])
         .arg("--tls-cert")
-        .arg(dir.join(fledge::certs::CERT_FILE))
+        .arg(dir.join(fledge::runtime::certs::CERT_FILE))
         .arg("--tls-key")
-        .arg(dir.join(fledge::certs::KEY_FILE))
+        .arg(dir.join(fledge::runtime::certs::KEY_FILE))
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn,fledge=info")
         .stderr(Stdio::piped())

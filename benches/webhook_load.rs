@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
-use fledge::server::{self, AppState, tls};
+use fledge::runtime::server::{self, AppState, tls};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -49,17 +49,17 @@ fn main() -> BenchResult<()> {
     );
 
     let dir = std::env::temp_dir().join(format!("fledge-bench-{}", std::process::id()));
-    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
+    let certs = fledge::runtime::certs::generate(&fledge::runtime::certs::CertRequest {
         service: "fledge".into(),
         namespace: "fledge".into(),
         dns: vec![],
         ips: vec!["127.0.0.1".parse()?],
         validity_days: 1,
     })?;
-    fledge::certs::write_to_dir(&certs, &dir)?;
+    fledge::runtime::certs::write_to_dir(&certs, &dir)?;
     let cert = tls::ReloadingCert::load(tls::CertFiles {
-        cert: dir.join(fledge::certs::CERT_FILE),
-        key: dir.join(fledge::certs::KEY_FILE),
+        cert: dir.join(fledge::runtime::certs::CERT_FILE),
+        key: dir.join(fledge::runtime::certs::KEY_FILE),
     })?;
     println!(
         "wrk 1 thread, {connections} keep-alive connections, {seconds}s per run, {rounds} rounds alternating ceiling and fledge; {} cores",

@@ -11,16 +11,17 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tokio::signal::{self, unix::SignalKind};
 
-use fledge::admission::Outcome;
-use fledge::commands::{
+use fledge::core::admission::AdmissionOutcome;
+use fledge::core::objects::SplitApi;
+use fledge::core::plan::{self, Manifest};
+use fledge::core::rollout::machine::Command as RolloutCommand;
+use fledge::core::spec;
+use fledge::runtime::certs;
+use fledge::runtime::commands::{
     self,
     watch::{self, Ending, Style},
 };
-use fledge::objects::SplitApi;
-use fledge::plan::{self, Manifest};
-use fledge::rollout::machine::Command as RolloutCommand;
-use fledge::server::{self, AppState, tls};
-use fledge::{certs, spec};
+use fledge::runtime::server::{self, AppState, tls};
 
 /// The shell's exit code for a command ended by Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
@@ -263,12 +264,12 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 "no Kubernetes API configuration (in-cluster, KUBECONFIG or ~/.kube/config); \
                  run with --webhook-only to serve the webhook alone",
             )?;
-            let config = fledge::controller::Config {
+            let config = fledge::runtime::controller::ControllerConfig {
                 namespace: args.namespace,
                 split_api: args.split_api,
                 metrics: state.metrics.controller.clone(),
             };
-            let lease = fledge::lease::Config {
+            let lease = fledge::runtime::lease::LeaseConfig {
                 name: args.lease_name,
                 namespace: args
                     .lease_namespace
@@ -288,9 +289,13 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             );
             let lease_client = client.clone();
             let lead = move || {
-                fledge::controller::run(client.clone(), config.clone(), std::future::pending())
+                fledge::runtime::controller::run(
+                    client.clone(),
+                    config.clone(),
+                    std::future::pending(),
+                )
             };
-            Some(tokio::spawn(fledge::lease::run_while_leader(
+            Some(tokio::spawn(fledge::runtime::lease::run_while_leader(
                 lease_client,
                 lease,
                 lead,
@@ -356,7 +361,7 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     }
     // Like a failed `kubectl apply`, a denied change fails the command (useful in CI).
     Ok(match plan.decision.outcome {
-        Outcome::Deny(_) => ExitCode::FAILURE,
+        AdmissionOutcome::Deny(_) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     })
 }
@@ -420,10 +425,10 @@ fn run_status_watch(args: StatusArgs) -> Result<ExitCode> {
         )
         .await?;
         match ending {
-            Ending::Settled(watch::Outcome::Succeeded | watch::Outcome::NothingInFlight) => {
+            Ending::Settled(watch::Settled::Succeeded | watch::Settled::NothingInFlight) => {
                 Ok(ExitCode::SUCCESS)
             }
-            Ending::Settled(watch::Outcome::Failed(why)) => Err(anyhow::anyhow!(why)),
+            Ending::Settled(watch::Settled::Failed(why)) => Err(anyhow::anyhow!(why)),
             Ending::Stopped if args.name.is_some() => Ok(ExitCode::from(INTERRUPTED)),
             Ending::Stopped => Ok(ExitCode::SUCCESS),
         }

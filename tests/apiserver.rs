@@ -959,7 +959,7 @@ async fn admission_calls_fledges_webhook_like_kube_apiserver() {
         true
     );
 
-    // UPDATE with a new template: fledge keeps the stable template and records the canary.
+    // UPDATE with a new template: it goes through as sent, and fledge holds it.
     let mut v2 = v1.clone();
     v2.spec.template.spec.as_mut().unwrap().containers[0].image = Some("web:1.1.0".into());
     let stored = api
@@ -970,15 +970,19 @@ async fn admission_calls_fledges_webhook_like_kube_apiserver() {
         stored.spec.template.spec.as_ref().unwrap().containers[0]
             .image
             .as_deref(),
-        Some("web:1.0.0"),
-        "the webhook's patch keeps the stable template"
+        Some("web:1.1.0"),
+        "the template is the one sent"
     );
+    assert_eq!(stored.spec.paused, Some(true), "held");
     let annotations = stored.metadata.annotations.as_ref().unwrap();
+    assert_eq!(
+        annotations.get("fledge.dev/hold").map(String::as_str),
+        Some("true")
+    );
     assert!(
-        annotations.contains_key("fledge.dev/canary-template"),
+        annotations.contains_key("fledge.dev/stable-hash"),
         "{annotations:?}"
     );
-    assert!(annotations.contains_key("fledge.dev/canary-hash"));
     let review = &server.webhook_calls()[1].review["request"];
     assert_eq!(review["operation"], "UPDATE");
     assert_eq!(review["options"]["kind"], "UpdateOptions");
@@ -1703,16 +1707,17 @@ async fn kubectl_style_apply_as_a_user_goes_through_admission() {
     v1["metadata"]["namespace"] = json!("default");
     v1["metadata"]["labels"]["extra"] = json!("yes");
     server.apply_as_user(&bob, v1.clone()).await.unwrap();
-    // Apply v2 without the extra label: the label goes, the template becomes the canary.
+    // Apply v2 without the extra label: the label goes, the template goes through and is held.
     let mut v2 = opted_in("web", "web:2", steps);
     v2["metadata"]["namespace"] = json!("default");
     let stored = server.apply_as_user(&bob, v2).await.unwrap();
     assert_eq!(stored["metadata"]["labels"].get("extra"), None);
     assert_eq!(
         stored["spec"]["template"]["spec"]["containers"][0]["image"],
-        "web:1"
+        "web:2"
     );
-    assert!(stored["metadata"]["annotations"]["fledge.dev/canary-template"].is_string());
+    assert_eq!(stored["spec"]["paused"], true);
+    assert!(stored["metadata"]["annotations"]["fledge.dev/stable-hash"].is_string());
     let calls = server.webhook_calls();
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[1].review["request"]["userInfo"]["username"], "bob");

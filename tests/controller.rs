@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use support::apiserver::{ApiServer, ControllerConfig};
 use support::e2e::*;
 
-use fledge::controller::{self, Config};
-use fledge::objects::SplitApi;
-use fledge::rollout::Phase;
+use fledge::core::objects::SplitApi;
+use fledge::core::rollout::Phase;
+use fledge::runtime::controller;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_template_walks_the_steps_to_promotion() {
@@ -20,12 +20,13 @@ async fn a_new_template_walks_the_steps_to_promotion() {
         "- setWeight: 5\n- pause: {duration: 1s}\n- setWeight: 50\n- pause: {}\n- setWeight: 100\n";
     let c = stable_v1(steps).await;
 
+    let replicasets_before = c.api.list("apps/v1/replicasets", Some(NS)).len();
     apply(&c.api, deployment("web:2", steps)).await;
-    let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_held(&c.api, "web:2", "web:1");
     assert_eq!(
-        image(&web),
-        "web:1",
-        "the webhook keeps the stable template"
+        c.api.list("apps/v1/replicasets", Some(NS)).len(),
+        replicasets_before,
+        "no new ReplicaSet while held"
     );
 
     c.api
@@ -91,7 +92,8 @@ async fn a_canary_that_never_becomes_available_is_aborted_at_the_progress_deadli
             .message
             .contains("progressDeadlineSeconds")
     );
-    assert_eq!(image(&aborted), "web:1", "the stable never changed");
+    // The abort keeps the user's apply visible, and held.
+    assert_held(&c.api, "web:broken", "web:1");
     c.api
         .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
         .await
@@ -140,7 +142,14 @@ async fn abort_by_command_then_retry() {
     wait_phase(&c.api, Phase::Paused).await;
     fledge(&c.api, &["abort", "web", "-n", NS]).await;
     let aborted = wait_phase(&c.api, Phase::Aborted).await;
-    assert_eq!(image(&aborted), "web:1");
+    assert!(
+        state(Some(&aborted))
+            .unwrap()
+            .message
+            .contains("fledge retry web"),
+        "the message says how to go on"
+    );
+    assert_held(&c.api, "web:2", "web:1");
     c.api
         .wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
         .await
@@ -197,7 +206,7 @@ async fn a_new_template_mid_canary_replaces_it_and_starts_over() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(image(&paused), "web:1", "the stable never changed");
+    assert_held(&c.api, image(&paused), "web:1");
     let reasons = event_reasons(&c.api);
     assert!(
         reasons.contains(&"CanaryReplaced".to_owned()),
@@ -262,10 +271,8 @@ async fn scaling_mid_canary_rescales_the_canary_and_deleting_removes_everything(
         .await
         .unwrap();
     let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
-    assert_eq!(
-        (web["spec"]["replicas"].as_u64(), image(&web)),
-        (Some(10), "web:1")
-    );
+    assert_eq!(web["spec"]["replicas"].as_u64(), Some(10));
+    assert_held(&c.api, "web:2", "web:1");
     assert_eq!(phase(Some(&web)), Some(Phase::Paused));
 
     c.api.delete(DEPLOYMENTS, NS, "web").await.unwrap();
@@ -284,7 +291,7 @@ fn replica(
     started: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     let client = api.client();
-    let lease = fledge::lease::Config {
+    let lease = fledge::runtime::lease::LeaseConfig {
         name: "fledge-controller".into(),
         namespace: NS.into(),
         identity: identity.into(),
@@ -295,15 +302,15 @@ fn replica(
         started.fetch_add(1, Ordering::SeqCst);
         controller::run(
             client.clone(),
-            Config {
+            controller::ControllerConfig {
                 namespace: Some(NS.into()),
                 split_api: SplitApi::V1Alpha2,
-                metrics: controller::Metrics::default(),
+                metrics: controller::ControllerMetrics::default(),
             },
             std::future::pending(),
         )
     };
-    tokio::spawn(fledge::lease::run_while_leader(
+    tokio::spawn(fledge::runtime::lease::run_while_leader(
         api.client(),
         lease,
         lead,
@@ -406,7 +413,7 @@ fn position(d: Option<&Value>) -> Option<Position> {
 }
 
 /// The stored rollout states of `web`, oldest first, with repeats removed.
-fn state_history(api: &ApiServer) -> Vec<fledge::rollout::RolloutState> {
+fn state_history(api: &ApiServer) -> Vec<fledge::core::rollout::RolloutState> {
     let mut states: Vec<_> = api
         .history_of("deployments.apps", NS, "web")
         .iter()
@@ -572,4 +579,207 @@ async fn a_controller_killed_at_every_step_boundary_and_mid_every_pause_changes_
             "Promoted"
         ]
     );
+}
+
+/// The ReplicaSets of `web`: (name, image, the `spec.replicas` it was written with, in order,
+/// repeats removed).
+fn replicaset_history(api: &ApiServer) -> Vec<(String, String, Vec<u64>)> {
+    let web_uid = api.get(DEPLOYMENTS, NS, "web").unwrap()["metadata"]["uid"].clone();
+    let mut sets: Vec<(String, String, Vec<u64>)> = Vec::new();
+    for r in api.history() {
+        if r.resource != "replicasets.apps"
+            || r.object["metadata"]["ownerReferences"][0]["uid"] != web_uid
+        {
+            continue;
+        }
+        let replicas = r.object["spec"]["replicas"].as_u64().unwrap_or(0);
+        match sets.iter_mut().find(|(name, ..)| *name == r.name) {
+            Some((.., sizes)) if sizes.last() != Some(&replicas) => sizes.push(replicas),
+            Some(_) => {}
+            None => sets.push((r.name.clone(), image(&r.object).to_owned(), vec![replicas])),
+        }
+    }
+    sets
+}
+
+/// Resource versions of the changes to `name` of `resource`, by kind of change.
+fn changes(api: &ApiServer, resource: &str, name: &str) -> Vec<(u64, Value)> {
+    api.history_of(resource, NS, name)
+        .into_iter()
+        .map(|r| {
+            let deleted = matches!(r.kind, support::apiserver::ChangeKind::Deleted);
+            (
+                r.resource_version,
+                if deleted { Value::Null } else { r.object },
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_mid_canary_is_an_instant_rollback() {
+    let steps = "- setWeight: 30\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    let stable_sets = replicaset_history(&c.api);
+    apply(&c.api, deployment("web:2", steps)).await;
+    assert_held(&c.api, "web:2", "web:1");
+    wait_phase(&c.api, Phase::Paused).await;
+
+    // `kubectl apply` of the previous manifest.
+    apply(&c.api, deployment("web:1", steps)).await;
+    let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_ne!(
+        web["spec"]["paused"], true,
+        "unpaused by the webhook at once"
+    );
+    assert!(
+        web["metadata"]["annotations"]
+            .get("fledge.dev/hold")
+            .is_none()
+    );
+    assert!(
+        web["metadata"]["annotations"]
+            .get("fledge.dev/stable-hash")
+            .is_none()
+    );
+    let rolled_back = wait_phase(&c.api, Phase::RolledBack).await;
+    assert!(
+        state(Some(&rolled_back))
+            .unwrap()
+            .message
+            .starts_with("rolled back")
+    );
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(split_weights(&c.api), vec![0, 3000, 0]);
+    assert_eq!(events_with_reason(&c.api, "RolledBack"), 1);
+    // In order: weight 0, then the canary Deployment, then the split, then the Services.
+    let split = changes(&c.api, "trafficsplits.split.smi-spec.io", "web");
+    let zero = split
+        .iter()
+        .rev()
+        .find(|(_, o)| o["spec"]["backends"][1]["weight"] == 0)
+        .map(|(rv, _)| *rv)
+        .unwrap();
+    let split_gone = split.last().unwrap();
+    assert!(split_gone.1.is_null());
+    let canary_gone = changes(&c.api, "deployments.apps", "web-canary")
+        .last()
+        .unwrap()
+        .0;
+    let services_gone = changes(&c.api, "services", "web-stable").last().unwrap().0;
+    assert!(zero < canary_gone && canary_gone < split_gone.0 && split_gone.0 < services_gone);
+    // No new ReplicaSet and no pod restarted: the stable ReplicaSet never changed size.
+    c.api.controller().settle(WAIT).await.unwrap();
+    assert_eq!(replicaset_history(&c.api), stable_sets);
+    assert_eq!(running_images(&c.api), ["web:1"]);
+    // A revert is not an abort: the reverted template applied again is a fresh canary.
+    apply(&c.api, deployment("web:2", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            phase(d) == Some(Phase::Paused)
+        })
+        .await
+        .unwrap();
+    assert_eq!(events_with_reason(&c.api, "CanaryStarted"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_rollout_resume_of_a_held_deployment_is_denied_and_a_gitops_sync_keeps_the_hold() {
+    let steps = "- setWeight: 30\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(c.api.client(), NS);
+    // What `kubectl rollout resume` sends: a strategic merge patch under its field manager.
+    let resume = kube::api::PatchParams {
+        field_manager: Some("kubectl-rollout".into()),
+        ..Default::default()
+    };
+    let err = deployments
+        .patch(
+            "web",
+            &resume,
+            &kube::api::Patch::Strategic(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert!(
+        status.message.contains("kubectl fledge promote web")
+            && status.message.contains("kubectl fledge abort web"),
+        "{}",
+        status.message
+    );
+    // A GitOps tool clearing `paused` is never refused: the hold is set again.
+    let mut sync = deployment("web:2", steps);
+    sync["spec"]["paused"] = json!(false);
+    apply(&c.api, sync).await;
+    assert_held(&c.api, "web:2", "web:1");
+    assert_eq!(
+        phase(c.api.get(DEPLOYMENTS, NS, "web").as_ref()),
+        Some(Phase::Paused)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_with_the_controller_killed_at_every_boundary_rolls_back_once() {
+    let steps = "- setWeight: 30\n- pause: {}\n";
+    let cluster = cluster_with(ControllerConfig {
+        ready_delay: Duration::from_millis(400),
+        ..ControllerConfig::default()
+    })
+    .await;
+    let mut c = with_stable_v1(cluster, steps).await;
+    let stable_sets = replicaset_history(&c.api);
+    apply(&c.api, deployment("web:2", steps)).await;
+    use Phase::*;
+    for wanted in [(Progressing, 0), (Progressing, 1), (Paused, 1)] {
+        c.api
+            .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+                position(d) == Some(wanted)
+            })
+            .await
+            .unwrap();
+        c.controller_task.abort();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.controller_task = start_controller(&c.api, &c.metrics);
+    }
+    // The revert lands while no controller runs; then a kill right after the rollback is stored.
+    c.controller_task.abort();
+    apply(&c.api, deployment("web:1", steps)).await;
+    c.controller_task = start_controller(&c.api, &c.metrics);
+    wait_phase(&c.api, RolledBack).await;
+    c.controller_task.abort();
+    c.controller_task = start_controller(&c.api, &c.metrics);
+    wait_until_nothing_is_left(&c.api).await;
+
+    assert_eq!(split_weights(&c.api), vec![0, 3000, 0]);
+    assert_eq!(
+        event_reasons(&c.api),
+        ["CanaryStarted", "WeightSet", "Paused", "RolledBack"]
+    );
+    let positions: Vec<Position> = {
+        let mut p: Vec<Position> = state_history(&c.api)
+            .iter()
+            .map(|s| (s.phase, s.step))
+            .collect();
+        p.dedup();
+        p
+    };
+    assert_eq!(
+        positions,
+        [
+            (Progressing, 0),
+            (Progressing, 1),
+            (Paused, 1),
+            (RolledBack, 1)
+        ]
+    );
+    c.api.controller().settle(WAIT).await.unwrap();
+    assert_eq!(replicaset_history(&c.api), stable_sets);
+    let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_ne!(web["spec"]["paused"], true);
 }

@@ -1,6 +1,6 @@
 //! Hostile input: mutated and random AdmissionReviews thrown at the decision
-//! ([`fledge::admission::review::parse`], [`fledge::admission::decide`] and
-//! [`fledge::admission::review::answer`]), at [`fledge::server::review`], and at the HTTP handler
+//! ([`fledge::core::admission::review::parse`], [`fledge::core::admission::decide`] and
+//! [`fledge::core::admission::review::answer`]), at [`fledge::runtime::server::review`], and at the HTTP handler
 //! (`POST /mutate`, driven in-process). None may panic or hang; every reply must be a well-formed
 //! AdmissionReview under the request's uid (or a 4xx with a reason when there is no uid); every patch
 //! must apply to the request's object, keep the stable template, and be stable under reinvocation.
@@ -24,16 +24,16 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
-use fledge::admission::review as wire;
-use fledge::admission::{self, DeploymentView, Outcome};
-use fledge::server::{self, AppState, BadRequest, MAX_BODY_BYTES};
-use fledge::spec::{
-    ANNOTATION_CANARY_HASH, ANNOTATION_CANARY_TEMPLATE, ANNOTATION_ROOT_SERVICE, ANNOTATION_STATE,
+use fledge::core::admission::review as wire;
+use fledge::core::admission::{self, AdmissionOutcome, DeploymentView};
+use fledge::core::spec::{
+    ANNOTATION_HOLD, ANNOTATION_ROOT_SERVICE, ANNOTATION_STABLE_HASH, ANNOTATION_STATE,
     ANNOTATION_STEPS, LABEL_ENABLED,
 };
-use fledge::template;
+use fledge::core::template;
+use fledge::runtime::server::{self, AppState, BadRequest, MAX_BODY_BYTES};
 use http_body_util::BodyExt as _;
-use kube::core::admission::{AdmissionRequest, Operation};
+use kube::core::admission::AdmissionRequest;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
@@ -126,18 +126,15 @@ fn state(phase: &str, hash: &str) -> String {
         .to_string()
 }
 
-/// The canary annotations the webhook records for `pending`.
-fn recorded(object: Value, pending: &Value) -> Value {
-    let object = with_annotation(
-        object,
-        ANNOTATION_CANARY_TEMPLATE,
-        &pending["spec"]["template"].to_string(),
-    );
-    with_annotation(object, ANNOTATION_CANARY_HASH, &template_hash(pending))
+/// `pending` as the webhook stores it: held (paused) against the template of `stable`.
+fn recorded(stable: Value, pending: &Value) -> Value {
+    let mut object = with_annotation(pending.clone(), ANNOTATION_HOLD, "true");
+    object["spec"]["paused"] = json!(true);
+    with_annotation(object, ANNOTATION_STABLE_HASH, &template_hash(&stable))
 }
 
 fn review(operation: &str, object: Option<Value>, old: Option<Value>) -> Value {
-    let mut review = fledge::admission::review::deployment_review(
+    let mut review = fledge::core::admission::review::deployment_review(
         "705ab4f5-6393-11e8-b7cc-42010a800002",
         "kubernetes-admin",
         object.as_ref().unwrap_or(&Value::Null),
@@ -195,8 +192,7 @@ fn seeds() -> &'static [Value] {
             ANNOTATION_STATE,
             &state("Progressing", &h2),
         );
-        let mut same_canary = pending.clone();
-        same_canary["spec"]["template"] = v2["spec"]["template"].clone();
+        let same_canary = v2.clone();
 
         let mut seeds = vec![
             review("CREATE", Some(v1.clone()), None),
@@ -378,8 +374,8 @@ const INTERESTING_STRINGS: &[&str] = &[
 const FLEDGE_KEYS: &[&str] = &[
     ANNOTATION_STEPS,
     ANNOTATION_ROOT_SERVICE,
-    ANNOTATION_CANARY_TEMPLATE,
-    ANNOTATION_CANARY_HASH,
+    ANNOTATION_STABLE_HASH,
+    ANNOTATION_HOLD,
     ANNOTATION_STATE,
     LABEL_ENABLED,
     "fledge.dev/",
@@ -1267,18 +1263,19 @@ fn edit_template(root: &mut Value, edit: &TemplateEdit) {
                 set_at(root, OLD, new);
             }
         }
+        // The stored object held against the incoming template: a revert.
         TemplateEdit::RecordOwn => {
             if let Some(new) = new {
-                let annotations = "/request/object/metadata/annotations";
+                let annotations = "/request/oldObject/metadata/annotations";
                 set_at(
                     root,
-                    &format!("{annotations}/{}", escape(ANNOTATION_CANARY_HASH)),
+                    &format!("{annotations}/{}", escape(ANNOTATION_STABLE_HASH)),
                     Value::String(template::hash(&new)),
                 );
                 set_at(
                     root,
-                    &format!("{annotations}/{}", escape(ANNOTATION_CANARY_TEMPLATE)),
-                    Value::String(new.to_string()),
+                    &format!("{annotations}/{}", escape(ANNOTATION_HOLD)),
+                    Value::String("true".into()),
                 );
             }
         }
@@ -1676,7 +1673,7 @@ fn check_decision(
         .map_err(|e| fail(format!("the answer does not serialize: {e}"), body))?;
     let reply = check_reply(&json, &req.uid, reply_types(req), body)?;
     let r = &reply["response"];
-    let allowed = !matches!(decision.outcome, Outcome::Deny(_));
+    let allowed = !matches!(decision.outcome, AdmissionOutcome::Deny(_));
     if r["allowed"] != allowed {
         return Err(fail(
             format!("allowed is {} for {:?}", r["allowed"], decision.outcome),
@@ -1690,11 +1687,11 @@ fn check_decision(
         return Err(fail("the reply lost warnings", body));
     }
     match &decision.outcome {
-        Outcome::Patch(_, patch) => {
+        AdmissionOutcome::Patch(_, patch) => {
             if reply_patch(&reply).as_ref() != Some(patch) {
                 return Err(fail("the reply's patch is not the decision's", body));
             }
-            check_patch(body, req, patch, counts)?;
+            check_patch(body, patch, counts)?;
         }
         _ => {
             if r.get("patch").is_some() {
@@ -1705,11 +1702,11 @@ fn check_decision(
     Ok(reply)
 }
 
-/// The patch applies to the request's object; for an UPDATE it keeps the stable template; and the
-/// decision on the patched object (reinvocation: same review, same oldObject) changes nothing more.
+/// The patch applies to the request's object; it never touches the template the user applied; and
+/// the decision on the patched object (reinvocation: same review, same oldObject) changes nothing
+/// more.
 fn check_patch(
     body: &[u8],
-    req: &AdmissionRequest<DeploymentView>,
     patch: &json_patch::Patch,
     counts: &Counts,
 ) -> Result<(), TestCaseError> {
@@ -1726,15 +1723,12 @@ fn check_patch(
     let mut patched = review.pointer(&object_at).cloned().unwrap_or_default();
     json_patch::patch(&mut patched, &patch.0)
         .map_err(|e| fail(format!("the patch does not apply to the object: {e}"), body))?;
-    if req.operation == Operation::Update {
-        let old = locate(&review, &[("request", 2), ("oldObject", 12)])
-            .and_then(|at| review.pointer(&format!("{at}/spec/template")));
-        if patched.pointer("/spec/template") != old {
-            return Err(fail(
-                "the patched object does not keep the stable template",
-                body,
-            ));
-        }
+    let applied = review.pointer(&format!("{object_at}/spec/template"));
+    if patched.pointer("/spec/template") != applied {
+        return Err(fail(
+            "the patch changed the pod template the user applied",
+            body,
+        ));
     }
     if let Some(object) = review.pointer_mut(&object_at) {
         *object = patched.clone();
@@ -1744,12 +1738,12 @@ fn check_patch(
     let second = admission::decide(&again);
     counts.add("reinvoked");
     match &second.outcome {
-        Outcome::Allow(_) => Ok(()),
-        Outcome::Deny(message) => Err(fail(
+        AdmissionOutcome::Allow(_) => Ok(()),
+        AdmissionOutcome::Deny(message) => Err(fail(
             format!("reinvocation denies what the first pass patched: {message}"),
             body,
         )),
-        Outcome::Patch(reason, patch2) => {
+        AdmissionOutcome::Patch(reason, patch2) => {
             let mut twice = patched.clone();
             json_patch::patch(&mut twice, &patch2.0)
                 .map_err(|e| fail(format!("the reinvocation patch does not apply: {e}"), body))?;
@@ -1757,7 +1751,11 @@ fn check_patch(
                 Ok(())
             } else {
                 Err(fail(
-                    format!("reinvocation changed the object again ({reason:?})"),
+                    format!(
+                        "reinvocation changed the object again ({reason:?}): {} then {}",
+                        serde_json::to_string(&patch.0).unwrap_or_default(),
+                        serde_json::to_string(&patch2.0).unwrap_or_default()
+                    ),
                     body,
                 ))
             }
@@ -2214,11 +2212,10 @@ fn a_body_of_2_9_mib_is_answered_and_one_over_the_limit_is_refused() {
         "{}",
         body.len()
     );
-    let message = denial(&all_targets(&body));
-    assert!(
-        message.starts_with("spec.template: fledge records"),
-        "{message}"
-    );
+    // The template is held where it is (`spec.template`), not copied into an annotation: its
+    // size is the API server's business, and the answer is the hold.
+    let answer = all_targets(&body);
+    assert_eq!(answer.as_ref().map(|(label, _)| *label).ok(), Some("patch"));
 
     let mut over = body.clone();
     over.resize(MAX_BODY_BYTES + 1, b' ');

@@ -566,14 +566,14 @@ fn annotation<'a>(object: &'a Value, key: &str) -> &'a str {
 }
 
 fn template_hash(object: &Value) -> String {
-    fledge::template::hash(&object["spec"]["template"])
+    fledge::core::template::hash(&object["spec"]["template"])
 }
 
 // ---------------------------------------------------------------------------------------------
 // The fixtures themselves
 
 /// Every fixture in `tests/data`.
-const FIXTURES: [&str; 9] = [
+const FIXTURES: [&str; 11] = [
     "create-valid.json",
     "create-invalid-steps.json",
     "update-new-template.json",
@@ -581,6 +581,8 @@ const FIXTURES: [&str; 9] = [
     "update-scale-only.json",
     "update-reapply-aborted.json",
     "update-promotion.json",
+    "update-revert.json",
+    "update-resume.json",
     "update-not-opted-in.json",
     "pod-create.json",
 ];
@@ -716,38 +718,36 @@ async fn a_new_template_keeps_the_stable_one_and_becomes_the_pending_canary() {
     assert_eq!(
         patch_paths(&patch),
         [
-            "/spec/template",
-            "/metadata/annotations/fledge.dev~1canary-template",
-            "/metadata/annotations/fledge.dev~1canary-hash",
+            "/metadata/annotations/fledge.dev~1stable-hash",
+            "/spec/paused",
+            "/metadata/annotations/fledge.dev~1hold",
         ]
     );
     let result = patched(object, &patch);
-    // The stable template keeps running ...
-    assert_eq!(result["spec"]["template"], old["spec"]["template"]);
-    // ... the new one, exactly as sent (defaulted fields, `creationTimestamp: null`), is pending.
-    let recorded: Value =
-        serde_json::from_str(annotation(&result, "fledge.dev/canary-template")).unwrap();
-    assert_eq!(recorded, object["spec"]["template"]);
-    let hash = template_hash(object);
-    assert_eq!(annotation(&result, "fledge.dev/canary-hash"), hash);
-    // Nothing else changes: labels, other annotations, managedFields, status. (The recorded
-    // template is compared as JSON above, whatever its spacing and key order.)
-    let mut expected = object.clone();
-    expected["spec"]["template"] = old["spec"]["template"].clone();
-    let annotations = expected["metadata"]["annotations"].as_object_mut().unwrap();
-    annotations.insert(
-        "fledge.dev/canary-template".into(),
-        result["metadata"]["annotations"]["fledge.dev/canary-template"].clone(),
+    // The new template goes through exactly as sent (defaulted fields, `creationTimestamp: null`);
+    // the Deployment is held, and the stable template's identity is recorded.
+    assert_eq!(result["spec"]["template"], object["spec"]["template"]);
+    assert_eq!(result["spec"]["paused"], true);
+    assert_eq!(
+        annotation(&result, "fledge.dev/stable-hash"),
+        template_hash(old)
     );
-    annotations.insert("fledge.dev/canary-hash".into(), json!(hash));
+    assert_eq!(annotation(&result, "fledge.dev/hold"), "true");
+    // Nothing else changes: labels, other annotations, managedFields, status.
+    let mut expected = object.clone();
+    expected["spec"]["paused"] = json!(true);
+    let annotations = expected["metadata"]["annotations"].as_object_mut().unwrap();
+    annotations.insert("fledge.dev/stable-hash".into(), json!(template_hash(old)));
+    annotations.insert("fledge.dev/hold".into(), json!("true"));
     assert_eq!(result, expected);
+    let hash = template_hash(object);
     let warnings = response["warnings"]
         .as_array()
         .expect("a warning for kubectl");
     assert_eq!(warnings.len(), 1, "{response}");
     let warning = warnings[0].as_str().unwrap();
     assert!(
-        warning.contains(&hash) && warning.contains("pending canary"),
+        warning.contains(&hash) && warning.contains("held as a canary"),
         "{warning}"
     );
 
@@ -817,35 +817,65 @@ async fn changes_that_are_not_a_new_canary_pass_or_stay_on_the_stable_template()
     assert_eq!(request["kind"]["kind"], "Pod");
     assert_allowed_unchanged(&response);
 
-    // fledge's controller promoting the canary template it recorded.
+    // fledge's controller unpausing the canary it promotes (its field manager, state Promoting).
     let (request, response) = answer_fixture(&mut conn, "update-promotion.json").await;
     let state: Value =
         serde_json::from_str(annotation(&request["oldObject"], "fledge.dev/state")).unwrap();
     assert_eq!(state["phase"], "Promoting");
     assert_eq!(state["hash"], template_hash(&request["object"]));
+    assert_eq!(request["object"]["spec"]["paused"], false);
     assert_allowed_unchanged(&response);
 
-    // The template of an aborted canary applied again: it stays aborted, stable keeps running.
+    // The template of an aborted canary applied again: nothing changes, it stays aborted and held.
     let (request, response) = answer_fixture(&mut conn, "update-reapply-aborted.json").await;
     let (object, old) = (&request["object"], &request["oldObject"]);
     let state: Value = serde_json::from_str(annotation(old, "fledge.dev/state")).unwrap();
     assert_eq!(state["phase"], "Aborted");
     assert_eq!(state["hash"], template_hash(object));
-    let patch = patch_of(&response);
-    assert_eq!(patch_paths(&patch), ["/spec/template"]);
-    let result = patched(object, &patch);
-    assert_eq!(result["spec"]["template"], old["spec"]["template"]);
-    let mut expected = object.clone();
-    expected["spec"]["template"] = old["spec"]["template"].clone();
-    assert_eq!(result, expected);
-    assert_eq!(
-        result["metadata"]["annotations"],
-        old["metadata"]["annotations"]
-    );
+    assert_allowed_unchanged(&response);
     let warning = response["warnings"][0].as_str().expect("a warning");
     assert!(
         warning.contains("was aborted") && warning.contains("fledge retry web"),
         "{warning}"
+    );
+
+    // `kubectl apply` of the previous manifest: a rollback, unpaused, the hold record gone.
+    let (request, response) = answer_fixture(&mut conn, "update-revert.json").await;
+    let (object, old) = (&request["object"], &request["oldObject"]);
+    assert_eq!(
+        annotation(old, "fledge.dev/stable-hash"),
+        template_hash(object)
+    );
+    let result = patched(object, &patch_of(&response));
+    assert_eq!(result["spec"]["paused"], false);
+    assert_eq!(result["spec"]["template"], object["spec"]["template"]);
+    assert!(
+        result["metadata"]["annotations"]
+            .get("fledge.dev/hold")
+            .is_none()
+    );
+    assert!(
+        result["metadata"]["annotations"]
+            .get("fledge.dev/stable-hash")
+            .is_none()
+    );
+    assert!(
+        response["warnings"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rollback"),
+        "{response}"
+    );
+
+    // `kubectl rollout resume` of a held Deployment: denied, with the way forward.
+    let (request, response) = answer_fixture(&mut conn, "update-resume.json").await;
+    assert_eq!(request["options"]["fieldManager"], "kubectl-rollout");
+    assert_eq!(response["allowed"], false, "{response}");
+    let message = response["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("kubectl fledge promote web")
+            && message.contains("kubectl fledge abort web"),
+        "{message}"
     );
 }
 
@@ -1332,8 +1362,9 @@ async fn sigterm_drains_the_request_in_flight_then_exits_cleanly() {
     let result = patched(&request["object"], &patch_of(&answer));
     assert_eq!(
         result["spec"]["template"],
-        request["oldObject"]["spec"]["template"]
+        request["object"]["spec"]["template"]
     );
+    assert_eq!(result["spec"]["paused"], true);
     drop(stream);
 
     // Then the process exits, successfully.

@@ -21,7 +21,11 @@
 //!   TrafficSplits at v1alpha1..v1alpha4 (configurable), all versions one stored resource with
 //!   `conversion: None` semantics (reads through another version only change `apiVersion`), each
 //!   version validated against its own CRD schema; further CRDs from YAML
-//!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute).
+//!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute); the kinds the Helm chart
+//!   installs (ServiceAccounts, Secrets, RBAC, MutatingWebhookConfigurations,
+//!   PodDisruptionBudgets), stored without behaviour of their own (`kinds.rs`).
+//! - Every resource request recorded with its user and RBAC verb ([`ApiServer::requests_by`],
+//!   `audit.rs`), for least-privilege checks.
 //! - Verbs: get, list (labelSelector with `=`, `==`, `!=`, `in`, `notin`, existence, `!key`,
 //!   `>`/`<`; fieldSelector `metadata.name`/`metadata.namespace` and the per-kind fields
 //!   kube-apiserver supports for Events, Pods, Namespaces, ReplicaSets, 400 `field label not
@@ -152,9 +156,11 @@
 //!   terminating pods: a ReplicaSet scaled down loses its pods at once, unavailable ones first).
 
 mod admission;
+mod audit;
 mod controller;
 mod gc;
 mod http;
+mod kinds;
 mod ops;
 mod patch;
 mod resources;
@@ -173,6 +179,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 pub use admission::{FailurePolicy, ReinvocationPolicy, WebhookCall, WebhookConfig, WebhookRule};
+pub use audit::ApiRequest;
 pub use controller::{
     ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION, RolloutStep,
 };
@@ -309,6 +316,7 @@ pub(crate) struct Inner {
     default_user: UserInfo,
     webhooks: Mutex<Vec<WebhookConfig>>,
     webhook_calls: Mutex<Vec<WebhookCall>>,
+    requests: audit::Requests,
     bookmark_interval: Duration,
     gc_delay: Duration,
     rv0_lag: usize,
@@ -443,6 +451,7 @@ impl ApiServer {
             default_user: config.default_user.clone(),
             webhooks: Mutex::new(config.webhooks.clone()),
             webhook_calls: Mutex::new(Vec::new()),
+            requests: audit::Requests::default(),
             bookmark_interval: config.bookmark_interval,
             gc_delay: config.gc_delay,
             rv0_lag: config.rv0_lag,

@@ -6,9 +6,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::apiserver::{ApiServer, ApiServerConfig, ControllerConfig};
-use fledge::controller::{self, Config};
-use fledge::objects::SplitApi;
-use fledge::rollout::{Phase, RolloutState, read_state};
+use fledge::core::objects::SplitApi;
+use fledge::core::rollout::{Phase, RolloutState, read_state};
+use fledge::runtime::controller;
 
 pub const DEPLOYMENTS: &str = "apps/v1/deployments";
 pub const SERVICES: &str = "v1/services";
@@ -20,7 +20,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct Cluster {
     pub api: ApiServer,
     /// The webhook's and the controller's metrics, as `/metrics` serves them.
-    pub metrics: Arc<fledge::server::Metrics>,
+    pub metrics: Arc<fledge::runtime::server::ServerMetrics>,
     _webhook: super::webhook::FledgeWebhook,
     pub controller_task: tokio::task::JoinHandle<()>,
 }
@@ -49,7 +49,7 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
         ..ApiServerConfig::default()
     })
     .await;
-    let metrics = Arc::new(fledge::server::Metrics::default());
+    let metrics = Arc::new(fledge::runtime::server::ServerMetrics::default());
     let controller = start_controller(&api, &metrics);
     Cluster {
         metrics,
@@ -61,11 +61,11 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
 
 pub fn start_controller(
     api: &ApiServer,
-    metrics: &fledge::server::Metrics,
+    metrics: &fledge::runtime::server::ServerMetrics,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(controller::run(
         api.client(),
-        Config {
+        controller::ControllerConfig {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
             metrics: metrics.controller.clone(),
@@ -248,4 +248,39 @@ pub async fn with_stable_v1(c: Cluster, steps: &str) -> Cluster {
         .await
         .unwrap();
     c
+}
+
+/// The images `web`'s own pods run: those of its ReplicaSets with replicas, sorted. A held
+/// Deployment keeps running the stable one whatever its `spec.template` shows.
+pub fn running_images(api: &ApiServer) -> Vec<String> {
+    let Some(web) = api.get(DEPLOYMENTS, NS, "web") else {
+        return Vec::new();
+    };
+    let uid = web["metadata"]["uid"].clone();
+    let mut images: Vec<String> = api
+        .list("apps/v1/replicasets", Some(NS))
+        .iter()
+        .filter(|rs| rs["metadata"]["ownerReferences"][0]["uid"] == uid)
+        .filter(|rs| rs["spec"]["replicas"].as_u64().unwrap_or(0) > 0)
+        .map(|rs| image(rs).to_owned())
+        .collect();
+    images.sort();
+    images
+}
+
+/// `web` shows `applied` (the user's template, untouched) and is held paused, while its pods
+/// still run `stable`.
+pub fn assert_held(api: &ApiServer, applied: &str, stable: &str) {
+    let web = api.get(DEPLOYMENTS, NS, "web").expect("web");
+    assert_eq!(
+        image(&web),
+        applied,
+        "the Deployment shows what was applied"
+    );
+    assert_eq!(web["spec"]["paused"], json!(true), "held with spec.paused");
+    assert_eq!(
+        running_images(api),
+        vec![stable.to_owned()],
+        "the stable pods keep running"
+    );
 }

@@ -5,5 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod apiserver;
+pub mod chart;
 pub mod e2e;
+pub mod kubectl;
 pub mod webhook;

@@ -8,7 +8,8 @@ use super::apiserver::WebhookConfig;
 
 /// A running webhook; dropping it stops the server and removes its certificates.
 pub struct FledgeWebhook {
-    /// How the stand-in calls it: `fledge.fledge.svc` with the CA from `fledge certs`.
+    /// How the stand-in calls it: the chart's MutatingWebhookConfiguration, at `fledge.fledge.svc`
+    /// with the CA from `fledge certs`.
     pub config: WebhookConfig,
     task: tokio::task::JoinHandle<()>,
     dir: PathBuf,
@@ -23,8 +24,8 @@ impl Drop for FledgeWebhook {
 
 /// A CA and a serving certificate for `fledge.fledge.svc`, as `fledge certs` makes them, written
 /// to `dir` as `fledge certs --out` writes them.
-pub fn serving_certs(dir: &Path) -> fledge::certs::GeneratedCerts {
-    let certs = fledge::certs::generate(&fledge::certs::CertRequest {
+pub fn serving_certs(dir: &Path) -> fledge::runtime::certs::GeneratedCerts {
+    let certs = fledge::runtime::certs::generate(&fledge::runtime::certs::CertRequest {
         service: "fledge".into(),
         namespace: "fledge".into(),
         dns: vec![],
@@ -32,7 +33,7 @@ pub fn serving_certs(dir: &Path) -> fledge::certs::GeneratedCerts {
         validity_days: 1,
     })
     .expect("certificates");
-    fledge::certs::write_to_dir(&certs, dir).expect("writing certificates");
+    fledge::runtime::certs::write_to_dir(&certs, dir).expect("writing certificates");
     certs
 }
 
@@ -45,27 +46,31 @@ pub fn start() -> FledgeWebhook {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     let certs = serving_certs(&dir);
-    let cert = fledge::server::tls::ReloadingCert::load(fledge::server::tls::CertFiles {
-        cert: dir.join(fledge::certs::CERT_FILE),
-        key: dir.join(fledge::certs::KEY_FILE),
-    })
+    let cert = fledge::runtime::server::tls::ReloadingCert::load(
+        fledge::runtime::server::tls::CertFiles {
+            cert: dir.join(fledge::runtime::certs::CERT_FILE),
+            key: dir.join(fledge::runtime::certs::KEY_FILE),
+        },
+    )
     .expect("loading certificates");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     listener.set_nonblocking(true).expect("non-blocking");
     let addr = listener.local_addr().expect("its address");
     let task = tokio::spawn(async move {
-        let _ = fledge::server::serve(
+        let _ = fledge::runtime::server::serve(
             listener,
             cert,
-            fledge::server::AppState::default(),
+            fledge::runtime::server::AppState::default(),
             std::future::pending(),
             Duration::from_secs(1),
         )
         .await;
     });
-    let mut config = WebhookConfig::fledge(
-        format!("https://fledge.fledge.svc:{}/mutate", addr.port()),
-        certs.ca_cert_pem.clone(),
+    // The chart's webhook configuration, at this server with this CA.
+    let mut config = super::chart::webhook_config(
+        super::chart::default_render(),
+        addr.port(),
+        Some(&certs.ca_cert_pem),
     );
     config.connect_to = Some(addr);
     FledgeWebhook { config, task, dir }

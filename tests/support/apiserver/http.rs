@@ -76,6 +76,17 @@ struct Target {
     sub: Sub,
 }
 
+impl Target {
+    fn routed(&self) -> super::audit::Routed<'_> {
+        super::audit::Routed {
+            def: &self.def,
+            namespace: self.ns.as_deref(),
+            name: self.name.as_deref(),
+            sub: self.sub,
+        }
+    }
+}
+
 enum Route {
     Discovery(Value),
     Resource(Target),
@@ -241,6 +252,9 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
         }
         Route::Resource(t) => t,
     };
+    inner
+        .requests
+        .record(&user, &method, &query, target.routed());
     let body = axum::body::to_bytes(req.into_body(), 16 << 20)
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;

@@ -20,6 +20,8 @@ pub enum Builtin {
     Deployment,
     ReplicaSet,
     Lease,
+    /// Kinds the chart installs, served without behaviour of their own (`kinds.rs`).
+    Other(super::kinds::Kind),
 }
 
 /// When `metadata.generation` moves.
@@ -65,7 +67,7 @@ pub struct ResourceDef {
 }
 
 impl ResourceDef {
-    fn builtin(
+    pub(super) fn builtin(
         b: Builtin,
         group: &str,
         version: &str,
@@ -312,6 +314,7 @@ impl Registry {
             ResourceDef::builtin(Lease, "coordination.k8s.io", "v1", "leases", "Lease", true);
         lease.allow_create_on_update = true;
         defs.push(lease);
+        defs.extend(super::kinds::defs());
         Registry {
             defs: defs.into_iter().map(Arc::new).collect(),
         }

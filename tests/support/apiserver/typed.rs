@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::resources::Builtin;
 
-fn round_trip<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, String> {
+pub(super) fn round_trip<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, String> {
     let typed: T = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
     serde_json::to_value(typed).map_err(|e| e.to_string())
 }
@@ -30,6 +30,7 @@ pub fn check(b: Builtin, v: &Value) -> Result<Vec<String>, String> {
         Builtin::Deployment => round_trip::<api::apps::v1::Deployment>(v),
         Builtin::ReplicaSet => round_trip::<api::apps::v1::ReplicaSet>(v),
         Builtin::Lease => round_trip::<api::coordination::v1::Lease>(v),
+        Builtin::Other(kind) => super::kinds::decode(kind, v),
     }?;
     let mut unknown = Vec::new();
     unknown_fields(v, &out, "", &mut unknown);
@@ -150,7 +151,11 @@ pub fn default(b: Builtin, v: &mut Value) {
             }
             set_default(obj(&mut v["spec"]), "finalizers", json!(["kubernetes"]));
         }
-        Builtin::ConfigMap | Builtin::Event | Builtin::EventsV1 | Builtin::Lease => {}
+        Builtin::ConfigMap
+        | Builtin::Event
+        | Builtin::EventsV1
+        | Builtin::Lease
+        | Builtin::Other(_) => {}
     }
 }
 

@@ -304,7 +304,7 @@ pub fn builtin(b: Builtin, obj: &Value, old: Option<&Value>) -> Vec<FieldError> 
             errs
         }
         Builtin::ConfigMap => config_map(obj),
-        Builtin::Namespace => Vec::new(),
+        Builtin::Namespace | Builtin::Other(_) => Vec::new(),
     }
 }
 

@@ -1,0 +1,443 @@
+//! The AdmissionReview wire format, read and written the lean way.
+//!
+//! kube-core's `AdmissionReview<T>` flattens its `TypeMeta`, which makes serde buffer the whole
+//! review (managedFields, status, both objects) into an intermediate tree before reading it; for an
+//! 8 KB review that is most of the webhook's time. Here the envelope is read without flattening,
+//! the Deployment as a [`DeploymentView`] that keeps only what the decision reads (metadata names,
+//! labels, annotations, and the pod template as raw JSON) and skips everything else unparsed. The
+//! request itself is still kube-core's [`AdmissionRequest`].
+//!
+//! The answer is written here too, because kube-core serializes the JSONPatch (a Go `[]byte`) as an
+//! array of numbers (kube-rs issue 1781), which the API server rejects: it wants base64.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::admission::{AdmissionRequest, META_API_VERSION_V1, META_KIND};
+use kube::core::{NamespaceResourceScope, Resource, TypeMeta};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::{AdmissionOutcome, Decision};
+
+/// An apps/v1 Deployment as the webhook reads it. The pod template stays raw JSON, exactly as the
+/// API server sent it, so that no field is lost however new it is.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeploymentView {
+    pub metadata: ObjectMeta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<SpecView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SpecView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Box<RawValue>>,
+}
+
+impl<'de> Deserialize<'de> for DeploymentView {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            #[serde(default, deserialize_with = "lean_metadata")]
+            metadata: ObjectMeta,
+            #[serde(default, deserialize_with = "optional_object")]
+            spec: Option<SpecView>,
+        }
+        let fields: Fields = object(deserializer)?;
+        Ok(DeploymentView {
+            metadata: fields.metadata,
+            spec: fields.spec,
+        })
+    }
+}
+
+/// Reads `T` only from a JSON object. serde's derived structs also accept an array and take its items
+/// for the fields in order, which would make the decision read (and patch) places that are not there.
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<T, D::Error> {
+    struct OnlyMaps<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyMaps<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer.deserialize_map(OnlyMaps(std::marker::PhantomData))
+}
+
+/// Like [`object`], with `null` read as absent.
+fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    struct Wrapped<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Wrapped<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            object(d).map(Wrapped)
+        }
+    }
+    Ok(Option::<Wrapped<T>>::deserialize(deserializer)?.map(|w| w.0))
+}
+
+impl DeploymentView {
+    /// `spec.template` as raw JSON.
+    pub fn template(&self) -> Option<&RawValue> {
+        self.spec.as_ref()?.template.as_deref()
+    }
+
+    /// `spec.paused`; absent is `false`, as Kubernetes reads it.
+    pub fn paused(&self) -> bool {
+        self.spec.as_ref().and_then(|s| s.paused) == Some(true)
+    }
+}
+
+impl Resource for DeploymentView {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Deployment".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "apps".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "deployments".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Reads only the metadata fields the decision uses; managedFields and the rest are skipped.
+fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    struct Lean {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+        annotations: Option<BTreeMap<String, String>>,
+    }
+    let lean: Option<Lean> = optional_object(deserializer)?;
+    Ok(lean.map_or_else(ObjectMeta::default, |l| ObjectMeta {
+        name: l.name,
+        namespace: l.namespace,
+        uid: l.uid,
+        labels: l.labels,
+        annotations: l.annotations,
+        ..ObjectMeta::default()
+    }))
+}
+
+/// The envelope, read without `#[serde(flatten)]`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    request: Option<AdmissionRequest<DeploymentView>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the body is not UTF-8, as JSON must be: {0}")]
+    Utf8(#[from] std::str::Utf8Error),
+    #[error("the AdmissionReview has no request to answer")]
+    NoRequest,
+    #[error("request.uid is empty; the API server needs it to match the answer")]
+    NoUid,
+    #[error(
+        "apiVersion {0:?} is not an AdmissionReview version fledge answers (admission.k8s.io/v1 or v1beta1)"
+    )]
+    Version(String),
+}
+
+/// AdmissionReview versions: v1, and v1beta1 for API servers older than 1.16 (same shape).
+const VERSIONS: [&str; 2] = [META_API_VERSION_V1, "admission.k8s.io/v1beta1"];
+
+/// Parses an AdmissionReview body.
+pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DeploymentView>, ReviewError> {
+    // Checked as UTF-8 once, in bulk, rather than string by string (JSON is UTF-8 throughout).
+    let text = std::str::from_utf8(body)?;
+    let envelope: Envelope = serde_json::from_str(text)?;
+    if !envelope.api_version.is_empty() && !VERSIONS.contains(&envelope.api_version.as_str()) {
+        return Err(ReviewError::Version(envelope.api_version));
+    }
+    let mut request = envelope.request.ok_or(ReviewError::NoRequest)?;
+    if request.uid.is_empty() {
+        return Err(ReviewError::NoUid);
+    }
+    request.types = TypeMeta {
+        api_version: envelope.api_version,
+        kind: envelope.kind,
+    };
+    Ok(request)
+}
+
+/// An AdmissionReview v1 for a Deployment as kube-apiserver sends one: CREATE without `old`,
+/// UPDATE with it. `fledge plan` and the tests build their reviews with it.
+pub fn deployment_review(uid: &str, username: &str, object: &Value, old: Option<&Value>) -> Value {
+    let (operation, options) = match old {
+        Some(_) => ("UPDATE", "UpdateOptions"),
+        None => ("CREATE", "CreateOptions"),
+    };
+    json!({
+        "apiVersion": META_API_VERSION_V1,
+        "kind": META_KIND,
+        "request": {
+            "uid": uid,
+            "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "requestKind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "requestResource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "name": object["metadata"]["name"],
+            "namespace": object["metadata"]["namespace"],
+            "operation": operation,
+            "userInfo": {"username": username},
+            "object": object,
+            "oldObject": old,
+            "dryRun": false,
+            "options": {"kind": options, "apiVersion": "meta.k8s.io/v1"},
+        }
+    })
+}
+
+/// `request.uid` of a body that may be no valid AdmissionReview otherwise; everything else is
+/// skipped without being read into a tree, so any nesting depth elsewhere is fine.
+pub fn uid(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct UidOnly {
+        request: Option<RequestUid>,
+    }
+    #[derive(Deserialize)]
+    struct RequestUid {
+        uid: Option<String>,
+    }
+    serde_json::from_slice::<UidOnly>(body).ok()?.request?.uid
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    status: &'static str,
+    message: String,
+    reason: &'static str,
+    code: u16,
+}
+
+/// The AdmissionReview JSON answering `uid` with `decision`, in the review's own `apiVersion`.
+pub fn answer(
+    api_version: &str,
+    uid: &str,
+    decision: &Decision,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let mut response = ResponseOut {
+        uid,
+        allowed: true,
+        status: None,
+        patch_type: None,
+        patch: None,
+        warnings: &decision.warnings,
+    };
+    match &decision.outcome {
+        AdmissionOutcome::Allow(_) => {}
+        AdmissionOutcome::Deny(denial) => {
+            response.allowed = false;
+            response.status = Some(StatusOut {
+                status: "Failure",
+                message: denial.to_string(),
+                reason: "BadRequest",
+                code: 400,
+            });
+        }
+        AdmissionOutcome::Patch(_, patch) => {
+            let json = serde_json::to_vec(patch)?;
+            response.patch_type = Some("JSONPatch");
+            response.patch = Some(base64::engine::general_purpose::STANDARD.encode(json));
+        }
+    }
+    serde_json::to_vec(&ReviewOut {
+        api_version: if api_version.is_empty() {
+            META_API_VERSION_V1
+        } else {
+            api_version
+        },
+        kind: META_KIND,
+        response,
+    })
+}
+
+/// The answer to a review that could not be read but whose uid is known: not allowed, with why.
+pub fn unreadable(uid: &str, message: &str) -> Result<Vec<u8>, serde_json::Error> {
+    answer(
+        META_API_VERSION_V1,
+        uid,
+        &Decision {
+            outcome: AdmissionOutcome::Deny(message.to_owned().into()),
+            warnings: Vec::new(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_is_found_beside_anything() {
+        let deep = format!(
+            r#"{{"request":{{"object":{}1{},"uid":"u-deep"}}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert_eq!(uid(deep.as_bytes()), Some("u-deep".to_owned()));
+        assert_eq!(uid(br#"{"request":{"uid":7}}"#), None);
+        assert_eq!(uid(b"{"), None);
+    }
+
+    fn review(object: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u","kind":{{"group":"apps","version":"v1","kind":"Deployment"}},"resource":{{"group":"apps","version":"v1","resource":"deployments"}},"name":"web","operation":"CREATE","userInfo":{{}},"object":{object}}}}}"#
+        )
+    }
+
+    #[test]
+    fn objects_must_be_json_objects() {
+        let ok =
+            parse(review(r#"{"metadata":{"name":"web"},"spec":{"template":{"a":1}}}"#).as_bytes())
+                .unwrap();
+        let view = ok.object.unwrap();
+        assert_eq!(view.metadata.name.as_deref(), Some("web"));
+        assert_eq!(view.template().unwrap().get(), r#"{"a":1}"#);
+        for bad in [
+            r#"{"metadata":{"name":"web"},"spec":[{"a":1}]}"#,
+            r#"{"metadata":["web"],"spec":{"template":{}}}"#,
+            r#"["web"]"#,
+        ] {
+            let err = parse(review(bad).as_bytes()).unwrap_err().to_string();
+            assert!(err.contains("expected a JSON object"), "{bad}: {err}");
+        }
+        let null_parts = parse(review(r#"{"metadata":null,"spec":null}"#).as_bytes()).unwrap();
+        assert!(null_parts.object.unwrap().spec.is_none());
+    }
+
+    #[test]
+    fn numbers_in_the_stable_template_are_hashed_exactly() {
+        // Go writes floats as the shortest text that round-trips; the stable template's identity
+        // must be that value's, not a neighbouring one's, or the controller (reading the same
+        // JSON) would not recognise it.
+        let stable = r#"{"metadata":{"labels":{"app":"web"}},"spec":{"x":2.457244779466174e-242,"n":-9007199254740993}}"#;
+        let canary = stable.replace("-242", "-241");
+        let object = |template: &str| {
+            format!(
+                r#"{{"metadata":{{"name":"web","labels":{{"fledge.dev/enabled":"true"}},"annotations":{{"fledge.dev/steps":"- setWeight: 5"}}}},"spec":{{"template":{template}}}}}"#
+            )
+        };
+        let body = review(&object(&canary))
+            .replace("CREATE", "UPDATE")
+            .replacen(
+                r#""object":"#,
+                &format!(r#""oldObject":{},"object":"#, object(stable)),
+                1,
+            );
+        let request = parse(body.as_bytes()).unwrap();
+        let reply: Value =
+            serde_json::from_slice(&answer("", "u", &super::super::decide(&request)).unwrap())
+                .unwrap();
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(reply["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: Value = serde_json::from_slice(&patch).unwrap();
+        let recorded = &patch[0]["value"];
+        let hash = |text: &str| crate::core::template::hash(&serde_json::from_str(text).unwrap());
+        assert_eq!(
+            patch[0]["path"],
+            "/metadata/annotations/fledge.dev~1stable-hash"
+        );
+        assert_eq!(*recorded, json!(hash(stable)));
+        let neighbour = stable.replace("2.457244779466174e-242", "2.4572447794661738e-242");
+        assert_ne!(*recorded, json!(hash(&neighbour)));
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused_wherever_the_bad_byte_is() {
+        let mut body = review(r#"{"metadata":{"managedFields":[{"manager":"ab"}]}}"#).into_bytes();
+        let at = body.windows(2).position(|w| w == b"ab").unwrap();
+        body[at] = 0xff;
+        let err = parse(&body).unwrap_err().to_string();
+        assert!(err.starts_with("the body is not UTF-8"), "{err}");
+        assert_eq!(
+            uid(&body),
+            Some("u".to_owned()),
+            "the answer can still name the request"
+        );
+    }
+
+    #[test]
+    fn versions_and_uids_are_checked() {
+        let body = review("{}");
+        assert!(matches!(
+            parse(body.replace(r#""uid":"u""#, r#""uid":"""#).as_bytes()),
+            Err(ReviewError::NoUid)
+        ));
+        let other = body.replace("admission.k8s.io/v1", "garbage");
+        assert_eq!(
+            parse(other.as_bytes()).unwrap_err().to_string(),
+            r#"apiVersion "garbage" is not an AdmissionReview version fledge answers (admission.k8s.io/v1 or v1beta1)"#
+        );
+        let beta = body.replace("admission.k8s.io/v1", "admission.k8s.io/v1beta1");
+        let answer: serde_json::Value = serde_json::from_slice(
+            &super::answer(
+                &parse(beta.as_bytes()).unwrap().types.api_version,
+                "u",
+                &Decision {
+                    outcome: AdmissionOutcome::Allow(super::super::AllowReason::FirstDeploy),
+                    warnings: vec![],
+                },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1beta1");
+    }
+}

@@ -1,0 +1,81 @@
+//! Small builders shared by the unit tests: Deployment `shop/web` in the shapes the API server
+//! sends it, as JSON. One place, so that every test speaks of the same object.
+
+use serde_json::{Value, json};
+
+use crate::core::rollout::{Phase, RolloutState};
+use crate::core::spec::{
+    ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, ANNOTATION_STATE, ANNOTATION_STEPS, LABEL_ENABLED,
+    Weight,
+};
+use crate::core::template;
+
+/// The brief's steps: 5 %, 2 minutes, 50 %, wait for promote.
+pub const STEPS: &str = "- setWeight: 5\n- pause: {duration: 2m}\n- setWeight: 50\n- pause: {}\n";
+
+/// The pod template running `image`, as the API server returns it (`creationTimestamp: null`).
+pub fn mk_template(image: &str) -> Value {
+    json!({
+        "metadata": {"creationTimestamp": null, "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "web", "image": image, "ports": [{"containerPort": 8080}]}]}
+    })
+}
+
+/// The identity of [`mk_template`]`(image)`.
+pub fn mk_hash(image: &str) -> String {
+    template::hash(&mk_template(image))
+}
+
+/// Deployment `shop/web`, opted in with [`STEPS`], 4 replicas, its template running `image`.
+pub fn mk_deployment(image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "web",
+            "namespace": "shop",
+            "uid": "6b1c7a0e-0d6c-4d59-9b0e-2b0c7f8a4e11",
+            "resourceVersion": "1200",
+            "generation": 3,
+            "labels": {"app": "web", LABEL_ENABLED: "true"},
+            "annotations": {ANNOTATION_STEPS: STEPS},
+        },
+        "spec": {
+            "replicas": 4,
+            "progressDeadlineSeconds": 600,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": mk_template(image),
+        }
+    })
+}
+
+pub fn with_annotation(mut object: Value, key: &str, value: &str) -> Value {
+    object["metadata"]["annotations"][key] = json!(value);
+    object
+}
+
+/// `web` as the webhook stores it after `image` was applied over `stable`: held by fledge.
+pub fn mk_held(stable: &str, image: &str) -> Value {
+    let mut d = with_annotation(mk_deployment(image), ANNOTATION_HOLD, "true");
+    d["spec"]["paused"] = json!(true);
+    with_annotation(d, ANNOTATION_STABLE_HASH, &mk_hash(stable))
+}
+
+/// A stored state in `phase` at `step` with `weight`, about the template `hash`.
+pub fn mk_state(phase: Phase, hash: &str, step: usize, weight: Weight) -> RolloutState {
+    RolloutState {
+        phase,
+        hash: hash.into(),
+        step,
+        weight,
+        message: String::new(),
+        step_started: None,
+        unavailable_since: None,
+    }
+}
+
+/// `object` with `state` stored in `fledge.dev/state`.
+pub fn with_state(object: Value, state: &RolloutState) -> Value {
+    let text = serde_json::to_string(state).unwrap_or_default();
+    with_annotation(object, ANNOTATION_STATE, &text)
+}

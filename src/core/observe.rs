@@ -1,0 +1,365 @@
+//! What the controller reads off cluster objects, as plain values for the rollout state machine.
+//!
+//! Pure: JSON objects in (the user's Deployment, its canary Deployment, its ReplicaSets), facts out.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::core::rollout::machine::{CanaryStatus, Observation};
+use crate::core::rollout::{self, RolloutState, StateError};
+use crate::core::spec::{
+    self, ANNOTATION_CANARY_HASH, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, CanarySpec, OptIn,
+};
+use crate::core::template;
+
+/// Kubernetes' default for `spec.progressDeadlineSeconds`.
+const DEFAULT_PROGRESS_DEADLINE: u64 = 600;
+/// The revision a Deployment and its ReplicaSets carry.
+const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// Facts about the user's Deployment.
+#[derive(Debug)]
+pub struct DeploymentFacts {
+    pub name: String,
+    /// The settings, when opted in and valid.
+    pub spec: Option<CanarySpec>,
+    /// Why the settings are not used, when the Deployment is labelled but they are invalid.
+    pub invalid: Option<String>,
+    /// Hash of `spec.template`, from the JSON as the API server returned it: the same identity the
+    /// webhook computes from the same JSON.
+    pub template_hash: String,
+    /// `fledge.dev/stable-hash`.
+    pub stable_hash: Option<String>,
+    /// `fledge.dev/hold` is `"true"`: fledge holds `spec.paused`.
+    pub held: bool,
+    /// `spec.paused`.
+    pub paused: bool,
+    pub stable_replicas: u64,
+    pub progress_deadline: Duration,
+    pub rolled_out: bool,
+    pub state: Result<Option<RolloutState>, StateError>,
+}
+
+impl DeploymentFacts {
+    pub fn read(deployment: &Value) -> DeploymentFacts {
+        let meta = &deployment["metadata"];
+        let name = meta["name"].as_str().unwrap_or_default().to_owned();
+        let labels = string_map(&meta["labels"]);
+        let annotations = string_map(&meta["annotations"]);
+        let (spec, invalid) = match spec::opt_in(Some(&labels), Some(&annotations)) {
+            OptIn::Enabled => match spec::parse(&name, &annotations) {
+                Ok(spec) => (Some(spec), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+            OptIn::Disabled | OptIn::WithoutSteps => (None, None),
+        };
+        DeploymentFacts {
+            spec,
+            invalid,
+            template_hash: template::of_deployment(deployment)
+                .map(template::hash)
+                .unwrap_or_default(),
+            stable_hash: annotations.get(ANNOTATION_STABLE_HASH).cloned(),
+            held: annotations
+                .get(ANNOTATION_HOLD)
+                .is_some_and(|v| v == "true"),
+            paused: deployment["spec"]["paused"].as_bool() == Some(true),
+            stable_replicas: deployment["spec"]["replicas"].as_u64().unwrap_or(1),
+            progress_deadline: Duration::from_secs(
+                deployment["spec"]["progressDeadlineSeconds"]
+                    .as_u64()
+                    .unwrap_or(DEFAULT_PROGRESS_DEADLINE),
+            ),
+            rolled_out: rolled_out(deployment),
+            state: rollout::read_state(Some(&annotations)),
+            name,
+        }
+    }
+
+    /// The template waiting to be canaried, if any.
+    pub fn pending(&self) -> Option<&str> {
+        self.stable_hash
+            .as_deref()
+            .filter(|stable| *stable != self.template_hash)
+            .map(|_| self.template_hash.as_str())
+    }
+
+    /// fledge's hold record is on the Deployment although nothing is pending for fledge (it left
+    /// fledge, or the template was reverted while the webhook was not called): it must be released.
+    pub fn needs_release(&self) -> bool {
+        (self.held || self.stable_hash.is_some())
+            && (self.spec.is_none() || self.pending().is_none())
+    }
+
+    /// The observation for the state machine, given the canary Deployment (if it exists) and the
+    /// canary's ReplicaSets.
+    pub fn observation<'a>(
+        &'a self,
+        canary: Option<&Value>,
+        replicasets: &[Value],
+    ) -> Observation<'a> {
+        Observation {
+            name: &self.name,
+            spec: self.spec.as_ref(),
+            template_hash: &self.template_hash,
+            stable_hash: self.stable_hash.as_deref(),
+            held: self.held,
+            stable_replicas: self.stable_replicas,
+            progress_deadline: self.progress_deadline,
+            // The canary always runs `spec.template`: held, or being rolled out by the promotion.
+            canary: canary_status(canary, Some(&self.template_hash), replicasets),
+            stable_rolled_out: self.rolled_out,
+        }
+    }
+}
+
+fn string_map(value: &Value) -> std::collections::BTreeMap<String, String> {
+    value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect()
+}
+
+fn count(status: &Value, field: &str) -> u64 {
+    status[field].as_u64().unwrap_or(0)
+}
+
+/// The Deployment controller has seen the latest spec and every replica is updated and available,
+/// with no old ones left: what `kubectl rollout status` waits for.
+pub fn rolled_out(deployment: &Value) -> bool {
+    let status = &deployment["status"];
+    let wanted = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+    let generation = deployment["metadata"]["generation"].as_u64().unwrap_or(0);
+    status["observedGeneration"].as_u64().unwrap_or(0) >= generation
+        && count(status, "updatedReplicas") == wanted
+        && count(status, "replicas") == wanted
+        && count(status, "availableReplicas") == wanted
+}
+
+/// The canary Deployment's status for the pending template. Available pods are counted on the
+/// canary's ReplicaSets whose pod template carries the pending hash: a Deployment's own status lags
+/// behind every change of its spec (even a scale-up), which would read as "no ready pod".
+pub fn canary_status(
+    canary: Option<&Value>,
+    pending_hash: Option<&str>,
+    replicasets: &[Value],
+) -> CanaryStatus {
+    let (Some(canary), Some(pending)) = (canary, pending_hash) else {
+        return CanaryStatus::default();
+    };
+    let uid = canary["metadata"]["uid"].as_str();
+    let ready_replicas = replicasets
+        .iter()
+        .filter(|rs| uid.is_some() && owned_by(rs, uid))
+        .filter(|rs| {
+            rs["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CANARY_HASH] == pending
+        })
+        .map(|rs| count(&rs["status"], "availableReplicas"))
+        .sum();
+    let current = canary["metadata"]["annotations"][ANNOTATION_CANARY_HASH] == pending;
+    CanaryStatus {
+        available: current && rolled_out(canary),
+        ready_replicas,
+    }
+}
+
+fn owned_by(object: &Value, uid: Option<&str>) -> bool {
+    object["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["uid"].as_str() == uid && o["controller"] == true)
+}
+
+/// `pod-template-hash` of the ReplicaSet that runs the Deployment's current template: the one owned
+/// by it with the Deployment's own revision.
+pub fn stable_pod_template_hash(deployment: &Value, replicasets: &[Value]) -> Option<String> {
+    let uid = deployment["metadata"]["uid"].as_str()?;
+    let revision = deployment["metadata"]["annotations"][REVISION].as_str()?;
+    replicasets
+        .iter()
+        .filter(|rs| owned_by(rs, Some(uid)))
+        .find(|rs| rs["metadata"]["annotations"][REVISION] == revision)
+        .and_then(|rs| rs["metadata"]["labels"]["pod-template-hash"].as_str())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment() -> Value {
+        json!({
+            "metadata": {
+                "name": "web", "uid": "u1", "generation": 4,
+                "labels": {"fledge.dev/enabled": "true"},
+                "annotations": {
+                    "fledge.dev/steps": "- setWeight: 5",
+                    ANNOTATION_STABLE_HASH: "c1",
+                    ANNOTATION_HOLD: "true",
+                    REVISION: "3",
+                },
+            },
+            "spec": {"replicas": 4, "paused": true, "progressDeadlineSeconds": 120, "template": {"spec": {"containers": []}}},
+            "status": {"observedGeneration": 4, "replicas": 4, "updatedReplicas": 4, "availableReplicas": 4},
+        })
+    }
+
+    fn canary(hash: &str, generation: u64, observed: u64, updated: u64, available: u64) -> Value {
+        json!({
+            "metadata": {"name": "web-canary", "uid": "c-uid", "generation": generation, "annotations": {ANNOTATION_CANARY_HASH: hash}},
+            "spec": {"replicas": 2},
+            "status": {"observedGeneration": observed, "replicas": 2, "updatedReplicas": updated, "availableReplicas": available},
+        })
+    }
+
+    fn canary_rs(owner: &str, hash: &str, available: u64) -> Value {
+        json!({
+            "metadata": {"ownerReferences": [{"uid": owner, "controller": true}]},
+            "spec": {"template": {"metadata": {"annotations": {ANNOTATION_CANARY_HASH: hash}}}},
+            "status": {"availableReplicas": available},
+        })
+    }
+
+    #[test]
+    fn facts_of_an_opted_in_deployment() {
+        let facts = DeploymentFacts::read(&deployment());
+        assert_eq!(facts.spec.as_ref().unwrap().steps.len(), 1);
+        let template_hash = template::hash(&json!({"spec": {"containers": []}}));
+        assert_eq!(facts.template_hash, template_hash);
+        assert_eq!(facts.stable_hash.as_deref(), Some("c1"));
+        assert_eq!(facts.pending(), Some(template_hash.as_str()));
+        assert!(facts.held && facts.paused && !facts.needs_release());
+        assert_eq!(
+            (facts.stable_replicas, facts.progress_deadline),
+            (4, Duration::from_secs(120))
+        );
+        assert!(facts.rolled_out);
+        assert!(matches!(facts.state, Ok(None)));
+        let o = facts.observation(
+            Some(&canary(&template_hash, 1, 1, 2, 2)),
+            &[canary_rs("c-uid", &template_hash, 2)],
+        );
+        assert_eq!(
+            o.canary,
+            CanaryStatus {
+                available: true,
+                ready_replicas: 2
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_or_absent_settings_are_not_used() {
+        let mut d = deployment();
+        d["metadata"]["annotations"]["fledge.dev/steps"] = json!("- setWeight: 150");
+        let facts = DeploymentFacts::read(&d);
+        assert!(facts.spec.is_none());
+        assert!(
+            facts
+                .invalid
+                .unwrap()
+                .contains("150 is not between 0 and 100")
+        );
+        d["metadata"]["labels"] = json!({});
+        let facts = DeploymentFacts::read(&d);
+        assert!(facts.spec.is_none() && facts.invalid.is_none());
+        // Out of fledge with the hold record still there: it must be released.
+        assert!(facts.needs_release());
+    }
+
+    #[test]
+    fn defaults_follow_kubernetes() {
+        let mut d = deployment();
+        d["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("progressDeadlineSeconds");
+        d["spec"].as_object_mut().unwrap().remove("replicas");
+        let facts = DeploymentFacts::read(&d);
+        assert_eq!(
+            (facts.stable_replicas, facts.progress_deadline),
+            (1, Duration::from_secs(600))
+        );
+    }
+
+    #[test]
+    fn rollout_is_complete_only_when_everything_caught_up() {
+        let mut d = deployment();
+        assert!(rolled_out(&d));
+        d["status"]["observedGeneration"] = json!(3);
+        assert!(!rolled_out(&d));
+        let mut d = deployment();
+        d["status"]["replicas"] = json!(5); // an old pod still terminating
+        assert!(!rolled_out(&d));
+        let mut d = deployment();
+        d["status"]["availableReplicas"] = json!(3);
+        assert!(!rolled_out(&d));
+    }
+
+    #[test]
+    fn canary_pods_are_counted_per_template_on_its_replicasets() {
+        let sets = [
+            canary_rs("c-uid", "c2", 2),
+            canary_rs("c-uid", "c1", 3),
+            canary_rs("other", "c2", 5),
+        ];
+        assert_eq!(
+            canary_status(None, Some("c2"), &sets),
+            CanaryStatus::default()
+        );
+        assert_eq!(
+            canary_status(Some(&canary("c2", 1, 1, 2, 2)), None, &sets),
+            CanaryStatus::default()
+        );
+        // Pods of an earlier canary template, or of another owner, are not the canary's.
+        assert_eq!(
+            canary_status(Some(&canary("c2", 1, 1, 2, 2)), Some("c2"), &sets),
+            CanaryStatus {
+                available: true,
+                ready_replicas: 2
+            }
+        );
+        // A scale-up: the Deployment's status lags, its pods keep serving.
+        assert_eq!(
+            canary_status(Some(&canary("c2", 2, 1, 2, 2)), Some("c2"), &sets),
+            CanaryStatus {
+                available: false,
+                ready_replicas: 2
+            }
+        );
+        // The canary Deployment still runs an earlier template.
+        assert_eq!(
+            canary_status(Some(&canary("c1", 1, 1, 2, 2)), Some("c2"), &sets[1..2]),
+            CanaryStatus {
+                available: false,
+                ready_replicas: 0
+            }
+        );
+    }
+
+    #[test]
+    fn the_stable_replicaset_is_the_one_of_the_current_revision() {
+        let rs = |hash: &str, revision: &str, owner: &str| {
+            json!({"metadata": {
+                "labels": {"pod-template-hash": hash},
+                "annotations": {REVISION: revision},
+                "ownerReferences": [{"uid": owner, "controller": true}],
+            }})
+        };
+        let sets = vec![
+            rs("old", "2", "u1"),
+            rs("cur", "3", "u1"),
+            rs("other", "3", "u9"),
+        ];
+        assert_eq!(
+            stable_pod_template_hash(&deployment(), &sets).as_deref(),
+            Some("cur")
+        );
+        assert_eq!(stable_pod_template_hash(&deployment(), &sets[..1]), None);
+    }
+}

@@ -1,0 +1,609 @@
+//! `fledge plan`: the webhook's very decision, run offline on two manifests, and what would follow
+//! from it: the patch, the objects fledge creates, and the step timeline.
+
+use std::fmt::Write as _;
+
+use json_patch::PatchOperation;
+use kube::core::admission::AdmissionRequest;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::core::admission::{
+    self, AdmissionOutcome, Decision, DeploymentView, PatchReason, review,
+};
+use crate::core::objects::{self, Desired, SplitApi};
+use crate::core::rollout::{self, Timeline};
+use crate::core::spec::{self, CanarySpec, Weight};
+use crate::core::template;
+
+/// Stands in for the stable ReplicaSet's `pod-template-hash`, which only the cluster knows.
+pub const STABLE_HASH_PLACEHOLDER: &str = "STABLE-POD-TEMPLATE-HASH";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{file}: not valid YAML: {source}")]
+    Yaml {
+        file: String,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{file}: no apps/v1 Deployment in the file")]
+    NoDeployment { file: String },
+    #[error("{file}: {count} Deployments in the file; plan takes one")]
+    ManyDeployments { file: String, count: usize },
+    #[error("--from and --to hold different Deployments ({from} and {to})")]
+    DifferentDeployments { from: String, to: String },
+    #[error("building the AdmissionRequest: {0}")]
+    Request(String),
+}
+
+/// The Kubernetes objects of one manifest file.
+pub struct Manifest {
+    pub file: String,
+    pub objects: Vec<Value>,
+}
+
+impl Manifest {
+    /// Reads a YAML (or JSON) stream of one or more documents.
+    pub fn parse(file: &str, text: &str) -> Result<Manifest, PlanError> {
+        let mut objects = Vec::new();
+        for doc in serde_yaml_ng::Deserializer::from_str(text) {
+            let value = Value::deserialize(doc).map_err(|source| PlanError::Yaml {
+                file: file.to_owned(),
+                source,
+            })?;
+            if !value.is_null() {
+                objects.push(value);
+            }
+        }
+        Ok(Manifest {
+            file: file.to_owned(),
+            objects,
+        })
+    }
+
+    fn deployment(&self) -> Result<&Value, PlanError> {
+        let found: Vec<&Value> = self
+            .objects
+            .iter()
+            .filter(|o| o["kind"] == "Deployment" && o["apiVersion"] == "apps/v1")
+            .collect();
+        match found[..] {
+            [one] => Ok(one),
+            [] => Err(PlanError::NoDeployment {
+                file: self.file.clone(),
+            }),
+            _ => Err(PlanError::ManyDeployments {
+                file: self.file.clone(),
+                count: found.len(),
+            }),
+        }
+    }
+
+    fn service(&self, name: &str) -> Option<&Value> {
+        self.objects
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == name)
+    }
+}
+
+/// Everything `fledge plan` reports.
+pub struct Plan {
+    pub name: String,
+    pub operation: &'static str,
+    pub decision: Decision,
+    /// The parsed annotations, when valid.
+    pub spec: Option<CanarySpec>,
+    pub timeline: Option<Timeline>,
+    /// The objects at the start of the canary (weight 0), when the change starts one.
+    pub objects: Option<Result<Desired, String>>,
+}
+
+/// Runs the admission decision on `from` → `to` (a CREATE when there is no `from`). Services are
+/// looked up in every manifest given.
+pub fn plan(
+    from: Option<&Manifest>,
+    to: &Manifest,
+    extra: &[Manifest],
+    split_api: SplitApi,
+) -> Result<Plan, PlanError> {
+    let new = to.deployment()?;
+    let old = from.map(Manifest::deployment).transpose()?;
+    let name = new["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if let Some(old_name) = old.and_then(|o| o["metadata"]["name"].as_str())
+        && old_name != name
+    {
+        return Err(PlanError::DifferentDeployments {
+            from: old_name.to_owned(),
+            to: name,
+        });
+    }
+    let applied = old.map(|old| as_applied(old, new));
+    let new = applied.as_ref().unwrap_or(new);
+    let req = request(old, new)?;
+    let decision = admission::decide(&req);
+    let annotations = req
+        .object
+        .as_ref()
+        .and_then(|o| o.metadata.annotations.clone())
+        .unwrap_or_default();
+    let spec = spec::parse(&name, &annotations).ok();
+    let timeline = spec.as_ref().map(|s| rollout::timeline(&s.steps));
+    let objects = match (&decision.outcome, &spec) {
+        (
+            AdmissionOutcome::Patch(
+                PatchReason::Hold | PatchReason::HoldReplaced | PatchReason::HoldTakenOver,
+                patch,
+            ),
+            Some(spec),
+        ) => {
+            let mut stored = new.clone();
+            Some(
+                json_patch::patch(&mut stored, patch)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        let manifests = from.into_iter().chain([to]).chain(extra);
+                        canary_objects(&stored, spec, manifests, split_api)
+                    }),
+            )
+        }
+        _ => None,
+    };
+    Ok(Plan {
+        name,
+        operation: if old.is_some() { "UPDATE" } else { "CREATE" },
+        decision,
+        spec,
+        timeline,
+        objects,
+    })
+}
+
+/// `new` as `kubectl apply` of it over `old` stores it: fields the manifest does not mention are
+/// kept, and fledge's own (`spec.paused`, its annotations) are never in a user's manifest.
+fn as_applied(old: &Value, new: &Value) -> Value {
+    let mut merged = new.clone();
+    if merged["spec"].get("paused").is_none()
+        && let Some(paused) = old["spec"].get("paused")
+        && merged["spec"].is_object()
+    {
+        merged["spec"]["paused"] = paused.clone();
+    }
+    for key in spec::FLEDGE_ANNOTATIONS {
+        if let Some(value) = old["metadata"]["annotations"].get(key)
+            && merged["metadata"].is_object()
+        {
+            if !merged["metadata"]["annotations"].is_object() {
+                merged["metadata"]["annotations"] = json!({});
+            }
+            if merged["metadata"]["annotations"].get(key).is_none() {
+                merged["metadata"]["annotations"][key] = value.clone();
+            }
+        }
+    }
+    merged
+}
+
+fn request(
+    old: Option<&Value>,
+    new: &Value,
+) -> Result<AdmissionRequest<DeploymentView>, PlanError> {
+    let mut review = review::deployment_review("fledge-plan", "fledge-plan", new, old);
+    review["request"]["dryRun"] = json!(true);
+    let body = serde_json::to_vec(&review).map_err(|e| PlanError::Request(e.to_string()))?;
+    review::parse(&body).map_err(|e| PlanError::Request(e.to_string()))
+}
+
+fn canary_objects<'m>(
+    stored: &Value,
+    spec: &CanarySpec,
+    manifests: impl Iterator<Item = &'m Manifest>,
+    split_api: SplitApi,
+) -> Result<Desired, String> {
+    // Held: `spec.template` is the canary's.
+    let template = template::of_deployment(stored).ok_or("the Deployment has no spec.template")?;
+    let manifests: Vec<&Manifest> = manifests.collect();
+    let root = manifests
+        .iter()
+        .find_map(|m| m.service(&spec.root_service))
+        .ok_or_else(|| {
+            format!(
+                "root Service {} is not in the files given; add it to --to or pass --service FILE",
+                spec.root_service
+            )
+        })?;
+    objects::desired(&objects::Inputs {
+        deployment: stored,
+        canary_hash: &template::hash(template),
+        root_service: root,
+        stable_pod_template_hash: STABLE_HASH_PLACEHOLDER,
+        size: Weight::ZERO,
+        weight: Weight::ZERO,
+        split_api,
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The human-readable report.
+pub fn render_text(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Deployment {} ({})", plan.name, plan.operation);
+    match &plan.decision.outcome {
+        AdmissionOutcome::Allow(reason) => {
+            let _ = writeln!(out, "Decision: allow unchanged: {reason}");
+        }
+        AdmissionOutcome::Deny(denial) => {
+            let _ = writeln!(out, "Decision: deny");
+            for problem in &denial.problems {
+                let _ = writeln!(out, "  {problem}");
+            }
+        }
+        AdmissionOutcome::Patch(reason, patch) => {
+            let _ = writeln!(out, "Decision: allow with patch: {reason}");
+            let _ = writeln!(out, "\nPatch (JSONPatch, {} operations):", patch.0.len());
+            for op in &patch.0 {
+                let _ = writeln!(out, "  {}", describe_op(op));
+            }
+        }
+    }
+    for warning in &plan.decision.warnings {
+        let _ = writeln!(out, "Warning: {warning}");
+    }
+    match &plan.objects {
+        Some(Ok(desired)) => render_objects(&mut out, plan, desired),
+        Some(Err(why)) => {
+            let _ = writeln!(out, "\nObjects: cannot be computed: {why}");
+        }
+        None => {}
+    }
+    if let Some(timeline) = &plan.timeline {
+        render_timeline(&mut out, plan, timeline);
+    }
+    out
+}
+
+fn describe_op(op: &PatchOperation) -> String {
+    let summary = |v: &Value| match v {
+        Value::String(s) if s.len() > 48 => format!("<{} bytes>", s.len()),
+        Value::Object(_) | Value::Array(_) => {
+            let images = images(v);
+            if images.is_empty() {
+                "<object>".to_owned()
+            } else {
+                format!("<pod template: {}>", images.join(", "))
+            }
+        }
+        other => other.to_string(),
+    };
+    match op {
+        PatchOperation::Add(a) => format!("add     {} = {}", a.path, summary(&a.value)),
+        PatchOperation::Replace(r) => format!("replace {} = {}", r.path, summary(&r.value)),
+        PatchOperation::Remove(r) => format!("remove  {}", r.path),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `name=image` of each container in a pod template.
+fn images(template: &Value) -> Vec<String> {
+    template["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{}={}",
+                c["name"].as_str().unwrap_or("?"),
+                c["image"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+fn labels(selector: &Value) -> String {
+    selector
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn render_objects(out: &mut String, plan: &Plan, d: &Desired) {
+    let _ = writeln!(
+        out,
+        "\nObjects fledge creates for the canary (owned by Deployment {}; canary weight 0 until it is available):",
+        plan.name
+    );
+    let deploy = &d.canary_deployment;
+    let _ = writeln!(
+        out,
+        "  Deployment   {:<20} {} replica(s), {}",
+        deploy["metadata"]["name"].as_str().unwrap_or_default(),
+        deploy["spec"]["replicas"],
+        images(&deploy["spec"]["template"]).join(", ")
+    );
+    for svc in [&d.canary_service, &d.stable_service] {
+        let ports: Vec<String> = svc["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{}→{}",
+                    p["port"],
+                    p.get("targetPort").unwrap_or(&p["port"])
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "  Service      {:<20} ports {}, selects {}",
+            svc["metadata"]["name"].as_str().unwrap_or_default(),
+            ports.join(" "),
+            labels(&svc["spec"]["selector"])
+        );
+    }
+    let split = &d.traffic_split;
+    let backends: Vec<String> = split["spec"]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| format!("{} {}", b["service"].as_str().unwrap_or("?"), b["weight"]))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  TrafficSplit {:<20} {}, apex {}: {}",
+        split["metadata"]["name"].as_str().unwrap_or_default(),
+        split["apiVersion"].as_str().unwrap_or_default(),
+        split["spec"]["service"].as_str().unwrap_or_default(),
+        backends.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "  ({STABLE_HASH_PLACEHOLDER} is the live stable ReplicaSet's pod-template-hash; -o yaml prints the objects in full)"
+    );
+}
+
+fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
+    let when = match plan.decision.outcome {
+        AdmissionOutcome::Patch(..) => "",
+        _ => " (on the next pod template change)",
+    };
+    let _ = writeln!(
+        out,
+        "\nSteps{when}, times from when {}-canary is available:",
+        plan.name
+    );
+    let _ = writeln!(
+        out,
+        "  {:<5} {:<24} {:>8}  earliest start",
+        "step", "action", "weight"
+    );
+    let total = timeline.steps.len();
+    for (i, s) in timeline.steps.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  {:<5} {:<24} {:>8}  {}",
+            format!("{}/{total}", i + 1),
+            s.step.to_string(),
+            format!("{}%", s.weight),
+            s.starts
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<5} {:<24} {:>8}  {}",
+        "", "promote", "100%", timeline.promotion
+    );
+    if timeline.promotion.promotions > 0 {
+        let _ = writeln!(
+            out,
+            "  (\"promote\" is `fledge promote {}` at a `pause: {{}}` step)",
+            plan.name
+        );
+    }
+}
+
+/// `-o json`: the report as data.
+pub fn to_json(plan: &Plan) -> Value {
+    let (decision, reason, patch) = match &plan.decision.outcome {
+        AdmissionOutcome::Allow(r) => ("allow", r.to_string(), Value::Null),
+        AdmissionOutcome::Deny(denial) => ("deny", denial.to_string(), Value::Null),
+        AdmissionOutcome::Patch(r, p) => (
+            "patch",
+            r.to_string(),
+            serde_json::to_value(p).unwrap_or_default(),
+        ),
+    };
+    let steps: Vec<Value> = plan
+        .timeline
+        .iter()
+        .flat_map(|t| &t.steps)
+        .map(|s| json!({"step": s.step.to_string(), "weight": s.weight.to_string(), "earliest": s.starts.to_string()}))
+        .collect();
+    json!({
+        "deployment": plan.name,
+        "operation": plan.operation,
+        "decision": decision,
+        "reason": reason,
+        "warnings": plan.decision.warnings,
+        "patch": patch,
+        "objects": match &plan.objects {
+            Some(Ok(d)) => json!(d.all()),
+            Some(Err(e)) => json!({"error": e}),
+            None => Value::Null,
+        },
+        "steps": steps,
+        "promotion": plan.timeline.as_ref().map(|t| t.promotion.to_string()),
+    })
+}
+
+/// `-o yaml`: the objects as a YAML stream ready for `kubectl apply --dry-run=server -f -`.
+pub fn to_yaml(plan: &Plan) -> Result<String, serde_yaml_ng::Error> {
+    let mut out = format!(
+        "# fledge plan: Deployment {}: {}\n",
+        plan.name,
+        to_json(plan)["reason"].as_str().unwrap_or_default()
+    );
+    if let Some(Ok(desired)) = &plan.objects {
+        for object in desired.all() {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml_ng::to_string(object)?);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: &str = include_str!("../../examples/web-v1.yaml");
+    const V2: &str = include_str!("../../examples/web-v2.yaml");
+
+    fn manifest(text: &str) -> Manifest {
+        Manifest::parse("test.yaml", text).unwrap()
+    }
+
+    #[test]
+    fn the_examples_plan_a_canary() {
+        let plan = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
+        assert!(matches!(
+            plan.decision.outcome,
+            AdmissionOutcome::Patch(PatchReason::Hold, _)
+        ));
+        let desired = plan.objects.as_ref().unwrap().as_ref().unwrap();
+        assert_eq!(desired.canary_deployment["metadata"]["name"], "web-canary");
+        assert_eq!(
+            desired.canary_deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/example/web:1.1.0"
+        );
+        let text = render_text(&plan);
+        assert!(text.contains("Decision: allow with patch"), "{text}");
+        assert!(text.contains("held (spec.paused)"), "{text}");
+        assert!(text.contains("add     /spec/paused = true"), "{text}");
+        assert!(text.contains("TrafficSplit web"), "{text}");
+        assert!(text.contains("1/5"), "{text}");
+        let yaml = to_yaml(&plan).unwrap();
+        assert_eq!(
+            yaml.matches("\n---\n").count() + usize::from(yaml.starts_with("---")),
+            4,
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn a_create_shows_the_steps_for_the_next_change() {
+        let plan = plan(None, &manifest(V1), &[], SplitApi::V1Alpha2).unwrap();
+        assert_eq!(plan.operation, "CREATE");
+        assert!(render_text(&plan).contains("on the next pod template change"));
+    }
+
+    #[test]
+    fn denials_list_each_problem() {
+        let bad = V2
+            .replace("setWeight: 50", "setWeight: 150")
+            .replace("duration: 2m", "duration: soon");
+        let plan = plan(
+            Some(&manifest(V1)),
+            &manifest(&bad),
+            &[],
+            SplitApi::V1Alpha2,
+        )
+        .unwrap();
+        let text = render_text(&plan);
+        assert!(
+            text.contains("Decision: deny\n  fledge.dev/steps[1].pause.duration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  fledge.dev/steps[2].setWeight: 150 is not between 0 and 100"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_revert_of_an_in_flight_canary_is_a_rollback() {
+        // `--from` the live Deployment, held at v2 (its `kubectl get -o yaml`), `--to` v1.
+        let held = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let AdmissionOutcome::Patch(_, patch) = &held.decision.outcome else {
+            panic!("not held")
+        };
+        let mut live = manifest(V2).deployment().unwrap().clone();
+        json_patch::patch(&mut live, patch).unwrap();
+        let live = Manifest {
+            file: "live.yaml".into(),
+            objects: vec![live],
+        };
+        let plan = plan(Some(&live), &manifest(V1), &[], SplitApi::V1Alpha2).unwrap();
+        assert!(matches!(
+            plan.decision.outcome,
+            AdmissionOutcome::Patch(PatchReason::Revert, _)
+        ));
+        let text = render_text(&plan);
+        assert!(
+            text.contains("Decision: allow with patch: rollback"),
+            "{text}"
+        );
+        assert!(text.contains("add     /spec/paused = false"), "{text}");
+    }
+
+    #[test]
+    fn a_long_name_is_denied_at_its_own_place() {
+        let name = "a".repeat(57);
+        let long = |text: &str| manifest(&text.replace("name: web\n", &format!("name: {name}\n")));
+        let plan = plan(Some(&long(V1)), &long(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let text = render_text(&plan);
+        assert!(
+            text.contains("Decision: deny\n  metadata.name: fledge creates Services"),
+            "{text}"
+        );
+        assert!(!text.contains("fledge.dev/metadata.name"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_root_service_is_explained() {
+        let deployment_only = |text: &str| manifest(text.split("\n---\n").next().unwrap());
+        let plan = plan(
+            Some(&deployment_only(V1)),
+            &deployment_only(V2),
+            &[],
+            SplitApi::V1Alpha2,
+        )
+        .unwrap();
+        let text = render_text(&plan);
+        assert!(
+            text.contains("root Service web is not in the files given"),
+            "{text}"
+        );
+        let with_service = super::plan(
+            Some(&deployment_only(V1)),
+            &deployment_only(V2),
+            &[manifest(V1)],
+            SplitApi::V1Alpha2,
+        );
+        assert!(matches!(with_service.unwrap().objects, Some(Ok(_))));
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let err = Manifest::parse("bad.yaml", "a: [").err().unwrap();
+        assert!(err.to_string().starts_with("bad.yaml: not valid YAML"));
+        let err = plan(
+            None,
+            &manifest("kind: Service\napiVersion: v1\n"),
+            &[],
+            SplitApi::V1Alpha2,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "test.yaml: no apps/v1 Deployment in the file"
+        );
+    }
+}

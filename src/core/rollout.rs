@@ -1,0 +1,302 @@
+//! The rollout: its persisted state and the schedule its steps follow.
+//!
+//! The state lives on the Deployment in the `fledge.dev/state` annotation, written by the controller;
+//! the webhook only reads it (to keep an aborted template aborted and to let promotion through).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::core::spec::{ANNOTATION_STATE, Step, Weight};
+
+pub mod machine;
+
+/// Where a rollout stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// No canary.
+    Idle,
+    /// Walking the steps.
+    Progressing,
+    /// At a `pause` step.
+    Paused,
+    /// All steps done: the stable Deployment is taking the canary's template.
+    Promoting,
+    /// The canary's template is the stable one.
+    Succeeded,
+    /// Traffic went back to stable; the canary template stays aborted (and the Deployment held)
+    /// until it changes or is retried.
+    Aborted,
+    /// The template was reverted to the stable one: traffic on stable, canary removed, unpaused.
+    RolledBack,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Idle,
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Promoting,
+        Phase::Succeeded,
+        Phase::Aborted,
+        Phase::RolledBack,
+    ];
+}
+
+impl Phase {
+    /// The phase's name, as `fledge status` and the metrics' labels show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Idle => "Idle",
+            Phase::Progressing => "Progressing",
+            Phase::Paused => "Paused",
+            Phase::Promoting => "Promoting",
+            Phase::Succeeded => "Succeeded",
+            Phase::Aborted => "Aborted",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The persisted rollout state (`fledge.dev/state`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutState {
+    pub phase: Phase,
+    /// `fledge.dev/canary-hash` of the template this state is about.
+    pub hash: String,
+    /// Index of the current step.
+    #[serde(default)]
+    pub step: usize,
+    /// Canary traffic share now.
+    #[serde(default)]
+    pub weight: Weight,
+    #[serde(default)]
+    pub message: String,
+    /// When the current step began: pauses count from here, so they survive restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
+    pub step_started: Option<Timestamp>,
+    /// Since when the canary has not been available: the progress deadline counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
+    pub unavailable_since: Option<Timestamp>,
+}
+
+/// Times as RFC 3339 text, as Kubernetes writes them.
+mod rfc3339 {
+    use k8s_openapi::jiff::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.collect_str(t),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| text.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{ANNOTATION_STATE}: cannot read fledge's rollout state ({0}); it is written by fledge's controller: remove the annotation to reset the rollout"
+)]
+pub struct StateError(#[source] serde_json::Error);
+
+/// The state recorded on a Deployment, if any.
+pub fn read_state(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<Option<RolloutState>, StateError> {
+    annotations
+        .and_then(|a| a.get(ANNOTATION_STATE))
+        .map(|text| serde_json::from_str(text).map_err(StateError))
+        .transpose()
+}
+
+impl Serialize for Weight {
+    /// As the percentage text (`"12.5"`): exact, and readable in `kubectl get -o yaml`.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Weight::parse_percent(&text)
+            .map_err(|e| serde::de::Error::custom(format!("weight {text:?}: {e:?}")))
+    }
+}
+
+/// The earliest moment a step can start, counted from when the canary became available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Earliest {
+    /// How many `pause: {}` gates (`fledge promote`) come before.
+    pub promotions: usize,
+    /// Wall-clock time after the last of those promotions (or after the start, if none).
+    pub after: Duration,
+}
+
+impl fmt::Display for Earliest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let after = crate::core::spec::format_duration(self.after);
+        match self.promotions {
+            0 => write!(f, "+{after}"),
+            1 => write!(f, "promote +{after}"),
+            n => write!(f, "promote #{n} +{after}"),
+        }
+    }
+}
+
+/// One row of the step schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledStep {
+    pub step: Step,
+    /// Canary traffic share while this step runs.
+    pub weight: Weight,
+    pub starts: Earliest,
+}
+
+/// When each step starts and when promotion follows, if every check passes and nobody waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeline {
+    pub steps: Vec<ScheduledStep>,
+    pub promotion: Earliest,
+}
+
+pub fn timeline(steps: &[Step]) -> Timeline {
+    let mut at = Earliest {
+        promotions: 0,
+        after: Duration::ZERO,
+    };
+    let mut weight = Weight::ZERO;
+    let scheduled = steps
+        .iter()
+        .map(|step| {
+            let starts = at;
+            match step {
+                Step::SetWeight(w) => weight = *w,
+                Step::PauseFor(d) => at.after += *d,
+                Step::PauseUntilPromoted => {
+                    at = Earliest {
+                        promotions: at.promotions + 1,
+                        after: Duration::ZERO,
+                    }
+                }
+            }
+            ScheduledStep {
+                step: step.clone(),
+                weight,
+                starts,
+            }
+        })
+        .collect();
+    Timeline {
+        steps: scheduled,
+        promotion: at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(text: &str) -> Weight {
+        Weight::parse_percent(text).unwrap()
+    }
+
+    fn at(promotions: usize, secs: u64) -> Earliest {
+        Earliest {
+            promotions,
+            after: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn timeline_of_the_brief_example() {
+        let steps = vec![
+            Step::SetWeight(w("5")),
+            Step::PauseFor(Duration::from_secs(120)),
+            Step::SetWeight(w("50")),
+            Step::PauseUntilPromoted,
+            Step::SetWeight(Weight::FULL),
+        ];
+        let t = timeline(&steps);
+        let rows: Vec<(Weight, Earliest)> = t.steps.iter().map(|s| (s.weight, s.starts)).collect();
+        assert_eq!(
+            rows,
+            vec![
+                (w("5"), at(0, 0)),
+                (w("5"), at(0, 0)),
+                (w("50"), at(0, 120)),
+                (w("50"), at(0, 120)),
+                (Weight::FULL, at(1, 0)),
+            ]
+        );
+        assert_eq!(t.promotion, at(1, 0));
+        assert_eq!(t.steps[4].starts.to_string(), "promote +0s");
+        assert_eq!(t.steps[2].starts.to_string(), "+2m");
+    }
+
+    #[test]
+    fn pauses_add_up_and_promotions_reset_the_clock() {
+        let steps = vec![
+            Step::PauseFor(Duration::from_secs(30)),
+            Step::PauseFor(Duration::from_secs(60)),
+            Step::PauseUntilPromoted,
+            Step::PauseFor(Duration::from_secs(5)),
+            Step::PauseUntilPromoted,
+            Step::PauseFor(Duration::from_secs(7)),
+        ];
+        let t = timeline(&steps);
+        assert_eq!(t.steps[2].starts, at(0, 90));
+        assert_eq!(t.steps[4].starts, at(1, 5));
+        assert_eq!(t.promotion, at(2, 7));
+        assert_eq!(t.promotion.to_string(), "promote #2 +7s");
+        assert!(t.steps.iter().all(|s| s.weight == Weight::ZERO));
+    }
+
+    #[test]
+    fn state_round_trips_and_errors_name_the_annotation() {
+        let state = RolloutState {
+            phase: Phase::Aborted,
+            hash: "abc".into(),
+            step: 2,
+            weight: w("12.5"),
+            message: "canary not available within 600s".into(),
+            step_started: None,
+            unavailable_since: None,
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(text.contains(r#""weight":"12.5""#), "{text}");
+        let annotations = BTreeMap::from([(ANNOTATION_STATE.to_owned(), text)]);
+        assert_eq!(read_state(Some(&annotations)).unwrap(), Some(state));
+        assert_eq!(read_state(None).unwrap(), None);
+        let bad = BTreeMap::from([(ANNOTATION_STATE.to_owned(), "{".to_owned())]);
+        let err = read_state(Some(&bad)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("fledge.dev/state: cannot read fledge's rollout state"),
+            "{err}"
+        );
+        let minimal = BTreeMap::from([(
+            ANNOTATION_STATE.to_owned(),
+            r#"{"phase":"Promoting","hash":"h"}"#.to_owned(),
+        )]);
+        assert_eq!(
+            read_state(Some(&minimal)).unwrap().unwrap().phase,
+            Phase::Promoting
+        );
+    }
+}

@@ -1,0 +1,883 @@
+//! The controller: read → decide → apply around the pure core.
+//!
+//! - **read**: the Deployment, its canary, its ReplicaSets and fledge's Services come from
+//!   watch-fed caches (kube-runtime reflectors); only the root Service (while a canary needs its
+//!   ports) and the traffic object (before it is turned to stable) are read by GET;
+//! - **decide**: [`machine::next`] gives the next rollout step, [`converge::writes`] the ordered
+//!   writes; both pure;
+//! - **apply**: the writes, one by one, each conditioned where it must be.
+//!
+//! Level-triggered: a controller killed at any point resumes from what is stored.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+use crate::core::admission::FIELD_MANAGER;
+use crate::core::converge::{self, OwnedObjects, Write};
+use crate::core::objects::{self, LABEL_MANAGED_BY, POD_TEMPLATE_HASH, SplitApi, TRACK_CANARY};
+use crate::core::observe::{self, DeploymentFacts};
+use crate::core::rollout::machine;
+use crate::core::rollout::{Phase, RolloutState};
+use crate::core::spec::{
+    ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, ANNOTATION_STATE, CANARY_SUFFIX, LABEL_TRACK,
+    STABLE_SUFFIX,
+};
+use crate::runtime::events::{self, Reporter};
+
+/// Field manager of every write, and the Event reporter.
+pub const MANAGER: &str = FIELD_MANAGER;
+/// How soon to look again when waiting on something without a known end (a missing Service).
+const RETRY: Duration = Duration::from_secs(10);
+/// How often to look at a settled Deployment anyway (from the caches: it costs no request).
+const RESYNC: Duration = Duration::from_secs(300);
+/// Reconciles at once: a bound, so that thousands of Deployments changing together cannot take
+/// every core from the webhook.
+const CONCURRENCY: u16 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Objects(#[from] objects::ObjectError),
+    #[error("encoding {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Watch one namespace only; all when `None`.
+    pub namespace: Option<String>,
+    pub split_api: SplitApi,
+    pub metrics: ControllerMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CanaryLabels {
+    namespace: String,
+    deployment: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    namespace: String,
+    deployment: String,
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// The controller's Prometheus metrics (served at the webhook's `/metrics`).
+#[derive(Clone, Debug)]
+pub struct ControllerMetrics {
+    weight: Family<CanaryLabels, Gauge<f64, AtomicU64>>,
+    phase: Family<PhaseLabels, Gauge>,
+    reconciles: Family<ResultLabels, Counter>,
+    duration: Histogram,
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        ControllerMetrics {
+            weight: Family::default(),
+            phase: Family::default(),
+            reconciles: Family::default(),
+            // 1 ms … ~16 s: a reconcile is a few API calls.
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+}
+
+impl ControllerMetrics {
+    /// New metrics, registered under `fledge_`.
+    pub fn register(registry: &mut Registry) -> ControllerMetrics {
+        let metrics = ControllerMetrics::default();
+        registry.register(
+            "canary_weight_percent",
+            "Canary traffic share, by Deployment",
+            metrics.weight.clone(),
+        );
+        registry.register(
+            "canary_phase",
+            "1 for the rollout's current phase, 0 for the others, by Deployment",
+            metrics.phase.clone(),
+        );
+        registry.register(
+            "controller_reconciles",
+            "Reconciles, by result (ok, error)",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "controller_reconcile_duration_seconds",
+            "Time one reconcile takes",
+            metrics.duration.clone(),
+        );
+        metrics
+    }
+
+    fn record(&self, namespace: &str, deployment: &str, state: Option<&RolloutState>) {
+        let canary = CanaryLabels {
+            namespace: namespace.to_owned(),
+            deployment: deployment.to_owned(),
+        };
+        let phase_labels = |phase: Phase| PhaseLabels {
+            namespace: namespace.to_owned(),
+            deployment: deployment.to_owned(),
+            phase: phase.name(),
+        };
+        match state {
+            Some(state) => {
+                self.weight
+                    .get_or_create(&canary)
+                    .set(f64::from(state.weight.basis_points()) / 100.0);
+                for phase in Phase::ALL {
+                    self.phase
+                        .get_or_create(&phase_labels(phase))
+                        .set(i64::from(phase == state.phase));
+                }
+            }
+            None => {
+                self.weight.remove(&canary);
+                for phase in Phase::ALL {
+                    self.phase.remove(&phase_labels(phase));
+                }
+            }
+        }
+    }
+
+    fn reconciled(&self, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.reconciles
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+}
+
+/// The watch-fed caches a reconcile reads from.
+struct Caches {
+    /// fledge's canary Deployments.
+    canaries: Store<DynamicObject>,
+    /// fledge's Services.
+    services: Store<Service>,
+    /// Every ReplicaSet, metadata only: the stable one's `pod-template-hash`.
+    replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+    /// The canaries' ReplicaSets, whole: their available pods.
+    canary_replicasets: Store<ReplicaSet>,
+}
+
+impl Caches {
+    /// Whether every cache has been listed once: a controller that starts (or restarts) must not
+    /// take a cache still empty for a world without canary pods, and turn their traffic off.
+    fn ready(&self) -> bool {
+        use futures::FutureExt as _;
+        [
+            self.canaries.wait_until_ready().boxed(),
+            self.services.wait_until_ready().boxed(),
+            self.replicasets.wait_until_ready().boxed(),
+            self.canary_replicasets.wait_until_ready().boxed(),
+        ]
+        .into_iter()
+        .all(|ready| matches!(ready.now_or_never(), Some(Ok(()))))
+    }
+}
+
+struct Context {
+    client: Client,
+    config: ControllerConfig,
+    reporter: Reporter,
+    caches: Caches,
+    /// Consecutive failures per Deployment, for the error backoff.
+    failures: Mutex<HashMap<ObjectRef<DynamicObject>, u32>>,
+}
+
+/// apps/v1 Deployments, read as JSON: typed structs would drop what the API server sent
+/// (`creationTimestamp: null` in templates, fields newer than fledge), and with it the template's
+/// identity.
+fn deployment_resource() -> ApiResource {
+    ApiResource::erase::<Deployment>(&())
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ar = deployment_resource();
+    let ns = config.namespace.clone();
+    let dynamic = |client: &Client| match &ns {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+        None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+    };
+    let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+    let canary_pods = watcher::Config::default().labels(&format!("{LABEL_TRACK}={TRACK_CANARY}"));
+    let strip = |o: &mut DynamicObject| o.managed_fields_mut().clear();
+
+    let deployments_writer = reflector::store::Writer::new(ar.clone());
+    let deployments = deployments_writer.as_reader();
+    let deployment_stream = watcher(dynamic(&client), watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(deployments_writer)
+        .applied_objects();
+    let canaries_writer = reflector::store::Writer::new(ar.clone());
+    let canaries = canaries_writer.as_reader();
+    let canary_stream = watcher(dynamic(&client), owned.clone())
+        .default_backoff()
+        .modify(strip)
+        .reflect(canaries_writer)
+        .applied_objects();
+    let (services, services_writer) = reflector::store();
+    let service_stream = watcher(scoped::<Service>(&client, &config.namespace), owned)
+        .default_backoff()
+        .modify(|s| s.managed_fields_mut().clear())
+        .reflect(services_writer)
+        .applied_objects();
+    let (replicasets, replicasets_writer) = reflector::store();
+    let replicaset_stream = watcher(
+        scoped::<PartialObjectMeta<ReplicaSet>>(&client, &config.namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|r| r.managed_fields_mut().clear())
+    .reflect(replicasets_writer)
+    .applied_objects();
+    let (canary_replicasets, canary_replicasets_writer) = reflector::store();
+    let canary_replicaset_stream = watcher(
+        scoped::<ReplicaSet>(&client, &config.namespace),
+        canary_pods,
+    )
+    .default_backoff()
+    .modify(|r| r.managed_fields_mut().clear())
+    .reflect(canary_replicasets_writer)
+    .applied_objects();
+
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").unwrap_or_else(|_| MANAGER.into()),
+    };
+    let context = Arc::new(Context {
+        client,
+        config,
+        reporter,
+        caches: Caches {
+            canaries,
+            services,
+            replicasets,
+            canary_replicasets,
+        },
+        failures: Mutex::default(),
+    });
+    let ar_for_mapper = ar.clone();
+    Controller::for_stream_with(deployment_stream, deployments, ar.clone())
+        .owns_stream_with(canary_stream, ar.clone())
+        .owns_stream(service_stream)
+        .owns_stream_with(replicaset_stream, ())
+        // A canary ReplicaSet belongs to `NAME-canary`, which belongs to `NAME`.
+        .watches_stream_with(
+            canary_replicaset_stream,
+            move |rs: ReplicaSet| {
+                let owner = rs
+                    .owner_references()
+                    .iter()
+                    .find(|o| o.controller == Some(true) && o.kind == "Deployment")
+                    .and_then(|o| o.name.strip_suffix(CANARY_SUFFIX).map(str::to_owned));
+                let namespace = rs.namespace();
+                owner.map(|name| {
+                    let r = ObjectRef::new_with(&name, ar_for_mapper.clone());
+                    match &namespace {
+                        Some(ns) => r.within(ns),
+                        None => r,
+                    }
+                })
+            },
+            (),
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn error_policy(
+    deployment: Arc<DynamicObject>,
+    error: &ControllerError,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = ObjectRef::from_obj_with(&*deployment, deployment_resource());
+    let failures = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    match error {
+        // Someone else wrote first (the Deployment controller's status, a user's command): read
+        // again and go on at once.
+        ControllerError::Kube(kube::Error::Api(e)) if e.code == 409 => {
+            tracing::debug!(deployment = %deployment.name_any(), "conflict; reading again");
+            Action::requeue(Duration::from_millis(100))
+        }
+        _ => {
+            // 1 s, 2 s, 4 s … up to 5 minutes.
+            let backoff = Duration::from_secs(1u64 << failures.min(9).saturating_sub(1))
+                .min(Duration::from_secs(300));
+            tracing::warn!(deployment = %deployment.name_any(), %error, failures, ?backoff, "reconcile failed; retrying");
+            Action::requeue(backoff)
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(namespace = %deployment.namespace().unwrap_or_default(), deployment = %deployment.name_any()))]
+async fn reconcile(
+    deployment: Arc<DynamicObject>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let started = Instant::now();
+    let result = reconcile_one(&deployment, &ctx).await;
+    ctx.config
+        .metrics
+        .reconciled(result.is_ok(), started.elapsed());
+    if result.is_ok() {
+        let key = ObjectRef::from_obj_with(&*deployment, deployment_resource());
+        ctx.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+    }
+    result
+}
+
+/// What one reconcile read: the Deployment's facts and the world around it.
+struct Read {
+    value: Value,
+    facts: DeploymentFacts,
+    canary: Option<Value>,
+    canary_replicasets: Vec<Value>,
+    owned: OwnedObjects,
+    stable_pod_template_hash: Option<String>,
+}
+
+/// The read step: everything from the caches.
+fn read(deployment: &DynamicObject, caches: &Caches) -> Result<Read, ControllerError> {
+    let json = |what, v: Result<Value, serde_json::Error>| {
+        v.map_err(|source| ControllerError::Json { what, source })
+    };
+    let value = json("the Deployment", serde_json::to_value(deployment))?;
+    let facts = DeploymentFacts::read(&value);
+    let namespace = deployment.namespace().unwrap_or_default();
+    let name = &facts.name;
+    let canary_name = format!("{name}{CANARY_SUFFIX}");
+    let canary = caches
+        .canaries
+        .get(&ObjectRef::new_with(&canary_name, deployment_resource()).within(&namespace))
+        .map(|c| json("the canary Deployment", serde_json::to_value(&*c)))
+        .transpose()?;
+    let canary_uid = canary.as_ref().and_then(|c| c["metadata"]["uid"].as_str());
+    let canary_replicasets = caches
+        .canary_replicasets
+        .state()
+        .iter()
+        .filter(|rs| rs.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|rs| {
+            rs.owner_references()
+                .iter()
+                .any(|o| Some(o.uid.as_str()) == canary_uid)
+        })
+        .map(|rs| json("a canary ReplicaSet", serde_json::to_value(&**rs)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let service = |suffix: &str| {
+        caches
+            .services
+            .get(&ObjectRef::new(&format!("{name}{suffix}")).within(&namespace))
+    };
+    let owned = OwnedObjects {
+        canary_deployment: canary.is_some(),
+        canary_service: service(CANARY_SUFFIX).is_some(),
+        stable_service: service(STABLE_SUFFIX).map(|s| {
+            s.spec
+                .as_ref()
+                .and_then(|spec| spec.selector.as_ref())
+                .and_then(|selector| selector.get(POD_TEMPLATE_HASH).cloned())
+        }),
+    };
+    let uid = deployment.uid();
+    let replicasets: Vec<Value> = caches
+        .replicasets
+        .state()
+        .iter()
+        .filter(|rs| {
+            rs.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .filter_map(|rs| serde_json::to_value(&**rs).ok())
+        .collect();
+    let stable_pod_template_hash = observe::stable_pod_template_hash(&value, &replicasets);
+    Ok(Read {
+        value,
+        facts,
+        canary,
+        canary_replicasets,
+        owned,
+        stable_pod_template_hash,
+    })
+}
+
+async fn reconcile_one(
+    deployment: &DynamicObject,
+    ctx: &Context,
+) -> Result<Action, ControllerError> {
+    let namespace = deployment.namespace().unwrap_or_default();
+    if !ctx.caches.ready() {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
+    let seen = read(deployment, &ctx.caches)?;
+    let facts = &seen.facts;
+    let state = match &facts.state {
+        Ok(state) => state.clone(),
+        Err(e) => {
+            let event = machine::Event {
+                reason: "StateUnreadable",
+                message: e.to_string(),
+                warning: true,
+            };
+            publish(ctx, deployment, facts, &event).await;
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    if facts.spec.is_none()
+        && state.is_none()
+        && facts.invalid.is_none()
+        && !facts.needs_release()
+        && !seen.owned.canary_deployment
+    {
+        // Not fledge's (this includes the canary Deployments fledge itself creates).
+        return Ok(Action::await_change());
+    }
+    let observation = facts.observation(seen.canary.as_ref(), &seen.canary_replicasets);
+    let next = machine::next(state.as_ref(), &observation, Timestamp::now());
+    ctx.config
+        .metrics
+        .record(&namespace, &facts.name, next.state.as_ref());
+    let plan = converge::writes(&converge::World {
+        facts,
+        stored: state.as_ref(),
+        next: &next,
+        owned: seen.owned.clone(),
+        stable_pod_template_hash: seen.stable_pod_template_hash.as_deref(),
+    });
+    let changed = next.state.as_ref() != state.as_ref();
+    let apply = Apply {
+        ctx,
+        deployment,
+        read: &seen,
+        namespace: &namespace,
+    };
+    let outcome = apply.all(&plan, next.state.as_ref()).await?;
+    Ok(Action::requeue(match outcome {
+        // A changed state may allow the next step at once.
+        Applied::Done if changed => Duration::from_millis(50),
+        Applied::Done => next.requeue.unwrap_or(RESYNC),
+        Applied::Waiting => RETRY,
+    }))
+}
+
+enum Applied {
+    Done,
+    /// Something the writes need is not there yet (the root Service, the stable ReplicaSet).
+    Waiting,
+}
+
+/// The apply step: carries out the decided writes in order.
+struct Apply<'a> {
+    ctx: &'a Context,
+    deployment: &'a DynamicObject,
+    read: &'a Read,
+    namespace: &'a str,
+}
+
+impl Apply<'_> {
+    fn deployments(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.ctx.client.clone(),
+            self.namespace,
+            &deployment_resource(),
+        )
+    }
+
+    fn splits(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.ctx.client.clone(),
+            self.namespace,
+            &split_resource(self.ctx.config.split_api),
+        )
+    }
+
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.ctx.client.clone(), self.namespace)
+    }
+
+    fn name(&self) -> &str {
+        &self.read.facts.name
+    }
+
+    async fn all(
+        &self,
+        writes: &[Write],
+        next_state: Option<&RolloutState>,
+    ) -> Result<Applied, ControllerError> {
+        for write in writes {
+            match write {
+                Write::Announce(event) => {
+                    publish(self.ctx, self.deployment, &self.read.facts, event).await;
+                }
+                Write::ApplyCanary { size, weight } => {
+                    if let Some(waiting) = self.apply_canary(*size, *weight, next_state).await? {
+                        return Ok(waiting);
+                    }
+                }
+                Write::StoreState(state) => self.store_state(Some(state)).await?,
+                Write::Unpause => self.unpause().await?,
+                Write::RepinStable(hash) => self.repin_stable(hash).await?,
+                Write::TrafficToStable => self.traffic_to_stable().await?,
+                Write::DeleteCanaryDeployment => {
+                    gone(
+                        self.deployments()
+                            .delete(
+                                &format!("{}{CANARY_SUFFIX}", self.name()),
+                                &DeleteParams::background(),
+                            )
+                            .await,
+                    )?;
+                }
+                Write::DeleteTrafficObject => {
+                    gone(
+                        self.splits()
+                            .delete(self.name(), &DeleteParams::background())
+                            .await,
+                    )?;
+                }
+                Write::DeleteServices => {
+                    for suffix in [CANARY_SUFFIX, STABLE_SUFFIX] {
+                        gone(
+                            self.services()
+                                .delete(
+                                    &format!("{}{suffix}", self.name()),
+                                    &DeleteParams::background(),
+                                )
+                                .await,
+                        )?;
+                    }
+                }
+                Write::Release => self.release().await?,
+                Write::ForgetState => self.store_state(None).await?,
+                Write::WaitForStableReplicaSet => return Ok(Applied::Waiting),
+            }
+        }
+        Ok(Applied::Done)
+    }
+
+    /// Server-side apply of the canary's objects. `Some(Waiting)` when they cannot be made yet.
+    async fn apply_canary(
+        &self,
+        size: crate::core::spec::Weight,
+        weight: crate::core::spec::Weight,
+        next_state: Option<&RolloutState>,
+    ) -> Result<Option<Applied>, ControllerError> {
+        let facts = &self.read.facts;
+        let Some(spec) = &facts.spec else {
+            return Ok(Some(Applied::Waiting));
+        };
+        let Some(root) = self.services().get_opt(&spec.root_service).await? else {
+            self.root_service_missing(&spec.root_service, next_state)
+                .await?;
+            return Ok(Some(Applied::Waiting));
+        };
+        let Some(stable_hash) = &self.read.stable_pod_template_hash else {
+            return Ok(Some(Applied::Waiting));
+        };
+        let root = serde_json::to_value(root).map_err(|source| ControllerError::Json {
+            what: "the root Service",
+            source,
+        })?;
+        let desired = objects::desired(&objects::Inputs {
+            deployment: &self.read.value,
+            canary_hash: &facts.template_hash,
+            root_service: &root,
+            stable_pod_template_hash: stable_hash,
+            size,
+            weight,
+            split_api: self.ctx.config.split_api,
+        })?;
+        let apply = PatchParams::apply(MANAGER).force();
+        self.deployments()
+            .patch(
+                &format!("{}{CANARY_SUFFIX}", self.name()),
+                &apply,
+                &Patch::Apply(&desired.canary_deployment),
+            )
+            .await?;
+        for (suffix, service) in [
+            (CANARY_SUFFIX, &desired.canary_service),
+            (STABLE_SUFFIX, &desired.stable_service),
+        ] {
+            self.services()
+                .patch(
+                    &format!("{}{suffix}", self.name()),
+                    &apply,
+                    &Patch::Apply(service),
+                )
+                .await?;
+        }
+        self.splits()
+            .patch(self.name(), &apply, &Patch::Apply(&desired.traffic_split))
+            .await?;
+        Ok(None)
+    }
+
+    /// The root Service does not exist: nothing can be routed, which the user must hear about,
+    /// once: in the status message and as a warning Event.
+    async fn root_service_missing(
+        &self,
+        service: &str,
+        next_state: Option<&RolloutState>,
+    ) -> Result<(), ControllerError> {
+        let Some(stored) = next_state else {
+            return Ok(());
+        };
+        let message = format!(
+            "root Service {service} not found: fledge copies its ports and selector for the canary; \
+             create it, or name another one in fledge.dev/root-service"
+        );
+        if stored.message == message {
+            return Ok(());
+        }
+        let event = machine::Event {
+            reason: "RootServiceMissing",
+            message: message.clone(),
+            warning: true,
+        };
+        publish(self.ctx, self.deployment, &self.read.facts, &event).await;
+        self.store_state(Some(&RolloutState {
+            message,
+            ..stored.clone()
+        }))
+        .await
+    }
+
+    /// Promotion: the Deployment is unpaused and rolls the canary's template out with its own
+    /// strategy. Conditioned (JSON patch `test`) on the stored state and the template decided on:
+    /// a command or a new template since makes it fail, and the pass runs again on fresh data.
+    async fn unpause(&self) -> Result<(), ControllerError> {
+        let value = &self.read.value;
+        let annotation = |key: &str| {
+            json_patch::jsonptr::PointerBuf::from_tokens(["metadata", "annotations", key])
+                .to_string()
+        };
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": annotation(ANNOTATION_STATE), "value": value["metadata"]["annotations"][ANNOTATION_STATE]},
+            {"op": "test", "path": "/spec/template", "value": value["spec"]["template"]},
+            {"op": "replace", "path": "/spec/paused", "value": false},
+            {"op": "remove", "path": annotation(ANNOTATION_HOLD)},
+            {"op": "remove", "path": annotation(ANNOTATION_STABLE_HASH)},
+        ]))
+        .map_err(|source| ControllerError::Json {
+            what: "the promotion patch",
+            source,
+        })?;
+        self.deployments()
+            .patch(self.name(), &writer(), &Patch::<()>::Json(patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Unpauses (when fledge holds the pause) and removes the hold record.
+    async fn release(&self) -> Result<(), ControllerError> {
+        let facts = &self.read.facts;
+        let mut patch = json!({"metadata": {
+            "resourceVersion": self.deployment.resource_version(),
+            "annotations": {ANNOTATION_HOLD: null, ANNOTATION_STABLE_HASH: null},
+        }});
+        if facts.held && facts.paused {
+            patch["spec"] = json!({"paused": false});
+        }
+        self.deployments()
+            .patch(self.name(), &writer(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+
+    async fn repin_stable(&self, hash: &str) -> Result<(), ControllerError> {
+        let stable_name = format!("{}{STABLE_SUFFIX}", self.name());
+        let Some(service) = self
+            .ctx
+            .caches
+            .services
+            .get(&ObjectRef::new(&stable_name).within(self.namespace))
+        else {
+            return Ok(());
+        };
+        // After a promotion NAME-stable still selects the old ReplicaSet: re-pin it to the pods
+        // that run now before any traffic goes back to it. A merge patch: an apply of the
+        // selector alone would drop the ports fledge applied.
+        let mut selector = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default();
+        selector.insert(POD_TEMPLATE_HASH.into(), hash.to_owned());
+        let pin = json!({"spec": {"selector": selector}});
+        self.services()
+            .patch(&stable_name, &writer(), &Patch::Merge(&pin))
+            .await?;
+        Ok(())
+    }
+
+    /// All traffic on the stable Service, in one write, when the traffic object exists.
+    async fn traffic_to_stable(&self) -> Result<(), ControllerError> {
+        let splits = self.splits();
+        let Some(split) = splits.get_opt(self.name()).await? else {
+            return Ok(());
+        };
+        if rolled_out_to_stable(&split) {
+            return Ok(());
+        }
+        let apex = split.data["spec"]["service"].as_str().unwrap_or_default();
+        let body = objects::traffic_to_stable(&self.read.value, apex, self.ctx.config.split_api)?;
+        splits
+            .patch(
+                self.name(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the state annotation (or removes fledge's annotations when the Deployment left), with
+    /// the observed resourceVersion as a precondition: a concurrent writer makes this fail with
+    /// 409 and the reconcile runs again on fresh data.
+    async fn store_state(&self, state: Option<&RolloutState>) -> Result<(), ControllerError> {
+        let annotations = match state {
+            Some(state) => {
+                json!({ ANNOTATION_STATE: serde_json::to_string(state).map_err(|source| ControllerError::Json { what: "the rollout state", source })? })
+            }
+            None => json!({ ANNOTATION_STATE: null }),
+        };
+        let patch = json!({"metadata": {"resourceVersion": self.deployment.resource_version(), "annotations": annotations}});
+        self.deployments()
+            .patch(self.name(), &writer(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Parameters of fledge's own non-apply writes: its field manager, which the webhook recognises.
+fn writer() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+/// A delete whose object is already gone succeeded.
+fn gone<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Whether a TrafficSplit already sends nothing to the canary.
+fn rolled_out_to_stable(split: &DynamicObject) -> bool {
+    split.data["spec"]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| {
+            b["service"]
+                .as_str()
+                .is_some_and(|s| s.ends_with(CANARY_SUFFIX))
+        })
+        .all(|b| b["weight"].as_u64() == Some(0) || b["weight"].as_str() == Some("0"))
+}
+
+pub fn split_resource(api: SplitApi) -> ApiResource {
+    let (group, version) = api
+        .api_version()
+        .split_once('/')
+        .unwrap_or(("split.smi-spec.io", "v1alpha2"));
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: api.api_version().into(),
+        kind: "TrafficSplit".into(),
+        plural: "trafficsplits".into(),
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    deployment: &DynamicObject,
+    facts: &DeploymentFacts,
+    event: &machine::Event,
+) {
+    let announcement = events::transition_event(
+        deployment.object_ref(&deployment_resource()),
+        deployment
+            .annotations()
+            .get(ANNOTATION_STATE)
+            .map(String::as_str),
+        &facts.template_hash,
+        event,
+        &ctx.reporter,
+        Timestamp::now(),
+    );
+    if let Err(e) = events::record(&ctx.client, &announcement).await {
+        tracing::warn!(error = %e, reason = event.reason, "could not record an Event");
+    }
+}

@@ -1,0 +1,9 @@
+//! The IO edge around [`crate::core`]: each part reads the world, calls the pure core to decide,
+//! and writes the result.
+
+pub mod certs;
+pub mod commands;
+pub mod controller;
+pub mod events;
+pub mod lease;
+pub mod server;

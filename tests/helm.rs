@@ -1,0 +1,872 @@
+//! The Helm chart `charts/fledge`, rendered by the real `helm` (`.ci/install-helm`): lint, every
+//! certificate mode and the main value combinations, the schema, every rendered object applied to
+//! the API server stand-in with `fieldValidation=Strict`, README's install commands followed word
+//! for word, and least privilege: the chart's ClusterRole and Role grant exactly the requests that
+//! `fledge serve`, run as the chart runs it, makes in a representative set of scenarios.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use fledge::core::rollout::Phase;
+use support::apiserver::{ApiRequest, ApiServer, ApiServerConfig, UserInfo};
+use support::chart::{self, CHART, RELEASE_NS, helm, only, template};
+use support::e2e::{self, DEPLOYMENTS, NS, WAIT};
+use support::kubectl::{kubectl, plugin_dir};
+
+const CERT_MANAGER_CRDS: &str = include_str!("support/crds/cert-manager-minimal.yaml");
+const SERVICE_MONITOR_CRD: &str = include_str!("support/crds/servicemonitor-minimal.yaml");
+
+/// base64 of a PEM, for the existing-Secret mode (the chart only passes it on).
+const SOME_CA_BUNDLE: &str = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==";
+
+/// The value combinations every test renders: each certificate mode, and the other main values.
+fn combinations() -> Vec<Vec<String>> {
+    let set = |pairs: &[&str]| -> Vec<String> {
+        pairs
+            .iter()
+            .flat_map(|p| ["--set".to_owned(), (*p).to_owned()])
+            .collect()
+    };
+    vec![
+        set(&[]),
+        set(&["certificates.mode=certManager"]),
+        set(&[
+            "certificates.mode=certManager",
+            "certificates.certManager.issuerRef.name=corp-ca",
+            "certificates.certManager.issuerRef.kind=ClusterIssuer",
+        ]),
+        set(&[
+            "certificates.mode=secret",
+            "certificates.secret.name=corp-tls",
+            &format!("certificates.secret.caBundle={SOME_CA_BUNDLE}"),
+        ]),
+        set(&[
+            "serviceMonitor.enabled=true",
+            "webhook.failurePolicy=Ignore",
+            "podDisruptionBudget.enabled=false",
+            "controller.namespace=shop",
+            "controller.splitApi=v1alpha4",
+            "replicaCount=3",
+            "image.tag=0.2.0",
+        ]),
+    ]
+}
+
+fn render(args: &[String]) -> Vec<Value> {
+    template(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn kinds(objects: &[Value]) -> Vec<String> {
+    let mut kinds: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+#[test]
+fn helm_lint_strict_passes_for_every_combination() {
+    for args in combinations() {
+        let mut all = vec!["lint", "--strict", CHART, "-n", RELEASE_NS];
+        all.extend(args.iter().map(String::as_str));
+        let out = helm(&all);
+        assert!(
+            out.status.success(),
+            "helm {all:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_webhook_configuration_is_the_one_the_issue_asks_for() {
+    let objects = chart::default_render();
+    let mwc = only(objects, "MutatingWebhookConfiguration", Some("fledge"));
+    let hooks = mwc["webhooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 1);
+    let hook = &hooks[0];
+    assert_eq!(hook["name"], "deployments.fledge.dev");
+    assert_eq!(
+        hook["objectSelector"]["matchLabels"]["fledge.dev/enabled"],
+        "true"
+    );
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"],
+        serde_json::json!([{
+            "key": "kubernetes.io/metadata.name",
+            "operator": "NotIn",
+            "values": [RELEASE_NS, "kube-system"],
+        }])
+    );
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
+    assert_eq!(hook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(hook["timeoutSeconds"], 5);
+    assert_eq!(hook["matchPolicy"], "Equivalent");
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(
+        hook["rules"],
+        serde_json::json!([{
+            "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"],
+            "operations": ["CREATE", "UPDATE"], "scope": "Namespaced",
+        }])
+    );
+    assert_eq!(
+        hook["clientConfig"]["service"],
+        serde_json::json!({"name": "fledge", "namespace": RELEASE_NS, "path": "/mutate", "port": 443})
+    );
+    let ignore = render(&["--set".into(), "webhook.failurePolicy=Ignore".into()]);
+    let mwc = only(&ignore, "MutatingWebhookConfiguration", None);
+    assert_eq!(mwc["webhooks"][0]["failurePolicy"], "Ignore");
+}
+
+#[test]
+fn every_certificate_mode_renders_its_objects() {
+    let by_mode = combinations();
+    // Chart-generated: a Secret with the CA, the caBundle is that CA.
+    let generated = render(&by_mode[0]);
+    let secret = only(&generated, "Secret", Some("fledge-tls"));
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let mwc = only(&generated, "MutatingWebhookConfiguration", None);
+    assert_eq!(
+        mwc["webhooks"][0]["clientConfig"]["caBundle"],
+        secret["data"]["ca.crt"]
+    );
+    assert!(mwc["metadata"].get("annotations").is_none());
+    assert!(
+        !kinds(&generated)
+            .iter()
+            .any(|k| k.starts_with("Certificate/") || k.starts_with("Issuer/"))
+    );
+    // Two renders without a cluster make two CAs (lookup finds nothing): the Secret and the
+    // caBundle of one render always agree.
+    let again = render(&by_mode[0]);
+    assert_ne!(
+        only(&again, "Secret", None)["data"]["ca.crt"],
+        secret["data"]["ca.crt"]
+    );
+
+    // cert-manager: its own CA chain, the caBundle injected.
+    let cm = render(&by_mode[1]);
+    assert_eq!(
+        kinds(&cm)
+            .into_iter()
+            .filter(|k| k.starts_with("Certificate/") || k.starts_with("Issuer/"))
+            .collect::<Vec<_>>(),
+        [
+            "Certificate/fledge-ca",
+            "Certificate/fledge-tls",
+            "Issuer/fledge-ca",
+            "Issuer/fledge-selfsigned"
+        ]
+    );
+    assert!(!kinds(&cm).iter().any(|k| k.starts_with("Secret/")));
+    let mwc = only(&cm, "MutatingWebhookConfiguration", None);
+    assert_eq!(
+        mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "fledge/fledge-tls"
+    );
+    assert!(mwc["webhooks"][0]["clientConfig"].get("caBundle").is_none());
+    let cert = only(&cm, "Certificate", Some("fledge-tls"));
+    assert_eq!(cert["spec"]["secretName"], "fledge-tls");
+    assert_eq!(
+        cert["spec"]["dnsNames"],
+        serde_json::json!([
+            "fledge",
+            "fledge.fledge",
+            "fledge.fledge.svc",
+            "fledge.fledge.svc.cluster.local"
+        ])
+    );
+    // cert-manager with the user's issuer: only the serving Certificate.
+    let corp = render(&by_mode[2]);
+    let cert = only(&corp, "Certificate", None);
+    assert_eq!(
+        cert["spec"]["issuerRef"],
+        serde_json::json!({"name": "corp-ca", "kind": "ClusterIssuer"})
+    );
+    assert!(!kinds(&corp).iter().any(|k| k.starts_with("Issuer/")));
+
+    // An existing Secret: mounted by name, the caBundle as given, nothing made.
+    let existing = render(&by_mode[3]);
+    assert!(
+        !kinds(&existing)
+            .iter()
+            .any(|k| k.starts_with("Secret/") || k.starts_with("Certificate/"))
+    );
+    let mwc = only(&existing, "MutatingWebhookConfiguration", None);
+    assert_eq!(
+        mwc["webhooks"][0]["clientConfig"]["caBundle"],
+        SOME_CA_BUNDLE
+    );
+    let deployment = only(&existing, "Deployment", None);
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
+        "corp-tls"
+    );
+}
+
+#[test]
+fn the_deployment_is_highly_available_and_restricted() {
+    let objects = chart::default_render();
+    let d = only(objects, "Deployment", Some("fledge"));
+    assert_eq!(d["spec"]["replicas"], 2);
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "fledge");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path);
+        assert_eq!(c[probe]["httpGet"]["scheme"], "HTTPS");
+        assert_eq!(c[probe]["httpGet"]["port"], "webhook");
+    }
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
+        "{env:?}"
+    );
+    let spread = pod["topologySpreadConstraints"].as_array().unwrap();
+    assert_eq!(spread.len(), 2);
+    for s in spread {
+        assert_eq!(
+            s["labelSelector"]["matchLabels"],
+            d["spec"]["selector"]["matchLabels"]
+        );
+    }
+    let pdb = only(objects, "PodDisruptionBudget", Some("fledge"));
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(pdb["spec"]["selector"], d["spec"]["selector"]);
+    let service = only(objects, "Service", Some("fledge"));
+    let ports: Vec<(&str, u64, &str)> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["port"].as_u64().unwrap(),
+                p["targetPort"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [("webhook", 443, "webhook"), ("metrics", 8443, "webhook")]
+    );
+    assert!(
+        !kinds(objects)
+            .iter()
+            .any(|k| k.starts_with("ServiceMonitor/")),
+        "off by default"
+    );
+
+    // The other values.
+    let other = render(&combinations()[4]);
+    let d = only(&other, "Deployment", None);
+    assert_eq!(d["spec"]["replicas"], 3);
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "ghcr.io/fledge-dev/fledge:0.2.0");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&"--namespace=shop") && args.contains(&"--split-api=v1alpha4"),
+        "{args:?}"
+    );
+    assert!(
+        !kinds(&other)
+            .iter()
+            .any(|k| k.starts_with("PodDisruptionBudget/"))
+    );
+    let monitor = only(&other, "ServiceMonitor", None);
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(monitor["spec"]["endpoints"][0]["scheme"], "https");
+    // Watching one namespace: the ClusterRole is bound there only.
+    let binding = only(&other, "RoleBinding", Some("fledge"));
+    assert_eq!(binding["metadata"]["namespace"], "shop");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert!(
+        !kinds(&other)
+            .iter()
+            .any(|k| k.starts_with("ClusterRoleBinding/"))
+    );
+}
+
+#[test]
+fn bad_values_are_refused_by_the_schema_with_the_place() {
+    for (value, says) in [
+        (
+            "webhook.failurePolicy=Sometimes",
+            "at '/webhook/failurePolicy': value must be one of 'Fail', 'Ignore'",
+        ),
+        (
+            "certificates.mode=vault",
+            "at '/certificates/mode': value must be one of",
+        ),
+        ("replicaCount=0", "at '/replicaCount'"),
+        ("controller.splitApi=v2", "at '/controller/splitApi'"),
+        (
+            "replicaCont=3",
+            "additional properties 'replicaCont' not allowed",
+        ),
+        (
+            "certificates.mode=secret",
+            "at '/certificates/secret/caBundle'",
+        ),
+    ] {
+        let out = helm(&[
+            "template", "fledge", CHART, "-n", RELEASE_NS, "--set", value,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value} must be refused");
+        assert!(
+            stderr.contains("values don't meet the specifications of the schema"),
+            "{value}: {stderr}"
+        );
+        assert!(stderr.contains(says), "{value}: {stderr}");
+    }
+}
+
+/// Server-side apply of `object` (as Helm 4 installs) with `fieldValidation=Strict`, as the
+/// default user; the resource found through discovery, as helm finds it.
+async fn apply_strict(
+    client: &kube::Client,
+    discovery: &kube::Discovery,
+    object: &Value,
+) -> Result<(), String> {
+    let (group, version) = match object["apiVersion"].as_str().unwrap().rsplit_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", object["apiVersion"].as_str().unwrap()),
+    };
+    let gvk = kube::api::GroupVersionKind::gvk(group, version, object["kind"].as_str().unwrap());
+    let (resource, caps) = discovery
+        .resolve_gvk(&gvk)
+        .ok_or_else(|| format!("the stand-in does not serve {gvk:?}"))?;
+    let api: kube::Api<kube::api::DynamicObject> = match caps.scope {
+        kube::discovery::Scope::Namespaced => kube::Api::namespaced_with(
+            client.clone(),
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or(RELEASE_NS),
+            &resource,
+        ),
+        kube::discovery::Scope::Cluster => kube::Api::all_with(client.clone(), &resource),
+    };
+    let name = object["metadata"]["name"].as_str().unwrap();
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply("helm")
+            .force()
+            .validation_strict(),
+        &kube::api::Patch::Apply(object),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("{} {name}: {e}", object["kind"]))
+}
+
+async fn stand_in(extra_crds: Vec<String>) -> ApiServer {
+    ApiServer::start(ApiServerConfig {
+        namespaces: vec![RELEASE_NS.into(), NS.into()],
+        extra_crds,
+        ..ApiServerConfig::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rendered_object_applies_with_strict_field_validation() {
+    let api = stand_in(vec![CERT_MANAGER_CRDS.into(), SERVICE_MONITOR_CRD.into()]).await;
+    let client = api.client();
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    let mut failures = Vec::new();
+    for args in combinations() {
+        for object in render(&args) {
+            if let Err(e) = apply_strict(&client, &discovery, &object).await {
+                failures.push(format!("{args:?}: {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "refused:\n{}", failures.join("\n"));
+    // Strict really is strict: a misspelled field is refused.
+    let mut typo = only(chart::default_render(), "PodDisruptionBudget", None).clone();
+    typo["spec"]["minAvailabel"] = 1.into();
+    let refused = apply_strict(&client, &discovery, &typo).await.unwrap_err();
+    assert!(refused.contains("minAvailabel"), "{refused}");
+}
+
+/// A shell line's words, `# comment` removed.
+fn words(line: &str) -> Vec<String> {
+    line.split(" #")
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// README's install section: the helm command, and the first canary's commands.
+fn readme_install() -> (Vec<String>, Vec<Vec<String>>) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Install\n")
+        .nth(1)
+        .expect("README has an Install section");
+    let section = section.split("\n## ").next().unwrap();
+    let blocks: Vec<Vec<Vec<String>>> = section
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| {
+            b.split("```")
+                .next()
+                .unwrap()
+                .lines()
+                .map(words)
+                .filter(|w| !w.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(blocks.len(), 2, "{section}");
+    assert_eq!(blocks[0].len(), 1, "one install command");
+    assert_eq!(blocks[1].len(), 3, "a first canary in three commands");
+    assert!(
+        section.contains("`kubectl create namespace shop`"),
+        "{section}"
+    );
+    (blocks[0][0].clone(), blocks[1].clone())
+}
+
+/// A `fledge serve` process run as the chart's Deployment runs it, as its ServiceAccount.
+struct Replica {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts one replica of the rendered Deployment `d` as pod `pod`: its container's args and env,
+/// with the Secret volume at `tls` and the listener on a free local port.
+fn start_replica(api: &ApiServer, d: &Value, pod: &str, tls: &Path, user: &UserInfo) -> Replica {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let container = &d["spec"]["template"]["spec"]["containers"][0];
+    let mount = container["volumeMounts"][0]["mountPath"].as_str().unwrap();
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            if a.starts_with("--listen=") {
+                format!("--listen=127.0.0.1:{port}")
+            } else {
+                a.replace(&format!("{mount}/"), &format!("{}/", tls.display()))
+            }
+        })
+        .collect();
+    let dir = tls.parent().unwrap().join(pod);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        api.kubeconfig_yaml_as(user.clone(), RELEASE_NS),
+    )
+    .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fledge"));
+    command
+        .args(&args)
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("FLEDGE_NAMESPACE");
+    for e in container["env"].as_array().unwrap() {
+        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("metadata.namespace") => RELEASE_NS.to_owned(),
+            Some("metadata.name") => pod.to_owned(),
+            Some(other) => panic!("env from {other}: resolve it here"),
+            None => e["value"].as_str().unwrap().to_owned(),
+        };
+        command.env(e["name"].as_str().unwrap(), value);
+    }
+    let log = std::fs::File::create(dir.join("log")).unwrap();
+    let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let replica = Replica { child, port };
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{pod} did not listen: {}",
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    replica
+}
+
+/// What one RBAC rule entry grants: (verb, group, resource[/subresource]).
+type Grant = (String, String, String);
+
+/// Every (verb, group, resource) a rendered Role or ClusterRole grants.
+fn grants(role: &Value) -> BTreeSet<Grant> {
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        assert!(
+            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+            "{rule}"
+        );
+        for group in list(&rule["apiGroups"]) {
+            for resource in list(&rule["resources"]) {
+                for verb in list(&rule["verbs"]) {
+                    assert!(
+                        ![&group, &resource, &verb].contains(&&"*".to_owned()),
+                        "no wildcards: {rule}"
+                    );
+                    out.insert((verb, group.clone(), resource.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn grant_of(r: &ApiRequest) -> Grant {
+    let resource = if r.subresource.is_empty() {
+        r.resource.clone()
+    } else {
+        format!("{}/{}", r.resource, r.subresource)
+    };
+    (r.verb.to_owned(), r.group.clone(), resource)
+}
+
+fn show(g: &Grant) -> String {
+    format!(
+        "{:<8} {}/{}",
+        g.0,
+        if g.1.is_empty() { "core" } else { &g.1 },
+        g.2
+    )
+}
+
+/// Compares the requests made with the rendered ClusterRole and Role; the report lists what is
+/// missing and what is unused, rule by rule.
+fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String, String> {
+    let cluster = grants(only(objects, "ClusterRole", None));
+    let role_object = only(objects, "Role", None);
+    assert_eq!(role_object["metadata"]["namespace"], RELEASE_NS);
+    let role = grants(role_object);
+    let mut used_cluster = BTreeSet::new();
+    let mut used_role = BTreeSet::new();
+    let mut missing = BTreeSet::new();
+    let mut problems = Vec::new();
+    for r in requests {
+        let g = grant_of(r);
+        let in_release_ns = r.namespace.as_deref() == Some(RELEASE_NS);
+        if in_release_ns && role.contains(&g) {
+            used_role.insert(g);
+        } else if cluster.contains(&g) {
+            used_cluster.insert(g);
+        } else {
+            missing.insert((g, r.namespace.clone()));
+        }
+        if r.resource == "leases" && !in_release_ns {
+            problems.push(format!(
+                "a Lease request outside the release namespace: {r:?}"
+            ));
+        }
+    }
+    for g in cluster.iter().chain(&role) {
+        if g.2 == "secrets" {
+            problems.push(format!("Secrets are granted: {}", show(g)));
+        }
+        if g.2 == "leases" && cluster.contains(g) {
+            problems.push(format!("Leases granted cluster-wide: {}", show(g)));
+        }
+    }
+    let mut report = String::from("fledge serve's requests, as RBAC rules:\n");
+    for g in &used_cluster {
+        report += &format!("  ClusterRole  {}\n", show(g));
+    }
+    for g in &used_role {
+        report += &format!("  Role ({RELEASE_NS})  {}\n", show(g));
+    }
+    for (g, ns) in &missing {
+        problems.push(format!(
+            "missing: {} ({}) -- add it to charts/fledge/templates/rbac.yaml",
+            show(g),
+            ns.as_deref()
+                .map_or("cluster-wide".to_owned(), |ns| format!("in namespace {ns}"))
+        ));
+    }
+    for g in cluster.difference(&used_cluster) {
+        problems.push(format!(
+            "unused: ClusterRole grants {} -- remove it from charts/fledge/templates/rbac.yaml",
+            show(g)
+        ));
+    }
+    for g in role.difference(&used_role) {
+        problems.push(format!(
+            "unused: Role grants {} -- remove it from charts/fledge/templates/rbac.yaml",
+            show(g)
+        ));
+    }
+    if problems.is_empty() {
+        Ok(report)
+    } else {
+        Err(format!("{report}\n{}", problems.join("\n")))
+    }
+}
+
+/// `kubectl ARGS` as a developer, with fledge as its plugin.
+fn kubectl_command(plugins: &Path, kubeconfig: &Path, args: &[String]) -> Command {
+    let path = std::env::join_paths(std::iter::once(plugins.to_owned()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    let mut command = Command::new(kubectl());
+    command
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", kubeconfig)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    command
+}
+
+/// README's install commands word for word (helm's `install` as `template`, the same arguments),
+/// with the rendered chart's `fledge serve` as two replicas under its ServiceAccount; then README's
+/// first canary to promotion, a second one aborted with the CLI; meanwhile leader election. Every
+/// request the replicas made must be granted by the chart's RBAC, and every grant used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
+    let (install, canary) = readme_install();
+    assert_eq!(install[..3], ["helm", "install", "fledge"], "{install:?}");
+    let mut args: Vec<&str> = install[1..].iter().map(String::as_str).collect();
+    args[0] = "template";
+    let out = helm(&args);
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects = chart::documents(&String::from_utf8_lossy(&out.stdout));
+
+    // `--create-namespace` made the release namespace, and README's `kubectl create namespace shop`
+    // the examples' (kubectl creates with protobuf, which the stand-in does not speak); the chart's
+    // objects go in as helm applies them.
+    let api = ApiServer::start(ApiServerConfig {
+        namespaces: vec![RELEASE_NS.into(), NS.into()],
+        ..ApiServerConfig::default()
+    })
+    .await;
+    let client = api.client();
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    for object in &objects {
+        apply_strict(&client, &discovery, object).await.unwrap();
+    }
+
+    // The pods: the chart's Deployment, as its ServiceAccount, with its Secret's certificate.
+    let d = only(&objects, "Deployment", None);
+    let sa = only(&objects, "ServiceAccount", None);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["serviceAccountName"],
+        sa["metadata"]["name"]
+    );
+    let fledge_sa = UserInfo::service_account(RELEASE_NS, sa["metadata"]["name"].as_str().unwrap());
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "fledge-helm-{}-{}",
+        std::process::id(),
+        api.addr().port()
+    ));
+    let tls = dir.join("tls");
+    chart::write_tls_secret(&objects, &tls);
+    let first = start_replica(&api, d, "fledge-0", &tls, &fledge_sa);
+    // The first replica takes the Lease before the second one looks.
+    api.wait_for(
+        "coordination.k8s.io/v1/leases",
+        RELEASE_NS,
+        "fledge-controller",
+        WAIT,
+        |l| l.is_some_and(|l| l["spec"]["holderIdentity"] == "fledge-0"),
+    )
+    .await
+    .unwrap();
+    let second = start_replica(&api, d, "fledge-1", &tls, &fledge_sa);
+    // The rendered webhook configuration as rendered, caBundle included, at the first replica.
+    let mut hook = chart::webhook_config(&objects, first.port, None);
+    hook.connect_to = Some(([127, 0, 0, 1], first.port).into());
+    api.set_webhooks(vec![hook]);
+
+    // README's first canary, as a developer with kubectl and the plugin.
+    let developer = UserInfo::user("dev");
+    let kubeconfig = dir.join("kubeconfig-dev");
+    std::fs::write(
+        &kubeconfig,
+        api.kubeconfig_yaml_as(developer.clone(), "default"),
+    )
+    .unwrap();
+    let plugins = plugin_dir(&api);
+    // `kubectl apply -f FILE` as kubectl's client-side apply does it (the stand-in serves no
+    // OpenAPI, which the real kubectl's apply downloads); `kubectl fledge ...` by the real kubectl.
+    let kubectl_apply = |line: &[String]| {
+        assert_eq!(line[..3], ["kubectl", "apply", "-f"], "{line:?}");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&line[3]);
+        chart::documents(&std::fs::read_to_string(path).unwrap())
+    };
+    for object in kubectl_apply(&canary[0]) {
+        api.apply_as_user(&developer, object).await.unwrap();
+    }
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+        d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+    })
+    .await
+    .unwrap();
+    for object in kubectl_apply(&canary[1]) {
+        api.apply_as_user(&developer, object).await.unwrap();
+    }
+    assert_eq!(canary[2][..2], ["kubectl", "fledge"], "{:?}", canary[2]);
+    let mut watch = kubectl_command(&plugins, &kubeconfig, &canary[2][1..]);
+    let watch_out = dir.join("watch.out");
+    watch
+        .stdout(std::fs::File::create(&watch_out).unwrap())
+        .stderr(Stdio::piped());
+    let watching = watch.spawn().unwrap();
+    // The timed pause at 5 %, then the open one at 50 %: each ended with `fledge promote`.
+    for weight in [500, 5000] {
+        api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            e2e::state(d)
+                .is_some_and(|s| s.phase == Phase::Paused && s.weight.basis_points() == weight)
+        })
+        .await
+        .unwrap();
+        e2e::fledge(&api, &["promote", "web"]).await;
+    }
+    e2e::wait_phase(&api, Phase::Succeeded).await;
+    let watched = tokio::task::spawn_blocking(move || watching.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let shown = std::fs::read_to_string(&watch_out).unwrap();
+    assert!(
+        watched.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(
+        shown.contains("Paused") && shown.lines().last().unwrap().contains("Succeeded"),
+        "{shown}"
+    );
+
+    // A second canary, aborted with the CLI: traffic back, canary objects deleted.
+    let v3 = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/web-v2.yaml"))
+        .unwrap()
+        .replace("web:1.1.0", "web:1.2.0");
+    for object in chart::documents(&v3) {
+        api.apply_as_user(&developer, object).await.unwrap();
+    }
+    e2e::wait_phase(&api, Phase::Paused).await;
+    e2e::fledge(&api, &["abort", "web"]).await;
+    e2e::wait_phase(&api, Phase::Aborted).await;
+    e2e::wait_until_nothing_is_left(&api).await;
+
+    // Leader election: the holder renewed the Lease at least once, the other replica only looked.
+    api.wait_for(
+        "coordination.k8s.io/v1/leases",
+        RELEASE_NS,
+        "fledge-controller",
+        WAIT,
+        |l| l.is_some_and(|l| l["spec"]["renewTime"] != l["spec"]["acquireTime"]),
+    )
+    .await
+    .unwrap();
+    drop((first, second));
+
+    let requests = api.requests_by(&fledge_sa);
+    let report = least_privilege(&objects, &requests);
+    let _ = std::fs::remove_dir_all(&dir);
+    match report {
+        Ok(report) => eprintln!("{report}"),
+        Err(diff) => panic!("the chart's RBAC is not exactly what fledge uses:\n{diff}"),
+    }
+}
+
+#[test]
+fn the_rbac_check_names_what_is_missing_and_what_is_unused() {
+    let request = |verb: &'static str, resource: &str, namespace: Option<&str>| ApiRequest {
+        user: "system:serviceaccount:fledge:fledge".into(),
+        verb,
+        group: String::new(),
+        resource: resource.into(),
+        subresource: String::new(),
+        namespace: namespace.map(str::to_owned),
+        name: None,
+    };
+    let diff = least_privilege(
+        chart::default_render(),
+        &[
+            request("list", "services", None),
+            request("get", "secrets", Some("shop")),
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        diff.contains("ClusterRole  list     core/services"),
+        "{diff}"
+    );
+    assert!(
+        diff.contains("missing: get      core/secrets (in namespace shop)"),
+        "{diff}"
+    );
+    assert!(
+        diff.contains("unused: ClusterRole grants watch    apps/deployments"),
+        "{diff}"
+    );
+    assert!(
+        diff.contains("unused: Role grants update   coordination.k8s.io/leases"),
+        "{diff}"
+    );
+}
