@@ -9,7 +9,12 @@
 //! # What it serves
 //! - Discovery: `/api`, `/api/v1`, `/apis`, `/apis/{group}`, `/apis/{group}/{version}`,
 //!   aggregated discovery (`Accept: ...;as=APIGroupDiscoveryList`, kube's `run_aggregated`),
-//!   `/version`.
+//!   `/version`, and a minimal OpenAPI v3 (`/openapi/v3` and one document per group-version with
+//!   only each resource's PATCH operation and its query parameters: enough for kubectl to use
+//!   server-side field validation and build strategic merge patches from its compiled-in types;
+//!   no schemas, no `/openapi/v2`). The real kubectl works against it: `apply` (client-side and
+//!   `--server-side`), `diff` (server-side dry run), `rollout status|pause|resume`, `scale` are
+//!   tested in `tests/apiserver.rs`.
 //! - core/v1 Namespaces, Services, ConfigMaps, Pods, Events; events.k8s.io/v1 Events (the same
 //!   stored objects as core/v1 Events, converted field by field like the real conversion);
 //!   apps/v1 Deployments and ReplicaSets; coordination.k8s.io/v1 Leases; split.smi-spec.io
@@ -56,8 +61,20 @@
 //!   strategy, validation, storage; unconditional writes that race are retried (GuaranteedUpdate),
 //!   conditional ones get 409. One global, monotonically increasing resourceVersion; writes that
 //!   change nothing are not written (no new resourceVersion, no watch event).
-//! - Decoding: built-in kinds go through the k8s-openapi structs, so unknown fields are dropped
-//!   (and reported per `fieldValidation`) and mistyped fields are a 400; defaulting like
+//! - Decoding: built-in kinds are checked against the k8s-openapi structs (mistyped fields are a
+//!   400; fields the structs lack are reported per `fieldValidation`: Strict 400, Warn a
+//!   `Warning` header, Ignore nothing) but stored and returned as the client sent them, `null`s
+//!   removed (Go decodes them to zero values it does not encode again). Fields unknown to
+//!   k8s-openapi are kept, unlike a real API server of k8s-openapi's version would: a newer API
+//!   server knows fields k8s-openapi does not yet, and fledge must carry them through (its
+//!   template hashes are computed over the raw JSON). Webhooks get this stored form too. The
+//!   encoding of an embedded ObjectMeta without creationTimestamp follows the server version:
+//!   omitted (API servers with kubernetes/kubernetes#130989, 2025; the default), or
+//!   `"creationTimestamp": null` as older ones wrote Go's zero time
+//!   ([`ApiServerConfig::legacy_creation_timestamp`]) in every answer, list item, watch event
+//!   and AdmissionReview. Not Go's: zero values Go would omit (`false`, `0`, `""` of `omitempty`
+//!   fields, such as `paused: false`) are kept as sent, and keys come sorted, not in the Go
+//!   structs' order. Defaulting like
 //!   `SetDefaults_*` (Deployment spec and strategy, pod template spec, containers, probes,
 //!   Services incl. a cluster IP, Namespaces) before admission and again after a webhook's
 //!   patch; custom resources pruned and defaulted by their schema.
@@ -73,6 +90,11 @@
 //!   ReplicaSets (selector required, non-empty, matching the template, immutable), pod templates
 //!   (containers, names, images, ports, restartPolicy Always, ...), Services, Leases,
 //!   events.k8s.io Events (the strict rules: reportingController, action, reason, note length).
+//! - The deployment controller's rollout (`controller.rs`): paused Deployments hold (no new
+//!   ReplicaSet, Progressing `Unknown`/DeploymentPaused, no deadline), are only scaled, in
+//!   proportion; rolling updates go step by step within maxSurge/maxUnavailable as the pods
+//!   become available; reverts reuse the old ReplicaSet with the next revision; `updatedReplicas`
+//!   counts the current template's pods only, so `kubectl rollout status` waits while paused.
 //! - Delete answers: a `Success` Status for most kinds, the object for Services, Pods,
 //!   Namespaces and custom resources (`ReturnDeletedObject`), and the object (with
 //!   `deletionTimestamp`) while finalizers remain.
@@ -80,8 +102,18 @@
 //! # Approximated
 //! - No authentication or authorization: bearer tokens only pick the [`UserInfo`] sent to
 //!   webhooks ([`ApiServer::client_as`]); everything is allowed.
-//! - `metadata.managedFields` is never returned (also not in the objects sent to webhooks) and is
-//!   ignored on input. Server-side apply keeps field ownership internally: leaf fields per
+//! - `metadata.managedFields` are returned in every answer, list item, watch event and webhook
+//!   object (the object under admission carries this write's ownership, as upstream runs the
+//!   field manager before mutating admission), built from the ownership tracked below: one entry
+//!   per (manager, operation `Apply`/`Update`, subresource), sorted like upstream, `apiVersion`,
+//!   `time` (when the manager last changed the object), `fieldsType: FieldsV1`. On input they are
+//!   ignored, except that a main-resource write carrying `[]` or `[{}]` resets them (upstream's
+//!   `isResetManagedFields`), after which the writer owns only what it changed; upstream would
+//!   also take any other list a client sends as the new ownership. FieldsV1 has `.` for keyed
+//!   list items only, and keys of one field (`k:{"containerPort":80}` where upstream also names
+//!   the protocol). [`ApiServer::get`], [`ApiServer::list`] and [`ApiServer::history`] show the
+//!   stored form (with managedFields, never with the legacy `null`s).
+//!   Server-side apply keeps field ownership: leaf fields per
 //!   (manager, operation, subresource); lists merged by the merge keys of the built-in types
 //!   (containers/env/volumes by name, container ports by containerPort, Service ports by port,
 //!   conditions by type, ownerReferences by uid, finalizers as a set) or by
@@ -98,17 +130,30 @@
 //! - Schemas: types, required, enum, min/max, lengths, items, defaults and pruning are checked;
 //!   `pattern`, `format` and CEL `x-kubernetes-validations` are not. Quantities are stored as
 //!   written (upstream canonicalises `0.5` to `500m`).
-//! - Admission: no `namespaceSelector`, `matchPolicy: Exact` (a webhook is called for the
-//!   versions its rules name), no reinvocation, `sideEffects` not checked (dry runs call every
-//!   matching webhook), a fresh HTTP/1.1 connection per call.
+//! - Admission: `namespaceSelector` (the namespace's labels), `objectSelector` (old or new
+//!   object), `reinvocationPolicy: IfNeeded` (called again, once, when a later webhook changed
+//!   the object after it; other in-tree mutating plugins do not exist here), `timeoutSeconds`
+//!   with upstream's `context deadline exceeded` error and `failurePolicy`, `options`
+//!   (`CreateOptions`/`UpdateOptions`; a PATCH is an `UpdateOptions` carrying the request's
+//!   `fieldManager` and `dryRun`, none when the client sent none) are modelled; not modelled:
+//!   `matchPolicy: Equivalent` (a webhook is called for the versions its rules name),
+//!   `matchConditions`, `sideEffects` (dry runs call every matching webhook), a fresh HTTP/1.1
+//!   connection per call.
 //! - The watch cache: bookmarks every [`ApiServerConfig::bookmark_interval`] (upstream: about a
-//!   minute); a watcher that falls 65 536 changes behind gets a 410 and is closed.
+//!   minute); a watcher that falls 65 536 changes behind gets a 410 and is closed; a watch or
+//!   paged list from a resourceVersion older than the last [`ApiServerConfig::history_limit`]
+//!   changes gets a 410 (a kube-runtime watcher relists); reads at `resourceVersion=0` may be
+//!   stale by [`ApiServerConfig::rv0_lag`] changes (a watch then replays the changes since),
+//!   reads without a resourceVersion never are.
 //! - Pod template hashes have the upstream shape (FNV-32a, safe-encoded) but not the upstream
-//!   value, which hashes Go's in-memory representation.
+//!   value, which hashes Go's in-memory representation; like it, they (and the "is this the
+//!   ReplicaSet of the template" test) see the template semantically: without
+//!   `pod-template-hash`, nulls, empty maps and lists, so the same in both encodings.
 //! - Namespaces must exist for namespaced writes (404 like upstream); `default`, `kube-system`,
 //!   `kube-public`, `kube-node-lease` and [`ApiServerConfig::namespaces`] exist from the start;
 //!   deleting one deletes its content, then it.
-//! - Pods are served but the controllers create none: ReplicaSets keep simulated pods.
+//! - Pods are served but the controllers create none: ReplicaSets keep simulated pods (no
+//!   terminating pods: a ReplicaSet scaled down loses its pods at once, unavailable ones first).
 
 mod admission;
 mod audit;
@@ -133,10 +178,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-pub use admission::{FailurePolicy, WebhookCall, WebhookConfig, WebhookRule};
+pub use admission::{FailurePolicy, ReinvocationPolicy, WebhookCall, WebhookConfig, WebhookRule};
 pub use audit::ApiRequest;
 pub use controller::{
-    ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION,
+    ControllerConfig, ControllerHandle, NEVER_READY_ANNOTATION, READY_DELAY_ANNOTATION, RolloutStep,
 };
 pub use ops::{Ctx, FieldValidation, PatchKind, Sub};
 pub use status::{ApiError, FieldError};
@@ -197,8 +242,14 @@ pub struct ApiServerConfig {
     pub trafficsplit_versions: Vec<String>,
     /// More CustomResourceDefinitions to install (YAML text, multi-document allowed).
     pub extra_crds: Vec<String>,
-    /// Changes kept for watches and paged lists; older resourceVersions get 410 Expired.
+    /// Changes kept for watches and paged lists; older resourceVersions get 410 Expired (a
+    /// kube-runtime watcher then relists).
     pub history_limit: usize,
+    /// How many changes the watch cache lags behind: a list or watch at `resourceVersion=0`
+    /// ("any", kube-runtime's default `ListSemantic::Any`) is served from the state that many
+    /// changes ago (a watch then replays the changes since), as a real watch cache may be stale.
+    /// Lists without a resourceVersion (consistent reads) are never stale. 0: not stale.
+    pub rv0_lag: usize,
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK.
     pub bookmark_interval: Duration,
     /// How long the garbage collector waits after a change before it acts.
@@ -209,6 +260,10 @@ pub struct ApiServerConfig {
     pub version: String,
     /// Keep every change for [`ApiServer::history`].
     pub record_history: bool,
+    /// Encode objects as API servers before Kubernetes 1.35 did: an embedded ObjectMeta without
+    /// a creationTimestamp (`spec.template.metadata` of Deployments and ReplicaSets) carries
+    /// `"creationTimestamp": null` in every answer, list item, watch event and AdmissionReview.
+    pub legacy_creation_timestamp: bool,
 }
 
 impl Default for ApiServerConfig {
@@ -222,6 +277,7 @@ impl Default for ApiServerConfig {
                 .to_vec(),
             extra_crds: Vec::new(),
             history_limit: 100_000,
+            rv0_lag: 0,
             bookmark_interval: Duration::from_secs(1),
             gc_delay: Duration::from_millis(5),
             default_user: UserInfo {
@@ -235,6 +291,7 @@ impl Default for ApiServerConfig {
             },
             version: "v1.37.0".into(),
             record_history: true,
+            legacy_creation_timestamp: false,
         }
     }
 }
@@ -262,7 +319,9 @@ pub(crate) struct Inner {
     requests: audit::Requests,
     bookmark_interval: Duration,
     gc_delay: Duration,
+    rv0_lag: usize,
     version: String,
+    legacy_creation_timestamp: bool,
     url: OnceLock<String>,
     rng: Mutex<u64>,
     controller: controller::Shared,
@@ -316,6 +375,15 @@ impl Inner {
                 c
             })
             .collect()
+    }
+
+    /// The resourceVersion a read at `resourceVersion=0` is served at
+    /// ([`ApiServerConfig::rv0_lag`] changes ago, never before the compacted history).
+    fn rv0(&self, store: &Store) -> u64 {
+        store
+            .rv
+            .saturating_sub(self.rv0_lag as u64)
+            .max(store.compacted)
     }
 
     fn find(&self, gvr: &str) -> Option<(Arc<ResourceDef>, String)> {
@@ -386,7 +454,9 @@ impl ApiServer {
             requests: audit::Requests::default(),
             bookmark_interval: config.bookmark_interval,
             gc_delay: config.gc_delay,
+            rv0_lag: config.rv0_lag,
             version: config.version.clone(),
+            legacy_creation_timestamp: config.legacy_creation_timestamp,
             url: OnceLock::new(),
             rng: Mutex::new(seed),
             controller: controller::Shared::new(&config.controller),

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use super::apiserver::{FailurePolicy, WebhookConfig, WebhookRule};
+use super::apiserver::{FailurePolicy, ReinvocationPolicy, WebhookConfig, WebhookRule};
 
 /// The chart's directory.
 pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/fledge");
@@ -104,10 +104,10 @@ fn selector_text(selector: &Value) -> String {
 }
 
 /// The stand-in's form of the rendered MutatingWebhookConfiguration's one webhook: its name,
-/// rules, objectSelector, failurePolicy and timeout as rendered; the URL is the rendered Service's
-/// DNS name and path at `port`, the CA bundle `ca_bundle_pem` when given, else the rendered one.
-/// The stand-in does not model `namespaceSelector`, `matchPolicy` or reinvocation (tests/helm.rs
-/// checks those fields as rendered).
+/// rules, objectSelector, namespaceSelector, failurePolicy, reinvocationPolicy and timeout as
+/// rendered; the URL is the rendered Service's DNS name and path at `port`, the CA bundle
+/// `ca_bundle_pem` when given, else the rendered one. The stand-in does not model `matchPolicy`
+/// (tests/helm.rs checks it as rendered).
 pub fn webhook_config(objects: &[Value], port: u16, ca_bundle_pem: Option<&str>) -> WebhookConfig {
     let mwc = only(objects, "MutatingWebhookConfiguration", None);
     let hook = &mwc["webhooks"][0];
@@ -151,9 +151,17 @@ pub fn webhook_config(objects: &[Value], port: u16, ca_bundle_pem: Option<&str>)
             .get("objectSelector")
             .map(selector_text)
             .filter(|s| !s.is_empty()),
+        namespace_selector: hook
+            .get("namespaceSelector")
+            .map(selector_text)
+            .filter(|s| !s.is_empty()),
         failure_policy: match hook["failurePolicy"].as_str() {
             Some("Ignore") => FailurePolicy::Ignore,
             _ => FailurePolicy::Fail,
+        },
+        reinvocation_policy: match hook["reinvocationPolicy"].as_str() {
+            Some("IfNeeded") => ReinvocationPolicy::IfNeeded,
+            _ => ReinvocationPolicy::Never,
         },
         timeout: Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap_or(10)),
     }

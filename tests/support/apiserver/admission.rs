@@ -1,5 +1,7 @@
 //! The mutating admission call-out, as kube-apiserver's `MutatingAdmissionWebhook` plugin makes it:
-//! rules and objectSelector matching (against the old or the new object), an `admission.k8s.io/v1`
+//! rules, namespaceSelector (the labels of the request's namespace; of the object itself for
+//! Namespaces; cluster-scoped objects always match) and objectSelector matching (against the old
+//! or the new object), reinvocation (`reinvocationPolicy: IfNeeded`), an `admission.k8s.io/v1`
 //! AdmissionReview POSTed over HTTPS verified with the configuration's CA bundle (`?timeout=Ns`
 //! appended to the URL), the answer checked (apiVersion, kind, uid), a `JSONPatch` applied, a
 //! denial turned into the API error the API server returns, warnings passed on, and
@@ -31,6 +33,14 @@ pub enum FailurePolicy {
     Ignore,
 }
 
+/// `reinvocationPolicy`: whether a webhook is called again, once, when a webhook after it in the
+/// chain changed the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReinvocationPolicy {
+    Never,
+    IfNeeded,
+}
+
 /// One `rules[]` entry of a webhook configuration (`*` matches anything).
 #[derive(Clone, Debug)]
 pub struct WebhookRule {
@@ -54,13 +64,19 @@ pub struct WebhookConfig {
     pub rules: Vec<WebhookRule>,
     /// `objectSelector` in label-selector syntax; `None` matches every object.
     pub object_selector: Option<String>,
+    /// `namespaceSelector` in label-selector syntax; `None` matches every namespace.
+    pub namespace_selector: Option<String>,
     pub failure_policy: FailurePolicy,
+    pub reinvocation_policy: ReinvocationPolicy,
+    /// `timeoutSeconds` (upstream's default: 10 s); a call that takes longer fails with
+    /// `context deadline exceeded`, then `failurePolicy` decides.
     pub timeout: Duration,
 }
 
 impl WebhookConfig {
-    /// fledge's webhook as its manifests register it: apps/v1 Deployments, CREATE and UPDATE,
-    /// objects labelled `fledge.dev/enabled=true`, `failurePolicy: Fail`, 10 s.
+    /// fledge's webhook as its manifests (docs/install.md) register it: apps/v1 Deployments,
+    /// CREATE and UPDATE, objects labelled `fledge.dev/enabled=true`, `failurePolicy: Fail`,
+    /// `reinvocationPolicy: IfNeeded`, 5 s.
     pub fn fledge(url: impl Into<String>, ca_bundle_pem: impl Into<String>) -> Self {
         WebhookConfig {
             name: "deployments.fledge.dev".into(),
@@ -74,8 +90,10 @@ impl WebhookConfig {
                 operations: vec!["CREATE".into(), "UPDATE".into()],
             }],
             object_selector: Some("fledge.dev/enabled=true".into()),
+            namespace_selector: None,
             failure_policy: FailurePolicy::Fail,
-            timeout: Duration::from_secs(10),
+            reinvocation_policy: ReinvocationPolicy::IfNeeded,
+            timeout: Duration::from_secs(5),
         }
     }
 
@@ -87,6 +105,15 @@ impl WebhookConfig {
                 && any(&r.resources, resource)
                 && any(&r.operations, operation)
         })
+    }
+
+    /// Whether `namespaceSelector` selects `namespace` (the request's Namespace object; `None`
+    /// for other cluster-scoped objects, which always match).
+    pub fn namespace_matches(&self, namespace: Option<&Value>) -> bool {
+        let (Some(sel), Some(ns)) = (&self.namespace_selector, namespace) else {
+            return true;
+        };
+        LabelSelector::parse(sel).is_ok_and(|sel| sel.matches_object(ns))
     }
 
     /// Whether this webhook is called for the request (rules, then objectSelector on the new or

@@ -5,9 +5,20 @@
 //!   ownerReference (`blockOwnerDeletion: true`) and the `deployment.kubernetes.io/revision`,
 //!   `desired-replicas`, `max-replicas` annotations; the Deployment's revision annotation is
 //!   written with its status (the real controller does this through `/status` too);
-//! - scaling: the current ReplicaSet at `spec.replicas` at once (no surge limit); older ones
-//!   scaled down as the new one's pods become available (RollingUpdate) or to 0 at once
-//!   (Recreate); old ReplicaSets beyond `revisionHistoryLimit` deleted; `spec.paused` honoured;
+//! - scaling as `syncDeployment` does it (`sync.go`, `rolling.go`, `recreate.go`): a paused
+//!   Deployment gets no new ReplicaSet and does not progress, and a paused one or one whose
+//!   `spec.replicas` changed mid-rollout (`isScalingEvent`, by the `desired-replicas`
+//!   annotations) is only resized (`scale`: the only active ReplicaSet to `spec.replicas`, else
+//!   all active ones in proportion to their `max-replicas`, `GetProportion`); a RollingUpdate
+//!   rolls step by step (`reconcileNewReplicaSet`: the new ReplicaSet up to at most `replicas +
+//!   maxSurge` pods in all; `reconcileOldReplicaSets`: unhealthy old replicas first, then old
+//!   ones down while at least `replicas - maxUnavailable` stay available, by the ReplicaSets'
+//!   `availableReplicas`), one write per pass, the next pass when pods become available;
+//!   Recreate scales the old ones to 0, waits for their pods to go, then creates the new one; a
+//!   template equal (semantically, ignoring `pod-template-hash`) to an old ReplicaSet's reuses
+//!   it and gives it the next revision (`revision-history` keeps the old one), paused or not;
+//!   old ReplicaSets beyond `revisionHistoryLimit` deleted once complete or while paused. Each
+//!   size written is recorded ([`ControllerHandle::rollout_steps`]);
 //! - simulated pods per ReplicaSet (no Pod objects): ready after a delay, or never; available
 //!   after `minReadySeconds` more;
 //! - ReplicaSet status (`replicas`, `fullyLabeledReplicas`, `readyReplicas`,
@@ -16,6 +27,8 @@
 //!   `availableReplicas`, `unavailableReplicas`, `collisionCount`, conditions `Available`
 //!   (MinimumReplicasAvailable/MinimumReplicasUnavailable, honouring maxUnavailable) and
 //!   `Progressing` (NewReplicaSetCreated, ReplicaSetUpdated, NewReplicaSetAvailable,
+//!   `Unknown` DeploymentPaused "Deployment is paused" while paused — no deadline then —
+//!   and DeploymentResumed "Deployment is resumed", from which the deadline counts again,
 //!   ProgressDeadlineExceeded after `progressDeadlineSeconds` without progress)).
 //!
 //! Pod readiness: the delay is, by precedence, the Deployment's entry in
@@ -45,6 +58,9 @@ const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 /// How long the controller lets changes accumulate before a pass.
 const BATCH_WINDOW: Duration = Duration::from_millis(1);
 const REVISION: &str = "deployment.kubernetes.io/revision";
+const REVISION_HISTORY: &str = "deployment.kubernetes.io/revision-history";
+const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
+const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 
 /// The deployment controller's configuration.
 #[derive(Clone, Debug)]
@@ -96,6 +112,8 @@ struct State {
     /// Deployments (ns, name) to look at in the next pass.
     dirty: BTreeSet<(String, String)>,
     full_pass: bool,
+    /// The ReplicaSet sizes written, per Deployment (`namespace/name`).
+    steps: HashMap<String, Vec<RolloutStep>>,
 }
 
 impl State {
@@ -158,6 +176,7 @@ impl Shared {
                 timer_index: HashMap::new(),
                 dirty: BTreeSet::new(),
                 full_pass: true,
+                steps: HashMap::new(),
             }),
             notify: tokio::sync::Notify::new(),
             pass_lock: tokio::sync::Mutex::new(()),
@@ -243,6 +262,18 @@ impl ControllerHandle {
         self.shared().notify.notify_one();
     }
 
+    /// Every ReplicaSet size the controller wrote for Deployment `namespace/name` (a creation or a
+    /// scaling of one of its ReplicaSets), oldest first, with the pods available after each:
+    /// enough to check that a rollout never had more than `replicas + maxSurge` pods and never
+    /// fewer than `replicas - maxUnavailable` available.
+    pub fn rollout_steps(&self, deployment: &str) -> Vec<RolloutStep> {
+        lock(&self.shared().state)
+            .steps
+            .get(deployment)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Sets the readiness delay of Deployment `name`'s pods.
     pub fn set_ready_delay(&self, name: &str, delay: Duration) {
         let mut s = lock(&self.shared().state);
@@ -273,7 +304,16 @@ pub async fn run(inner: Arc<Inner>) {
                 inner.controller.settled.send_replace(start_rv);
             }
         }
-        let next_wake = lock(&inner.controller.state).fire_due(Instant::now());
+        let (next_wake, due) = {
+            let mut st = lock(&inner.controller.state);
+            let next_wake = st.fire_due(Instant::now());
+            (next_wake, !st.dirty.is_empty())
+        };
+        if due && !paused {
+            // Timers came due during the pass (a pod became ready meanwhile): waiting for the
+            // next change or timer would leave them unseen.
+            continue;
+        }
         let sleep = async {
             match next_wake {
                 Some(at) if !paused => tokio::time::sleep_until(at.into()).await,
@@ -362,9 +402,9 @@ fn pod_timing(state: &State, rs: &Value) -> Option<Duration> {
     Some(state.default_delay)
 }
 
-/// FNV-32a of the template's canonical JSON (and the collision count), safe-encoded like
-/// `rand.SafeEncodeString(fmt.Sprint(hash))`.
-pub fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
+/// FNV-32a of the template's canonical JSON ([`semantic_template`]) and the collision count,
+/// safe-encoded like `rand.SafeEncodeString(fmt.Sprint(hash))`.
+fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
     let mut h: u32 = 0x811c_9dc5;
     let mut feed = |bytes: &[u8]| {
         for b in bytes {
@@ -372,7 +412,7 @@ pub fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
             h = h.wrapping_mul(0x0100_0193);
         }
     };
-    feed(template.to_string().as_bytes());
+    feed(semantic_template(template).to_string().as_bytes());
     if let Some(c) = collision_count {
         feed(&(c as u32).to_le_bytes());
     }
@@ -383,17 +423,35 @@ pub fn template_hash(template: &Value, collision_count: Option<i64>) -> String {
         .collect()
 }
 
-fn without_hash(template: &Value) -> Value {
+/// A pod template as upstream's `EqualIgnoreHash` and `ComputeHash` see it: the Go struct, so
+/// without the `pod-template-hash` label, and with `null`s, empty maps and empty lists (Go's nil
+/// and empty are semantically equal) left out. The same whatever the encoding the template came
+/// in (`"creationTimestamp": null` or not).
+fn semantic_template(template: &Value) -> Value {
+    fn normalize(v: &Value) -> Option<Value> {
+        match v {
+            Value::Null => None,
+            Value::Object(m) => {
+                let out: Map<String, Value> = m
+                    .iter()
+                    .filter_map(|(k, x)| normalize(x).map(|x| (k.clone(), x)))
+                    .collect();
+                (!out.is_empty()).then_some(Value::Object(out))
+            }
+            Value::Array(a) if a.is_empty() => None,
+            Value::Array(a) => Some(Value::Array(
+                a.iter()
+                    .map(|x| normalize(x).unwrap_or(json!({})))
+                    .collect(),
+            )),
+            other => Some(other.clone()),
+        }
+    }
     let mut t = template.clone();
     if let Some(labels) = t["metadata"]["labels"].as_object_mut() {
         labels.remove(POD_TEMPLATE_HASH);
-        if labels.is_empty()
-            && let Some(m) = t["metadata"].as_object_mut()
-        {
-            m.remove("labels");
-        }
     }
-    t
+    normalize(&t).unwrap_or(json!({}))
 }
 
 fn revision(rs: &Value) -> i64 {
@@ -535,7 +593,331 @@ async fn pass(inner: &Arc<Inner>) -> bool {
     wrote
 }
 
-/// Creates the ReplicaSet for the current template if needed and scales them. Returns whether it
+/// The fenceposts of a rolling update, as `ResolveFenceposts`, `MaxSurge` and `MaxUnavailable`
+/// resolve them: both 0 for Recreate; maxUnavailable 1 when both round to 0, at most `replicas`.
+fn fenceposts(spec: &Value, desired: i64) -> (i64, i64) {
+    if s(&spec["strategy"]["type"]) == "Recreate" {
+        return (0, 0);
+    }
+    let ru = &spec["strategy"]["rollingUpdate"];
+    let surge = resolve(&ru["maxSurge"], desired, true);
+    let mut unavailable = resolve(&ru["maxUnavailable"], desired, false);
+    if surge == 0 && unavailable == 0 {
+        unavailable = 1;
+    }
+    (
+        surge,
+        if desired == 0 {
+            0
+        } else {
+            unavailable.min(desired)
+        },
+    )
+}
+
+fn annotation_int(rs: &Value, name: &str) -> Option<i64> {
+    s(&rs["metadata"]["annotations"][name]).parse().ok()
+}
+
+/// One step of a rollout as the deployment controller wrote it ([`ControllerHandle::rollout_steps`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RolloutStep {
+    /// `spec.replicas` of the ReplicaSet of the Deployment's current template (0 when none).
+    pub new_replicas: i64,
+    /// `spec.replicas` of the Deployment's other ReplicaSets, summed.
+    pub old_replicas: i64,
+    /// Pods available once the write took effect (a ReplicaSet scaled down loses its
+    /// unavailable pods first).
+    pub available: i64,
+}
+
+/// One Deployment's ReplicaSets during a reconcile, with the sizes this pass has written.
+struct Rollout<'a> {
+    inner: &'a Arc<Inner>,
+    rsdef: &'a Arc<ResourceDef>,
+    /// `namespace/name` of the Deployment.
+    key: String,
+    ns: String,
+    desired: i64,
+    surge: i64,
+    unavailable: i64,
+    /// Owned ReplicaSets, oldest first (creationTimestamp, name), and their `spec.replicas`.
+    sets: Vec<(&'a Value, i64)>,
+    /// The ReplicaSet of the current template, in `sets`.
+    new: Option<usize>,
+    wrote: bool,
+}
+
+impl Rollout<'_> {
+    fn new_size(&self) -> i64 {
+        self.new.map_or(0, |i| self.sets[i].1)
+    }
+
+    fn total(&self) -> i64 {
+        self.sets.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Old ReplicaSets, oldest first.
+    fn old(&self) -> Vec<usize> {
+        (0..self.sets.len())
+            .filter(|i| Some(*i) != self.new)
+            .collect()
+    }
+
+    fn available(&self, i: usize) -> i64 {
+        int(&self.sets[i].0["status"]["availableReplicas"], 0)
+    }
+
+    /// Records a step; `new_replicas` overrides the new ReplicaSet's size (one just created).
+    fn record(&self, new_replicas: Option<i64>) {
+        let now = Instant::now();
+        let mut st = lock(&self.inner.controller.state);
+        let available = self
+            .sets
+            .iter()
+            .map(|(rs, n)| {
+                let (_, available) = pod_counts(&st, rs, now);
+                (available as i64).min(*n)
+            })
+            .sum();
+        let step = RolloutStep {
+            new_replicas: new_replicas.unwrap_or(self.new_size()),
+            old_replicas: self.total() - self.new_size(),
+            available,
+        };
+        st.steps.entry(self.key.clone()).or_default().push(step);
+    }
+
+    /// `scaleReplicaSet`: `spec.replicas` and the desired-/max-replicas annotations in one
+    /// write, when either differs.
+    async fn scale(&mut self, i: usize, to: i64) -> Result<(), String> {
+        let (rs, from) = self.sets[i];
+        let desired = self.desired;
+        let max = self.desired + self.surge;
+        if from == to
+            && annotation_int(rs, DESIRED_REPLICAS) == Some(desired)
+            && annotation_int(rs, MAX_REPLICAS) == Some(max)
+        {
+            return Ok(());
+        }
+        let name = s(&rs["metadata"]["name"]).to_string();
+        let mut c = ctx();
+        self.inner
+            .modify(self.rsdef, &self.ns, &name, Sub::Main, &mut c, |o| {
+                o["spec"]["replicas"] = json!(to);
+                let a = &mut o["metadata"]["annotations"];
+                a[DESIRED_REPLICAS] = json!(desired.to_string());
+                a[MAX_REPLICAS] = json!(max.to_string());
+                true
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.sets[i].1 = to;
+        self.wrote = true;
+        if from != to {
+            self.record(None);
+        }
+        Ok(())
+    }
+
+    /// `scaleReplicaSetAndRecordEvent`: only a change of size is written.
+    async fn resize(&mut self, i: usize, to: i64) -> Result<(), String> {
+        if self.sets[i].1 != to {
+            self.scale(i, to).await?;
+        }
+        Ok(())
+    }
+
+    /// `isScalingEvent`: an active ReplicaSet was sized for another `spec.replicas`.
+    fn scaling_event(&self) -> bool {
+        self.sets.iter().any(|(rs, n)| {
+            *n > 0 && annotation_int(rs, DESIRED_REPLICAS).is_some_and(|d| d != self.desired)
+        })
+    }
+
+    /// `scale`: a paused Deployment, or one whose `spec.replicas` changed, resizes its
+    /// ReplicaSets without progressing: the only active one (or the newest) to `spec.replicas`,
+    /// old ones to 0 beside a saturated new one, else all active ones in proportion to the
+    /// `max-replicas` they were sized for (`GetProportion`), leftovers to the largest.
+    async fn scale_proportionally(
+        &mut self,
+        rolling: bool,
+        status_replicas: i64,
+    ) -> Result<(), String> {
+        let active: Vec<usize> = (0..self.sets.len())
+            .filter(|i| self.sets[*i].1 > 0)
+            .collect();
+        let only = match active.as_slice() {
+            [] => self.new.or_else(|| self.old().last().copied()),
+            [one] => Some(*one),
+            _ => None,
+        };
+        if let Some(i) = only {
+            return self.resize(i, self.desired).await;
+        }
+        if let Some(n) = self.new {
+            let rs = self.sets[n].0;
+            if self.sets[n].1 == self.desired
+                && annotation_int(rs, DESIRED_REPLICAS) == Some(self.desired)
+                && self.available(n) == self.desired
+            {
+                for i in self.old() {
+                    if self.sets[i].1 > 0 {
+                        self.scale(i, 0).await?;
+                    }
+                }
+                return Ok(());
+            }
+        }
+        if !rolling {
+            return Ok(());
+        }
+        let allowed = if self.desired > 0 {
+            self.desired + self.surge
+        } else {
+            0
+        };
+        let to_add = allowed - active.iter().map(|i| self.sets[*i].1).sum::<i64>();
+        let mut order = active;
+        let created = |i: usize| {
+            let rs = self.sets[i].0;
+            (
+                s(&rs["metadata"]["creationTimestamp"]),
+                s(&rs["metadata"]["name"]),
+            )
+        };
+        // Larger first; among equals, newer first when scaling up, older first when down.
+        order.sort_by(|&a, &b| {
+            let by_size = self.sets[b].1.cmp(&self.sets[a].1);
+            let by_age = if to_add > 0 {
+                created(b).cmp(&created(a))
+            } else {
+                created(a).cmp(&created(b))
+            };
+            by_size.then(by_age)
+        });
+        let mut added = 0;
+        let mut sizes = Vec::new();
+        for &i in &order {
+            let (rs, size) = self.sets[i];
+            let p = proportion(
+                rs,
+                size,
+                (self.desired, self.surge, status_replicas),
+                to_add,
+                added,
+            );
+            added += p;
+            sizes.push(size + p);
+        }
+        if let Some(first) = sizes.first_mut()
+            && to_add != 0
+        {
+            *first = (*first + to_add - added).max(0);
+        }
+        for (i, size) in order.into_iter().zip(sizes) {
+            self.scale(i, size).await?;
+        }
+        Ok(())
+    }
+
+    /// `reconcileNewReplicaSet`, then, when that scaled nothing, `reconcileOldReplicaSets`
+    /// (unhealthy old replicas first, then old ones down to `replicas - maxUnavailable`
+    /// available).
+    async fn roll(&mut self) -> Result<(), String> {
+        let Some(n) = self.new else {
+            return Ok(());
+        };
+        let size = self.sets[n].1;
+        if size > self.desired {
+            return self.resize(n, self.desired).await;
+        }
+        if size < self.desired {
+            let current = self.total();
+            let max_total = self.desired + self.surge;
+            if current < max_total {
+                let up = (max_total - current).min(self.desired - size);
+                return self.resize(n, size + up).await;
+            }
+        }
+        let old = self.old();
+        if old.iter().all(|i| self.sets[*i].1 == 0) {
+            return Ok(());
+        }
+        let min_available = self.desired - self.unavailable;
+        let new_unavailable = size - self.available(n);
+        let max_scaled_down = self.total() - min_available - new_unavailable;
+        if max_scaled_down <= 0 {
+            return Ok(());
+        }
+        let mut cleaned = 0;
+        for &i in &old {
+            if cleaned >= max_scaled_down {
+                break;
+            }
+            let (have, available) = (self.sets[i].1, self.available(i));
+            if have == 0 || have == available {
+                continue;
+            }
+            let down = (max_scaled_down - cleaned).min(have - available);
+            self.resize(i, have - down).await?;
+            cleaned += down;
+        }
+        let available: i64 = (0..self.sets.len()).map(|i| self.available(i)).sum();
+        if available <= min_available {
+            return Ok(());
+        }
+        let to_scale_down = available - min_available;
+        let mut scaled_down = 0;
+        for &i in &old {
+            if scaled_down >= to_scale_down {
+                break;
+            }
+            let have = self.sets[i].1;
+            if have == 0 {
+                continue;
+            }
+            let down = have.min(to_scale_down - scaled_down);
+            self.resize(i, have - down).await?;
+            scaled_down += down;
+        }
+        Ok(())
+    }
+}
+
+/// `GetProportion`: what one ReplicaSet of `size` gets of `to_add` (negative when scaling
+/// down), given the Deployment's (replicas, maxSurge, status.replicas).
+fn proportion(
+    rs: &Value,
+    size: i64,
+    (desired, surge, status_replicas): (i64, i64, i64),
+    to_add: i64,
+    added: i64,
+) -> i64 {
+    if size == 0 || to_add == 0 || to_add == added {
+        return 0;
+    }
+    let fraction = if desired == 0 {
+        -size
+    } else {
+        // Without the annotation upstream falls back to the Deployment's status.replicas.
+        let before = annotation_int(rs, MAX_REPLICAS).unwrap_or(status_replicas);
+        if before <= 0 {
+            return 0;
+        }
+        ((size * (desired + surge)) as f64 / before as f64).round() as i64 - size
+    };
+    let allowed = to_add - added;
+    if to_add > 0 {
+        fraction.min(allowed)
+    } else {
+        fraction.max(allowed)
+    }
+}
+
+/// Creates the ReplicaSet for the current template if needed and scales them as the
+/// kube-controller-manager's `syncDeployment` does: a paused Deployment or a scaling event is
+/// only resized (`sync`), otherwise it rolls (RollingUpdate) or recreates. Returns whether it
 /// wrote, and the name of a ReplicaSet it created.
 async fn sync_replicasets(
     inner: &Arc<Inner>,
@@ -546,236 +928,291 @@ async fn sync_replicasets(
 ) -> Result<(bool, Option<String>), String> {
     let ns = s(&d["metadata"]["namespace"]).to_string();
     let name = s(&d["metadata"]["name"]).to_string();
-    let uid = s(&d["metadata"]["uid"]).to_string();
     let spec = &d["spec"];
     let desired = int(&spec["replicas"], 1);
     let template = &spec["template"];
-    let owned = owned_by(all, d);
-    let current = owned
-        .iter()
-        .find(|rs| without_hash(&rs["spec"]["template"]) == without_hash(template))
-        .copied();
-    let max_revision = owned.iter().map(|rs| revision(rs)).max().unwrap_or(0);
-    let mut wrote = false;
-    let mut created = None;
+    let mut owned = owned_by(all, d);
+    owned.sort_by_key(|rs| {
+        (
+            s(&rs["metadata"]["creationTimestamp"]),
+            s(&rs["metadata"]["name"]),
+        )
+    });
     let recreate = s(&spec["strategy"]["type"]) == "Recreate";
     let paused = spec["paused"].as_bool() == Some(true);
-    let surge = resolve(
-        &spec["strategy"]["rollingUpdate"]["maxSurge"],
-        desired,
-        true,
-    );
-    let old_pods: i64 = owned
+    let (surge, unavailable) = fenceposts(spec, desired);
+    let new = owned
         .iter()
-        .filter(|rs| Some(**rs) != current)
-        .map(|rs| int(&rs["status"]["replicas"], 0))
-        .sum();
-
-    let current_name = match current {
-        Some(rs) => {
-            let rs_name = s(&rs["metadata"]["name"]).to_string();
-            let want_replicas = if paused {
-                int(&rs["spec"]["replicas"], 0)
-            } else if recreate && old_pods > 0 {
-                0
-            } else {
-                desired
-            };
-            let bump_revision = revision(rs) < max_revision;
-            let annotations = rs_annotations(
-                d,
-                if bump_revision {
-                    max_revision + 1
-                } else {
-                    revision(rs)
-                },
-                desired,
-                surge,
-            );
-            let needed = int(&rs["spec"]["replicas"], 1) != want_replicas
-                || annotations
-                    .iter()
-                    .any(|(k, v)| rs["metadata"]["annotations"].get(k) != Some(v));
-            let mut c = ctx();
-            let changed = if !needed {
-                None
-            } else {
-                inner
-                    .modify(rsdef, &ns, &rs_name, Sub::Main, &mut c, |o| {
-                        let mut changed = false;
-                        if int(&o["spec"]["replicas"], 1) != want_replicas {
-                            o["spec"]["replicas"] = json!(want_replicas);
-                            changed = true;
-                        }
-                        let a = &mut o["metadata"]["annotations"];
-                        for (k, v) in &annotations {
-                            if a.get(k) != Some(v) {
-                                a[k] = v.clone();
-                                changed = true;
-                            }
-                        }
-                        changed
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-            };
-            if changed.is_some_and(|o| {
-                o["metadata"]["resourceVersion"] != rs["metadata"]["resourceVersion"]
-            }) {
-                wrote = true;
-            }
-            Some(rs_name)
-        }
-        None if paused => None,
-        None => {
-            let collision = d["status"]["collisionCount"].as_i64();
-            let hash = template_hash(template, collision);
-            let rs_name = format!("{name}-{hash}");
-            let mut rs_template = template.clone();
-            rs_template["metadata"]["labels"][POD_TEMPLATE_HASH] = json!(hash);
-            let mut selector = spec["selector"].clone();
-            selector["matchLabels"][POD_TEMPLATE_HASH] = json!(hash);
-            let mut labels = template["metadata"]["labels"].clone();
-            labels[POD_TEMPLATE_HASH] = json!(hash);
-            let rs = json!({
-                "apiVersion": "apps/v1",
-                "kind": "ReplicaSet",
-                "metadata": {
-                    "name": rs_name,
-                    "namespace": ns,
-                    "labels": labels,
-                    "annotations": rs_annotations(d, max_revision + 1, desired, surge),
-                    "ownerReferences": [{
-                        "apiVersion": "apps/v1",
-                        "kind": "Deployment",
-                        "name": name,
-                        "uid": uid,
-                        "controller": true,
-                        "blockOwnerDeletion": true,
-                    }],
-                },
-                "spec": {
-                    "replicas": if recreate && old_pods > 0 { 0 } else { desired },
-                    "minReadySeconds": int(&spec["minReadySeconds"], 0),
-                    "selector": selector,
-                    "template": rs_template,
-                },
-            });
-            let mut c = ctx();
-            match inner
-                .write(rsdef, "v1", &ns, "", Sub::Main, &Write::Create(rs), &mut c)
-                .await
-            {
-                Ok(_) => {
-                    wrote = true;
-                    created = Some(rs_name.clone());
-                    Some(rs_name)
-                }
-                Err(e) if e.code == 409 => {
-                    // A ReplicaSet of that name with another template: bump collisionCount.
-                    let mut c = ctx();
-                    let _ = inner
-                        .modify(ddef, &ns, &name, Sub::Status, &mut c, |o| {
-                            let n = int(&o["status"]["collisionCount"], 0) + 1;
-                            o["status"]["collisionCount"] = json!(n);
-                            true
-                        })
-                        .await;
-                    return Ok((true, None));
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-
-    if paused {
-        return Ok((wrote, created));
-    }
-    // Scale older ReplicaSets down.
-    let new_available = current
-        .map(|rs| int(&rs["status"]["availableReplicas"], 0))
+        .position(|rs| semantic_template(&rs["spec"]["template"]) == semantic_template(template));
+    let max_old_revision = owned
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != new)
+        .map(|(_, rs)| revision(rs))
+        .max()
         .unwrap_or(0);
-    let mut old: Vec<&Value> = owned
-        .iter()
-        .copied()
-        .filter(|rs| Some(s(&rs["metadata"]["name"])) != current_name.as_deref())
-        .collect();
-    old.sort_by_key(|rs| revision(rs));
-    let allowed_old = if recreate {
-        0
-    } else {
-        (desired - new_available).max(0)
+    let mut r = Rollout {
+        inner,
+        rsdef,
+        key: format!("{ns}/{name}"),
+        ns: ns.clone(),
+        desired,
+        surge,
+        unavailable,
+        sets: owned
+            .iter()
+            .map(|rs| (*rs, int(&rs["spec"]["replicas"], 0)))
+            .collect(),
+        new,
+        wrote: false,
     };
-    let mut total_old: i64 = old.iter().map(|rs| int(&rs["spec"]["replicas"], 0)).sum();
-    for rs in &old {
-        if total_old <= allowed_old {
-            break;
-        }
-        let have = int(&rs["spec"]["replicas"], 0);
-        if have == 0 {
-            continue;
-        }
-        let cut = (total_old - allowed_old).min(have);
-        total_old -= cut;
-        let mut c = ctx();
-        let rs_name = s(&rs["metadata"]["name"]).to_string();
-        inner
-            .modify(rsdef, &ns, &rs_name, Sub::Main, &mut c, |o| {
-                o["spec"]["replicas"] = json!(have - cut);
-                true
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        wrote = true;
-    }
-    // Old ReplicaSets beyond revisionHistoryLimit.
-    let limit = int(&spec["revisionHistoryLimit"], 10).max(0) as usize;
-    let empty: Vec<&&Value> = old
-        .iter()
-        .filter(|rs| int(&rs["spec"]["replicas"], 0) == 0 && int(&rs["status"]["replicas"], 0) == 0)
-        .collect();
-    if empty.len() > limit {
-        for rs in empty.iter().take(empty.len() - limit) {
+
+    // The ReplicaSet of the current template takes the next revision (a revert reuses the old
+    // ReplicaSet: no new pods) and the Deployment's annotations, paused or not.
+    if let Some(n) = new {
+        let rs = owned[n];
+        let annotations = new_rs_annotations(d, rs, max_old_revision + 1);
+        if annotations
+            .iter()
+            .any(|(k, v)| rs["metadata"]["annotations"].get(k) != Some(v))
+        {
             let mut c = ctx();
-            let _ = inner
-                .delete(
-                    rsdef,
-                    "v1",
-                    &ns,
-                    s(&rs["metadata"]["name"]),
-                    &DeleteOpts::default(),
-                    &mut c,
-                )
-                .await;
-            wrote = true;
+            let rs_name = s(&rs["metadata"]["name"]).to_string();
+            inner
+                .modify(rsdef, &ns, &rs_name, Sub::Main, &mut c, |o| {
+                    for (k, v) in &annotations {
+                        o["metadata"]["annotations"][k] = v.clone();
+                    }
+                    true
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            r.wrote = true;
         }
     }
-    Ok((wrote, created))
+
+    let status_replicas = int(&d["status"]["replicas"], 0);
+    if paused || r.scaling_event() {
+        r.scale_proportionally(!recreate, status_replicas).await?;
+        if paused {
+            r.wrote |= cleanup(inner, rsdef, d, &r).await;
+        }
+        return Ok((r.wrote, None));
+    }
+
+    let mut created = None;
+    if recreate {
+        let mut scaled = false;
+        for i in r.old() {
+            if r.sets[i].1 > 0 {
+                r.scale(i, 0).await?;
+                scaled = true;
+            }
+        }
+        let old_pods_running = r
+            .old()
+            .iter()
+            .any(|i| int(&r.sets[*i].0["status"]["replicas"], 0) > 0);
+        if scaled || old_pods_running {
+            return Ok((r.wrote, None));
+        }
+        match r.new {
+            Some(n) => r.resize(n, desired).await?,
+            None => created = create_new_rs(&r, ddef, d, desired, max_old_revision + 1).await?,
+        }
+    } else {
+        match r.new {
+            Some(_) => r.roll().await?,
+            None => {
+                // `NewRSNewReplicas` for a ReplicaSet at 0.
+                let replicas = (desired + surge - r.total()).max(0).min(desired);
+                created = create_new_rs(&r, ddef, d, replicas, max_old_revision + 1).await?;
+            }
+        }
+    }
+    let status = &d["status"];
+    let complete = int(&status["updatedReplicas"], 0) == desired
+        && int(&status["replicas"], 0) == desired
+        && int(&status["availableReplicas"], 0) == desired
+        && int(&status["observedGeneration"], 0) >= int(&d["metadata"]["generation"], 0);
+    if complete {
+        r.wrote |= cleanup(inner, rsdef, d, &r).await;
+    }
+    Ok((r.wrote || created.is_some(), created))
 }
 
-fn rs_annotations(d: &Value, revision: i64, desired: i64, surge: i64) -> Map<String, Value> {
-    let mut a = Map::new();
-    // The controller copies the Deployment's annotations, except kubectl's and its own.
-    if let Some(da) = d["metadata"]["annotations"].as_object() {
-        for (k, v) in da {
-            if k == "kubectl.kubernetes.io/last-applied-configuration"
-                || k.starts_with("deployment.kubernetes.io/")
-            {
-                continue;
-            }
-            a.insert(k.clone(), v.clone());
+/// Creates the ReplicaSet of the Deployment's template with `replicas`; `None` when its name was
+/// taken by a ReplicaSet of another template (`collisionCount` is bumped for the next pass).
+async fn create_new_rs(
+    r: &Rollout<'_>,
+    ddef: &Arc<ResourceDef>,
+    d: &Value,
+    replicas: i64,
+    revision: i64,
+) -> Result<Option<String>, String> {
+    let spec = &d["spec"];
+    let name = s(&d["metadata"]["name"]);
+    let template = &spec["template"];
+    let hash = template_hash(template, d["status"]["collisionCount"].as_i64());
+    let rs_name = format!("{name}-{hash}");
+    let mut rs_template = template.clone();
+    rs_template["metadata"]["labels"][POD_TEMPLATE_HASH] = json!(hash);
+    let mut selector = spec["selector"].clone();
+    selector["matchLabels"][POD_TEMPLATE_HASH] = json!(hash);
+    let mut labels = template["metadata"]["labels"].clone();
+    labels[POD_TEMPLATE_HASH] = json!(hash);
+    let mut annotations = copied_annotations(d);
+    annotations.insert(REVISION.into(), json!(revision.to_string()));
+    annotations.insert(DESIRED_REPLICAS.into(), json!(r.desired.to_string()));
+    annotations.insert(
+        MAX_REPLICAS.into(),
+        json!((r.desired + r.surge).to_string()),
+    );
+    let rs = json!({
+        "apiVersion": "apps/v1",
+        "kind": "ReplicaSet",
+        "metadata": {
+            "name": rs_name,
+            "namespace": r.ns,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [{
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": name,
+                "uid": d["metadata"]["uid"],
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": {
+            "replicas": replicas,
+            "minReadySeconds": int(&spec["minReadySeconds"], 0),
+            "selector": selector,
+            "template": rs_template,
+        },
+    });
+    let mut c = ctx();
+    match r
+        .inner
+        .write(
+            r.rsdef,
+            "v1",
+            &r.ns,
+            "",
+            Sub::Main,
+            &Write::Create(rs),
+            &mut c,
+        )
+        .await
+    {
+        Ok(_) => {
+            r.record(Some(replicas));
+            Ok(Some(rs_name))
+        }
+        Err(e) if e.code == 409 => {
+            // A ReplicaSet of that name with another template: bump collisionCount.
+            let mut c = ctx();
+            let _ = r
+                .inner
+                .modify(ddef, &r.ns, name, Sub::Status, &mut c, |o| {
+                    let n = int(&o["status"]["collisionCount"], 0) + 1;
+                    o["status"]["collisionCount"] = json!(n);
+                    true
+                })
+                .await;
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `cleanupDeployment`: old ReplicaSets without replicas beyond `revisionHistoryLimit` go, the
+/// lowest revisions first. Returns whether it deleted any.
+async fn cleanup(inner: &Arc<Inner>, rsdef: &Arc<ResourceDef>, d: &Value, r: &Rollout<'_>) -> bool {
+    let limit = int(&d["spec"]["revisionHistoryLimit"], 10).max(0) as usize;
+    let mut empty: Vec<&Value> = r
+        .old()
+        .into_iter()
+        .map(|i| r.sets[i].0)
+        .filter(|rs| {
+            int(&rs["spec"]["replicas"], 0) == 0
+                && int(&rs["status"]["replicas"], 0) == 0
+                && rs["metadata"].get("deletionTimestamp").is_none()
+        })
+        .collect();
+    if empty.len() <= limit {
+        return false;
+    }
+    empty.sort_by_key(|rs| revision(rs));
+    for rs in empty.iter().take(empty.len() - limit) {
+        let mut c = ctx();
+        let _ = inner
+            .delete(
+                rsdef,
+                "v1",
+                s(&rs["metadata"]["namespace"]),
+                s(&rs["metadata"]["name"]),
+                &DeleteOpts::default(),
+                &mut c,
+            )
+            .await;
+    }
+    true
+}
+
+/// The Deployment's annotations a ReplicaSet carries: all but kubectl's and the controller's own.
+fn copied_annotations(d: &Value) -> Map<String, Value> {
+    d["metadata"]["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| {
+            *k != "kubectl.kubernetes.io/last-applied-configuration"
+                && !k.starts_with("deployment.kubernetes.io/")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// `SetNewReplicaSetAnnotations` for an existing ReplicaSet of the current template: the copied
+/// annotations, and `next` as its revision when its own is lower (the old one joins
+/// `revision-history`).
+fn new_rs_annotations(d: &Value, rs: &Value, next: i64) -> Map<String, Value> {
+    let mut a = copied_annotations(d);
+    let old = revision(rs);
+    if old < next {
+        a.insert(REVISION.into(), json!(next.to_string()));
+        if old > 0 {
+            let history = s(&rs["metadata"]["annotations"][REVISION_HISTORY]);
+            let history = if history.is_empty() {
+                old.to_string()
+            } else {
+                format!("{history},{old}")
+            };
+            a.insert(REVISION_HISTORY.into(), json!(history));
         }
     }
-    a.insert(REVISION.into(), json!(revision.to_string()));
-    a.insert(
-        "deployment.kubernetes.io/desired-replicas".into(),
-        json!(desired.to_string()),
-    );
-    a.insert(
-        "deployment.kubernetes.io/max-replicas".into(),
-        json!((desired + surge).to_string()),
-    );
     a
+}
+
+/// Ready and available simulated pods of a ReplicaSet at `now`.
+fn pod_counts(st: &State, rs: &Value, now: Instant) -> (usize, usize) {
+    let Some(delay) = pod_timing(st, rs) else {
+        return (0, 0);
+    };
+    let min_ready = Duration::from_secs(int(&rs["spec"]["minReadySeconds"], 0).max(0) as u64);
+    let pods = st
+        .pods
+        .get(s(&rs["metadata"]["uid"]))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let ready = pods.iter().filter(|p| p.created + delay <= now).count();
+    let available = pods
+        .iter()
+        .filter(|p| p.created + delay + min_ready <= now)
+        .count();
+    (ready, available)
 }
 
 /// Adjusts the simulated pods of one ReplicaSet and writes its status.
@@ -796,14 +1233,6 @@ async fn sync_replicaset_status(inner: &Arc<Inner>, rsdef: &Arc<ResourceDef>, rs
             pods.sort_by_key(|p| p.created);
             pods.truncate(desired);
         }
-        let ready = timing.map_or(0, |d| {
-            pods.iter().filter(|p| p.created + d <= now_i).count()
-        });
-        let available = timing.map_or(0, |d| {
-            pods.iter()
-                .filter(|p| p.created + d + min_ready <= now_i)
-                .count()
-        });
         let n = pods.len();
         let future: Vec<Instant> = match timing {
             Some(d) => pods
@@ -818,6 +1247,7 @@ async fn sync_replicaset_status(inner: &Arc<Inner>, rsdef: &Arc<ResourceDef>, rs
             controller_owner(rs).unwrap_or_default(),
         );
         st.set_timers(&uid, key, future);
+        let (ready, available) = pod_counts(&st, rs, now_i);
         (n, ready, available)
     };
     let mut status = json!({"replicas": n});
@@ -906,7 +1336,7 @@ async fn sync_deployment_status(
     let template = &spec["template"];
     let new_rs = owned
         .iter()
-        .find(|rs| without_hash(&rs["spec"]["template"]) == without_hash(template))
+        .find(|rs| semantic_template(&rs["spec"]["template"]) == semantic_template(template))
         .copied();
     let sum = |f: &str| owned.iter().map(|rs| int(&rs["status"][f], 0)).sum::<i64>();
     let replicas = sum("replicas");
@@ -935,15 +1365,7 @@ async fn sync_deployment_status(
     }
     let now_s = now();
     let mut conditions: Vec<Value> = old["conditions"].as_array().cloned().unwrap_or_default();
-    let max_unavailable = if s(&spec["strategy"]["type"]) == "Recreate" {
-        0
-    } else {
-        resolve(
-            &spec["strategy"]["rollingUpdate"]["maxUnavailable"],
-            desired,
-            false,
-        )
-    };
+    let max_unavailable = fenceposts(spec, desired).1;
     if available >= desired - max_unavailable {
         set_condition(
             &mut conditions,
@@ -981,8 +1403,48 @@ async fn sync_deployment_status(
             || ready > int(&old["readyReplicas"], 0)
             || available > int(&old["availableReplicas"], 0);
         let mut st = lock(&inner.controller.state);
+        // `checkPausedConditions`: a paused Deployment is neither progressing nor timed out;
+        // its deadline counts again from the resume (unless it had already timed out).
+        let paused = spec["paused"].as_bool() == Some(true);
+        let reason = conditions
+            .iter()
+            .find(|c| c["type"] == "Progressing")
+            .map(|c| s(&c["reason"]).to_string())
+            .unwrap_or_default();
+        if reason != "ProgressDeadlineExceeded" {
+            if paused && reason != "DeploymentPaused" {
+                set_condition(
+                    &mut conditions,
+                    condition(
+                        "Progressing",
+                        "Unknown",
+                        "DeploymentPaused",
+                        "Deployment is paused",
+                        &now_s,
+                        &now_s,
+                    ),
+                    false,
+                );
+            } else if !paused && reason == "DeploymentPaused" {
+                st.progress.insert(uid.clone(), Instant::now());
+                set_condition(
+                    &mut conditions,
+                    condition(
+                        "Progressing",
+                        "Unknown",
+                        "DeploymentResumed",
+                        "Deployment is resumed",
+                        &now_s,
+                        &now_s,
+                    ),
+                    false,
+                );
+            }
+        }
         let last_progress = *st.progress.entry(uid.clone()).or_insert_with(Instant::now);
-        if let Some(created) = &created {
+        if paused {
+            // No progress is estimated while paused.
+        } else if let Some(created) = &created {
             st.progress.insert(uid.clone(), Instant::now());
             set_condition(
                 &mut conditions,
@@ -1050,7 +1512,7 @@ async fn sync_deployment_status(
         let at = st.progress.get(&uid).copied().unwrap_or_else(Instant::now)
             + Duration::from_secs(deadline.max(0) as u64)
             + Duration::from_millis(1);
-        let times = if complete || at <= Instant::now() {
+        let times = if paused || complete || at <= Instant::now() {
             Vec::new()
         } else {
             vec![at]

@@ -120,6 +120,13 @@ fn route(inner: &Inner, path: &str) -> Result<Route, ApiError> {
             ));
         }
         ["apis"] => return Ok(Route::Discovery(reg.group_list())),
+        ["openapi", "v3"] => return Ok(Route::Discovery(reg.openapi_v3_index())),
+        ["openapi", "v3", gv @ ..] => {
+            return reg
+                .openapi_v3(&gv.join("/"))
+                .map(Route::Discovery)
+                .ok_or_else(ApiError::no_route);
+        }
         ["api", "v1"] => {
             return reg
                 .resource_list("", "v1")
@@ -283,11 +290,14 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
     let def = target.def.clone();
     let version = target.version.clone();
     let meta_only = metadata_only(&headers);
+    let legacy = inner.legacy_creation_timestamp;
     let view = |obj: &Value| {
         if meta_only {
             as_metadata(obj)
         } else {
-            obj.clone()
+            let mut obj = obj.clone();
+            ops::encode(&def, &mut obj, legacy);
+            obj
         }
     };
 
@@ -331,6 +341,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
                 label,
                 field,
                 meta_only,
+                legacy,
             };
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 return Ok(watch(inner, filter, &query));
@@ -382,7 +393,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
             let (resp, code) = inner
                 .delete(&def, &version, &ns, name, &opts, &mut ctx)
                 .await?;
-            Ok(json_response(code, &resp, &ctx.warnings))
+            Ok(json_response(code, &view(&resp), &ctx.warnings))
         }
         (Method::DELETE, None) => {
             let opts = delete_opts(&query, &body, &mut ctx)?;
@@ -422,9 +433,9 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
                 {
                     Ok((resp, _)) => {
                         if resp["kind"] != "Status" {
-                            items.push(resp);
+                            items.push(view(&resp));
                         } else {
-                            items.push(before);
+                            items.push(view(&before));
                         }
                     }
                     Err(e) if e.code == 404 => {}
@@ -538,6 +549,8 @@ struct Filter {
     label: LabelSelector,
     field: FieldSelector,
     meta_only: bool,
+    /// [`super::ApiServerConfig::legacy_creation_timestamp`].
+    legacy: bool,
 }
 
 impl Filter {
@@ -548,8 +561,12 @@ impl Filter {
         self.label.matches_object(obj) && self.field.matches(obj)
     }
     fn render(&self, obj: &Value) -> Value {
-        let v = ops::to_version(&self.def, &self.version, obj);
-        if self.meta_only { as_metadata(&v) } else { v }
+        let mut v = ops::to_version(&self.def, &self.version, obj);
+        if self.meta_only {
+            return as_metadata(&v);
+        }
+        ops::encode(&self.def, &mut v, self.legacy);
+        v
     }
 }
 
@@ -586,8 +603,10 @@ fn list(inner: &Inner, filter: &Filter, query: &Query) -> Result<Response, ApiEr
             .trim_end_matches('\u{0}');
         let (ns, name) = start.split_once('/').unwrap_or(("", start));
         start_after = Some((ns.to_string(), name.to_string()));
-    } else if rv_param.is_empty() || rv_param == "0" {
+    } else if rv_param.is_empty() {
         snapshot_rv = store.rv;
+    } else if rv_param == "0" {
+        snapshot_rv = inner.rv0(&store);
     } else {
         let n: u64 = rv_param
             .parse()
@@ -740,15 +759,25 @@ fn watch(inner: Arc<Inner>, filter: Filter, query: &Query) -> Response {
         let changes = store.tx.subscribe();
         let start_rv = store.rv;
         if send_initial || rv_param.is_empty() || rv_param == "0" {
-            for (key, entry) in store.objects.iter().filter(|(k, _)| filter.in_scope(k)) {
-                let _ = key;
-                if filter.selects(&entry.object) {
-                    initial.push(event_line("ADDED", &filter.render(&entry.object)));
+            // At "0" the watch cache may serve a state that lags; the changes since follow.
+            let from = if rv_param == "0" {
+                inner.rv0(&store)
+            } else {
+                start_rv
+            };
+            let state = store
+                .snapshot(&filter.def.storage, from)
+                .unwrap_or_default();
+            for ((ns, _), object) in &state {
+                if filter.ns.as_ref().is_none_or(|f| f == ns) && filter.selects(object) {
+                    initial.push(event_line("ADDED", &filter.render(object)));
                 }
             }
             if send_initial {
-                initial.push(bookmark(&filter, start_rv, true));
+                initial.push(bookmark(&filter, from, true));
             }
+            let replay = store.since(from).unwrap_or_default();
+            initial.extend(replay.iter().filter_map(|c| watch_event(&filter, c)));
         } else {
             match rv_param.parse::<u64>().ok() {
                 None => {

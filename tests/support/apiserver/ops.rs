@@ -3,12 +3,13 @@
 //! decode (+ defaults) → mutating admission → resourceVersion precondition → strategy
 //! (`PrepareForCreate`/`PrepareForUpdate`) → validation → storage (no-op writes skipped).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
 
 use super::admission::{self, Attributes};
-use super::patch::{self, FieldSet, Managers, Operation, Seg};
+use super::patch::{self, FieldSet, Managers, Operation, Owned, Seg};
 use super::resources::{Builtin, Generation, ResourceDef};
 use super::status::{ApiError, FieldError};
 use super::store::{Entry, Key};
@@ -143,6 +144,14 @@ pub fn to_version(def: &ResourceDef, version: &str, stored: &Value) -> Value {
     v
 }
 
+/// The encoding of an object (in its version's form) on the wire: as stored, or with
+/// [`super::ApiServerConfig::legacy_creation_timestamp`], as API servers before 1.35 wrote it.
+pub fn encode(def: &ResourceDef, v: &mut Value, legacy: bool) {
+    if let Some(b) = def.builtin.filter(|_| legacy) {
+        typed::add_legacy_null_timestamps(b, v);
+    }
+}
+
 /// The storage form of an object written through `def`.
 pub fn from_version(def: &ResourceDef, v: &Value) -> Value {
     if def.builtin == Some(Builtin::EventsV1) {
@@ -165,8 +174,8 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
         .unwrap_or_default()
 }
 
-/// Equal but for `metadata.resourceVersion` (without copying either).
-fn same_but_rv(a: &Value, b: &Value) -> bool {
+/// Equal but for the `metadata` fields named in `skip` (without copying either).
+fn same_except(a: &Value, b: &Value, skip: &[&str]) -> bool {
     let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
         return a == b;
     };
@@ -183,14 +192,139 @@ fn same_but_rv(a: &Value, b: &Value) -> bool {
         let (Some(am), Some(bm)) = (av.as_object(), bv.as_object()) else {
             return av == bv;
         };
-        fn without(m: &serde_json::Map<String, Value>) -> Vec<(&str, &Value)> {
+        fn without<'a>(
+            m: &'a serde_json::Map<String, Value>,
+            skip: &[&str],
+        ) -> Vec<(&'a str, &'a Value)> {
             m.iter()
-                .filter(|(k, _)| *k != "resourceVersion")
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
                 .map(|(k, v)| (k.as_str(), v))
                 .collect()
         }
-        without(am) == without(bm)
+        without(am, skip) == without(bm, skip)
     })
+}
+
+/// Renders `managers` into `metadata.managedFields` (absent when nobody owns anything).
+fn set_managed_fields(obj: &mut Value, managers: &Managers) {
+    let entries = patch::managed_fields(managers);
+    if let Some(meta) = obj["metadata"].as_object_mut() {
+        if entries.is_empty() {
+            meta.remove("managedFields");
+        } else {
+            meta.insert("managedFields".into(), Value::Array(entries));
+        }
+    }
+}
+
+/// How a write changes field ownership.
+struct Ownership {
+    /// The owners before the write (none after a reset).
+    before: Arc<Managers>,
+    manager: String,
+    sub: Sub,
+    api_version: String,
+    /// The fields of an apply, and whether it forces.
+    apply: Option<(FieldSet, bool)>,
+}
+
+impl Ownership {
+    /// Sets `obj`'s (storage form) managedFields to the owners after this write from `old` (as
+    /// `version` shows it); returns them.
+    fn stamp(
+        &self,
+        obj: &mut Value,
+        old: Option<&Value>,
+        def: &ResourceDef,
+        version: &str,
+        kinds: &dyn Fn(&[String]) -> patch::ListKind,
+    ) -> Arc<Managers> {
+        let owners = self.after(
+            old,
+            &to_version(def, version, obj),
+            kinds,
+            def.status_subresource,
+        );
+        set_managed_fields(obj, &owners);
+        owners
+    }
+
+    /// The owners after a write from `old` to `new` (both as the request's version shows them).
+    fn after(
+        &self,
+        old: Option<&Value>,
+        new: &Value,
+        kinds: &dyn Fn(&[String]) -> patch::ListKind,
+        status_subresource: bool,
+    ) -> Arc<Managers> {
+        let mut managers = self.before.clone();
+        let sub = self.sub.name();
+        // Status writes are tracked only once someone applies status (the controllers'
+        // frequent status updates would otherwise pay for it on every write).
+        let track = self.apply.is_some()
+            || self.sub != Sub::Status
+            || managers
+                .keys()
+                .any(|(_, op, s)| *op == Operation::Apply && s == sub);
+        if !track {
+            return managers;
+        }
+        let now = now();
+        let m = Arc::make_mut(&mut managers);
+        match &self.apply {
+            Some((fields, force)) => {
+                if *force {
+                    for (k, owned) in m.iter_mut() {
+                        if k.0 != self.manager {
+                            owned.fields.retain(|p| !fields.contains(p));
+                        }
+                    }
+                }
+                let key = (self.manager.clone(), Operation::Apply, sub.to_string());
+                // The time moves only when the apply changed something.
+                let unchanged =
+                    old.is_some_and(|o| same_except(o, new, &["resourceVersion", "managedFields"]));
+                let time = match m.get(&key) {
+                    Some(prev) if prev.fields == *fields && unchanged => prev.time.clone(),
+                    _ => now,
+                };
+                m.insert(
+                    key,
+                    Owned {
+                        api_version: self.api_version.clone(),
+                        fields: fields.clone(),
+                        time,
+                    },
+                );
+            }
+            None => {
+                let skip_status = self.sub == Sub::Main && status_subresource;
+                let (mut changed, removed) = patch::changed_leaves(old, new, kinds, skip_status);
+                if self.sub == Sub::Status {
+                    changed.retain(|p| p.first() == Some(&Seg::F("status".into())));
+                }
+                for owned in m.values_mut() {
+                    owned
+                        .fields
+                        .retain(|p| !changed.contains(p) && !removed.contains(p));
+                }
+                if !changed.is_empty() {
+                    let entry = m
+                        .entry((self.manager.clone(), Operation::Update, sub.to_string()))
+                        .or_insert_with(|| Owned {
+                            api_version: String::new(),
+                            fields: FieldSet::new(),
+                            time: String::new(),
+                        });
+                    entry.fields.extend(changed);
+                    entry.api_version = self.api_version.clone();
+                    entry.time = now;
+                }
+            }
+        }
+        m.retain(|_, owned| !owned.fields.is_empty());
+        managers
+    }
 }
 
 /// The `autoscaling/v1` Scale of a Deployment or ReplicaSet.
@@ -379,13 +513,14 @@ impl Inner {
         }
         let (mut out, unknown, errs) = match def.builtin {
             Some(b) => {
-                let (out, unknown) = typed::decode(b, &body).map_err(|e| {
+                let unknown = typed::check(b, &body).map_err(|e| {
                     ApiError::bad_request(format!(
                         "{} in version {version:?} cannot be handled as a {}: {e}",
                         def.kind, def.kind
                     ))
                 })?;
-                (out, unknown, Vec::new())
+                typed::strip_nulls(&mut body);
+                (body, unknown, Vec::new())
             }
             None => match def.schema(version) {
                 Some(schema) => {
@@ -431,7 +566,7 @@ impl Inner {
         ns: &str,
         name: &str,
         operation: &str,
-        obj: Value,
+        mut obj: Value,
         old_view: Option<&Value>,
         ctx: &mut Ctx,
     ) -> Result<Value, ApiError> {
@@ -439,70 +574,106 @@ impl Inner {
         if hooks.is_empty() {
             return Ok(obj);
         }
+        let legacy = self.legacy_creation_timestamp;
+        let old_view = old_view.map(|o| {
+            let mut o = o.clone();
+            encode(def, &mut o, legacy);
+            o
+        });
+        let old_view = old_view.as_ref();
         let mut view = to_version(def, version, &obj);
-        let mut changed = false;
-        for hook in hooks {
-            if !hook.matches(
-                &def.group,
-                version,
-                &def.plural,
-                operation,
-                Some(&view),
-                old_view,
-            ) {
-                continue;
+        encode(def, &mut view, legacy);
+        // The labels namespaceSelector looks at: the namespace's, a Namespace's own.
+        let namespace = if def.builtin == Some(Builtin::Namespace) {
+            Some(view.clone())
+        } else if def.namespaced {
+            self.store()
+                .get(&("namespaces".into(), String::new(), ns.to_string()))
+                .map(|e| (*e.object).clone())
+        } else {
+            None
+        };
+        let managed_fields = obj["metadata"].get("managedFields").cloned();
+        // Webhooks with `reinvocationPolicy: IfNeeded` called since the last change, and those
+        // to call again (once) because a later webhook changed the object after them.
+        let mut reinvocable: BTreeSet<usize> = BTreeSet::new();
+        let mut reinvoke: BTreeSet<usize> = BTreeSet::new();
+        for round in 0..2 {
+            for (i, hook) in hooks.iter().enumerate() {
+                if round == 1 && !reinvoke.contains(&i) {
+                    continue;
+                }
+                let selected = hook.matches(
+                    &def.group,
+                    version,
+                    &def.plural,
+                    operation,
+                    Some(&view),
+                    old_view,
+                ) && hook.namespace_matches(namespace.as_ref());
+                if !selected {
+                    continue;
+                }
+                let attrs = Attributes {
+                    uid: self.new_uid(),
+                    group: &def.group,
+                    version,
+                    kind: &def.kind,
+                    resource: &def.plural,
+                    name,
+                    namespace: ns,
+                    operation,
+                    user: &ctx.user,
+                    object: &view,
+                    old_object: old_view,
+                    dry_run: ctx.dry_run,
+                    options: admission::options(
+                        operation == "CREATE",
+                        ctx.dry_run,
+                        ctx.field_manager.as_deref(),
+                        &ctx.field_validation_param,
+                    ),
+                };
+                match admission::call(hook, &attrs).await {
+                    Ok(admitted) => {
+                        lock(&self.webhook_calls).push(admitted.call);
+                        ctx.warnings.extend(admitted.warnings);
+                        if admitted.object != view {
+                            // The patched object is decoded and defaulted again, as upstream
+                            // does; it keeps the managedFields of this write.
+                            let mut quiet = Ctx::for_user(ctx.user.clone());
+                            quiet.field_validation = FieldValidation::Ignore;
+                            let (mut decoded, _) = self
+                                .decode(def, version, admitted.object, &mut quiet)
+                                .map_err(|e| ApiError::internal(e.message))?;
+                            if let Some(m) = &managed_fields {
+                                decoded["metadata"]["managedFields"] = m.clone();
+                            }
+                            view = to_version(def, version, &decoded);
+                            encode(def, &mut view, legacy);
+                            obj = decoded;
+                            reinvoke.append(&mut reinvocable);
+                        }
+                        if hook.reinvocation_policy == admission::ReinvocationPolicy::IfNeeded {
+                            reinvocable.insert(i);
+                        }
+                    }
+                    Err(rejection) => {
+                        lock(&self.webhook_calls).push(rejection.call);
+                        if rejection.failure
+                            && hook.failure_policy == admission::FailurePolicy::Ignore
+                        {
+                            continue;
+                        }
+                        return Err(rejection.error);
+                    }
+                }
             }
-            let attrs = Attributes {
-                uid: self.new_uid(),
-                group: &def.group,
-                version,
-                kind: &def.kind,
-                resource: &def.plural,
-                name,
-                namespace: ns,
-                operation,
-                user: &ctx.user,
-                object: &view,
-                old_object: old_view,
-                dry_run: ctx.dry_run,
-                options: admission::options(
-                    operation == "CREATE",
-                    ctx.dry_run,
-                    ctx.field_manager.as_deref(),
-                    &ctx.field_validation_param,
-                ),
-            };
-            match admission::call(&hook, &attrs).await {
-                Ok(admitted) => {
-                    lock(&self.webhook_calls).push(admitted.call);
-                    ctx.warnings.extend(admitted.warnings);
-                    if admitted.object != view {
-                        // The patched object is decoded (unknown fields dropped) and defaulted
-                        // again, as upstream does.
-                        let mut quiet = Ctx::for_user(ctx.user.clone());
-                        quiet.field_validation = FieldValidation::Ignore;
-                        let (decoded, _) = self
-                            .decode(def, version, admitted.object, &mut quiet)
-                            .map_err(|e| ApiError::internal(e.message))?;
-                        view = to_version(def, version, &decoded);
-                        changed = true;
-                    }
-                }
-                Err(rejection) => {
-                    lock(&self.webhook_calls).push(rejection.call);
-                    if rejection.failure && hook.failure_policy == admission::FailurePolicy::Ignore
-                    {
-                        continue;
-                    }
-                    return Err(rejection.error);
-                }
+            if reinvoke.is_empty() {
+                break;
             }
         }
-        Ok(if changed {
-            from_version(def, &view)
-        } else {
-            obj
-        })
+        Ok(obj)
     }
 
     /// `PrepareForCreate` + `BeforeCreate`.
@@ -787,15 +958,15 @@ impl Inner {
                 let me = (manager.clone(), Operation::Apply, sub.name().to_string());
                 if !force {
                     let mut conflicts: Vec<(String, String, String)> = Vec::new();
-                    for (k, (api_version, owned)) in managers.iter() {
+                    for (k, owned) in managers.iter() {
                         if *k == me {
                             continue;
                         }
-                        for p in fields.intersection(owned) {
+                        for p in fields.intersection(&owned.fields) {
                             if patch::get_path(&base, p) != patch::get_path(&applied, p) {
                                 conflicts.push((
                                     k.0.clone(),
-                                    api_version.clone(),
+                                    owned.api_version.clone(),
                                     patch::render(p),
                                 ));
                             }
@@ -807,9 +978,11 @@ impl Inner {
                 }
                 let mut merged = base.clone();
                 patch::apply_merge(&mut merged, &applied, &mut Vec::new(), &kinds);
-                if let Some((_, previous)) = managers.get(&me) {
-                    for p in previous.difference(&fields) {
-                        let others = managers.iter().any(|(k, (_, s))| *k != me && s.contains(p));
+                if let Some(previous) = managers.get(&me) {
+                    for p in previous.fields.difference(&fields) {
+                        let others = managers
+                            .iter()
+                            .any(|(k, o)| *k != me && o.fields.contains(p));
                         if !others {
                             patch::remove_path(&mut merged, p);
                         }
@@ -890,6 +1063,18 @@ impl Inner {
             return Err(ApiError::bad_request(message).into());
         }
         let precondition = str_at(&body, "/metadata/resourceVersion").to_string();
+        // Ownership is kept from the live object, whatever managedFields the request carries,
+        // unless a main-resource write resets them.
+        let reset = sub == Sub::Main
+            && apply_fields.is_none()
+            && patch::is_reset(body["metadata"].get("managedFields"));
+        let ownership = Ownership {
+            before: if reset { Arc::default() } else { managers },
+            manager,
+            sub,
+            api_version: def.api_version(version),
+            apply: apply_fields.map(|fields| (fields, force)),
+        };
 
         let (mut obj, schema_errs) = self.decode(def, version, body, ctx)?;
         if def.namespaced {
@@ -908,6 +1093,9 @@ impl Inner {
             .map(|c| to_version(def, version, &c.object));
         let name_for_review = str_at(&obj, "/metadata/name").to_string();
         if sub == Sub::Main {
+            // Webhooks see the managedFields this write makes (upstream runs the field manager
+            // before mutating admission).
+            ownership.stamp(&mut obj, old_view.as_ref(), def, version, &kinds);
             let op = if create { "CREATE" } else { "UPDATE" };
             obj = self
                 .admit(
@@ -974,53 +1162,7 @@ impl Inner {
             return Err(ApiError::invalid(&def.kind, &def.group, &name, &errs).into());
         }
 
-        // Field ownership after this write.
-        let skip_status = sub == Sub::Main && def.status_subresource;
-        let mut new_managers = managers.clone();
-        let api_version = def.api_version(version);
-        // Status writes are tracked only once someone applies status (the controllers'
-        // frequent status updates would otherwise pay for it on every write).
-        let track = apply_fields.is_some()
-            || sub != Sub::Status
-            || managers
-                .keys()
-                .any(|(_, op, s)| *op == Operation::Apply && s == sub.name());
-        match apply_fields {
-            _ if !track => {}
-            Some(fields) => {
-                let new_managers = Arc::make_mut(&mut new_managers);
-                if force {
-                    for (k, (_, owned)) in new_managers.iter_mut() {
-                        if k.0 != manager {
-                            owned.retain(|p| !fields.contains(p));
-                        }
-                    }
-                }
-                new_managers.insert(
-                    (manager.clone(), Operation::Apply, sub.name().into()),
-                    (api_version, fields),
-                );
-            }
-            None => {
-                let new_managers = Arc::make_mut(&mut new_managers);
-                let new_view = to_version(def, version, &obj);
-                let (mut changed, removed) =
-                    patch::changed_leaves(old_view.as_ref(), &new_view, &kinds, skip_status);
-                if sub == Sub::Status {
-                    changed.retain(|p| p.first() == Some(&Seg::F("status".into())));
-                }
-                for (_, owned) in new_managers.values_mut() {
-                    owned.retain(|p| !changed.contains(p) && !removed.contains(p));
-                }
-                if !changed.is_empty() {
-                    let entry = new_managers
-                        .entry((manager.clone(), Operation::Update, sub.name().into()))
-                        .or_insert_with(|| (api_version, FieldSet::new()));
-                    entry.1.extend(changed);
-                }
-                new_managers.retain(|_, (_, owned)| !owned.is_empty());
-            }
-        }
+        let new_managers = ownership.stamp(&mut obj, old_view.as_ref(), def, version, &kinds);
 
         // Commit.
         let key = self.key(def, ns, &name);
@@ -1050,11 +1192,8 @@ impl Inner {
             return Ok((to_version(def, version, &obj), create));
         }
         if let Some(cur) = &current
-            && same_but_rv(&cur.object, &obj)
+            && same_except(&cur.object, &obj, &["resourceVersion"])
         {
-            if let Some(e) = store.objects.get_mut(&key) {
-                e.managers = new_managers;
-            }
             return Ok((to_version(def, version, &cur.object), false));
         }
         let terminating = obj["metadata"].get("deletionTimestamp").is_some();

@@ -283,8 +283,92 @@ pub enum Operation {
     Update,
 }
 
-/// Field owners of one object: (manager, operation, subresource) → (apiVersion, fields).
-pub type Managers = BTreeMap<(String, Operation, String), (String, FieldSet)>;
+impl Operation {
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Apply => "Apply",
+            Operation::Update => "Update",
+        }
+    }
+}
+
+/// What one manager owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owned {
+    pub api_version: String,
+    pub fields: FieldSet,
+    /// When the manager last changed the object (`metav1.Time`).
+    pub time: String,
+}
+
+/// Field owners of one object: (manager, operation, subresource) → what it owns.
+pub type Managers = BTreeMap<(String, Operation, String), Owned>;
+
+/// `metadata.managedFields` as kube-apiserver encodes them: one entry per (manager, operation,
+/// subresource), sorted by operation, time, manager, apiVersion and subresource, with the
+/// fields in the FieldsV1 format (`{"f:spec": {"f:replicas": {}}}`, keyed list items as
+/// `k:{"name":"web"}` with `.` for the item, set members as `v:"x"`).
+pub fn managed_fields(managers: &Managers) -> Vec<Value> {
+    let mut entries: Vec<(&(String, Operation, String), &Owned)> = managers.iter().collect();
+    entries.sort_by(|(a, x), (b, y)| {
+        (a.1.name(), &x.time, &a.0, &x.api_version, &a.2).cmp(&(
+            b.1.name(),
+            &y.time,
+            &b.0,
+            &y.api_version,
+            &b.2,
+        ))
+    });
+    entries
+        .into_iter()
+        .map(|((manager, op, sub), owned)| {
+            let mut e = serde_json::json!({
+                "manager": manager,
+                "operation": op.name(),
+                "apiVersion": owned.api_version,
+                "time": owned.time,
+                "fieldsType": "FieldsV1",
+                "fieldsV1": fields_v1(&owned.fields),
+            });
+            if !sub.is_empty() {
+                e["subresource"] = Value::String(sub.clone());
+            }
+            e
+        })
+        .collect()
+}
+
+fn fields_v1(fields: &FieldSet) -> Value {
+    let mut root = Value::Object(Map::new());
+    for path in fields {
+        let mut node = &mut root;
+        for seg in path {
+            let (key, item) = match seg {
+                Seg::F(f) => (format!("f:{f}"), false),
+                Seg::K(k, v) => (format!("k:{{{:?}:{v}}}", k), true),
+                Seg::V(v) => (format!("v:{v}"), false),
+            };
+            node = &mut node[key.as_str()];
+            if item {
+                node["."] = Value::Object(Map::new());
+            }
+        }
+        if node.is_null() {
+            *node = Value::Object(Map::new());
+        }
+    }
+    root
+}
+
+/// Whether a write's `metadata.managedFields` asks to reset ownership (`[]` or `[{}]`, as
+/// upstream's `isResetManagedFields`).
+pub fn is_reset(managed_fields: Option<&Value>) -> bool {
+    match managed_fields.and_then(Value::as_array).map(Vec::as_slice) {
+        Some([]) => true,
+        Some([only]) => only.as_object().is_some_and(Map::is_empty),
+        _ => false,
+    }
+}
 
 /// Renders a path as kube-apiserver's conflict messages do: `.spec.containers[name="web"].image`.
 pub fn render(path: &FieldPath) -> String {

@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 use std::sync::Arc;
 
 use serde::Deserialize as _;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 /// Built-in kinds that have typed handling (decoding, defaulting, validation, controllers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -393,6 +393,73 @@ impl Registry {
             "name": group,
             "versions": versions.iter().map(entry).collect::<Vec<_>>(),
             "preferredVersion": versions.first().map(entry).unwrap_or(Value::Null),
+        })
+    }
+
+    /// The served (group-version path, def, version) triples: `api/v1`, `apis/apps/v1`, ...
+    fn served(&self) -> impl Iterator<Item = (String, &Arc<ResourceDef>, &str)> {
+        self.defs.iter().flat_map(|def| {
+            def.versions
+                .iter()
+                .filter(|v| def.serves(&v.name))
+                .map(move |v| {
+                    let gv = if def.group.is_empty() {
+                        format!("api/{}", v.name)
+                    } else {
+                        format!("apis/{}/{}", def.group, v.name)
+                    };
+                    (gv, def, v.name.as_str())
+                })
+        })
+    }
+
+    /// `GET /openapi/v3`: where the document of each group-version is.
+    pub fn openapi_v3_index(&self) -> Value {
+        let paths: Map<String, Value> = self
+            .served()
+            .map(|(gv, _, _)| {
+                let url = format!("/openapi/v3/{gv}?hash=0");
+                (gv, json!({"serverRelativeURL": url}))
+            })
+            .collect();
+        json!({"paths": paths})
+    }
+
+    /// `GET /openapi/v3/{gv}`: only what kubectl reads there — each resource's PATCH operation
+    /// with its `x-kubernetes-group-version-kind` and query parameters, so that kubectl sees
+    /// server-side field validation (`fieldValidation`) supported. There are no schemas and no
+    /// request bodies, so `kubectl apply` builds strategic merge patches from its compiled-in
+    /// types (custom resources: merge patches), as it does for a server without them.
+    pub fn openapi_v3(&self, gv: &str) -> Option<Value> {
+        let mut paths = Map::new();
+        for (_, def, version) in self.served().filter(|(g, _, _)| g == gv) {
+            let scope = if def.namespaced {
+                "namespaces/{namespace}/"
+            } else {
+                ""
+            };
+            let parameters: Vec<Value> = ["dryRun", "fieldManager", "fieldValidation", "force"]
+                .iter()
+                .map(|p| json!({"name": p, "in": "query", "schema": {"type": "string"}}))
+                .collect();
+            paths.insert(
+                format!("/{gv}/{scope}{}/{{name}}", def.plural),
+                json!({"patch": {
+                    "x-kubernetes-action": "patch",
+                    "x-kubernetes-group-version-kind": {
+                        "group": def.group, "version": version, "kind": def.kind,
+                    },
+                    "parameters": parameters,
+                    "responses": {"200": {"description": "OK"}},
+                }}),
+            );
+        }
+        (!paths.is_empty()).then(|| {
+            json!({
+                "openapi": "3.0.0",
+                "info": {"title": "Kubernetes", "version": "unversioned"},
+                "paths": paths,
+            })
         })
     }
 

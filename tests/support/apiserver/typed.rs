@@ -1,7 +1,8 @@
-//! Built-in kinds: decoding through the typed k8s-openapi structs (as kube-apiserver decodes into
-//! Go structs: unknown fields are dropped and reported, wrong types are a 400), defaulting
+//! Built-in kinds: checking against the typed k8s-openapi structs (as kube-apiserver decodes into
+//! Go structs: wrong types are a 400, fields the structs lack are reported), defaulting
 //! (`SetDefaults_*` for the fields Deployments, ReplicaSets, pod templates, Services and
-//! Namespaces have), and the conversion between core/v1 and events.k8s.io/v1 Events.
+//! Namespaces have), the encoding of embedded ObjectMeta by older API servers, and the conversion
+//! between core/v1 and events.k8s.io/v1 Events.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -14,9 +15,10 @@ pub(super) fn round_trip<T: DeserializeOwned + Serialize>(v: &Value) -> Result<V
     serde_json::to_value(typed).map_err(|e| e.to_string())
 }
 
-/// Decodes `v` as the typed struct of `b` and encodes it back; returns the result and the paths of
-/// fields that the type does not have.
-pub fn decode(b: Builtin, v: &Value) -> Result<(Value, Vec<String>), String> {
+/// Decodes `v` as the typed struct of `b` and encodes it back (a 400 when that fails); returns the
+/// paths of fields that the type does not have. The object itself is stored as sent: a newer
+/// API server knows fields these structs lack.
+pub fn check(b: Builtin, v: &Value) -> Result<Vec<String>, String> {
     use k8s_openapi::api;
     let out = match b {
         Builtin::Namespace => round_trip::<api::core::v1::Namespace>(v),
@@ -32,7 +34,33 @@ pub fn decode(b: Builtin, v: &Value) -> Result<(Value, Vec<String>), String> {
     }?;
     let mut unknown = Vec::new();
     unknown_fields(v, &out, "", &mut unknown);
-    Ok((out, unknown))
+    Ok(unknown)
+}
+
+/// Removes `null` values, recursively: Go decodes them to zero values, which are not encoded
+/// again (`omitempty`/`omitzero`).
+pub fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+/// How API servers before Kubernetes 1.35 encoded an embedded ObjectMeta without a
+/// creationTimestamp (the pod template's): Go's zero `metav1.Time` as `"creationTimestamp": null`.
+pub fn add_legacy_null_timestamps(b: Builtin, v: &mut Value) {
+    if !matches!(b, Builtin::Deployment | Builtin::ReplicaSet) {
+        return;
+    }
+    if let Some(t) = v.pointer_mut("/spec/template").filter(|t| t.is_object()) {
+        obj(&mut t["metadata"])
+            .entry("creationTimestamp")
+            .or_insert(Value::Null);
+    }
 }
 
 /// Paths present (non-null) in `input` but missing from `output`.
