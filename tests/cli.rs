@@ -327,3 +327,66 @@ async fn kubectl_runs_fledge_as_its_plugin() {
         kubectl_with_plugin(&c.api, &plugins, &["fledge", "status", "web", "--watch"]).await;
     assert_eq!(columns(&watched).1, "Succeeded", "{watched}");
 }
+
+/// `web` as a user's manifest file: the root Service and the opted-in Deployment running `image`.
+fn manifest(image: &str) -> String {
+    let docs = [root_service(), deployment(image, PAUSE_UNTIL_PROMOTED)];
+    docs.iter()
+        .map(|d| serde_yaml_ng::to_string(d).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_rollout_status_waits_for_the_canary_and_kubectl_diff_shows_no_drift() {
+    let c = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (v1, v2) = (dir.path().join("v1.yaml"), dir.path().join("v2.yaml"));
+    std::fs::write(&v1, manifest("web:1")).unwrap();
+    std::fs::write(&v2, manifest("web:2")).unwrap();
+    let kubectl_path = kubectl();
+    let kubectl_bin = kubectl_path.to_str().unwrap();
+    let run = |args: &[&str]| Running::start(&c.api, kubectl_bin, args);
+    let (status, out, err) = run(&["apply", "-f", v1.to_str().unwrap()]).end().await;
+    assert!(status.success(), "{out}{err}");
+    let (status, ..) = run(&["rollout", "status", "deployment/web", "--timeout=20s"])
+        .end()
+        .await;
+    assert!(status.success());
+
+    let (status, out, err) = run(&["apply", "-f", v2.to_str().unwrap()]).end().await;
+    assert!(status.success(), "{out}{err}");
+    assert_held(&c.api, "web:2", "web:1");
+    // What Git holds is what the cluster shows: no drift for a GitOps tool.
+    let (status, out, err) = run(&["diff", "-f", v2.to_str().unwrap()]).end().await;
+    assert!(
+        status.success(),
+        "kubectl diff after the apply:\n{out}{err}"
+    );
+    assert!(out.is_empty(), "{out}");
+
+    // `kubectl rollout status` waits through the canary ...
+    let waiting = run(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    wait_phase(&c.api, Phase::Paused).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (status, ..) = run(&["rollout", "status", "deployment/web", "--timeout=1s"])
+        .end()
+        .await;
+    assert!(
+        !status.success(),
+        "rollout status ended while the canary runs"
+    );
+    fledge(&c.api, &["promote", "web"]).await;
+    // ... and returns 0 only once the promotion rolled the new template out.
+    let (status, out, err) = waiting.end().await;
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert!(matches!(
+        phase(Some(&web)),
+        Some(Phase::Promoting | Phase::Succeeded)
+    ));
+    assert_ne!(web["spec"]["paused"], true);
+    assert_eq!(running_images(&c.api), ["web:2"]);
+    wait_phase(&c.api, Phase::Succeeded).await;
+}

@@ -783,3 +783,66 @@ async fn a_revert_with_the_controller_killed_at_every_boundary_rolls_back_once()
     let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
     assert_ne!(web["spec"]["paused"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_unpauses_and_rolls_out_with_the_users_strategy_on_a_legacy_api_server() {
+    // An API server from before templates lost `creationTimestamp: null`, which fledge must
+    // hash as it is sent; a small watch history, so fledge's watchers meet 410 Gone and relist;
+    // lists at resourceVersion 0 served a few changes stale, as a watch cache may.
+    let c = cluster_configured(|config| {
+        config.legacy_creation_timestamp = true;
+        config.history_limit = 40;
+        config.rv0_lag = 3;
+        config.controller = ControllerConfig {
+            ready_delay: Duration::from_millis(100),
+            ..ControllerConfig::default()
+        };
+    })
+    .await;
+    let steps = "- setWeight: 25\n- setWeight: 50\n";
+    let strategy =
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
+    let with_strategy = |image: &str| {
+        let mut d = deployment(image, steps);
+        d["spec"]["strategy"] = strategy.clone();
+        d
+    };
+    apply(&c.api, root_service()).await;
+    apply(&c.api, with_strategy("web:1")).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+        })
+        .await
+        .unwrap();
+    // What a client reads (fledge's caches included).
+    let on_the_wire: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        c.api.client(),
+        NS,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
+    );
+    let web = on_the_wire.get("web").await.unwrap();
+    assert!(
+        web.data["spec"]["template"]["metadata"]
+            .as_object()
+            .unwrap()
+            .contains_key("creationTimestamp"),
+        "the legacy encoding is on: {:?}",
+        web.data
+    );
+    let before = c.api.controller().rollout_steps("shop/web").len();
+    apply(&c.api, with_strategy("web:2")).await;
+    assert_held(&c.api, "web:2", "web:1");
+    wait_phase(&c.api, Phase::Succeeded).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(split_weights(&c.api), vec![0, 2500, 5000, 10_000, 0]);
+    assert_eq!(running_images(&c.api), ["web:2"]);
+    // The Deployment controller rolled the promotion out step by step, within maxSurge 1 and
+    // maxUnavailable 0.
+    let rollout = &c.api.controller().rollout_steps("shop/web")[before..];
+    assert!(rollout.len() >= 4, "{rollout:?}");
+    for step in rollout {
+        assert!(step.new_replicas + step.old_replicas <= 5, "{rollout:?}");
+        assert!(step.available >= 4, "{rollout:?}");
+    }
+}

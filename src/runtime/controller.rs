@@ -710,8 +710,11 @@ impl Apply<'_> {
     }
 
     /// Promotion: the Deployment is unpaused and rolls the canary's template out with its own
-    /// strategy. Conditioned (JSON patch `test`) on the stored state and the template decided on:
-    /// a command or a new template since makes it fail, and the pass runs again on fresh data.
+    /// strategy. Conditioned (JSON patch `test`) on the stored state and on `metadata.generation`,
+    /// which every change of the spec (a new template) or of the annotations bumps while status
+    /// writes do not: a command or a new template since makes it fail, and the pass runs again on
+    /// fresh data. (Not a `test` of the template itself: its encoding differs across API server
+    /// versions, `creationTimestamp: null`, while the generation is a plain number.)
     async fn unpause(&self) -> Result<(), ControllerError> {
         let value = &self.read.value;
         let annotation = |key: &str| {
@@ -720,7 +723,7 @@ impl Apply<'_> {
         };
         let patch: json_patch::Patch = serde_json::from_value(json!([
             {"op": "test", "path": annotation(ANNOTATION_STATE), "value": value["metadata"]["annotations"][ANNOTATION_STATE]},
-            {"op": "test", "path": "/spec/template", "value": value["spec"]["template"]},
+            {"op": "test", "path": "/metadata/generation", "value": value["metadata"]["generation"]},
             {"op": "replace", "path": "/spec/paused", "value": false},
             {"op": "remove", "path": annotation(ANNOTATION_HOLD)},
             {"op": "remove", "path": annotation(ANNOTATION_STABLE_HASH)},

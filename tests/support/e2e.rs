@@ -37,18 +37,23 @@ pub async fn cluster() -> Cluster {
 
 /// [`cluster`] with the stand-in's deployment controller configured (e.g. readiness delays).
 pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
+    cluster_configured(|config| config.controller = controller).await
+}
+
+/// [`cluster`] with the stand-in configured by `configure` (e.g. its legacy encoding).
+pub async fn cluster_configured(configure: impl FnOnce(&mut ApiServerConfig)) -> Cluster {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("fledge=debug"))
         .with_test_writer()
         .try_init();
     let webhook = super::webhook::start();
-    let api = ApiServer::start(ApiServerConfig {
+    let mut config = ApiServerConfig {
         webhooks: vec![webhook.config.clone()],
         namespaces: vec![NS.into()],
-        controller,
         ..ApiServerConfig::default()
-    })
-    .await;
+    };
+    configure(&mut config);
+    let api = ApiServer::start(config).await;
     let metrics = Arc::new(fledge::runtime::server::ServerMetrics::default());
     let controller = start_controller(&api, &metrics);
     Cluster {
