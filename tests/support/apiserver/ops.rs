@@ -1062,7 +1062,22 @@ impl Inner {
             };
             return Err(ApiError::bad_request(message).into());
         }
-        let precondition = str_at(&body, "/metadata/resourceVersion").to_string();
+        // A PUT's resourceVersion is its precondition. A patch starts from the current object, so
+        // its result carries the current resourceVersion unless the patch itself sets another:
+        // only then is it a precondition (upstream applies a patch again to the fresh object when
+        // the storage write races, as GuaranteedUpdate does).
+        let precondition = {
+            let requested = str_at(&body, "/metadata/resourceVersion");
+            let current_rv = current
+                .as_ref()
+                .map(|c| str_at(&c.object, "/metadata/resourceVersion"))
+                .unwrap_or_default();
+            if matches!(w, Write::Update(_)) || requested != current_rv {
+                requested.to_string()
+            } else {
+                String::new()
+            }
+        };
         // Ownership is kept from the live object, whatever managedFields the request carries,
         // unless a main-resource write resets them.
         let reset = sub == Sub::Main
