@@ -195,6 +195,7 @@ pub fn timeline(steps: &[Step]) -> Timeline {
                         after: Duration::ZERO,
                     }
                 }
+                Step::SetHeaderRoute { .. } | Step::SetMirrorRoute { .. } => {}
             }
             ScheduledStep {
                 step: step.clone(),

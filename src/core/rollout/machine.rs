@@ -298,6 +298,12 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
             state.message = format!("{position}: paused until `fledge promote {}`", obs.name);
             pause(state, None)
         }
+        Step::SetHeaderRoute { .. } => {
+            advance(state, info("HeaderRouteSet", format!("{position}: {step}")))
+        }
+        Step::SetMirrorRoute { .. } => {
+            advance(state, info("MirrorRouteSet", format!("{position}: {step}")))
+        }
     }
 }
 
@@ -522,6 +528,7 @@ pub fn command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::spec::Router;
     use crate::core::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
     use k8s_openapi::jiff::SignedDuration;
 
@@ -553,6 +560,7 @@ mod tests {
                 SetWeight(Weight::FULL),
             ],
             root_service: "web".into(),
+            router: Router::Smi,
         }
     }
 
@@ -1005,6 +1013,7 @@ mod tests {
         let spec = CanarySpec {
             steps: vec![SetWeight(w(1000))],
             root_service: "web".into(),
+            router: Router::Smi,
         };
         let s = state(Phase::Promoting, 1, w(1000));
         let small = Observation {
@@ -1354,6 +1363,7 @@ mod tests {
                 PauseFor(Duration::from_secs(5)),
             ],
             root_service: "web".into(),
+            router: Router::Smi,
         };
         let (weights, _) = walk(&spec);
         assert_eq!(
