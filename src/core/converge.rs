@@ -170,6 +170,7 @@ mod tests {
             message: String::new(),
             step_started: None,
             unavailable_since: None,
+            saved_routes: Default::default(),
         }
     }
 

@@ -187,6 +187,8 @@ fn start(
         message: message.clone(),
         step_started: Some(now),
         unavailable_since: Some(now),
+        // Users' routes still split for the canary this one replaces are restored from these.
+        saved_routes: previous.map(|s| s.saved_routes.clone()).unwrap_or_default(),
     };
     Next {
         state: Some(state),
@@ -590,6 +592,7 @@ mod tests {
             message: String::new(),
             step_started: Some(t(0)),
             unavailable_since: None,
+            saved_routes: Default::default(),
         }
     }
 
