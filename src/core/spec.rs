@@ -259,6 +259,15 @@ impl Router {
         }
     }
 
+    /// Whether fledge owns a traffic object for this router (a TrafficSplit or a GAMMA route).
+    pub fn owns_traffic_object(&self) -> bool {
+        match self {
+            Router::Smi => true,
+            Router::GatewayApi { http_routes } => http_routes.is_empty(),
+            Router::PodRatio => false,
+        }
+    }
+
     fn parse(text: &str) -> Option<Router> {
         match text.trim() {
             "smi" => Some(Router::Smi),

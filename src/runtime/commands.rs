@@ -14,7 +14,7 @@ use crate::core::objects::{self, SplitApi};
 use crate::core::observe::DeploymentFacts;
 use crate::core::rollout::machine::{self, Command};
 use crate::core::rollout::{Phase, RolloutState};
-use crate::core::spec::{ANNOTATION_STATE, LABEL_ENABLED, Step, Weight, format_duration};
+use crate::core::spec::{ANNOTATION_STATE, LABEL_ENABLED, Router, Step, Weight, format_duration};
 use crate::runtime::events;
 
 pub mod watch;
@@ -234,7 +234,7 @@ async fn traffic_to_stable(
     if splits.get_opt(name).await?.is_none() {
         return Ok(());
     }
-    let body = objects::traffic_to_stable(deployment, root_service, split_api)
+    let body = objects::split_to_stable(deployment, root_service, split_api)
         .map_err(|e| CommandError::Refused(e.to_string()))?;
     splits
         .patch(
@@ -287,7 +287,7 @@ pub async fn run(
             .map_err(|e| CommandError::Refused(e.to_string()))?;
         let next = machine::command(state.as_ref(), spec, cmd, name, Timestamp::now())
             .map_err(|e| CommandError::Refused(e.0))?;
-        if cmd == Command::Abort {
+        if cmd == Command::Abort && spec.router == Router::Smi {
             // Traffic back to stable before the state says so, as the controller does.
             traffic_to_stable(&client, namespace, &value, &spec.root_service).await?;
         }

@@ -9,8 +9,9 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Phase, RolloutState};
-use crate::core::objects::canary_replicas;
-use crate::core::spec::{CanarySpec, Step, Weight};
+use crate::core::objects::canary_pods;
+use crate::core::podratio::PodShare;
+use crate::core::spec::{CanarySpec, Router, Step, Weight};
 
 /// What the controller read from the cluster, as plain values.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,7 +262,7 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
     let position = format!("step {}/{total}", s.step + 1);
     match step {
         Step::SetWeight(w) => {
-            let needed = canary_replicas(obs.stable_replicas, *w);
+            let needed = canary_pods(&spec.router, obs.stable_replicas, *w);
             if obs.canary.ready_replicas < needed {
                 state.message = format!(
                     "{position}: waiting for {needed} ready canary pods before {w}% of traffic"
@@ -269,9 +270,19 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
                 return hold(state, None);
             }
             state.weight = *w;
+            let effective = match spec.router {
+                Router::PodRatio => format!(
+                    " (pod ratio: {})",
+                    PodShare::nearest(obs.stable_replicas, *w)
+                ),
+                Router::Smi | Router::GatewayApi { .. } => String::new(),
+            };
             advance(
                 state,
-                info("WeightSet", format!("{position}: canary weight {w}%")),
+                info(
+                    "WeightSet",
+                    format!("{position}: canary weight {w}%{effective}"),
+                ),
             )
         }
         Step::PauseFor(d) => {
@@ -530,7 +541,7 @@ pub fn command(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::spec::Router;
+    use crate::core::objects::canary_replicas;
     use crate::core::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
     use k8s_openapi::jiff::SignedDuration;
 
