@@ -37,6 +37,20 @@ pub async fn cluster() -> Cluster {
 
 /// [`cluster`] with the stand-in's deployment controller configured (e.g. readiness delays).
 pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
+    cluster_with_crds(controller, Vec::new()).await
+}
+
+/// The Gateway API HTTPRoute CRD (v1.6.1), as `extra_crds` takes it.
+pub fn gateway_api_crd() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/crds/gateway-api-v1.6.1-httproutes.yaml"
+    ))
+    .expect("the Gateway API CRD in ../shared/crds")
+}
+
+/// [`cluster_with`] with more CRDs installed (YAML text).
+pub async fn cluster_with_crds(controller: ControllerConfig, extra_crds: Vec<String>) -> Cluster {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("fledge=debug"))
         .with_test_writer()
@@ -46,6 +60,7 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
         webhooks: vec![webhook.config.clone()],
         namespaces: vec![NS.into()],
         controller,
+        extra_crds,
         ..ApiServerConfig::default()
     })
     .await;
