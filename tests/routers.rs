@@ -314,6 +314,16 @@ async fn pod_ratio_sizes_the_canary_and_reports_the_effective_weight() {
     );
     assert!(c.api.get(SPLITS, NS, "web").is_none());
     assert!(c.api.get(ROUTES, NS, "web").is_none());
+    let status: Value =
+        serde_json::from_str(&fledge(&c.api, &["status", "web", "-o", "json"]).await).unwrap();
+    assert_eq!(status["router"], "pod-ratio");
+    assert_eq!(status["traffic"], json!(["Service web (pod ratio)"]));
+    assert!(
+        fledge(&c.api, &["status", "web"])
+            .await
+            .contains("via pod-ratio"),
+        "the text names the router"
+    );
     fledge(&c.api, &["promote", "web"]).await;
     wait_step(&c, Phase::Paused, 3).await;
     // 40 % beside 4 stable pods: 3 canary pods are 42.86 %, 2 are 33.33 %.

@@ -677,4 +677,48 @@ mod tests {
             "test.yaml: no apps/v1 Deployment in the file"
         );
     }
+
+    #[test]
+    fn routers_show_their_traffic_and_pod_ratio_its_effective_weights() {
+        let with = |router: &str| {
+            let annotate =
+                |text: &str| text.replace("  annotations:\n", &format!("  annotations:\n{router}"));
+            plan(
+                Some(&manifest(&annotate(V1))),
+                &manifest(&annotate(V2)),
+                &[],
+                SplitApi::V1Alpha2,
+            )
+            .unwrap()
+        };
+        let ratio = with("    fledge.dev/router: pod-ratio\n");
+        let text = render_text(&ratio);
+        assert!(text.contains("pod ratio: no traffic object"), "{text}");
+        assert!(
+            text.contains(
+                "(pod ratio: asked 5 %; with 4 stable pods the nearest is 20 % (1 canary pod))"
+            ),
+            "{text}"
+        );
+        let json = to_json(&ratio);
+        assert_eq!(json["router"], "pod-ratio");
+        assert_eq!(json["steps"][0]["effectiveWeight"], "20");
+        assert_eq!(json["steps"][0]["canaryPods"], 1);
+        let gamma = render_text(&with("    fledge.dev/router: gateway-api\n"));
+        assert!(gamma.contains("HTTPRoute    web"), "{gamma}");
+        assert!(
+            gamma.contains("(GAMMA): web-stable 10000, web-canary 0"),
+            "{gamma}"
+        );
+        let gateway = render_text(&with(
+            "    fledge.dev/router: gateway-api\n    fledge.dev/http-routes: web-public\n",
+        ));
+        assert!(gateway.contains("HTTPRoute    web-public"), "{gateway}");
+        assert!(
+            gateway.contains(
+                "(yours) each backendRef to Service web becomes web-stable and web-canary"
+            ),
+            "{gateway}"
+        );
+    }
 }
