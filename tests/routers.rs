@@ -11,6 +11,11 @@ use support::e2e::*;
 use fledge::core::rollout::Phase;
 use fledge::core::routes::canary_share;
 
+/// The gateway mode on the user's route `web-public`.
+const GATEWAY_MODE: [(&str, &str); 2] = [
+    ("fledge.dev/router", "gateway-api"),
+    ("fledge.dev/http-routes", "web-public"),
+];
 const ROUTES: &str = "gateway.networking.k8s.io/v1/httproutes";
 const ROUTE_RESOURCE: &str = "httproutes.gateway.networking.k8s.io";
 
@@ -100,6 +105,20 @@ async fn wait_step(c: &Cluster, phase: Phase, step: usize) {
         .unwrap();
 }
 
+/// Applies v2 on `router` and sees it wait: a status message with `says`, one warning Event
+/// `reason`, and no canary pod before its traffic is in place.
+async fn v2_waits(c: &Cluster, steps: &str, router: &[(&str, &str)], says: &str, reason: &str) {
+    apply(&c.api, with_router(deployment("web:2", steps), router)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            state(d).is_some_and(|s| s.message.contains(says))
+        })
+        .await
+        .unwrap();
+    assert_eq!(events_with_reason(&c.api, reason), 1);
+    assert!(c.api.get(DEPLOYMENTS, NS, "web-canary").is_none());
+}
+
 const GATEWAY_STEPS: &str = "\
 - setMirrorRoute: {name: shadow, percentage: 20}
 - setWeight: 10
@@ -113,10 +132,7 @@ const GATEWAY_STEPS: &str = "\
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_mode_splits_the_users_route_and_gives_it_back_exactly() {
-    let router = [
-        ("fledge.dev/router", "gateway-api"),
-        ("fledge.dev/http-routes", "web-public"),
-    ];
+    let router = GATEWAY_MODE;
     let c = gateway_cluster(GATEWAY_STEPS, &router).await;
     c.api
         .create(ROUTES, NS, user_route())
@@ -210,23 +226,15 @@ async fn gateway_mode_splits_the_users_route_and_gives_it_back_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_route_waits_with_a_message_and_goes_on_when_it_appears() {
     let steps = "- setWeight: 20\n- pause: {}\n";
-    let router = [
-        ("fledge.dev/router", "gateway-api"),
-        ("fledge.dev/http-routes", "web-public"),
-    ];
-    let c = gateway_cluster(steps, &router).await;
-    apply(&c.api, with_router(deployment("web:2", steps), &router)).await;
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            state(d).is_some_and(|s| s.message.contains("HTTPRoute web-public"))
-        })
-        .await
-        .unwrap();
-    assert_eq!(events_with_reason(&c.api, "HTTPRouteMissing"), 1);
-    assert!(
-        c.api.get(DEPLOYMENTS, NS, "web-canary").is_none(),
-        "no canary pod before the route is split"
-    );
+    let c = gateway_cluster(steps, &GATEWAY_MODE).await;
+    v2_waits(
+        &c,
+        steps,
+        &GATEWAY_MODE,
+        "HTTPRoute web-public",
+        "HTTPRouteMissing",
+    )
+    .await;
     c.api.create(ROUTES, NS, user_route()).await.unwrap();
     wait_phase(&c.api, Phase::Paused).await;
     assert_eq!(route_weights(&c, "web-public"), vec![0, 2000]);
@@ -361,17 +369,16 @@ async fn pod_ratio_sizes_the_canary_and_reports_the_effective_weight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_gateway_api_crd_only_its_deployments_wait() {
     let steps = "- setWeight: 20\n- pause: {}\n";
-    let router = [("fledge.dev/router", "gateway-api")];
     let c = stable_v1(steps).await;
-    apply(&c.api, with_router(deployment("web:2", steps), &router)).await;
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            state(d).is_some_and(|s| s.message.contains("router gateway-api"))
-        })
-        .await
-        .unwrap();
-    assert_eq!(events_with_reason(&c.api, "RouterUnavailable"), 1);
-    assert!(c.api.get(DEPLOYMENTS, NS, "web-canary").is_none());
+    let router = [("fledge.dev/router", "gateway-api")];
+    v2_waits(
+        &c,
+        steps,
+        &router,
+        "router gateway-api",
+        "RouterUnavailable",
+    )
+    .await;
     // The same Deployment on smi goes on.
     apply(&c.api, deployment("web:2", steps)).await;
     wait_phase(&c.api, Phase::Paused).await;

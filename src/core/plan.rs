@@ -355,12 +355,7 @@ fn render_objects(out: &mut String, plan: &Plan, d: &Desired) {
     let router = plan.spec.as_ref().map(|s| &s.router);
     match (&d.traffic, router) {
         (Some(split), Some(Router::Smi)) => {
-            let backends: Vec<String> = split["spec"]["backends"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|b| format!("{} {}", b["service"].as_str().unwrap_or("?"), b["weight"]))
-                .collect();
+            let backends = weights(&split["spec"]["backends"], "service");
             let _ = writeln!(
                 out,
                 "  TrafficSplit {:<20} {}, apex {}: {}",
@@ -371,12 +366,7 @@ fn render_objects(out: &mut String, plan: &Plan, d: &Desired) {
             );
         }
         (Some(route), _) => {
-            let backends: Vec<String> = route["spec"]["rules"][0]["backendRefs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|b| format!("{} {}", b["name"].as_str().unwrap_or("?"), b["weight"]))
-                .collect();
+            let backends = weights(&route["spec"]["rules"][0]["backendRefs"], "name");
             let _ = writeln!(
                 out,
                 "  HTTPRoute    {:<20} parent Service {} (GAMMA): {}",
@@ -417,6 +407,16 @@ fn render_objects(out: &mut String, plan: &Plan, d: &Desired) {
         out,
         "  ({STABLE_HASH_PLACEHOLDER} is the live stable ReplicaSet's pod-template-hash; -o yaml prints the objects in full)"
     );
+}
+
+/// `NAME WEIGHT` of each backend of a TrafficSplit (`service`) or an HTTPRoute rule (`name`).
+fn weights(backends: &Value, name_key: &str) -> Vec<String> {
+    backends
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| format!("{} {}", b[name_key].as_str().unwrap_or("?"), b["weight"]))
+        .collect()
 }
 
 fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {

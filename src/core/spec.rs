@@ -514,18 +514,24 @@ fn check_derived_names(name: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// Why `name` is not a DNS-1035 label (what Service names must be), if it is not one.
-pub fn check_dns1035(name: &str) -> Result<(), String> {
-    let bytes = name.as_bytes();
+/// Why `name` is empty or longer than `kind` names may be, if it is.
+fn check_length(name: &str, max: usize, kind: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty".into());
     }
-    if name.len() > MAX_SERVICE_NAME {
+    if name.len() > max {
         return Err(format!(
-            "is {} characters long; Service names have at most {MAX_SERVICE_NAME}",
+            "is {} characters long; {kind} names have at most {max}",
             name.len()
         ));
     }
+    Ok(())
+}
+
+/// Why `name` is not a DNS-1035 label (what Service names must be), if it is not one.
+pub fn check_dns1035(name: &str) -> Result<(), String> {
+    let bytes = name.as_bytes();
+    check_length(name, MAX_SERVICE_NAME, "Service")?;
     let ok = bytes[0].is_ascii_lowercase()
         && bytes[bytes.len() - 1].is_ascii_alphanumeric()
         && bytes
@@ -540,15 +546,7 @@ pub fn check_dns1035(name: &str) -> Result<(), String> {
 
 /// Why `name` is not a DNS-1123 subdomain (what HTTPRoute names must be), if it is not one.
 pub fn check_dns1123_subdomain(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("is empty".into());
-    }
-    if name.len() > MAX_ROUTE_NAME {
-        return Err(format!(
-            "is {} characters long; HTTPRoute names have at most {MAX_ROUTE_NAME}",
-            name.len()
-        ));
-    }
+    check_length(name, MAX_ROUTE_NAME, "HTTPRoute")?;
     let label_ok = |label: &str| {
         let bytes = label.as_bytes();
         !bytes.is_empty()
