@@ -328,7 +328,7 @@ pub fn mesh_parent(root: &str) -> Value {
 }
 
 /// The canary weight a split route sends by its first rule that references the canary, in basis
-/// points of the stable + canary share (for status, tests and benchmarks).
+/// points of that rule's weights: how tests read the weights back off a route.
 pub fn canary_share(rules: &[Value], canary: &str) -> Option<Weight> {
     rules.iter().find_map(|rule| {
         let refs = refs(rule);
