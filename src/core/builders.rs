@@ -71,6 +71,7 @@ pub fn mk_state(phase: Phase, hash: &str, step: usize, weight: Weight) -> Rollou
         message: String::new(),
         step_started: None,
         unavailable_since: None,
+        saved_routes: Default::default(),
     }
 }
 

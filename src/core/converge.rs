@@ -7,15 +7,17 @@
 //! - the Event first: it is named after the transition, so announcing it again is harmless;
 //! - traffic before state: a weight is written before the state that records it, and on an abort
 //!   or a rollback all traffic is back on stable before the state says so;
-//! - removal in the order weight 0 → canary Deployment → traffic object → Services, so that no
-//!   request reaches a canary pod through a deleted split;
+//! - removal in the order weight 0 (per router: the TrafficSplit or GAMMA route at 0, the user's
+//!   routes restored, the pod-ratio canary scaled to 0) → canary Deployment → traffic object →
+//!   Services, so that no request reaches a canary pod through a deleted split;
 //! - a Deployment that leaves fledge loses its state last, so that a failed cleanup is retried;
 //! - a settled Deployment whose objects are gone gets no write at all.
 
 use crate::core::observe::DeploymentFacts;
 use crate::core::rollout::RolloutState;
 use crate::core::rollout::machine::{Event, Next, Target};
-use crate::core::spec::Weight;
+use crate::core::routes::{RouteExtras, SavedRules};
+use crate::core::spec::{Router, Weight};
 
 /// fledge's own objects for one Deployment, as the caches show them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,16 +44,21 @@ pub struct World<'a> {
     pub owned: OwnedObjects,
     /// `pod-template-hash` of the ReplicaSet of the Deployment's current revision.
     pub stable_pod_template_hash: Option<&'a str>,
+    /// The canary has ready pods of the pending template: header routes and mirrors may point at
+    /// it (no request is ever sent to a backend without ready pods).
+    pub canary_ready: bool,
 }
 
 /// One write, in the order [`writes`] gives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     Announce(Event),
-    /// The canary Deployment sized for `size`, both Services, and the traffic object at `weight`.
+    /// The canary Deployment sized for `size`, both Services, and the traffic (the router's
+    /// object, or the user's routes) at `weight` with the header routes and mirrors of `extras`.
     ApplyCanary {
         size: Weight,
         weight: Weight,
+        extras: RouteExtras,
     },
     StoreState(RolloutState),
     /// Promotion: `spec.paused: false` and the hold record removed, on condition that the stored
@@ -59,10 +66,13 @@ pub enum Write {
     Unpause,
     /// `NAME-stable` pinned to the pods that run now, before any traffic goes back to it.
     RepinStable(String),
-    /// All traffic on `NAME-stable` (when the traffic object exists).
-    TrafficToStable,
+    /// All traffic on `NAME-stable`: the router's object at weight 0 (when it exists), or the
+    /// pod-ratio canary scaled to 0.
+    TrafficToStable(Router),
+    /// The user's HTTPRoutes get back the rules fledge saved.
+    RestoreRoutes(SavedRules),
     DeleteCanaryDeployment,
-    DeleteTrafficObject,
+    DeleteTrafficObject(Router),
     DeleteServices,
     /// `spec.paused: false` (if fledge held it) and the hold record removed.
     Release,
@@ -75,22 +85,42 @@ pub enum Write {
 /// The writes that take the cluster from `world` to `world.next`, in order.
 pub fn writes(world: &World) -> Vec<Write> {
     let next = world.next;
-    let changed = next.state.as_ref() != world.stored;
+    let router = &world.facts.router;
+    // Once traffic is back on stable, the saved rules have been written back: the state forgets them.
+    let next_state = match next.target {
+        Target::Nothing => next.state.clone().map(|s| RolloutState {
+            saved_routes: SavedRules::new(),
+            ..s
+        }),
+        Target::Canary { .. } | Target::Promote => next.state.clone(),
+    };
+    let changed = next_state.as_ref() != world.stored;
     let mut out: Vec<Write> = next.event.iter().cloned().map(Write::Announce).collect();
     let store = |out: &mut Vec<Write>| {
-        if changed && let Some(state) = &next.state {
+        if changed && let Some(state) = &next_state {
             out.push(Write::StoreState(state.clone()));
         }
     };
     match next.target {
         Target::Canary { size, weight } => {
-            out.push(Write::ApplyCanary { size, weight });
+            let extras = match (&world.facts.spec, &next.state) {
+                (Some(spec), Some(state)) if world.canary_ready => {
+                    RouteExtras::at(&spec.steps, state.step)
+                }
+                _ => RouteExtras::default(),
+            };
+            out.push(Write::ApplyCanary {
+                size,
+                weight,
+                extras,
+            });
             store(&mut out);
         }
         Target::Promote => {
             out.push(Write::ApplyCanary {
                 size: Weight::FULL,
                 weight: Weight::FULL,
+                extras: RouteExtras::default(),
             });
             store(&mut out);
             // The unpause is conditioned on the stored state: after a state write it waits for
@@ -113,14 +143,23 @@ pub fn writes(world: &World) -> Vec<Write> {
                         Some(_) => {}
                     }
                 }
-                out.push(Write::TrafficToStable);
+                if router.owns_traffic_object() || *router == Router::PodRatio {
+                    out.push(Write::TrafficToStable(router.clone()));
+                }
+            }
+            if let Some(stored) = world.stored
+                && !stored.saved_routes.is_empty()
+            {
+                out.push(Write::RestoreRoutes(stored.saved_routes.clone()));
             }
             store(&mut out);
             if world.owned.any() {
                 if world.owned.canary_deployment {
                     out.push(Write::DeleteCanaryDeployment);
                 }
-                out.push(Write::DeleteTrafficObject);
+                if router.owns_traffic_object() {
+                    out.push(Write::DeleteTrafficObject(router.clone()));
+                }
                 out.push(Write::DeleteServices);
             }
             if world.facts.needs_release() {
@@ -192,6 +231,7 @@ mod tests {
             next,
             owned,
             stable_pod_template_hash: stable,
+            canary_ready: true,
         })
     }
 
@@ -225,7 +265,8 @@ mod tests {
             [
                 Write::ApplyCanary {
                     size: w(5000),
-                    weight: w(5000)
+                    weight: w(5000),
+                    extras: RouteExtras::default(),
                 },
                 Write::StoreState(after)
             ]
@@ -242,10 +283,10 @@ mod tests {
         assert_eq!(
             out[1..],
             [
-                Write::TrafficToStable,
+                Write::TrafficToStable(Router::Smi),
                 Write::StoreState(aborted),
                 Write::DeleteCanaryDeployment,
-                Write::DeleteTrafficObject,
+                Write::DeleteTrafficObject(Router::Smi),
                 Write::DeleteServices,
             ]
         );
@@ -263,10 +304,10 @@ mod tests {
         assert_eq!(
             out[1..],
             [
-                Write::TrafficToStable,
+                Write::TrafficToStable(Router::Smi),
                 Write::StoreState(rolled_back),
                 Write::DeleteCanaryDeployment,
-                Write::DeleteTrafficObject,
+                Write::DeleteTrafficObject(Router::Smi),
                 Write::DeleteServices,
                 Write::Release,
             ]
@@ -282,7 +323,10 @@ mod tests {
         let out = decide(&f, Some(&before), &n, all_objects("h1"), Some("h2"));
         assert_eq!(
             out[1..3],
-            [Write::RepinStable("h2".into()), Write::TrafficToStable]
+            [
+                Write::RepinStable("h2".into()),
+                Write::TrafficToStable(Router::Smi)
+            ]
         );
         // The new ReplicaSet not yet in the cache: nothing moves.
         let out = decide(&f, Some(&before), &n, all_objects("h1"), None);
@@ -297,6 +341,7 @@ mod tests {
         let full = Write::ApplyCanary {
             size: Weight::FULL,
             weight: Weight::FULL,
+            extras: RouteExtras::default(),
         };
         assert_eq!(
             decide(&held, Some(&promoting), &n, all_objects("h1"), Some("h1")),
@@ -329,6 +374,6 @@ mod tests {
         let out = decide(&f, Some(&before), &n, all_objects("h1"), Some("h1"));
         assert_eq!(out.last(), Some(&Write::ForgetState));
         assert_eq!(out[out.len() - 2], Write::Release);
-        assert_eq!(out[1], Write::TrafficToStable);
+        assert_eq!(out[1], Write::TrafficToStable(Router::Smi));
     }
 }

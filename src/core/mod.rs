@@ -9,6 +9,8 @@ pub mod converge;
 pub mod objects;
 pub mod observe;
 pub mod plan;
+pub mod podratio;
 pub mod rollout;
+pub mod routes;
 pub mod spec;
 pub mod template;

@@ -11,8 +11,11 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value, json};
 
+use crate::core::podratio::PodShare;
+use crate::core::routes::{self, Backends, RouteError, RouteExtras};
 use crate::core::spec::{
-    ANNOTATION_CANARY_HASH, CANARY_SUFFIX, LABEL_ENABLED, LABEL_TRACK, STABLE_SUFFIX, Weight,
+    ANNOTATION_CANARY_HASH, CANARY_SUFFIX, LABEL_ENABLED, LABEL_TRACK, Router, STABLE_SUFFIX,
+    Weight,
 };
 
 /// Label on every object fledge creates.
@@ -30,6 +33,8 @@ pub enum ObjectError {
     DeploymentField(String, &'static str),
     #[error("Service {0}: {1}")]
     RootService(String, String),
+    #[error("{0}")]
+    Route(#[from] RouteError),
 }
 
 /// The SMI API group of TrafficSplits, and their kind.
@@ -95,26 +100,34 @@ pub struct Inputs<'a> {
     pub size: Weight,
     /// Canary traffic share now.
     pub weight: Weight,
+    pub router: &'a Router,
+    /// The header routes and mirrors in effect (Gateway API only).
+    pub extras: &'a RouteExtras,
     pub split_api: SplitApi,
 }
 
-/// The four objects for one canary.
+/// The objects fledge owns for one canary.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {
     pub canary_deployment: Value,
     pub canary_service: Value,
     pub stable_service: Value,
-    pub traffic_split: Value,
+    /// The TrafficSplit (`smi`) or the GAMMA HTTPRoute (`gateway-api` without routes of the
+    /// user's); none for pod ratio and for the user's own routes, which fledge edits instead.
+    pub traffic: Option<Value>,
 }
 
 impl Desired {
-    pub fn all(&self) -> [&Value; 4] {
+    pub fn all(&self) -> Vec<&Value> {
         [
-            &self.canary_deployment,
-            &self.canary_service,
-            &self.stable_service,
-            &self.traffic_split,
+            Some(&self.canary_deployment),
+            Some(&self.canary_service),
+            Some(&self.stable_service),
+            self.traffic.as_ref(),
         ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 }
 
@@ -134,29 +147,44 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, ObjectError> {
         inputs.stable_pod_template_hash.into(),
     );
 
-    Ok(Desired {
-        canary_deployment: canary_deployment(
-            &owner,
-            inputs.deployment,
-            inputs.canary_hash,
-            canary_replicas(stable_replicas, inputs.size.max(inputs.weight)),
-        )?,
-        canary_service: service(&owner, &canary_name, &ports, canary_selector),
-        stable_service: service(&owner, &stable_name, &ports, stable_selector),
-        traffic_split: traffic_split(
+    let traffic = match inputs.router {
+        Router::Smi => Some(traffic_split(
             &owner,
             inputs.split_api,
             root_name,
             &stable_name,
             &canary_name,
             inputs.weight,
-        ),
+        )),
+        Router::GatewayApi { http_routes } if http_routes.is_empty() => Some(mesh_route(
+            &owner,
+            root_name,
+            ports.first().and_then(|p| p.get("port")),
+            inputs.weight,
+            inputs.extras,
+        )?),
+        Router::GatewayApi { .. } | Router::PodRatio => None,
+    };
+    Ok(Desired {
+        canary_deployment: canary_deployment(
+            &owner,
+            inputs.deployment,
+            inputs.canary_hash,
+            canary_pods(
+                inputs.router,
+                stable_replicas,
+                inputs.size.max(inputs.weight),
+            ),
+        )?,
+        canary_service: service(&owner, &canary_name, &ports, canary_selector),
+        stable_service: service(&owner, &stable_name, &ports, stable_selector),
+        traffic,
     })
 }
 
-/// The traffic object of Deployment `deployment` with all traffic on its stable pods: what an
-/// abort, a rollback and the end of a canary write before anything is removed.
-pub fn traffic_to_stable(
+/// The TrafficSplit of Deployment `deployment` with all traffic on its stable pods: what an abort,
+/// a rollback and the end of a canary write before anything is removed.
+pub fn split_to_stable(
     deployment: &Value,
     root_service: &str,
     split_api: SplitApi,
@@ -170,6 +198,32 @@ pub fn traffic_to_stable(
         &format!("{}{CANARY_SUFFIX}", owner.name),
         Weight::ZERO,
     ))
+}
+
+/// fledge's GAMMA HTTPRoute of Deployment `deployment` with all traffic on its stable pods and no
+/// header route or mirror; `port` as the route had it.
+pub fn mesh_route_to_stable(
+    deployment: &Value,
+    root_service: &str,
+    port: Option<&Value>,
+) -> Result<Value, ObjectError> {
+    let owner = Owner::of(deployment)?;
+    mesh_route(
+        &owner,
+        root_service,
+        port,
+        Weight::ZERO,
+        &RouteExtras::default(),
+    )
+}
+
+/// The canary's replicas for `weight` on `router`: its share of the pods with pod ratio, else the
+/// capacity for that share of traffic.
+pub fn canary_pods(router: &Router, stable_replicas: u64, weight: Weight) -> u64 {
+    match router {
+        Router::PodRatio => PodShare::nearest(stable_replicas, weight).canary_pods,
+        Router::Smi | Router::GatewayApi { .. } => canary_replicas(stable_replicas, weight),
+    }
 }
 
 /// Canary pods for capacity: `ceil(stable × weight)`, at least one so the canary can become available.
@@ -391,6 +445,38 @@ fn traffic_split(
     })
 }
 
+/// The HTTPRoute fledge owns for a mesh (GAMMA): its parent is the root Service, its one rule split
+/// between the stable and canary Services, named after the Deployment like the TrafficSplit.
+fn mesh_route(
+    owner: &Owner,
+    root: &str,
+    port: Option<&Value>,
+    weight: Weight,
+    extras: &RouteExtras,
+) -> Result<Value, ObjectError> {
+    let stable = format!("{}{STABLE_SUFFIX}", owner.name);
+    let canary = format!("{}{CANARY_SUFFIX}", owner.name);
+    let backends = Backends {
+        namespace: owner.namespace.as_deref().unwrap_or_default(),
+        root,
+        stable: &stable,
+        canary: &canary,
+    };
+    let rules = routes::split_rules(
+        &owner.name,
+        &[routes::mesh_rule(root, port)],
+        &backends,
+        weight,
+        extras,
+    )?;
+    Ok(json!({
+        "apiVersion": routes::ROUTE_API_VERSION,
+        "kind": routes::ROUTE_KIND,
+        "metadata": owner.metadata(&owner.name, &BTreeMap::new()),
+        "spec": {"parentRefs": routes::mesh_parent(root), "rules": rules},
+    }))
+}
+
 fn str_at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v str> {
     path.iter()
         .try_fold(value, |v, key| v.get(key))
@@ -441,6 +527,8 @@ mod tests {
             stable_pod_template_hash: "7d9c6b5f4",
             size: Weight::from_basis_points(weight_bp).unwrap(),
             weight: Weight::from_basis_points(weight_bp).unwrap(),
+            router: &Router::Smi,
+            extras: &RouteExtras::default(),
             split_api: api,
         })
         .unwrap()
@@ -496,11 +584,13 @@ mod tests {
             stable_pod_template_hash: "h",
             size: Weight::from_basis_points(5000).unwrap(),
             weight: Weight::from_basis_points(500).unwrap(),
+            router: &Router::Smi,
+            extras: &RouteExtras::default(),
             split_api: SplitApi::V1Alpha2,
         })
         .unwrap();
         assert_eq!(ahead.canary_deployment["spec"]["replicas"], 2);
-        assert_eq!(ahead.traffic_split["spec"]["backends"][1]["weight"], 500);
+        assert_eq!(ahead.traffic.unwrap()["spec"]["backends"][1]["weight"], 500);
     }
 
     #[test]
@@ -558,7 +648,7 @@ mod tests {
             SplitApi::V1Alpha3,
             SplitApi::V1Alpha4,
         ] {
-            let split = build(1, api).traffic_split;
+            let split = build(1, api).traffic.unwrap();
             assert_eq!(split["apiVersion"], api.api_version());
             assert_eq!(split["metadata"]["name"], "web");
             assert_eq!(
@@ -587,6 +677,8 @@ mod tests {
             stable_pod_template_hash: "h",
             size: Weight::ZERO,
             weight: Weight::ZERO,
+            router: &Router::Smi,
+            extras: &RouteExtras::default(),
             split_api: SplitApi::V1Alpha2,
         })
         .unwrap_err();
@@ -608,6 +700,8 @@ mod tests {
             stable_pod_template_hash: "h",
             size: Weight::ZERO,
             weight: Weight::ZERO,
+            router: &Router::Smi,
+            extras: &RouteExtras::default(),
             split_api: SplitApi::V1Alpha2,
         })
         .unwrap();

@@ -10,6 +10,7 @@ use crate::core::rollout::machine::{CanaryStatus, Observation};
 use crate::core::rollout::{self, RolloutState, StateError};
 use crate::core::spec::{
     self, ANNOTATION_CANARY_HASH, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, CanarySpec, OptIn,
+    Router,
 };
 use crate::core::template;
 
@@ -26,6 +27,9 @@ pub struct DeploymentFacts {
     pub spec: Option<CanarySpec>,
     /// Why the settings are not used, when the Deployment is labelled but they are invalid.
     pub invalid: Option<String>,
+    /// The router the annotations name (the default when they name none or an unknown one), also
+    /// when the settings are invalid or gone: what to clean up.
+    pub router: Router,
     /// Hash of `spec.template`, from the JSON as the API server returned it: the same identity the
     /// webhook computes from the same JSON.
     pub template_hash: String,
@@ -55,6 +59,9 @@ impl DeploymentFacts {
             OptIn::Disabled | OptIn::WithoutSteps => (None, None),
         };
         DeploymentFacts {
+            router: spec
+                .as_ref()
+                .map_or_else(|| Router::of(&annotations), |s| s.router.clone()),
             spec,
             invalid,
             template_hash: template::of_deployment(deployment)

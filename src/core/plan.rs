@@ -12,8 +12,10 @@ use crate::core::admission::{
     self, AdmissionOutcome, Decision, DeploymentView, PatchReason, review,
 };
 use crate::core::objects::{self, Desired, SplitApi};
+use crate::core::podratio::PodShare;
 use crate::core::rollout::{self, Timeline};
-use crate::core::spec::{self, CanarySpec, Weight};
+use crate::core::routes::RouteExtras;
+use crate::core::spec::{self, CanarySpec, Router, Weight};
 use crate::core::template;
 
 /// Stands in for the stable ReplicaSet's `pod-template-hash`, which only the cluster knows.
@@ -97,6 +99,8 @@ pub struct Plan {
     pub timeline: Option<Timeline>,
     /// The objects at the start of the canary (weight 0), when the change starts one.
     pub objects: Option<Result<Desired, String>>,
+    /// The Deployment's `spec.replicas`: the stable pods a pod-ratio canary is measured against.
+    pub stable_replicas: u64,
 }
 
 /// Runs the admission decision on `from` → `to` (a CREATE when there is no `from`). Services are
@@ -153,6 +157,7 @@ pub fn plan(
         _ => None,
     };
     Ok(Plan {
+        stable_replicas: new["spec"]["replicas"].as_u64().unwrap_or(1),
         name,
         operation: if old.is_some() { "UPDATE" } else { "CREATE" },
         decision,
@@ -222,6 +227,8 @@ fn canary_objects<'m>(
         stable_pod_template_hash: STABLE_HASH_PLACEHOLDER,
         size: Weight::ZERO,
         weight: Weight::ZERO,
+        router: &spec.router,
+        extras: &RouteExtras::default(),
         split_api,
     })
     .map_err(|e| e.to_string())
@@ -347,25 +354,71 @@ fn render_objects(out: &mut String, plan: &Plan, d: &Desired) {
             labels(&svc["spec"]["selector"])
         );
     }
-    let split = &d.traffic_split;
-    let backends: Vec<String> = split["spec"]["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|b| format!("{} {}", b["service"].as_str().unwrap_or("?"), b["weight"]))
-        .collect();
-    let _ = writeln!(
-        out,
-        "  TrafficSplit {:<20} {}, apex {}: {}",
-        split["metadata"]["name"].as_str().unwrap_or_default(),
-        split["apiVersion"].as_str().unwrap_or_default(),
-        split["spec"]["service"].as_str().unwrap_or_default(),
-        backends.join(", ")
-    );
+    let router = plan.spec.as_ref().map(|s| &s.router);
+    match (&d.traffic, router) {
+        (Some(split), Some(Router::Smi)) => {
+            let backends = weights(&split["spec"]["backends"], "service");
+            let _ = writeln!(
+                out,
+                "  TrafficSplit {:<20} {}, apex {}: {}",
+                split["metadata"]["name"].as_str().unwrap_or_default(),
+                split["apiVersion"].as_str().unwrap_or_default(),
+                split["spec"]["service"].as_str().unwrap_or_default(),
+                backends.join(", ")
+            );
+        }
+        (Some(route), _) => {
+            let backends = weights(&route["spec"]["rules"][0]["backendRefs"], "name");
+            let _ = writeln!(
+                out,
+                "  HTTPRoute    {:<20} parent Service {} (GAMMA): {}",
+                route["metadata"]["name"].as_str().unwrap_or_default(),
+                route["spec"]["parentRefs"][0]["name"]
+                    .as_str()
+                    .unwrap_or_default(),
+                backends.join(", ")
+            );
+        }
+        (None, Some(Router::GatewayApi { http_routes })) => {
+            let _ = writeln!(
+                out,
+                "  HTTPRoute    {:<20} (yours) each backendRef to Service {} becomes {}-stable and {}-canary with weights; \
+                 restored exactly at promotion, abort and opt-out",
+                http_routes.join(","),
+                plan.spec
+                    .as_ref()
+                    .map(|s| s.root_service.as_str())
+                    .unwrap_or_default(),
+                plan.name,
+                plan.name
+            );
+        }
+        (None, _) => {
+            let _ = writeln!(
+                out,
+                "  (pod ratio: no traffic object; Service {} selects stable and canary pods, the weight is the canary's share of {} stable pods)",
+                plan.spec
+                    .as_ref()
+                    .map(|s| s.root_service.as_str())
+                    .unwrap_or_default(),
+                plan.stable_replicas
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "  ({STABLE_HASH_PLACEHOLDER} is the live stable ReplicaSet's pod-template-hash; -o yaml prints the objects in full)"
     );
+}
+
+/// `NAME WEIGHT` of each backend of a TrafficSplit (`service`) or an HTTPRoute rule (`name`).
+fn weights(backends: &Value, name_key: &str) -> Vec<String> {
+    backends
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| format!("{} {}", b[name_key].as_str().unwrap_or("?"), b["weight"]))
+        .collect()
 }
 
 fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
@@ -387,11 +440,15 @@ fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
     for (i, s) in timeline.steps.iter().enumerate() {
         let _ = writeln!(
             out,
-            "  {:<5} {:<24} {:>8}  {}",
+            "  {:<5} {:<24} {:>8}  {}{}",
             format!("{}/{total}", i + 1),
             s.step.to_string(),
             format!("{}%", s.weight),
-            s.starts
+            s.starts,
+            pod_share(plan, s.weight)
+                .filter(|share| !share.exact())
+                .map(|share| format!("  (pod ratio: {share})"))
+                .unwrap_or_default()
         );
     }
     let _ = writeln!(
@@ -423,7 +480,14 @@ pub fn to_json(plan: &Plan) -> Value {
         .timeline
         .iter()
         .flat_map(|t| &t.steps)
-        .map(|s| json!({"step": s.step.to_string(), "weight": s.weight.to_string(), "earliest": s.starts.to_string()}))
+        .map(|s| {
+            let mut step = json!({"step": s.step.to_string(), "weight": s.weight.to_string(), "earliest": s.starts.to_string()});
+            if let Some(share) = pod_share(plan, s.weight) {
+                step["effectiveWeight"] = json!(share.effective.to_string());
+                step["canaryPods"] = json!(share.canary_pods);
+            }
+            step
+        })
         .collect();
     json!({
         "deployment": plan.name,
@@ -437,9 +501,18 @@ pub fn to_json(plan: &Plan) -> Value {
             Some(Err(e)) => json!({"error": e}),
             None => Value::Null,
         },
+        "router": plan.spec.as_ref().map(|s| s.router.name()),
         "steps": steps,
         "promotion": plan.timeline.as_ref().map(|t| t.promotion.to_string()),
     })
+}
+
+/// With pod ratio: the canary pods a weight takes and the share they really get.
+fn pod_share(plan: &Plan, weight: Weight) -> Option<PodShare> {
+    plan.spec
+        .as_ref()
+        .filter(|s| s.router == Router::PodRatio)
+        .map(|_| PodShare::nearest(plan.stable_replicas, weight))
 }
 
 /// `-o yaml`: the objects as a YAML stream ready for `kubectl apply --dry-run=server -f -`.
@@ -604,6 +677,50 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "test.yaml: no apps/v1 Deployment in the file"
+        );
+    }
+
+    #[test]
+    fn routers_show_their_traffic_and_pod_ratio_its_effective_weights() {
+        let with = |router: &str| {
+            let annotate =
+                |text: &str| text.replace("  annotations:\n", &format!("  annotations:\n{router}"));
+            plan(
+                Some(&manifest(&annotate(V1))),
+                &manifest(&annotate(V2)),
+                &[],
+                SplitApi::V1Alpha2,
+            )
+            .unwrap()
+        };
+        let ratio = with("    fledge.dev/router: pod-ratio\n");
+        let text = render_text(&ratio);
+        assert!(text.contains("pod ratio: no traffic object"), "{text}");
+        assert!(
+            text.contains(
+                "(pod ratio: asked 5 %; with 4 stable pods the nearest is 20 % (1 canary pod))"
+            ),
+            "{text}"
+        );
+        let json = to_json(&ratio);
+        assert_eq!(json["router"], "pod-ratio");
+        assert_eq!(json["steps"][0]["effectiveWeight"], "20");
+        assert_eq!(json["steps"][0]["canaryPods"], 1);
+        let gamma = render_text(&with("    fledge.dev/router: gateway-api\n"));
+        assert!(gamma.contains("HTTPRoute    web"), "{gamma}");
+        assert!(
+            gamma.contains("(GAMMA): web-stable 10000, web-canary 0"),
+            "{gamma}"
+        );
+        let gateway = render_text(&with(
+            "    fledge.dev/router: gateway-api\n    fledge.dev/http-routes: web-public\n",
+        ));
+        assert!(gateway.contains("HTTPRoute    web-public"), "{gateway}");
+        assert!(
+            gateway.contains(
+                "(yours) each backendRef to Service web becomes web-stable and web-canary"
+            ),
+            "{gateway}"
         );
     }
 }

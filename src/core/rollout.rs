@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::core::routes::SavedRules;
 use crate::core::spec::{ANNOTATION_STATE, Step, Weight};
 
 pub mod machine;
@@ -88,6 +89,11 @@ pub struct RolloutState {
     /// Since when the canary has not been available: the progress deadline counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
     pub unavailable_since: Option<Timestamp>,
+    /// The `spec.rules` of the user's HTTPRoutes as fledge first found them (router
+    /// `gateway-api` at a gateway), by route name: what a restore writes back. Empty otherwise,
+    /// and in states stored before routers existed.
+    #[serde(default, skip_serializing_if = "SavedRules::is_empty")]
+    pub saved_routes: SavedRules,
 }
 
 /// Times as RFC 3339 text, as Kubernetes writes them.
@@ -195,6 +201,7 @@ pub fn timeline(steps: &[Step]) -> Timeline {
                         after: Duration::ZERO,
                     }
                 }
+                Step::SetHeaderRoute { .. } | Step::SetMirrorRoute { .. } => {}
             }
             ScheduledStep {
                 step: step.clone(),
@@ -278,6 +285,7 @@ mod tests {
             message: "canary not available within 600s".into(),
             step_started: None,
             unavailable_since: None,
+            saved_routes: Default::default(),
         };
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains(r#""weight":"12.5""#), "{text}");

@@ -17,6 +17,11 @@ pub const LABEL_TRACK: &str = "fledge.dev/track";
 pub const ANNOTATION_STEPS: &str = "fledge.dev/steps";
 /// The Service that clients address; default: the Deployment's name.
 pub const ANNOTATION_ROOT_SERVICE: &str = "fledge.dev/root-service";
+/// How traffic reaches the canary: `smi` (the default), `gateway-api` or `pod-ratio`.
+pub const ANNOTATION_ROUTER: &str = "fledge.dev/router";
+/// With `gateway-api`: the user's HTTPRoutes (names in the Deployment's namespace, comma-separated)
+/// whose references to the root Service fledge splits; without it fledge owns a GAMMA route.
+pub const ANNOTATION_HTTP_ROUTES: &str = "fledge.dev/http-routes";
 /// Written by the webhook while a template change is pending: the hash of the template the stable
 /// pods run (the one before the change). A template with this hash again is a revert.
 pub const ANNOTATION_STABLE_HASH: &str = "fledge.dev/stable-hash";
@@ -30,20 +35,30 @@ pub const ANNOTATION_CANARY_HASH: &str = "fledge.dev/canary-hash";
 
 pub const PREFIX: &str = "fledge.dev/";
 /// Keys a user writes.
-const USER_ANNOTATIONS: [&str; 2] = [ANNOTATION_STEPS, ANNOTATION_ROOT_SERVICE];
+const USER_ANNOTATIONS: [&str; 4] = [
+    ANNOTATION_STEPS,
+    ANNOTATION_ROOT_SERVICE,
+    ANNOTATION_ROUTER,
+    ANNOTATION_HTTP_ROUTES,
+];
 /// Keys fledge writes itself; users leave them alone.
 pub const FLEDGE_ANNOTATIONS: [&str; 3] =
     [ANNOTATION_STABLE_HASH, ANNOTATION_HOLD, ANNOTATION_STATE];
 /// Step kinds Argo Rollouts users know that fledge reserves but does not run yet.
-const RESERVED_STEPS: [&str; 7] = [
+const RESERVED_STEPS: [&str; 5] = [
     "analysis",
     "experiment",
     "setCanaryScale",
-    "setHeaderRoute",
-    "setMirrorRoute",
     "plugin",
     "replicaProgressionThreshold",
 ];
+/// The step kinds fledge runs.
+const STEP_KINDS: [&str; 4] = ["setWeight", "pause", "setHeaderRoute", "setMirrorRoute"];
+/// HTTPRoute names are DNS-1123 subdomains of at most this many characters.
+const MAX_ROUTE_NAME: usize = 253;
+/// Header and mirror route names become part of HTTPRoute rule names (`fledge-NAME`), which are
+/// DNS-1123 labels of at most 63 characters.
+const MAX_STEP_ROUTE_NAME: usize = 56;
 /// Kubernetes Service names are DNS-1035 labels of at most this many characters.
 const MAX_SERVICE_NAME: usize = 63;
 /// Suffixes of the Services fledge creates, e.g. `web-canary`.
@@ -133,6 +148,16 @@ pub enum Step {
     PauseFor(Duration),
     /// Wait for `fledge promote`.
     PauseUntilPromoted,
+    /// Send the requests that match to the canary only (no `matches`: remove the route `name`).
+    SetHeaderRoute {
+        name: String,
+        matches: Vec<HeaderMatch>,
+    },
+    /// Copy requests to the canary (`None`: remove the mirror `name`).
+    SetMirrorRoute {
+        name: String,
+        mirror: Option<Mirror>,
+    },
 }
 
 impl fmt::Display for Step {
@@ -141,8 +166,144 @@ impl fmt::Display for Step {
             Step::SetWeight(w) => write!(f, "setWeight {w}%"),
             Step::PauseFor(d) => write!(f, "pause {}", format_duration(*d)),
             Step::PauseUntilPromoted => write!(f, "pause until promoted"),
+            Step::SetHeaderRoute { name, matches } if matches.is_empty() => {
+                write!(f, "setHeaderRoute {name}: removed")
+            }
+            Step::SetHeaderRoute { name, matches } => {
+                write!(f, "setHeaderRoute {name}: {}", describe_matches(matches))
+            }
+            Step::SetMirrorRoute { name, mirror: None } => {
+                write!(f, "setMirrorRoute {name}: removed")
+            }
+            Step::SetMirrorRoute {
+                name,
+                mirror: Some(m),
+            } if m.matches.is_empty() => write!(f, "setMirrorRoute {name}: {}% of all", m.percent),
+            Step::SetMirrorRoute {
+                name,
+                mirror: Some(m),
+            } => write!(
+                f,
+                "setMirrorRoute {name}: {}% of {}",
+                m.percent,
+                describe_matches(&m.matches)
+            ),
         }
     }
+}
+
+fn describe_matches(matches: &[HeaderMatch]) -> String {
+    matches
+        .iter()
+        .map(|m| match &m.value {
+            HeaderValue::Exact(v) => format!("{}={v}", m.name),
+            HeaderValue::Prefix(v) => format!("{}={v}*", m.name),
+            HeaderValue::Regex(v) => format!("{}~{v}", m.name),
+        })
+        .collect::<Vec<_>>()
+        .join(" and ")
+}
+
+/// One header condition of a header or mirror route (Argo Rollouts' `headerName`/`headerValue`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: HeaderValue,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderValue {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+/// What a mirror copies: `percent` of the requests that match all of `matches` (every request of
+/// the routed rules when empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    pub percent: u8,
+    pub matches: Vec<HeaderMatch>,
+}
+
+/// How traffic reaches the canary (`fledge.dev/router`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Router {
+    /// An SMI TrafficSplit with the root Service as apex.
+    #[default]
+    Smi,
+    /// Gateway API HTTPRoute weights: fledge's own route with the root Service as parent (GAMMA,
+    /// for a mesh) when `http_routes` is empty, else the user's routes (at a gateway).
+    GatewayApi { http_routes: Vec<String> },
+    /// No traffic object: the root Service selects stable and canary pods, and the weight is the
+    /// canary's share of the pods.
+    PodRatio,
+}
+
+impl Router {
+    /// The name users write in `fledge.dev/router`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Router::Smi => "smi",
+            Router::GatewayApi { .. } => "gateway-api",
+            Router::PodRatio => "pod-ratio",
+        }
+    }
+
+    /// The name, saying so when it is the default: `smi (the default)`.
+    pub fn named(&self, explicit: bool) -> String {
+        if explicit {
+            self.name().to_owned()
+        } else {
+            format!("{} (the default)", self.name())
+        }
+    }
+
+    /// Whether fledge owns a traffic object for this router (a TrafficSplit or a GAMMA route).
+    pub fn owns_traffic_object(&self) -> bool {
+        match self {
+            Router::Smi => true,
+            Router::GatewayApi { http_routes } => http_routes.is_empty(),
+            Router::PodRatio => false,
+        }
+    }
+
+    fn parse(text: &str) -> Option<Router> {
+        match text.trim() {
+            "smi" => Some(Router::Smi),
+            "gateway-api" => Some(Router::GatewayApi {
+                http_routes: Vec::new(),
+            }),
+            "pod-ratio" => Some(Router::PodRatio),
+            _ => None,
+        }
+    }
+
+    /// The router the annotations name, leniently: the default when missing or unknown. For
+    /// cleaning up after a Deployment whose settings are gone or invalid.
+    pub fn of(annotations: &BTreeMap<String, String>) -> Router {
+        match annotations
+            .get(ANNOTATION_ROUTER)
+            .and_then(|r| Router::parse(r))
+        {
+            Some(Router::GatewayApi { .. }) => Router::GatewayApi {
+                http_routes: annotations
+                    .get(ANNOTATION_HTTP_ROUTES)
+                    .map(|r| split_route_names(r))
+                    .unwrap_or_default(),
+            },
+            Some(router) => router,
+            None => Router::Smi,
+        }
+    }
+}
+
+fn split_route_names(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// What the user asked for on one Deployment.
@@ -150,6 +311,7 @@ impl fmt::Display for Step {
 pub struct CanarySpec {
     pub steps: Vec<Step>,
     pub root_service: String,
+    pub router: Router,
 }
 
 /// Whether a Deployment takes part, judged by its label and annotations.
@@ -226,13 +388,91 @@ pub fn parse(name: &str, annotations: &BTreeMap<String, String>) -> Result<Canar
         }
         None => name.to_owned(),
     };
+    let router = parse_router(annotations, &mut problems);
+    check_steps_for_router(&steps, &router, annotations, &mut problems);
     if problems.is_empty() {
         Ok(CanarySpec {
             steps,
             root_service,
+            router,
         })
     } else {
         Err(SpecError { problems })
+    }
+}
+
+fn parse_router(annotations: &BTreeMap<String, String>, problems: &mut Vec<String>) -> Router {
+    let router = match annotations.get(ANNOTATION_ROUTER) {
+        None => Router::Smi,
+        Some(text) => Router::parse(text).unwrap_or_else(|| {
+            problems.push(format!(
+                "{ANNOTATION_ROUTER}: {text:?} is not a router; use smi (the default), gateway-api or pod-ratio"
+            ));
+            Router::Smi
+        }),
+    };
+    let Some(text) = annotations.get(ANNOTATION_HTTP_ROUTES) else {
+        return router;
+    };
+    if router.name() != "gateway-api" {
+        problems.push(format!(
+            "{ANNOTATION_HTTP_ROUTES}: names HTTPRoutes, which only the router gateway-api uses; the router is {}; \
+             add {ANNOTATION_ROUTER}: gateway-api or remove {ANNOTATION_HTTP_ROUTES}",
+            router.named(annotations.contains_key(ANNOTATION_ROUTER))
+        ));
+        return router;
+    }
+    let names = split_route_names(text);
+    if names.is_empty() {
+        problems.push(format!(
+            "{ANNOTATION_HTTP_ROUTES}: no route names; list HTTPRoutes such as `web,web-admin`, or remove the annotation for a route fledge owns (GAMMA)"
+        ));
+    }
+    for (i, route) in names.iter().enumerate() {
+        if let Err(why) = check_dns1123_subdomain(route) {
+            problems.push(format!("{ANNOTATION_HTTP_ROUTES}[{i}]: {route:?} {why}"));
+        }
+        if names[..i].contains(route) {
+            problems.push(format!(
+                "{ANNOTATION_HTTP_ROUTES}[{i}]: {route:?} is named twice"
+            ));
+        }
+    }
+    Router::GatewayApi { http_routes: names }
+}
+
+/// Header and mirror steps need an HTTP router: each one the router cannot do is a problem that
+/// names the step and the router.
+fn check_steps_for_router(
+    steps: &[Step],
+    router: &Router,
+    annotations: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    let named = router.named(annotations.contains_key(ANNOTATION_ROUTER));
+    for (i, step) in steps.iter().enumerate() {
+        let why = match (step, router) {
+            (_, Router::GatewayApi { .. }) => continue,
+            (Step::SetHeaderRoute { .. }, Router::Smi) => {
+                "SMI TrafficSplits send requests by weight only: fledge writes no HTTPRouteGroup matches, \
+                 which only TrafficSplit v1alpha3/v1alpha4 (not Linkerd's v1alpha1/v1alpha2) could carry"
+            }
+            (Step::SetHeaderRoute { .. }, _) => {
+                "pod ratio has no traffic object: the root Service picks pods, not requests"
+            }
+            (Step::SetMirrorRoute { .. }, Router::Smi) => "SMI has no request mirroring",
+            (Step::SetMirrorRoute { .. }, _) => {
+                "pod ratio has no traffic object: the root Service cannot copy requests"
+            }
+            _ => continue,
+        };
+        let kind = match step {
+            Step::SetHeaderRoute { .. } => "setHeaderRoute",
+            _ => "setMirrorRoute",
+        };
+        problems.push(format!(
+            "{ANNOTATION_STEPS}[{i}].{kind}: the router {named} cannot do this ({why}); use {ANNOTATION_ROUTER}: gateway-api"
+        ));
     }
 }
 
@@ -258,8 +498,8 @@ fn check_keys(annotations: &BTreeMap<String, String>, problems: &mut Vec<String>
             .map(|k| format!(" (did you mean {k}?)"))
             .unwrap_or_default();
         problems.push(format!(
-            "{key}: unknown fledge annotation{hint}; fledge reads {} and {}",
-            USER_ANNOTATIONS[0], USER_ANNOTATIONS[1]
+            "{key}: unknown fledge annotation{hint}; fledge reads {}",
+            USER_ANNOTATIONS.join(", ")
         ));
     }
 }
@@ -274,18 +514,24 @@ fn check_derived_names(name: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// Why `name` is not a DNS-1035 label (what Service names must be), if it is not one.
-pub fn check_dns1035(name: &str) -> Result<(), String> {
-    let bytes = name.as_bytes();
+/// Why `name` is empty or longer than `kind` names may be, if it is.
+fn check_length(name: &str, max: usize, kind: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty".into());
     }
-    if name.len() > MAX_SERVICE_NAME {
+    if name.len() > max {
         return Err(format!(
-            "is {} characters long; Service names have at most {MAX_SERVICE_NAME}",
+            "is {} characters long; {kind} names have at most {max}",
             name.len()
         ));
     }
+    Ok(())
+}
+
+/// Why `name` is not a DNS-1035 label (what Service names must be), if it is not one.
+pub fn check_dns1035(name: &str) -> Result<(), String> {
+    let bytes = name.as_bytes();
+    check_length(name, MAX_SERVICE_NAME, "Service")?;
     let ok = bytes[0].is_ascii_lowercase()
         && bytes[bytes.len() - 1].is_ascii_alphanumeric()
         && bytes
@@ -295,6 +541,25 @@ pub fn check_dns1035(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err("is not a valid Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit)".into())
+    }
+}
+
+/// Why `name` is not a DNS-1123 subdomain (what HTTPRoute names must be), if it is not one.
+pub fn check_dns1123_subdomain(name: &str) -> Result<(), String> {
+    check_length(name, MAX_ROUTE_NAME, "HTTPRoute")?;
+    let label_ok = |label: &str| {
+        let bytes = label.as_bytes();
+        !bytes.is_empty()
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+    };
+    if name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err("is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit)".into())
     }
 }
 
@@ -402,21 +667,215 @@ fn parse_step(at: &str, item: &Yaml) -> Result<Step, String> {
     match kind.as_str() {
         "setWeight" => parse_weight(&at, value).map(Step::SetWeight),
         "pause" => parse_pause(&at, value),
+        "setHeaderRoute" => parse_header_route(&at, value),
+        "setMirrorRoute" => parse_mirror_route(&at, value),
         reserved if RESERVED_STEPS.contains(&reserved) => Err(format!(
-            "{at}: this step kind is reserved but not supported yet; use setWeight and pause"
+            "{at}: this step kind is reserved but not supported yet; use {}",
+            STEP_KINDS.join(", ")
         )),
         other => {
-            let hint = ["setWeight", "pause"]
+            let hint = STEP_KINDS
                 .iter()
                 .chain(&RESERVED_STEPS)
                 .find(|k| similar(other, k))
                 .map(|k| format!(" (did you mean {k}?)"))
                 .unwrap_or_default();
             Err(format!(
-                "{at}: unknown step kind{hint}; expected setWeight or pause"
+                "{at}: unknown step kind{hint}; expected {}",
+                STEP_KINDS.join(", ")
             ))
         }
     }
+}
+
+/// The fields of a route step's mapping, each checked against `allowed`.
+fn route_fields<'y>(
+    at: &str,
+    value: &'y Yaml,
+    allowed: &[&str],
+    example: &str,
+) -> Result<BTreeMap<String, &'y Yaml>, String> {
+    let Yaml::Mapping(map) = value else {
+        return Err(format!(
+            "{at}: expected a mapping such as `{example}`, found {}",
+            describe(value)
+        ));
+    };
+    let mut fields = BTreeMap::new();
+    for (key, value) in map {
+        let key = yaml_text(key);
+        if !allowed.contains(&key.as_str()) {
+            return Err(format!(
+                "{at}.{key}: unknown field; expected {}",
+                allowed.join(", ")
+            ));
+        }
+        fields.insert(key, value);
+    }
+    Ok(fields)
+}
+
+/// The `name` of a header or mirror route: part of the rule name `fledge-NAME`.
+fn route_step_name(at: &str, fields: &BTreeMap<String, &Yaml>) -> Result<String, String> {
+    let Some(name) = fields.get("name") else {
+        return Err(format!("{at}.name: missing; every route step has a name"));
+    };
+    let Yaml::String(name) = name else {
+        return Err(format!(
+            "{at}.name: expected a name, found {}",
+            describe(name)
+        ));
+    };
+    if name.len() > MAX_STEP_ROUTE_NAME {
+        return Err(format!(
+            "{at}.name: {name:?} is {} characters long; at most {MAX_STEP_ROUTE_NAME}",
+            name.len()
+        ));
+    }
+    match check_dns1035(name) {
+        Ok(()) => Ok(name.clone()),
+        Err(_) => Err(format!(
+            "{at}.name: {name:?} is not a valid route name (lowercase letters, digits and '-', starting with a letter)"
+        )),
+    }
+}
+
+fn parse_header_route(at: &str, value: &Yaml) -> Result<Step, String> {
+    let fields = route_fields(
+        at,
+        value,
+        &["name", "match"],
+        "{name: beta, match: [{headerName: x-beta, headerValue: {exact: \"1\"}}]}",
+    )?;
+    let name = route_step_name(at, &fields)?;
+    let matches = match fields.get("match") {
+        None => Vec::new(),
+        Some(m) => {
+            let matches = parse_header_matches(&format!("{at}.match"), m)?;
+            if matches.is_empty() {
+                return Err(format!(
+                    "{at}.match: empty; give at least one header, or write only `{{name: {name}}}` to remove the route"
+                ));
+            }
+            matches
+        }
+    };
+    Ok(Step::SetHeaderRoute { name, matches })
+}
+
+fn parse_mirror_route(at: &str, value: &Yaml) -> Result<Step, String> {
+    let fields = route_fields(
+        at,
+        value,
+        &["name", "percentage", "match"],
+        "{name: shadow, percentage: 20}",
+    )?;
+    let name = route_step_name(at, &fields)?;
+    if fields.len() == 1 {
+        return Ok(Step::SetMirrorRoute { name, mirror: None });
+    }
+    let percent = match fields.get("percentage") {
+        None => 100,
+        Some(Yaml::Number(n)) => n
+            .as_u64()
+            .filter(|p| *p <= 100)
+            .and_then(|p| u8::try_from(p).ok())
+            .ok_or_else(|| {
+                format!("{at}.percentage: {n} is not a whole number between 0 and 100")
+            })?,
+        Some(other) => {
+            return Err(format!(
+                "{at}.percentage: expected a whole number between 0 and 100, found {}",
+                describe(other)
+            ));
+        }
+    };
+    let matches = match fields.get("match") {
+        None => Vec::new(),
+        Some(m) => parse_header_matches(&format!("{at}.match"), m)?,
+    };
+    Ok(Step::SetMirrorRoute {
+        name,
+        mirror: Some(Mirror { percent, matches }),
+    })
+}
+
+/// `[{headerName, headerValue: {exact|prefix|regex: TEXT}}]`.
+fn parse_header_matches(at: &str, value: &Yaml) -> Result<Vec<HeaderMatch>, String> {
+    let Yaml::Sequence(items) = value else {
+        return Err(format!(
+            "{at}: expected a list such as `[{{headerName: x-beta, headerValue: {{exact: \"1\"}}}}]`, found {}",
+            describe(value)
+        ));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = format!("{at}[{i}]");
+            let fields = route_fields(
+                &at,
+                item,
+                &["headerName", "headerValue"],
+                "{headerName: x-beta, headerValue: {exact: \"1\"}}",
+            )?;
+            let name = match fields.get("headerName") {
+                Some(Yaml::String(n)) if is_header_name(n) => n.clone(),
+                Some(Yaml::String(n)) => {
+                    return Err(format!(
+                        "{at}.headerName: {n:?} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+                    ));
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "{at}.headerName: expected a header name, found {}",
+                        describe(other)
+                    ));
+                }
+                None => return Err(format!("{at}.headerName: missing")),
+            };
+            let value = fields
+                .get("headerValue")
+                .ok_or_else(|| format!("{at}.headerValue: missing; use {{exact: TEXT}}, {{prefix: TEXT}} or {{regex: TEXT}}"))?;
+            let kinds = route_fields(
+                &format!("{at}.headerValue"),
+                value,
+                &["exact", "prefix", "regex"],
+                "{exact: \"1\"}",
+            )?;
+            let mut kinds = kinds.into_iter();
+            let (Some((kind, text)), None) = (kinds.next(), kinds.next()) else {
+                return Err(format!(
+                    "{at}.headerValue: give exactly one of exact, prefix and regex"
+                ));
+            };
+            let text = match text {
+                Yaml::String(s) => s.clone(),
+                Yaml::Number(n) => n.to_string(),
+                other => {
+                    return Err(format!(
+                        "{at}.headerValue.{kind}: expected text, found {}",
+                        describe(other)
+                    ));
+                }
+            };
+            let value = match kind.as_str() {
+                "exact" => HeaderValue::Exact(text),
+                "prefix" => HeaderValue::Prefix(text),
+                _ => HeaderValue::Regex(text),
+            };
+            Ok(HeaderMatch { name, value })
+        })
+        .collect()
+}
+
+/// An HTTP field name (RFC 9110 token), as Gateway API's `HTTPHeaderName` takes it.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn parse_weight(at: &str, value: &Yaml) -> Result<Weight, String> {
@@ -613,6 +1072,7 @@ mod tests {
                     Step::SetWeight(Weight::FULL),
                 ],
                 root_service: "web".into(),
+                router: Router::Smi,
             }
         );
     }
@@ -805,15 +1265,15 @@ mod tests {
     fn unknown_and_reserved_step_kinds() {
         assert_eq!(
             problem("- setweight: 5"),
-            "fledge.dev/steps[0].setweight: unknown step kind (did you mean setWeight?); expected setWeight or pause"
+            "fledge.dev/steps[0].setweight: unknown step kind (did you mean setWeight?); expected setWeight, pause, setHeaderRoute, setMirrorRoute"
         );
         assert_eq!(
             problem("- wait: 5"),
-            "fledge.dev/steps[0].wait: unknown step kind; expected setWeight or pause"
+            "fledge.dev/steps[0].wait: unknown step kind; expected setWeight, pause, setHeaderRoute, setMirrorRoute"
         );
         assert_eq!(
             problem("- setWeight: 5\n- analysis: {templates: [{templateName: rate}]}"),
-            "fledge.dev/steps[1].analysis: this step kind is reserved but not supported yet; use setWeight and pause"
+            "fledge.dev/steps[1].analysis: this step kind is reserved but not supported yet; use setWeight, pause, setHeaderRoute, setMirrorRoute"
         );
     }
 
@@ -865,10 +1325,10 @@ mod tests {
         assert_eq!(
             err.problems,
             vec![
-                "fledge.dev/colour: unknown fledge annotation; fledge reads fledge.dev/steps and fledge.dev/root-service",
+                "fledge.dev/colour: unknown fledge annotation; fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes",
                 "fledge.dev/enabled: this is a label, not an annotation; move it to metadata.labels",
-                "fledge.dev/rootService: unknown fledge annotation (did you mean fledge.dev/root-service?); fledge reads fledge.dev/steps and fledge.dev/root-service",
-                "fledge.dev/step: unknown fledge annotation (did you mean fledge.dev/steps?); fledge reads fledge.dev/steps and fledge.dev/root-service",
+                "fledge.dev/rootService: unknown fledge annotation (did you mean fledge.dev/root-service?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes",
+                "fledge.dev/step: unknown fledge annotation (did you mean fledge.dev/steps?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes",
             ]
         );
     }
@@ -922,6 +1382,219 @@ mod tests {
         assert!(check_dns1035("1web").is_err());
         assert!(check_dns1035("web-").is_err());
         assert!(check_dns1035("w").is_ok());
+    }
+
+    fn with_router(pairs: &[(&str, &str)], steps: &str) -> Result<CanarySpec, SpecError> {
+        let mut all = annotations(pairs);
+        all.insert(ANNOTATION_STEPS.into(), steps.into());
+        parse("web", &all)
+    }
+
+    #[test]
+    fn routers_and_their_routes() {
+        assert_eq!(steps("- setWeight: 5").unwrap().router, Router::Smi);
+        assert_eq!(
+            with_router(&[(ANNOTATION_ROUTER, "pod-ratio")], "- setWeight: 5")
+                .unwrap()
+                .router,
+            Router::PodRatio
+        );
+        assert_eq!(
+            with_router(&[(ANNOTATION_ROUTER, "gateway-api")], "- setWeight: 5")
+                .unwrap()
+                .router,
+            Router::GatewayApi {
+                http_routes: vec![]
+            }
+        );
+        assert_eq!(
+            with_router(
+                &[
+                    (ANNOTATION_ROUTER, "gateway-api"),
+                    (ANNOTATION_HTTP_ROUTES, "web, web-admin.v2")
+                ],
+                "- setWeight: 5"
+            )
+            .unwrap()
+            .router,
+            Router::GatewayApi {
+                http_routes: vec!["web".into(), "web-admin.v2".into()]
+            }
+        );
+        let problems =
+            |pairs: &[(&str, &str)]| with_router(pairs, "- setWeight: 5").unwrap_err().problems;
+        assert_eq!(
+            problems(&[(ANNOTATION_ROUTER, "istio")]),
+            vec![
+                "fledge.dev/router: \"istio\" is not a router; use smi (the default), gateway-api or pod-ratio"
+            ]
+        );
+        assert_eq!(
+            problems(&[
+                (ANNOTATION_ROUTER, "gateway-api"),
+                (ANNOTATION_HTTP_ROUTES, "web,Web_2,web,-x")
+            ]),
+            vec![
+                "fledge.dev/http-routes[1]: \"Web_2\" is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit)",
+                "fledge.dev/http-routes[2]: \"web\" is named twice",
+                "fledge.dev/http-routes[3]: \"-x\" is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit)",
+            ]
+        );
+        assert!(
+            problems(&[(ANNOTATION_HTTP_ROUTES, "web")])[0].starts_with(
+                "fledge.dev/http-routes: names HTTPRoutes, which only the router gateway-api uses; the router is smi (the default)"
+            )
+        );
+        assert!(
+            problems(&[
+                (ANNOTATION_ROUTER, "gateway-api"),
+                (ANNOTATION_HTTP_ROUTES, " , ")
+            ])[0]
+                .starts_with("fledge.dev/http-routes: no route names")
+        );
+        assert!(check_dns1123_subdomain(&"a".repeat(254)).is_err());
+        assert!(check_dns1123_subdomain("a.b-c.d").is_ok());
+        assert!(check_dns1123_subdomain("a..b").is_err());
+    }
+
+    #[test]
+    fn header_and_mirror_steps() {
+        let gateway = [(ANNOTATION_ROUTER, "gateway-api")];
+        let spec = with_router(
+            &gateway,
+            "- setHeaderRoute: {name: beta, match: [{headerName: x-beta, headerValue: {exact: \"1\"}}, {headerName: user-agent, headerValue: {prefix: curl/}}, {headerName: x-id, headerValue: {regex: '^7.*'}}]}\n\
+             - setMirrorRoute: {name: shadow, percentage: 20}\n\
+             - setMirrorRoute: {name: posts, match: [{headerName: x-b, headerValue: {exact: y}}]}\n\
+             - setHeaderRoute: {name: beta}\n\
+             - setMirrorRoute: {name: shadow}\n",
+        )
+        .unwrap();
+        let header = |name: &str, value: HeaderValue| HeaderMatch {
+            name: name.into(),
+            value,
+        };
+        assert_eq!(
+            spec.steps,
+            vec![
+                Step::SetHeaderRoute {
+                    name: "beta".into(),
+                    matches: vec![
+                        header("x-beta", HeaderValue::Exact("1".into())),
+                        header("user-agent", HeaderValue::Prefix("curl/".into())),
+                        header("x-id", HeaderValue::Regex("^7.*".into())),
+                    ]
+                },
+                Step::SetMirrorRoute {
+                    name: "shadow".into(),
+                    mirror: Some(Mirror {
+                        percent: 20,
+                        matches: vec![]
+                    })
+                },
+                Step::SetMirrorRoute {
+                    name: "posts".into(),
+                    mirror: Some(Mirror {
+                        percent: 100,
+                        matches: vec![header("x-b", HeaderValue::Exact("y".into()))]
+                    })
+                },
+                Step::SetHeaderRoute {
+                    name: "beta".into(),
+                    matches: vec![]
+                },
+                Step::SetMirrorRoute {
+                    name: "shadow".into(),
+                    mirror: None
+                },
+            ]
+        );
+        assert_eq!(
+            spec.steps[0].to_string(),
+            "setHeaderRoute beta: x-beta=1 and user-agent=curl/* and x-id~^7.*"
+        );
+        assert_eq!(
+            spec.steps[1].to_string(),
+            "setMirrorRoute shadow: 20% of all"
+        );
+        let problem = |steps: &str| with_router(&gateway, steps).unwrap_err().to_string();
+        assert_eq!(
+            problem("- setMirrorRoute: {name: m, percentage: 101}"),
+            "fledge.dev/steps[0].setMirrorRoute.percentage: 101 is not a whole number between 0 and 100"
+        );
+        assert_eq!(
+            problem("- setMirrorRoute: {name: m, percentage: -1}"),
+            "fledge.dev/steps[0].setMirrorRoute.percentage: -1 is not a whole number between 0 and 100"
+        );
+        assert_eq!(
+            problem("- setMirrorRoute: {percentage: 5}"),
+            "fledge.dev/steps[0].setMirrorRoute.name: missing; every route step has a name"
+        );
+        assert_eq!(
+            problem(
+                "- setHeaderRoute: {name: b, match: [{headerName: x, headerValue: {exact: a, regex: b}}]}"
+            ),
+            "fledge.dev/steps[0].setHeaderRoute.match[0].headerValue: give exactly one of exact, prefix and regex"
+        );
+        assert_eq!(
+            problem(
+                "- setHeaderRoute: {name: b, match: [{headerName: 'x y', headerValue: {exact: a}}]}"
+            ),
+            "fledge.dev/steps[0].setHeaderRoute.match[0].headerName: \"x y\" is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+        );
+        assert_eq!(
+            problem("- setHeaderRoute: {name: b, match: []}"),
+            "fledge.dev/steps[0].setHeaderRoute.match: empty; give at least one header, or write only `{name: b}` to remove the route"
+        );
+        assert_eq!(
+            problem("- setHeaderRoute: {name: B_1}"),
+            "fledge.dev/steps[0].setHeaderRoute.name: \"B_1\" is not a valid route name (lowercase letters, digits and '-', starting with a letter)"
+        );
+        assert_eq!(
+            problem("- setHeaderRoute: {name: b, matches: []}"),
+            "fledge.dev/steps[0].setHeaderRoute.matches: unknown field; expected name, match"
+        );
+    }
+
+    #[test]
+    fn header_and_mirror_steps_are_denied_on_routers_that_cannot_do_them() {
+        let steps = "- setHeaderRoute: {name: b, match: [{headerName: x, headerValue: {exact: a}}]}\n- setMirrorRoute: {name: m, percentage: 5}\n";
+        assert_eq!(
+            with_router(&[], steps).unwrap_err().problems,
+            vec![
+                "fledge.dev/steps[0].setHeaderRoute: the router smi (the default) cannot do this (SMI TrafficSplits send requests by weight only: fledge writes no HTTPRouteGroup matches, which only TrafficSplit v1alpha3/v1alpha4 (not Linkerd's v1alpha1/v1alpha2) could carry); use fledge.dev/router: gateway-api",
+                "fledge.dev/steps[1].setMirrorRoute: the router smi (the default) cannot do this (SMI has no request mirroring); use fledge.dev/router: gateway-api",
+            ]
+        );
+        let problems = with_router(&[(ANNOTATION_ROUTER, "pod-ratio")], steps)
+            .unwrap_err()
+            .problems;
+        assert!(
+            problems[0].contains("the router pod-ratio cannot do this"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("fledge.dev/steps[1].setMirrorRoute: the router pod-ratio"),
+            "{problems:?}"
+        );
+        assert!(
+            with_router(&[(ANNOTATION_ROUTER, "smi")], steps)
+                .unwrap_err()
+                .problems[0]
+                .contains("the router smi cannot")
+        );
+        assert_eq!(
+            Router::of(&annotations(&[
+                (ANNOTATION_ROUTER, "gateway-api"),
+                (ANNOTATION_HTTP_ROUTES, "a,b")
+            ])),
+            Router::GatewayApi {
+                http_routes: vec!["a".into(), "b".into()]
+            }
+        );
+        assert_eq!(
+            Router::of(&annotations(&[(ANNOTATION_ROUTER, "nope")])),
+            Router::Smi
+        );
     }
 
     #[test]

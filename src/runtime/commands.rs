@@ -14,7 +14,7 @@ use crate::core::objects::{self, SplitApi};
 use crate::core::observe::DeploymentFacts;
 use crate::core::rollout::machine::{self, Command};
 use crate::core::rollout::{Phase, RolloutState};
-use crate::core::spec::{ANNOTATION_STATE, LABEL_ENABLED, Step, Weight, format_duration};
+use crate::core::spec::{ANNOTATION_STATE, LABEL_ENABLED, Router, Step, Weight, format_duration};
 use crate::runtime::events;
 
 pub mod watch;
@@ -63,6 +63,27 @@ pub struct Status {
     /// The pending canary's template hash.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub canary: Option<String>,
+    /// `fledge.dev/router`: `smi`, `gateway-api` or `pod-ratio`.
+    pub router: &'static str,
+    /// The traffic objects it uses, e.g. `TrafficSplit web`, `HTTPRoute web-public (yours)`.
+    pub traffic: Vec<String>,
+}
+
+/// The objects a router sends traffic with, for Deployment `name`.
+fn traffic_objects(router: &Router, name: &str, root_service: &str) -> Vec<String> {
+    match router {
+        Router::Smi => vec![format!("TrafficSplit {name}")],
+        Router::GatewayApi { http_routes } if http_routes.is_empty() => {
+            vec![format!(
+                "HTTPRoute {name} (GAMMA, parent Service {root_service})"
+            )]
+        }
+        Router::GatewayApi { http_routes } => http_routes
+            .iter()
+            .map(|r| format!("HTTPRoute {r} (yours)"))
+            .collect(),
+        Router::PodRatio => vec![format!("Service {root_service} (pod ratio)")],
+    }
 }
 
 /// The status of one Deployment, as plain values.
@@ -75,6 +96,12 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
         .unwrap_or_default()
         .to_owned();
     let pending = facts.pending().map(str::to_owned);
+    let root_service = facts
+        .spec
+        .as_ref()
+        .map_or(facts.name.as_str(), |s| s.root_service.as_str());
+    let traffic = traffic_objects(&facts.router, &facts.name, root_service);
+    let router = facts.router.name();
     let Some(state) = state else {
         let message = match (&facts.invalid, &pending, &facts.state) {
             (_, _, Err(e)) => e.to_string(),
@@ -92,6 +119,8 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
             message,
             pause_left: None,
             canary: pending,
+            router,
+            traffic,
         };
     };
     let pause_left = match (
@@ -113,6 +142,8 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
         message: state.message.clone(),
         pause_left,
         canary: Some(state.hash.clone()),
+        router,
+        traffic,
     }
 }
 
@@ -124,14 +155,15 @@ pub fn status_line(s: &Status) -> String {
         .map(|left| format!(" ({left} left)"))
         .unwrap_or_default();
     format!(
-        "{:<24} {:<11} step {}/{}  weight {:>6}% {}  {}{pause}",
+        "{:<24} {:<11} {:<15} step {}/{}  weight {:>6}% {}  {}{pause}",
         s.name,
         s.phase.to_string(),
+        format!("via {}", s.router),
         s.step,
         s.steps,
         s.weight.to_string(),
         weight_bar(s.weight),
-        s.message
+        s.message,
     )
 }
 
@@ -234,7 +266,7 @@ async fn traffic_to_stable(
     if splits.get_opt(name).await?.is_none() {
         return Ok(());
     }
-    let body = objects::traffic_to_stable(deployment, root_service, split_api)
+    let body = objects::split_to_stable(deployment, root_service, split_api)
         .map_err(|e| CommandError::Refused(e.to_string()))?;
     splits
         .patch(
@@ -287,7 +319,7 @@ pub async fn run(
             .map_err(|e| CommandError::Refused(e.to_string()))?;
         let next = machine::command(state.as_ref(), spec, cmd, name, Timestamp::now())
             .map_err(|e| CommandError::Refused(e.0))?;
-        if cmd == Command::Abort {
+        if cmd == Command::Abort && spec.router == Router::Smi {
             // Traffic back to stable before the state says so, as the controller does.
             traffic_to_stable(&client, namespace, &value, &spec.root_service).await?;
         }

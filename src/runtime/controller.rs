@@ -37,9 +37,10 @@ use crate::core::objects::{self, LABEL_MANAGED_BY, POD_TEMPLATE_HASH, SplitApi, 
 use crate::core::observe::{self, DeploymentFacts};
 use crate::core::rollout::machine;
 use crate::core::rollout::{Phase, RolloutState};
+use crate::core::routes::{self, Backends, RouteExtras};
 use crate::core::spec::{
-    ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, ANNOTATION_STATE, CANARY_SUFFIX, LABEL_TRACK,
-    STABLE_SUFFIX,
+    ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, ANNOTATION_STATE, CANARY_SUFFIX, LABEL_TRACK, Router,
+    STABLE_SUFFIX, Weight,
 };
 use crate::runtime::events::{self, Reporter};
 
@@ -47,6 +48,9 @@ use crate::runtime::events::{self, Reporter};
 pub const MANAGER: &str = FIELD_MANAGER;
 /// How soon to look again when waiting on something without a known end (a missing Service).
 const RETRY: Duration = Duration::from_secs(10);
+/// How soon to look again while a router's CRD or a user's route is missing: once it appears, the
+/// canary goes on within seconds.
+const ROUTER_RETRY: Duration = Duration::from_secs(2);
 /// How often to look at a settled Deployment anyway (from the caches: it costs no request).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles at once: a bound, so that thousands of Deployments changing together cannot take
@@ -509,6 +513,7 @@ async fn reconcile_one(
         next: &next,
         owned: seen.owned.clone(),
         stable_pod_template_hash: seen.stable_pod_template_hash.as_deref(),
+        canary_ready: observation.canary.ready_replicas > 0,
     });
     let changed = next.state.as_ref() != state.as_ref();
     let apply = Apply {
@@ -523,6 +528,8 @@ async fn reconcile_one(
         Applied::Done if changed => Duration::from_millis(50),
         Applied::Done => next.requeue.unwrap_or(RESYNC),
         Applied::Waiting => RETRY,
+        Applied::WaitingForRouter => ROUTER_RETRY,
+        Applied::Saved => Duration::from_millis(50),
     }))
 }
 
@@ -530,6 +537,10 @@ enum Applied {
     Done,
     /// Something the writes need is not there yet (the root Service, the stable ReplicaSet).
     Waiting,
+    /// The router's API (its CRD) or the user's route is not there yet.
+    WaitingForRouter,
+    /// The user's route rules were saved in the state before fledge touches them: go on at once.
+    Saved,
 }
 
 /// The apply step: carries out the decided writes in order.
@@ -557,6 +568,10 @@ impl Apply<'_> {
         )
     }
 
+    fn routes(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.ctx.client.clone(), self.namespace, &route_resource())
+    }
+
     fn services(&self) -> Api<Service> {
         Api::namespaced(self.ctx.client.clone(), self.namespace)
     }
@@ -575,15 +590,23 @@ impl Apply<'_> {
                 Write::Announce(event) => {
                     publish(self.ctx, self.deployment, &self.read.facts, event).await;
                 }
-                Write::ApplyCanary { size, weight } => {
-                    if let Some(waiting) = self.apply_canary(*size, *weight, next_state).await? {
+                Write::ApplyCanary {
+                    size,
+                    weight,
+                    extras,
+                } => {
+                    if let Some(waiting) = self
+                        .apply_canary(*size, *weight, extras, next_state)
+                        .await?
+                    {
                         return Ok(waiting);
                     }
                 }
                 Write::StoreState(state) => self.store_state(Some(state)).await?,
                 Write::Unpause => self.unpause().await?,
                 Write::RepinStable(hash) => self.repin_stable(hash).await?,
-                Write::TrafficToStable => self.traffic_to_stable().await?,
+                Write::TrafficToStable(router) => self.traffic_to_stable(router).await?,
+                Write::RestoreRoutes(saved) => self.restore_routes(saved).await?,
                 Write::DeleteCanaryDeployment => {
                     gone(
                         self.deployments()
@@ -594,13 +617,7 @@ impl Apply<'_> {
                             .await,
                     )?;
                 }
-                Write::DeleteTrafficObject => {
-                    gone(
-                        self.splits()
-                            .delete(self.name(), &DeleteParams::background())
-                            .await,
-                    )?;
-                }
+                Write::DeleteTrafficObject(router) => self.delete_traffic_object(router).await?,
                 Write::DeleteServices => {
                     for suffix in [CANARY_SUFFIX, STABLE_SUFFIX] {
                         gone(
@@ -621,11 +638,14 @@ impl Apply<'_> {
         Ok(Applied::Done)
     }
 
-    /// Server-side apply of the canary's objects. `Some(Waiting)` when they cannot be made yet.
+    /// Server-side apply of the canary's objects: Services, then the traffic, then the canary
+    /// Deployment, so that no canary pod is ready before the traffic decides who reaches it.
+    /// `Some(…)` when they cannot be made yet.
     async fn apply_canary(
         &self,
-        size: crate::core::spec::Weight,
-        weight: crate::core::spec::Weight,
+        size: Weight,
+        weight: Weight,
+        extras: &RouteExtras,
         next_state: Option<&RolloutState>,
     ) -> Result<Option<Applied>, ControllerError> {
         let facts = &self.read.facts;
@@ -633,7 +653,12 @@ impl Apply<'_> {
             return Ok(Some(Applied::Waiting));
         };
         let Some(root) = self.services().get_opt(&spec.root_service).await? else {
-            self.root_service_missing(&spec.root_service, next_state)
+            let message = format!(
+                "root Service {} not found: fledge copies its ports and selector for the canary; \
+                 create it, or name another one in fledge.dev/root-service",
+                spec.root_service
+            );
+            self.wait_with("RootServiceMissing", message, next_state)
                 .await?;
             return Ok(Some(Applied::Waiting));
         };
@@ -651,16 +676,11 @@ impl Apply<'_> {
             stable_pod_template_hash: stable_hash,
             size,
             weight,
+            router: &spec.router,
+            extras,
             split_api: self.ctx.config.split_api,
         })?;
         let apply = PatchParams::apply(MANAGER).force();
-        self.deployments()
-            .patch(
-                &format!("{}{CANARY_SUFFIX}", self.name()),
-                &apply,
-                &Patch::Apply(&desired.canary_deployment),
-            )
-            .await?;
         for (suffix, service) in [
             (CANARY_SUFFIX, &desired.canary_service),
             (STABLE_SUFFIX, &desired.stable_service),
@@ -673,31 +693,200 @@ impl Apply<'_> {
                 )
                 .await?;
         }
-        self.splits()
-            .patch(self.name(), &apply, &Patch::Apply(&desired.traffic_split))
+        if let Some(traffic) = &desired.traffic {
+            let api = match spec.router {
+                Router::Smi => self.splits(),
+                Router::GatewayApi { .. } | Router::PodRatio => self.routes(),
+            };
+            match api.patch(self.name(), &apply, &Patch::Apply(traffic)).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    self.router_unavailable(&spec.router, next_state).await?;
+                    return Ok(Some(Applied::WaitingForRouter));
+                }
+                other => other?,
+            };
+        }
+        if let Router::GatewayApi { http_routes } = &spec.router
+            && let Some(waiting) = self
+                .split_user_routes(http_routes, &spec.root_service, weight, extras, next_state)
+                .await?
+        {
+            return Ok(Some(waiting));
+        }
+        self.deployments()
+            .patch(
+                &format!("{}{CANARY_SUFFIX}", self.name()),
+                &apply,
+                &Patch::Apply(&desired.canary_deployment),
+            )
             .await?;
         Ok(None)
     }
 
-    /// The root Service does not exist: nothing can be routed, which the user must hear about,
-    /// once: in the status message and as a warning Event.
-    async fn root_service_missing(
+    fn backends<'b>(&'b self, root: &'b str, stable: &'b str, canary: &'b str) -> Backends<'b> {
+        Backends {
+            namespace: self.namespace,
+            root,
+            stable,
+            canary,
+        }
+    }
+
+    /// The gateway mode: each of the user's routes gets its references to the root Service split.
+    /// The rules fledge first finds are saved in the state before any route is touched.
+    async fn split_user_routes(
         &self,
-        service: &str,
+        names: &[String],
+        root: &str,
+        weight: Weight,
+        extras: &RouteExtras,
+        next_state: Option<&RolloutState>,
+    ) -> Result<Option<Applied>, ControllerError> {
+        let Some(state) = next_state else {
+            return Ok(Some(Applied::Waiting));
+        };
+        let (stable, canary) = (
+            format!("{}{STABLE_SUFFIX}", self.name()),
+            format!("{}{CANARY_SUFFIX}", self.name()),
+        );
+        let backends = self.backends(root, &stable, &canary);
+        let mut found = Vec::with_capacity(names.len());
+        let mut to_save = routes::SavedRules::new();
+        for name in names {
+            let route = match self.routes().get_opt(name).await {
+                Ok(Some(route)) => route,
+                Ok(None) => {
+                    let message = format!(
+                        "HTTPRoute {name} (fledge.dev/http-routes) not found in namespace {}: the canary waits for it",
+                        self.namespace
+                    );
+                    self.wait_with("HTTPRouteMissing", message, next_state)
+                        .await?;
+                    return Ok(Some(Applied::WaitingForRouter));
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    self.router_unavailable(
+                        &Router::GatewayApi {
+                            http_routes: names.to_vec(),
+                        },
+                        next_state,
+                    )
+                    .await?;
+                    return Ok(Some(Applied::WaitingForRouter));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let current = rules_of(&route);
+            let saved = state.saved_routes.get(name).map(Vec::as_slice);
+            let originals = match routes::originals(name, &current, saved, &backends) {
+                Ok(originals) => originals,
+                Err(e) => {
+                    self.wait_with("HTTPRouteUnusable", e.to_string(), next_state)
+                        .await?;
+                    return Ok(Some(Applied::WaitingForRouter));
+                }
+            };
+            if saved.is_none() {
+                to_save.insert(name.clone(), originals.clone());
+            }
+            found.push((name, route, current, originals));
+        }
+        if !to_save.is_empty() {
+            let mut saved_routes = state.saved_routes.clone();
+            saved_routes.extend(to_save);
+            self.store_state(Some(&RolloutState {
+                saved_routes,
+                ..state.clone()
+            }))
+            .await?;
+            return Ok(Some(Applied::Saved));
+        }
+        for (name, route, current, originals) in found {
+            let rules = routes::split_rules(name, &originals, &backends, weight, extras)
+                .map_err(objects::ObjectError::from)?;
+            if rules != current {
+                self.write_rules(name, &route, rules).await?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Replaces `spec.rules` of a user's route (an atomic list: the whole list goes), on
+    /// condition that the route is still the one read.
+    async fn write_rules(
+        &self,
+        name: &str,
+        route: &DynamicObject,
+        rules: Vec<Value>,
+    ) -> Result<(), ControllerError> {
+        let patch = json!({
+            "metadata": {"resourceVersion": route.resource_version()},
+            "spec": {"rules": rules},
+        });
+        self.routes()
+            .patch(name, &writer(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Abort, rollback, promotion's end and opt-out: the user's routes get their saved rules back.
+    async fn restore_routes(&self, saved: &routes::SavedRules) -> Result<(), ControllerError> {
+        for (name, rules) in saved {
+            let route = match self.routes().get_opt(name).await {
+                Ok(Some(route)) => route,
+                // Gone, or the Gateway API with it: nothing to restore.
+                Ok(None) => continue,
+                Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if rules_of(&route) != *rules {
+                self.write_rules(name, &route, rules.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The router's API is not served (its CRD is not installed): only this Deployment waits, and
+    /// says so once, in its status and as a warning Event.
+    async fn router_unavailable(
+        &self,
+        router: &Router,
+        next_state: Option<&RolloutState>,
+    ) -> Result<(), ControllerError> {
+        let api = match router {
+            Router::Smi => format!(
+                "{} ({})",
+                objects::SPLIT_KIND,
+                self.ctx.config.split_api.api_version()
+            ),
+            Router::GatewayApi { .. } | Router::PodRatio => {
+                format!("{} ({})", routes::ROUTE_KIND, routes::ROUTE_API_VERSION)
+            }
+        };
+        let message = format!(
+            "router {}: the API server does not serve {api}; install its CRD (or pick another fledge.dev/router). The canary waits and goes on once it is there",
+            router.name()
+        );
+        self.wait_with("RouterUnavailable", message, next_state)
+            .await
+    }
+
+    /// Something the canary needs is missing (the root Service, the router's CRD, a user's
+    /// route): the user must hear about it, once: in the status message and as a warning Event.
+    async fn wait_with(
+        &self,
+        reason: &'static str,
+        message: String,
         next_state: Option<&RolloutState>,
     ) -> Result<(), ControllerError> {
         let Some(stored) = next_state else {
             return Ok(());
         };
-        let message = format!(
-            "root Service {service} not found: fledge copies its ports and selector for the canary; \
-             create it, or name another one in fledge.dev/root-service"
-        );
         if stored.message == message {
             return Ok(());
         }
         let event = machine::Event {
-            reason: "RootServiceMissing",
+            reason,
             message: message.clone(),
             warning: true,
         };
@@ -780,24 +969,90 @@ impl Apply<'_> {
         Ok(())
     }
 
-    /// All traffic on the stable Service, in one write, when the traffic object exists.
-    async fn traffic_to_stable(&self) -> Result<(), ControllerError> {
-        let splits = self.splits();
-        let Some(split) = splits.get_opt(self.name()).await? else {
-            return Ok(());
-        };
-        if rolled_out_to_stable(&split) {
-            return Ok(());
+    /// All traffic on the stable Service, in one write: the router's object at weight 0 when it
+    /// exists; with pod ratio, the canary scaled to no pod.
+    async fn traffic_to_stable(&self, router: &Router) -> Result<(), ControllerError> {
+        let apply = PatchParams::apply(MANAGER).force();
+        match router {
+            Router::Smi => {
+                let splits = self.splits();
+                let Some(split) = not_served(splits.get_opt(self.name()).await)? else {
+                    return Ok(());
+                };
+                if rolled_out_to_stable(&split) {
+                    return Ok(());
+                }
+                let apex = split.data["spec"]["service"].as_str().unwrap_or_default();
+                let body =
+                    objects::split_to_stable(&self.read.value, apex, self.ctx.config.split_api)?;
+                splits
+                    .patch(self.name(), &apply, &Patch::Apply(&body))
+                    .await?;
+            }
+            Router::GatewayApi { .. } => {
+                let Some(route) = not_served(self.routes().get_opt(self.name()).await)? else {
+                    return Ok(());
+                };
+                if !is_fledges(&route, self.name()) {
+                    return Ok(());
+                }
+                let rules = rules_of(&route);
+                let root = route.data["spec"]["parentRefs"][0]["name"]
+                    .as_str()
+                    .unwrap_or_default();
+                let port = rules
+                    .first()
+                    .and_then(|r| r["backendRefs"][0].get("port"))
+                    .cloned();
+                let body = objects::mesh_route_to_stable(&self.read.value, root, port.as_ref())?;
+                if body["spec"]["rules"].as_array() != Some(&rules) {
+                    self.routes()
+                        .patch(self.name(), &apply, &Patch::Apply(&body))
+                        .await?;
+                }
+            }
+            Router::PodRatio => {
+                if self.read.owned.canary_deployment {
+                    let scale = json!({"spec": {"replicas": 0}});
+                    gone(
+                        self.deployments()
+                            .patch(
+                                &format!("{}{CANARY_SUFFIX}", self.name()),
+                                &writer(),
+                                &Patch::Merge(&scale),
+                            )
+                            .await,
+                    )?;
+                }
+            }
         }
-        let apex = split.data["spec"]["service"].as_str().unwrap_or_default();
-        let body = objects::traffic_to_stable(&self.read.value, apex, self.ctx.config.split_api)?;
-        splits
-            .patch(
-                self.name(),
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await?;
+        Ok(())
+    }
+
+    /// The router's own object goes: the TrafficSplit, or the GAMMA route when it is fledge's.
+    async fn delete_traffic_object(&self, router: &Router) -> Result<(), ControllerError> {
+        match router {
+            Router::Smi => {
+                gone(
+                    self.splits()
+                        .delete(self.name(), &DeleteParams::background())
+                        .await,
+                )?;
+            }
+            Router::GatewayApi { .. } => {
+                let routes = self.routes();
+                if let Some(route) = not_served(routes.get_opt(self.name()).await)?
+                    && is_fledges(&route, self.name())
+                {
+                    gone(
+                        routes
+                            .delete(self.name(), &DeleteParams::background())
+                            .await,
+                    )?;
+                }
+            }
+            Router::PodRatio => {}
+        }
         Ok(())
     }
 
@@ -832,6 +1087,41 @@ fn gone<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
     match result {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(|_| ()),
+    }
+}
+
+/// A read whose API is not served (the router's CRD is not installed) found nothing.
+fn not_served<T>(result: Result<Option<T>, kube::Error>) -> Result<Option<T>, kube::Error> {
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+        other => other,
+    }
+}
+
+/// An HTTPRoute's `spec.rules`.
+fn rules_of(route: &DynamicObject) -> Vec<Value> {
+    route.data["spec"]["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Whether `route` is the GAMMA route fledge made for Deployment `deployment` (a user's route of
+/// the same name is never fledge's to change or delete).
+fn is_fledges(route: &DynamicObject, deployment: &str) -> bool {
+    let labels = route.labels();
+    labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGER)
+        && labels.get(objects::LABEL_DEPLOYMENT).map(String::as_str) == Some(deployment)
+}
+
+/// Gateway API HTTPRoutes (v1).
+pub fn route_resource() -> ApiResource {
+    ApiResource {
+        group: "gateway.networking.k8s.io".into(),
+        version: "v1".into(),
+        api_version: routes::ROUTE_API_VERSION.into(),
+        kind: routes::ROUTE_KIND.into(),
+        plural: "httproutes".into(),
     }
 }
 

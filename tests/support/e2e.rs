@@ -40,6 +40,24 @@ pub async fn cluster_with(controller: ControllerConfig) -> Cluster {
     cluster_configured(|config| config.controller = controller).await
 }
 
+/// The Gateway API HTTPRoute CRD (v1.6.1), as `extra_crds` takes it.
+pub fn gateway_api_crd() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/crds/gateway-api-v1.6.1-httproutes.yaml"
+    ))
+    .expect("the Gateway API CRD in ../shared/crds")
+}
+
+/// [`cluster_with`] with more CRDs installed (YAML text).
+pub async fn cluster_with_crds(controller: ControllerConfig, extra_crds: Vec<String>) -> Cluster {
+    cluster_configured(|config| {
+        config.controller = controller;
+        config.extra_crds = extra_crds;
+    })
+    .await
+}
+
 /// [`cluster`] with the stand-in configured by `configure` (e.g. its legacy encoding).
 pub async fn cluster_configured(configure: impl FnOnce(&mut ApiServerConfig)) -> Cluster {
     let _ = tracing_subscriber::fmt()

@@ -9,8 +9,9 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Phase, RolloutState};
-use crate::core::objects::canary_replicas;
-use crate::core::spec::{CanarySpec, Step, Weight};
+use crate::core::objects::canary_pods;
+use crate::core::podratio::PodShare;
+use crate::core::spec::{CanarySpec, Router, Step, Weight};
 
 /// What the controller read from the cluster, as plain values.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,6 +188,8 @@ fn start(
         message: message.clone(),
         step_started: Some(now),
         unavailable_since: Some(now),
+        // Users' routes still split for the canary this one replaces are restored from these.
+        saved_routes: previous.map(|s| s.saved_routes.clone()).unwrap_or_default(),
     };
     Next {
         state: Some(state),
@@ -259,7 +262,7 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
     let position = format!("step {}/{total}", s.step + 1);
     match step {
         Step::SetWeight(w) => {
-            let needed = canary_replicas(obs.stable_replicas, *w);
+            let needed = canary_pods(&spec.router, obs.stable_replicas, *w);
             if obs.canary.ready_replicas < needed {
                 state.message = format!(
                     "{position}: waiting for {needed} ready canary pods before {w}% of traffic"
@@ -267,9 +270,19 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
                 return hold(state, None);
             }
             state.weight = *w;
+            let effective = match spec.router {
+                Router::PodRatio => format!(
+                    " (pod ratio: {})",
+                    PodShare::nearest(obs.stable_replicas, *w)
+                ),
+                Router::Smi | Router::GatewayApi { .. } => String::new(),
+            };
             advance(
                 state,
-                info("WeightSet", format!("{position}: canary weight {w}%")),
+                info(
+                    "WeightSet",
+                    format!("{position}: canary weight {w}%{effective}"),
+                ),
             )
         }
         Step::PauseFor(d) => {
@@ -297,6 +310,12 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         Step::PauseUntilPromoted => {
             state.message = format!("{position}: paused until `fledge promote {}`", obs.name);
             pause(state, None)
+        }
+        Step::SetHeaderRoute { .. } => {
+            advance(state, info("HeaderRouteSet", format!("{position}: {step}")))
+        }
+        Step::SetMirrorRoute { .. } => {
+            advance(state, info("MirrorRouteSet", format!("{position}: {step}")))
         }
     }
 }
@@ -522,6 +541,7 @@ pub fn command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::objects::canary_replicas;
     use crate::core::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
     use k8s_openapi::jiff::SignedDuration;
 
@@ -553,6 +573,7 @@ mod tests {
                 SetWeight(Weight::FULL),
             ],
             root_service: "web".into(),
+            router: Router::Smi,
         }
     }
 
@@ -582,6 +603,7 @@ mod tests {
             message: String::new(),
             step_started: Some(t(0)),
             unavailable_since: None,
+            saved_routes: Default::default(),
         }
     }
 
@@ -1005,6 +1027,7 @@ mod tests {
         let spec = CanarySpec {
             steps: vec![SetWeight(w(1000))],
             root_service: "web".into(),
+            router: Router::Smi,
         };
         let s = state(Phase::Promoting, 1, w(1000));
         let small = Observation {
@@ -1354,6 +1377,7 @@ mod tests {
                 PauseFor(Duration::from_secs(5)),
             ],
             root_service: "web".into(),
+            router: Router::Smi,
         };
         let (weights, _) = walk(&spec);
         assert_eq!(

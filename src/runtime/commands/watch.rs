@@ -268,6 +268,8 @@ mod tests {
             message: format!("{name} is {phase}"),
             pause_left: pause_left.map(Into::into),
             canary: Some("c2".into()),
+            router: "smi",
+            traffic: vec!["TrafficSplit web".into()],
         }
     }
 

@@ -1,0 +1,386 @@
+//! End to end through the API server stand-in with the Gateway API CRD installed (schema enforced):
+//! each router's weights at every step to Succeeded and after an abort, header routes and mirrors
+//! present then gone, the user's route identical afterwards, pod-ratio replica counts and
+//! effective weights, the revert on every router, and a router whose CRD is missing.
+mod support;
+
+use serde_json::{Value, json};
+use support::apiserver::ControllerConfig;
+use support::e2e::*;
+
+use fledge::core::rollout::Phase;
+use fledge::core::routes::canary_share;
+
+/// The gateway mode on the user's route `web-public`.
+const GATEWAY_MODE: [(&str, &str); 2] = [
+    ("fledge.dev/router", "gateway-api"),
+    ("fledge.dev/http-routes", "web-public"),
+];
+const ROUTES: &str = "gateway.networking.k8s.io/v1/httproutes";
+const ROUTE_RESOURCE: &str = "httproutes.gateway.networking.k8s.io";
+
+async fn gateway_cluster(steps: &str, router: &[(&str, &str)]) -> Cluster {
+    let c = cluster_with_crds(ControllerConfig::default(), vec![gateway_api_crd()]).await;
+    apply(&c.api, root_service()).await;
+    apply(&c.api, with_router(deployment("web:1", steps), router)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+        })
+        .await
+        .unwrap();
+    c
+}
+
+fn with_router(mut d: Value, router: &[(&str, &str)]) -> Value {
+    for (k, v) in router {
+        d["metadata"]["annotations"][*k] = json!(v);
+    }
+    d
+}
+
+/// The user's gateway route: a rule to `web`, a rule to another Service, filters, matches.
+fn user_route() -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web-public", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"name": "edge", "sectionName": "https"}, {"name": "internal"}],
+            "hostnames": ["shop.example.com"],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "x-via", "value": "edge"}]}}],
+                    "backendRefs": [{"name": "web", "port": 80}],
+                    "timeouts": {"request": "10s"},
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/static"}}],
+                    "backendRefs": [{"name": "cdn", "port": 80}],
+                },
+            ],
+        },
+    })
+}
+
+/// The canary shares the route `name` carried, in order, repeats removed (basis points).
+fn route_weights(c: &Cluster, name: &str) -> Vec<u16> {
+    let mut weights: Vec<u16> = c
+        .api
+        .history_of(ROUTE_RESOURCE, NS, name)
+        .iter()
+        .filter_map(|r| {
+            let rules = r.object["spec"]["rules"].as_array()?;
+            canary_share(rules, "web-canary").map(|w| w.basis_points())
+        })
+        .collect();
+    weights.dedup();
+    weights
+}
+
+fn rule_names(route: &Value) -> Vec<String> {
+    route["spec"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn has_mirror(route: &Value) -> bool {
+    route["spec"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["filters"].as_array().into_iter().flatten())
+        .any(|f| f["type"] == "RequestMirror")
+}
+
+async fn wait_step(c: &Cluster, phase: Phase, step: usize) {
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            support::e2e::phase(d) == Some(phase) && state(d).is_some_and(|s| s.step == step)
+        })
+        .await
+        .unwrap();
+}
+
+/// Applies v2 on `router` and sees it wait: a status message with `says`, one warning Event
+/// `reason`, and no canary pod before its traffic is in place.
+async fn v2_waits(c: &Cluster, steps: &str, router: &[(&str, &str)], says: &str, reason: &str) {
+    apply(&c.api, with_router(deployment("web:2", steps), router)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            state(d).is_some_and(|s| s.message.contains(says))
+        })
+        .await
+        .unwrap();
+    assert_eq!(events_with_reason(&c.api, reason), 1);
+    assert!(c.api.get(DEPLOYMENTS, NS, "web-canary").is_none());
+}
+
+const GATEWAY_STEPS: &str = "\
+- setMirrorRoute: {name: shadow, percentage: 20}
+- setWeight: 10
+- setHeaderRoute: {name: beta, match: [{headerName: x-beta, headerValue: {exact: \"1\"}}]}
+- pause: {}
+- setHeaderRoute: {name: beta}
+- setMirrorRoute: {name: shadow}
+- setWeight: 50
+- pause: {}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_mode_splits_the_users_route_and_gives_it_back_exactly() {
+    let router = GATEWAY_MODE;
+    let c = gateway_cluster(GATEWAY_STEPS, &router).await;
+    c.api
+        .create(ROUTES, NS, user_route())
+        .await
+        .expect("the route is valid");
+    let original = c.api.get(ROUTES, NS, "web-public").unwrap()["spec"].clone();
+
+    apply(
+        &c.api,
+        with_router(deployment("web:2", GATEWAY_STEPS), &router),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 3).await;
+    let live = c.api.get(ROUTES, NS, "web-public").unwrap();
+    assert_eq!(rule_names(&live), vec!["fledge-beta-0"], "the header route");
+    assert!(has_mirror(&live), "the mirror");
+    assert_eq!(
+        live["spec"]["rules"][1], original["rules"][1],
+        "other rules stay"
+    );
+    assert_eq!(live["spec"]["parentRefs"], original["parentRefs"]);
+    assert_eq!(
+        live["spec"]["rules"][0]["filters"][0],
+        original["rules"][0]["filters"][0]
+    );
+    assert!(
+        c.api.get(SPLITS, NS, "web").is_none(),
+        "no TrafficSplit with gateway-api"
+    );
+    fledge(&c.api, &["promote", "web"]).await;
+    wait_step(&c, Phase::Paused, 7).await;
+    let live = c.api.get(ROUTES, NS, "web-public").unwrap();
+    assert!(rule_names(&live).is_empty(), "the header route is gone");
+    assert!(!has_mirror(&live), "the mirror is gone");
+    fledge(&c.api, &["promote", "web"]).await;
+    wait_phase(&c.api, Phase::Succeeded).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(route_weights(&c, "web-public"), vec![0, 1000, 5000, 10_000]);
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        original,
+        "the user's route after promotion"
+    );
+    let after = state(c.api.get(DEPLOYMENTS, NS, "web").as_ref()).unwrap();
+    assert!(
+        after.saved_routes.is_empty(),
+        "the saved rules are forgotten"
+    );
+
+    // Abort: traffic back, the route restored exactly.
+    apply(
+        &c.api,
+        with_router(deployment("web:3", GATEWAY_STEPS), &router),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 3).await;
+    fledge(&c.api, &["abort", "web"]).await;
+    wait_phase(&c.api, Phase::Aborted).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        original,
+        "the user's route after an abort"
+    );
+    assert_eq!(
+        route_weights(&c, "web-public"),
+        vec![0, 1000, 5000, 10_000, 0, 1000]
+    );
+
+    // The revert: the stable template again mid-canary.
+    apply(
+        &c.api,
+        with_router(deployment("web:4", GATEWAY_STEPS), &router),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 3).await;
+    apply(
+        &c.api,
+        with_router(deployment("web:2", GATEWAY_STEPS), &router),
+    )
+    .await;
+    wait_phase(&c.api, Phase::RolledBack).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        original,
+        "the user's route after a revert"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_route_waits_with_a_message_and_goes_on_when_it_appears() {
+    let steps = "- setWeight: 20\n- pause: {}\n";
+    let c = gateway_cluster(steps, &GATEWAY_MODE).await;
+    v2_waits(
+        &c,
+        steps,
+        &GATEWAY_MODE,
+        "HTTPRoute web-public",
+        "HTTPRouteMissing",
+    )
+    .await;
+    c.api.create(ROUTES, NS, user_route()).await.unwrap();
+    wait_phase(&c.api, Phase::Paused).await;
+    assert_eq!(route_weights(&c, "web-public"), vec![0, 2000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gamma_mode_owns_a_route_with_the_root_service_as_parent() {
+    let steps = "- setHeaderRoute: {name: beta, match: [{headerName: x-beta, headerValue: {prefix: v2}}]}\n- setWeight: 5\n- pause: {}\n- setWeight: 50\n- pause: {duration: 1s}\n";
+    let router = [("fledge.dev/router", "gateway-api")];
+    let c = gateway_cluster(steps, &router).await;
+    apply(&c.api, with_router(deployment("web:2", steps), &router)).await;
+    wait_step(&c, Phase::Paused, 2).await;
+    let route = c.api.get(ROUTES, NS, "web").unwrap();
+    assert_eq!(
+        route["spec"]["parentRefs"],
+        json!([{"group": "", "kind": "Service", "name": "web"}])
+    );
+    assert_eq!(rule_names(&route), vec!["fledge-beta-0"]);
+    assert_eq!(
+        route["metadata"]["ownerReferences"][0]["name"], "web",
+        "owned by the Deployment"
+    );
+    fledge(&c.api, &["promote", "web"]).await;
+    wait_phase(&c.api, Phase::Succeeded).await;
+    wait_until_nothing_is_left(&c.api).await;
+    c.api
+        .wait_for(ROUTES, NS, "web", WAIT, |r| r.is_none())
+        .await
+        .unwrap();
+    assert_eq!(route_weights(&c, "web"), vec![0, 500, 5000, 10_000, 0]);
+
+    // Abort, and the revert.
+    apply(&c.api, with_router(deployment("web:3", steps), &router)).await;
+    wait_step(&c, Phase::Paused, 2).await;
+    fledge(&c.api, &["abort", "web"]).await;
+    wait_phase(&c.api, Phase::Aborted).await;
+    c.api
+        .wait_for(ROUTES, NS, "web", WAIT, |r| r.is_none())
+        .await
+        .unwrap();
+    assert_eq!(
+        route_weights(&c, "web"),
+        vec![0, 500, 5000, 10_000, 0, 500, 0]
+    );
+    apply(&c.api, with_router(deployment("web:4", steps), &router)).await;
+    wait_step(&c, Phase::Paused, 2).await;
+    apply(&c.api, with_router(deployment("web:2", steps), &router)).await;
+    wait_phase(&c.api, Phase::RolledBack).await;
+    c.api
+        .wait_for(ROUTES, NS, "web", WAIT, |r| r.is_none())
+        .await
+        .unwrap();
+    assert_eq!(route_weights(&c, "web").last(), Some(&0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_ratio_sizes_the_canary_and_reports_the_effective_weight() {
+    let steps = "- setWeight: 5\n- pause: {}\n- setWeight: 40\n- pause: {}\n";
+    let router = [("fledge.dev/router", "pod-ratio")];
+    let c = gateway_cluster(steps, &router).await;
+    apply(&c.api, with_router(deployment("web:2", steps), &router)).await;
+    wait_step(&c, Phase::Paused, 1).await;
+    let canary = c.api.get(DEPLOYMENTS, NS, "web-canary").unwrap();
+    assert_eq!(canary["spec"]["replicas"], 1);
+    let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_eq!(
+        web["spec"]["replicas"], 4,
+        "the user's Deployment is never scaled"
+    );
+    let weight_set: Vec<String> = c
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "WeightSet")
+        .filter_map(|e| {
+            e["note"]
+                .as_str()
+                .or(e["message"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        weight_set[0].contains("asked 5 %; with 4 stable pods the nearest is 20 % (1 canary pod)"),
+        "{weight_set:?}"
+    );
+    assert!(c.api.get(SPLITS, NS, "web").is_none());
+    assert!(c.api.get(ROUTES, NS, "web").is_none());
+    let status: Value =
+        serde_json::from_str(&fledge(&c.api, &["status", "web", "-o", "json"]).await).unwrap();
+    assert_eq!(status["router"], "pod-ratio");
+    assert_eq!(status["traffic"], json!(["Service web (pod ratio)"]));
+    assert!(
+        fledge(&c.api, &["status", "web"])
+            .await
+            .contains("via pod-ratio"),
+        "the text names the router"
+    );
+    fledge(&c.api, &["promote", "web"]).await;
+    wait_step(&c, Phase::Paused, 3).await;
+    // 40 % beside 4 stable pods: 3 canary pods are 42.86 %, 2 are 33.33 %.
+    assert_eq!(
+        c.api.get(DEPLOYMENTS, NS, "web-canary").unwrap()["spec"]["replicas"],
+        3
+    );
+    fledge(&c.api, &["abort", "web"]).await;
+    wait_phase(&c.api, Phase::Aborted).await;
+    wait_until_nothing_is_left(&c.api).await;
+    let replicas: Vec<u64> = {
+        let mut r: Vec<u64> = c
+            .api
+            .history_of("deployments.apps", NS, "web-canary")
+            .iter()
+            .filter_map(|r| r.object["spec"]["replicas"].as_u64())
+            .collect();
+        r.dedup();
+        r
+    };
+    assert_eq!(
+        replicas,
+        vec![0, 1, 3, 0],
+        "scaled to no pod before it goes"
+    );
+
+    // The revert.
+    apply(&c.api, with_router(deployment("web:3", steps), &router)).await;
+    wait_step(&c, Phase::Paused, 1).await;
+    apply(&c.api, with_router(deployment("web:1", steps), &router)).await;
+    wait_phase(&c.api, Phase::RolledBack).await;
+    wait_until_nothing_is_left(&c.api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_gateway_api_crd_only_its_deployments_wait() {
+    let steps = "- setWeight: 20\n- pause: {}\n";
+    let c = stable_v1(steps).await;
+    let router = [("fledge.dev/router", "gateway-api")];
+    v2_waits(
+        &c,
+        steps,
+        &router,
+        "router gateway-api",
+        "RouterUnavailable",
+    )
+    .await;
+    // The same Deployment on smi goes on.
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    assert_eq!(split_weights(&c.api), vec![0, 2000]);
+}
