@@ -701,6 +701,7 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     // objects go in as helm applies them.
     let api = ApiServer::start(ApiServerConfig {
         namespaces: vec![RELEASE_NS.into(), NS.into()],
+        extra_crds: vec![e2e::gateway_api_crd()],
         ..ApiServerConfig::default()
     })
     .await;
@@ -812,6 +813,58 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     e2e::fledge(&api, &["abort", "web"]).await;
     e2e::wait_phase(&api, Phase::Aborted).await;
     e2e::wait_until_nothing_is_left(&api).await;
+
+    // A mesh user's Deployment on the Gateway API router (GAMMA: fledge's own HTTPRoute), to its
+    // pause and aborted: what that router needs is granted too.
+    let api_app = |image: &str| {
+        serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "api", "namespace": NS,
+                         "labels": {"app": "api", "fledge.dev/enabled": "true"},
+                         "annotations": {"fledge.dev/steps": "- setWeight: 50\n- pause: {}\n",
+                                         "fledge.dev/router": "gateway-api"}},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                     "template": {"metadata": {"labels": {"app": "api"}},
+                                  "spec": {"containers": [{"name": "api", "image": image}]}}},
+        })
+    };
+    let api_service = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "api", "namespace": NS},
+        "spec": {"selector": {"app": "api"}, "ports": [{"name": "http", "port": 80}]},
+    });
+    api.apply_as_user(&developer, api_service).await.unwrap();
+    api.apply_as_user(&developer, api_app("api:1"))
+        .await
+        .unwrap();
+    api.wait_for(DEPLOYMENTS, NS, "api", WAIT, |d| {
+        d.is_some_and(|d| d["status"]["availableReplicas"] == 2)
+    })
+    .await
+    .unwrap();
+    api.apply_as_user(&developer, api_app("api:2"))
+        .await
+        .unwrap();
+    let paused_api =
+        |d: Option<&serde_json::Value>| e2e::state(d).is_some_and(|s| s.phase == Phase::Paused);
+    api.wait_for(DEPLOYMENTS, NS, "api", WAIT, paused_api)
+        .await
+        .unwrap();
+    assert!(
+        api.get("gateway.networking.k8s.io/v1/httproutes", NS, "api")
+            .is_some(),
+        "fledge's GAMMA route"
+    );
+    e2e::fledge(&api, &["abort", "api"]).await;
+    api.wait_for(
+        "gateway.networking.k8s.io/v1/httproutes",
+        NS,
+        "api",
+        WAIT,
+        |r| r.is_none(),
+    )
+    .await
+    .unwrap();
 
     // Leader election: the holder renewed the Lease at least once, the other replica only looked.
     api.wait_for(
