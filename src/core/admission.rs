@@ -888,10 +888,21 @@ mod tests {
     }
 
     /// What the decision may touch: labels, annotations, `paused` and the template.
+    /// What a decision may touch. The request's view keeps only fledge's labels and annotations
+    /// (the patch touches no others), so only those are compared.
     fn essentials(object: &Value) -> Value {
+        let fledge_entries = |map: &Value| -> Value {
+            map.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(key, _)| key.starts_with(spec::PREFIX))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
         json!({
-            "labels": object["metadata"]["labels"],
-            "annotations": object["metadata"]["annotations"],
+            "labels": fledge_entries(&object["metadata"]["labels"]),
+            "annotations": fledge_entries(&object["metadata"]["annotations"]),
             "paused": object["spec"]["paused"],
             "template": object["spec"]["template"],
         })
