@@ -306,7 +306,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             shutdown_signal().await;
             let _ = stop.send(true);
         };
-        server::serve(listener, cert, state, shutdown, args.drain_timeout).await?;
+        server::serve_isolated(listener, cert, state, shutdown, args.drain_timeout).await?;
         if let Some(controller) = controller {
             let _ = controller.await;
         }

@@ -57,7 +57,7 @@ pub fn start() -> FledgeWebhook {
     listener.set_nonblocking(true).expect("non-blocking");
     let addr = listener.local_addr().expect("its address");
     let task = tokio::spawn(async move {
-        let _ = fledge::runtime::server::serve(
+        let _ = fledge::runtime::server::serve_isolated(
             listener,
             cert,
             fledge::runtime::server::AppState::default(),
