@@ -3,12 +3,13 @@
 //! `cargo bench --bench decision [-- FIXTURE.json ...]`. Default: `tests/data/update-new-template.json`
 //! (a template change answered with a patch: the most expensive path) and
 //! `tests/data/update-scale-only.json` (the common path). Fixtures are compacted first, as the API
-//! server sends JSON.
+//! server sends JSON. `FLEDGE_BENCH_RUNS` (default 50,000) sets the measured runs, e.g. few under
+//! callgrind, which counts instructions per review repeatably:
+//! `valgrind --tool=callgrind --toggle-collect='fledge::runtime::server::review' BENCH_BINARY`.
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 const WARMUP: usize = 2_000;
-const SAMPLES: usize = 50_000;
 const DEFAULT: [&str; 2] = [
     "tests/data/update-new-template.json",
     "tests/data/update-scale-only.json",
@@ -22,9 +23,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if paths.is_empty() {
         paths = DEFAULT.map(String::from).to_vec();
     }
+    let runs = std::env::var("FLEDGE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+        .max(1);
     for path in paths {
         let body = compact(&std::fs::read(&path)?)?;
-        measure(&path, &body)?;
+        measure(&path, &body, runs)?;
     }
     Ok(())
 }
@@ -34,7 +40,7 @@ pub fn compact(body: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(body)?)
 }
 
-fn measure(path: &str, body: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
+fn measure(path: &str, body: &[u8], runs: usize) -> Result<(), Box<dyn std::error::Error>> {
     let review = |body: &[u8]| fledge::runtime::server::review(body).map_err(|e| e.0);
     let (label, answer) = review(body)?;
     println!(
@@ -42,12 +48,12 @@ fn measure(path: &str, body: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
         body.len(),
         answer.len()
     );
-    for _ in 0..WARMUP {
+    for _ in 0..WARMUP.min(runs) {
         black_box(review(black_box(body))?);
     }
-    let mut samples = Vec::with_capacity(SAMPLES);
+    let mut samples = Vec::with_capacity(runs);
     let started = Instant::now();
-    for _ in 0..SAMPLES {
+    for _ in 0..runs {
         let t = Instant::now();
         black_box(review(black_box(body))?);
         samples.push(t.elapsed());
@@ -57,13 +63,13 @@ fn measure(path: &str, body: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
-        "  parse+decide+serialize, {SAMPLES} runs: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs; {:.0} reviews/s on one core",
+        "  parse+decide+serialize, {runs} runs: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs; {:.0} reviews/s on one core",
         us(at(0.50)),
         us(at(0.90)),
         us(at(0.99)),
         us(at(0.999)),
         us(samples[samples.len() - 1]),
-        SAMPLES as f64 / total.as_secs_f64()
+        runs as f64 / total.as_secs_f64()
     );
     println!(
         "  target p99 < 1000 µs: {}",

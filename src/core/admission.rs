@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 
 use crate::core::rollout::{self, Phase, RolloutState};
 use crate::core::spec::{self, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, FLEDGE_ANNOTATIONS, OptIn};
-use crate::core::template;
+use crate::core::template::Canonical;
 
 pub mod review;
 pub use review::DeploymentView;
@@ -294,7 +294,11 @@ fn user_settings(annotations: Option<&BTreeMap<String, String>>) -> Vec<(&String
 /// How the pod template differs between the stored and the incoming Deployment.
 enum TemplateChange {
     Unchanged,
-    Changed,
+    /// With both templates' canonical forms, which give their hashes.
+    Changed {
+        old: Canonical,
+        new: Canonical,
+    },
 }
 
 impl TemplateChange {
@@ -303,29 +307,24 @@ impl TemplateChange {
             return Err("spec.template is missing from the Deployment".to_owned());
         };
         // The API server encodes both objects the same way, so equal text is the common fast path;
-        // otherwise compare as JSON, where key order does not matter.
+        // otherwise compare canonical forms, where key order does not matter.
         if old.get() == new.get() {
             return Ok(TemplateChange::Unchanged);
         }
-        Ok(
-            if parse_template(old, "oldObject")? == parse_template(new, "object")? {
-                TemplateChange::Unchanged
-            } else {
-                TemplateChange::Changed
-            },
-        )
+        let old = canonical(old, "oldObject")?;
+        let new = canonical(new, "object")?;
+        Ok(if old == new {
+            TemplateChange::Unchanged
+        } else {
+            TemplateChange::Changed { old, new }
+        })
     }
 }
 
-fn parse_template(raw: &RawValue, which: &str) -> Result<Value, String> {
-    serde_json::from_str::<Value>(raw.get())
-        .map_err(|e| format!("{which}.spec.template cannot be read: {e}"))
-}
-
-/// The hash of a raw template: the identity the controller computes from the same JSON.
-fn template_hash(raw: Option<&RawValue>, which: &str) -> Result<String, String> {
-    let raw = raw.ok_or("spec.template is missing from the Deployment")?;
-    Ok(template::hash(&parse_template(raw, which)?))
+/// The canonical form of a raw template: hashed from exactly the JSON sent, as the controller
+/// hashes the same JSON.
+fn canonical(raw: &RawValue, which: &str) -> Result<Canonical, String> {
+    Canonical::of_raw(raw.get()).map_err(|e| format!("{which}.spec.template cannot be read: {e}"))
 }
 
 /// fledge's record of a hold, as stored (read from `oldObject`: a client may drop annotations).
@@ -423,18 +422,18 @@ impl<'r> Update<'r> {
         field_manager: &'r str,
     ) -> Result<Update<'r>, String> {
         let record = HoldRecord::of(old);
-        let changed = matches!(change, TemplateChange::Changed);
-        // Hashing parses the template: only when the answer depends on it.
-        let (old_hash, new_hash) = if changed || record.stable_hash.is_some() {
-            let new_hash = template_hash(new.template(), "object")?;
-            let old_hash = if changed {
-                template_hash(old.template(), "oldObject")?
-            } else {
-                new_hash.clone()
-            };
-            (old_hash, new_hash)
-        } else {
-            (String::new(), String::new())
+        let changed = matches!(change, TemplateChange::Changed { .. });
+        // Hashing reads the template: only when the answer depends on it.
+        let (old_hash, new_hash) = match change {
+            TemplateChange::Changed { old, new } => (old.hash(), new.hash()),
+            TemplateChange::Unchanged if record.stable_hash.is_some() => {
+                let raw = new
+                    .template()
+                    .ok_or("spec.template is missing from the Deployment")?;
+                let new_hash = canonical(raw, "object")?.hash();
+                (new_hash.clone(), new_hash)
+            }
+            TemplateChange::Unchanged => (String::new(), String::new()),
         };
         // The stored (old) state is authoritative: only fledge writes it.
         let state =
@@ -839,10 +838,21 @@ mod tests {
     }
 
     /// What the decision may touch: labels, annotations, `paused` and the template.
+    /// What a decision may touch. The request's view keeps only fledge's labels and annotations
+    /// (the patch touches no others), so only those are compared.
     fn essentials(object: &Value) -> Value {
+        let fledge_entries = |map: &Value| -> Value {
+            map.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(key, _)| key.starts_with(spec::PREFIX))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
         json!({
-            "labels": object["metadata"]["labels"],
-            "annotations": object["metadata"]["annotations"],
+            "labels": fledge_entries(&object["metadata"]["labels"]),
+            "annotations": fledge_entries(&object["metadata"]["annotations"]),
             "paused": object["spec"]["paused"],
             "template": object["spec"]["template"],
         })

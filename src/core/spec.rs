@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_yaml_ng::Value as Yaml;
@@ -581,7 +582,66 @@ const MAX_STEPS_NESTING: usize = 16;
 /// Problems listed in one answer at the most; the rest are counted.
 const MAX_PROBLEMS: usize = 20;
 
+/// How many distinct steps texts [`parse_steps`] remembers. A cluster has few: most Deployments
+/// share a handful of step lists, or one from a policy.
+const STEPS_CACHE_SIZE: usize = 64;
+
+/// Steps parsed earlier, by annotation text: the webhook reads the same text on every template
+/// change, and YAML parsing is most of the decision's time. Parsing is a pure function of the
+/// text, so a remembered result is the result.
+static STEPS_CACHE: Mutex<StepsCache> = Mutex::new(StepsCache {
+    entries: Vec::new(),
+    next: 0,
+});
+
+/// A small cache keyed by the text; when full, the entries are replaced in turn.
+struct StepsCache {
+    entries: Vec<(String, ParsedSteps)>,
+    next: usize,
+}
+
+/// The steps of a text and the problems found in it.
+#[derive(Clone)]
+struct ParsedSteps {
+    steps: Vec<Step>,
+    problems: Vec<String>,
+}
+
 fn parse_steps(text: &str, problems: &mut Vec<String>) -> Vec<Step> {
+    // Texts over the limit are refused without parsing; they are not worth keeping.
+    if text.len() > MAX_STEPS_BYTES {
+        return read_steps(text, problems);
+    }
+    let cache = || STEPS_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    let known = cache()
+        .entries
+        .iter()
+        .find(|(key, _)| key == text)
+        .map(|(_, parsed)| parsed.clone());
+    let parsed = known.unwrap_or_else(|| {
+        let mut found = Vec::new();
+        let parsed = ParsedSteps {
+            steps: read_steps(text, &mut found),
+            problems: found,
+        };
+        let mut cache = cache();
+        let entry = (text.to_owned(), parsed.clone());
+        if cache.entries.len() < STEPS_CACHE_SIZE {
+            cache.entries.push(entry);
+        } else {
+            let at = cache.next;
+            if let Some(slot) = cache.entries.get_mut(at) {
+                *slot = entry;
+            }
+            cache.next = (at + 1) % STEPS_CACHE_SIZE;
+        }
+        parsed
+    });
+    problems.extend(parsed.problems);
+    parsed.steps
+}
+
+fn read_steps(text: &str, problems: &mut Vec<String>) -> Vec<Step> {
     if text.len() > MAX_STEPS_BYTES {
         problems.push(format!(
             "{ANNOTATION_STEPS}: {} bytes is too long; at most {MAX_STEPS_BYTES} bytes",

@@ -67,7 +67,8 @@ pub async fn run(
         shutdown.await;
         let _ = stop.send(true);
     };
-    let served = server::serve(
+    // The webhook on a runtime of its own: the controller's work can never queue it.
+    let served = server::serve_isolated(
         options.listener,
         cert,
         state,

@@ -4,7 +4,7 @@
 //! review (managedFields, status, both objects) into an intermediate tree before reading it; for an
 //! 8 KB review that is most of the webhook's time. Here the envelope is read without flattening,
 //! the Deployment as a [`DeploymentView`] that keeps only what the decision reads (metadata names,
-//! labels, annotations, and the pod template as raw JSON) and skips everything else unparsed. The
+//! fledge's labels and annotations, and the pod template as raw JSON) and skips everything else unparsed. The
 //! request itself is still kube-core's [`AdmissionRequest`].
 //!
 //! The answer is written here too, because kube-core serializes the JSONPatch (a Go `[]byte`) as an
@@ -22,6 +22,8 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::{AdmissionOutcome, Decision};
+use crate::core::spec;
+use crate::core::template::Text;
 
 /// An apps/v1 Deployment as the webhook reads it. The pod template stays raw JSON, exactly as the
 /// API server sent it, so that no field is lost however new it is.
@@ -122,14 +124,17 @@ impl Resource for DeploymentView {
     }
 }
 
-/// Reads only the metadata fields the decision uses; managedFields and the rest are skipped.
+/// Reads only the metadata fields the decision uses, and of labels and annotations only fledge's;
+/// managedFields and the rest are skipped.
 fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     struct Lean {
         name: Option<String>,
         namespace: Option<String>,
         uid: Option<String>,
+        #[serde(default, deserialize_with = "fledge_entries")]
         labels: Option<BTreeMap<String, String>>,
+        #[serde(default, deserialize_with = "fledge_entries")]
         annotations: Option<BTreeMap<String, String>>,
     }
     let lean: Option<Lean> = optional_object(deserializer)?;
@@ -141,6 +146,39 @@ fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMet
         annotations: l.annotations,
         ..ObjectMeta::default()
     }))
+}
+
+/// The `fledge.dev/*` entries of a labels or annotations map: the decision reads no others. The
+/// rest (`kubectl.kubernetes.io/last-applied-configuration` above all) must still be strings, but
+/// is not copied.
+fn fledge_entries<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Entries(BTreeMap<String, String>);
+    impl<'de> Deserialize<'de> for Entries {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(EntriesVisitor)
+        }
+    }
+    struct EntriesVisitor;
+    impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
+        type Value = Entries;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+            let mut kept = BTreeMap::new();
+            while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                if key.starts_with(spec::PREFIX) {
+                    kept.insert(key.into_owned(), map.next_value::<String>()?);
+                } else {
+                    map.next_value::<Text<'de>>()?;
+                }
+            }
+            Ok(Entries(kept))
+        }
+    }
+    Ok(Option::<Entries>::deserialize(deserializer)?.map(|e| e.0))
 }
 
 /// The envelope, read without `#[serde(flatten)]`.
@@ -359,6 +397,32 @@ mod tests {
         }
         let null_parts = parse(review(r#"{"metadata":null,"spec":null}"#).as_bytes()).unwrap();
         assert!(null_parts.object.unwrap().spec.is_none());
+    }
+
+    #[test]
+    fn only_fledges_labels_and_annotations_are_kept_and_all_must_be_strings() {
+        let object = r#"{"metadata":{"name":"web","labels":{"app":"web","fledge.dev/enabled":"true"},"annotations":{"kubectl.kubernetes.io/last-applied-configuration":"{\"a\":1}","fledge\u002edev/steps":"- setWeight: 5","\u0078":"y"}}}"#;
+        let view = parse(review(object).as_bytes()).unwrap().object.unwrap();
+        let pairs = |map: Option<BTreeMap<String, String>>| -> Vec<(String, String)> {
+            map.unwrap().into_iter().collect()
+        };
+        assert_eq!(
+            pairs(view.metadata.labels),
+            [("fledge.dev/enabled".to_owned(), "true".to_owned())]
+        );
+        assert_eq!(
+            pairs(view.metadata.annotations),
+            [("fledge.dev/steps".to_owned(), "- setWeight: 5".to_owned())]
+        );
+        for bad in [
+            r#"{"metadata":{"annotations":{"other":1}}}"#,
+            r#"{"metadata":{"labels":{"app":null}}}"#,
+            r#"{"metadata":{"labels":["app"]}}"#,
+        ] {
+            assert!(parse(review(bad).as_bytes()).is_err(), "{bad}");
+        }
+        let null = parse(review(r#"{"metadata":{"labels":null}}"#).as_bytes()).unwrap();
+        assert!(null.object.unwrap().metadata.labels.is_none());
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ServeError {
     #[error("TLS setup: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("starting the webhook's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: String,
@@ -242,6 +244,49 @@ pub fn review(body: &[u8]) -> Result<(&'static str, Vec<u8>), BadRequest> {
             }
         }
     }
+}
+
+/// [`serve`] on a tokio runtime of its own (one worker per core, threads named `fledge-webhook`),
+/// so that nothing else scheduled on the caller's runtime (the controller's reconciles) can delay
+/// a review: with `failurePolicy: Fail`, a late answer blocks users' updates. `shutdown` is awaited
+/// on the caller's runtime.
+pub async fn serve_isolated(
+    listener: std::net::TcpListener,
+    cert: Arc<tls::ReloadingCert>,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .thread_name("fledge-webhook")
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("fledge-webhook".into())
+        .spawn(move || {
+            // A dropped `stop` (the caller gone) stops the server too.
+            let until_stopped = async {
+                let _ = stopped.await;
+            };
+            let _ = done.send(runtime.block_on(serve(listener, cert, state, until_stopped, drain)));
+        })
+        .map_err(ServeError::Runtime)?;
+    let gone = |_| {
+        ServeError::Runtime(std::io::Error::other(
+            "the webhook's thread ended without a result",
+        ))
+    };
+    let mut finished = std::pin::pin!(finished);
+    tokio::select! {
+        result = &mut finished => return result.map_err(gone)?,
+        () = shutdown => {}
+    }
+    let _ = stop.send(());
+    finished.await.map_err(gone)?
 }
 
 /// Serves the webhook over TLS on `listener` until `shutdown` resolves, then drains in-flight
