@@ -250,10 +250,10 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
         );
     }
     let Some(old) = old else {
-        if let Err(e) = spec::parse(name, annotations) {
-            return Decision::deny(e);
-        }
-        return decide_create(annotations);
+        return match spec::parse(name, annotations) {
+            Ok(parsed) => with_unmet_steps(decide_create(annotations), &parsed, object),
+            Err(e) => Decision::deny(e),
+        };
     };
     let change = match TemplateChange::between(old.template(), object.template()) {
         Ok(change) => change,
@@ -267,9 +267,14 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
             old.metadata.annotations.as_ref(),
         ) == OptIn::Enabled
         && user_settings(old.metadata.annotations.as_ref()) == user_settings(Some(annotations));
-    if !ratcheted && let Err(e) = spec::parse(name, annotations) {
-        return Decision::deny(e);
-    }
+    let parsed = if ratcheted {
+        None
+    } else {
+        match spec::parse(name, annotations) {
+            Ok(parsed) => Some(parsed),
+            Err(e) => return Decision::deny(e),
+        }
+    };
     let field_manager = req
         .options
         .as_ref()
@@ -277,9 +282,39 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
         .and_then(Value::as_str)
         .unwrap_or_default();
     match Update::read(name, old, object, change, field_manager) {
-        Ok(update) => update.decide(),
+        Ok(update) => match &parsed {
+            Some(parsed) => with_unmet_steps(update.decide(), parsed, object),
+            None => update.decide(),
+        },
         Err(e) => Decision::deny(e),
     }
+}
+
+/// On the pod-ratio router, the `setWeight` steps that the Deployment's replica count cannot meet
+/// exactly, each with its place and the share it gets instead, as warnings: said at apply time,
+/// not discovered mid-canary.
+fn with_unmet_steps(
+    mut decision: Decision,
+    parsed: &spec::CanarySpec,
+    object: &DeploymentView,
+) -> Decision {
+    if parsed.router != spec::Router::PodRatio
+        || matches!(decision.outcome, AdmissionOutcome::Deny(_))
+    {
+        return decision;
+    }
+    let replicas = object.replicas();
+    decision.warnings.extend(
+        crate::core::podratio::unmet_steps(&parsed.steps, replicas)
+            .into_iter()
+            .map(|(i, share)| {
+                format!(
+                    "{}[{i}].setWeight: on the pod-ratio router {share}; scale the Deployment or pick a weight its pods can meet",
+                    spec::ANNOTATION_STEPS
+                )
+            }),
+    );
+    decision
 }
 
 /// The `fledge.dev/*` annotations a user sets (anything but fledge's own bookkeeping).
@@ -1388,6 +1423,38 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .starts_with("fledge.dev/steps:")
+        );
+    }
+
+    #[test]
+    fn the_pod_ratio_router_warns_of_weights_its_pods_cannot_meet() {
+        let pod_ratio = |image: &str, replicas: u64| {
+            let mut d = with_annotation(deployment(image), "fledge.dev/router", "pod-ratio");
+            d["spec"]["replicas"] = json!(replicas);
+            d
+        };
+        // STEPS ask 5 % and 50 %: with 3 stable pods the nearest are 25 % and 50 %.
+        let d = decide(&update(pod_ratio("web:1", 3), pod_ratio("web:2", 3)));
+        assert!(is_patch(&d, PatchReason::Hold), "{}", reason(&d));
+        let unmet: Vec<&String> = d
+            .warnings
+            .iter()
+            .filter(|w| w.contains("pod-ratio"))
+            .collect();
+        assert_eq!(unmet.len(), 1, "{:?}", d.warnings);
+        assert!(
+            unmet[0].starts_with("fledge.dev/steps[0].setWeight: on the pod-ratio router asked 5"),
+            "{}",
+            unmet[0]
+        );
+        // At CREATE too; and none on the other routers.
+        let d = decide(&request("CREATE", pod_ratio("web:1", 3), None, None));
+        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+        let d = decide(&update(deployment("web:1"), deployment("web:2")));
+        assert!(
+            d.warnings.iter().all(|w| !w.contains("pod-ratio")),
+            "{:?}",
+            d.warnings
         );
     }
 }

@@ -36,6 +36,14 @@ pub struct DeploymentView {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SpecView {
+    /// Read for the pod-ratio router's warnings only; anything but a whole number reads as absent
+    /// (the API server validates it).
+    #[serde(
+        default,
+        deserialize_with = "whole_number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub replicas: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,6 +65,54 @@ impl<'de> Deserialize<'de> for DeploymentView {
             spec: fields.spec,
         })
     }
+}
+
+/// A whole number, or `None` for any other JSON value, which is skipped unread as an unknown
+/// field would be, not refused.
+fn whole_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    struct WholeNumber;
+    impl<'de> serde::de::Visitor<'de> for WholeNumber {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(n))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            while map
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    deserializer.deserialize_any(WholeNumber)
 }
 
 /// Reads `T` only from a JSON object. serde's derived structs also accept an array and take its items
@@ -92,6 +148,11 @@ impl DeploymentView {
     /// `spec.template` as raw JSON.
     pub fn template(&self) -> Option<&RawValue> {
         self.spec.as_ref()?.template.as_deref()
+    }
+
+    /// `spec.replicas`; absent is 1, as Kubernetes defaults it.
+    pub fn replicas(&self) -> u64 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
     }
 
     /// `spec.paused`; absent is `false`, as Kubernetes reads it.
