@@ -39,30 +39,6 @@ fn with_router(mut d: Value, router: &[(&str, &str)]) -> Value {
     d
 }
 
-/// The user's gateway route: a rule to `web`, a rule to another Service, filters, matches.
-fn user_route() -> Value {
-    json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-        "metadata": {"name": "web-public", "namespace": NS},
-        "spec": {
-            "parentRefs": [{"name": "edge", "sectionName": "https"}, {"name": "internal"}],
-            "hostnames": ["shop.example.com"],
-            "rules": [
-                {
-                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                    "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "x-via", "value": "edge"}]}}],
-                    "backendRefs": [{"name": "web", "port": 80}],
-                    "timeouts": {"request": "10s"},
-                },
-                {
-                    "matches": [{"path": {"type": "PathPrefix", "value": "/static"}}],
-                    "backendRefs": [{"name": "cdn", "port": 80}],
-                },
-            ],
-        },
-    })
-}
-
 /// The canary shares the route `name` carried, in order, repeats removed (basis points).
 fn route_weights(c: &Cluster, name: &str) -> Vec<u16> {
     let mut weights: Vec<u16> = c

@@ -307,3 +307,27 @@ pub fn assert_held(api: &ApiServer, applied: &str, stable: &str) {
         "the stable pods keep running"
     );
 }
+
+/// The user's gateway route: a rule to `web`, a rule to another Service, filters, matches.
+pub fn user_route() -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web-public", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"name": "edge", "sectionName": "https"}, {"name": "internal"}],
+            "hostnames": ["shop.example.com"],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "x-via", "value": "edge"}]}}],
+                    "backendRefs": [{"name": "web", "port": 80}],
+                    "timeouts": {"request": "10s"},
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/static"}}],
+                    "backendRefs": [{"name": "cdn", "port": 80}],
+                },
+            ],
+        },
+    })
+}
