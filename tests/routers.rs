@@ -360,3 +360,46 @@ async fn without_the_gateway_api_crd_only_its_deployments_wait() {
     wait_phase(&c.api, Phase::Paused).await;
     assert_eq!(split_weights(&c.api), vec![0, 2000]);
 }
+
+/// The resource version of the first stored state in `phase`.
+fn first_state_in(c: &Cluster, phase: Phase) -> u64 {
+    c.api
+        .history_of("deployments.apps", NS, "web")
+        .iter()
+        .find(|r| state(Some(&r.object)).is_some_and(|s| s.phase == phase))
+        .map(|r| r.resource_version)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fledge_abort_turns_the_gateway_api_route_before_it_writes_the_state() {
+    let steps = "- setWeight: 50\n- pause: {}\n";
+    // GAMMA: the route's canary share is 0 before the state says Aborted.
+    let router = [("fledge.dev/router", "gateway-api")];
+    let c = gateway_cluster(steps, &router).await;
+    apply(&c.api, with_router(deployment("web:2", steps), &router)).await;
+    wait_step(&c, Phase::Paused, 1).await;
+    c.controller_task.abort();
+    fledge(&c.api, &["abort", "web"]).await;
+    let zero = c
+        .api
+        .history_of(ROUTE_RESOURCE, NS, "web")
+        .iter()
+        .find(|r| {
+            r.object["spec"]["rules"].as_array().is_some_and(|rules| {
+                canary_share(rules, "web-canary").is_none_or(|w| w.basis_points() == 0)
+            }) && r.resource_version > first_state_in(&c, Phase::Paused)
+        })
+        .map(|r| r.resource_version)
+        .unwrap_or_else(|| {
+            panic!(
+                "the command did not turn the route itself: {:?}",
+                c.api
+                    .history_of(ROUTE_RESOURCE, NS, "web")
+                    .iter()
+                    .map(|r| (r.resource_version, r.object["spec"]["rules"].clone()))
+                    .collect::<Vec<_>>()
+            )
+        });
+    assert!(zero < first_state_in(&c, Phase::Aborted));
+}

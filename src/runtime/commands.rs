@@ -14,8 +14,11 @@ use crate::core::objects::{self, SplitApi};
 use crate::core::observe::DeploymentFacts;
 use crate::core::rollout::machine::{self, Command};
 use crate::core::rollout::{Phase, RolloutState};
-use crate::core::spec::{ANNOTATION_STATE, LABEL_ENABLED, Router, Step, Weight, format_duration};
+use crate::core::spec::{
+    ANNOTATION_STATE, CanarySpec, LABEL_ENABLED, Router, Step, Weight, format_duration,
+};
 use crate::runtime::events;
+use crate::runtime::traffic::{TrafficError, TrafficObjects};
 
 pub mod watch;
 
@@ -241,41 +244,49 @@ fn writer() -> PatchParams {
     }
 }
 
-/// Sends all traffic of `deployment`'s TrafficSplit to stable, in whichever SMI version the
-/// cluster serves (all versions are one stored object); nothing when there is none.
+/// Sends all traffic of `deployment` to stable through its router's object, as the controller does
+/// (`runtime::traffic`). For SMI, in whichever TrafficSplit version the cluster serves (all versions
+/// are one stored object); nothing where there is no object.
 async fn traffic_to_stable(
     client: &Client,
     namespace: &str,
     deployment: &Value,
-    root_service: &str,
+    spec: &CanarySpec,
+    state: Option<&RolloutState>,
 ) -> Result<(), CommandError> {
-    let name = deployment["metadata"]["name"].as_str().unwrap_or_default();
+    let split_api = match &spec.router {
+        Router::Smi => match served_split_api(client).await? {
+            Some(api) => api,
+            // No SMI on this cluster: no traffic object to turn.
+            None => return Ok(()),
+        },
+        Router::GatewayApi { .. } | Router::PodRatio => SplitApi::default(),
+    };
+    let saved = state.map(|s| s.saved_routes.clone()).unwrap_or_default();
+    TrafficObjects {
+        client,
+        namespace,
+        deployment,
+        split_api,
+    }
+    .to_stable(&spec.router, &saved)
+    .await
+    .map_err(|e| match e {
+        TrafficError::Kube(e) => CommandError::Kube(e),
+        TrafficError::Objects(e) => CommandError::Refused(e.to_string()),
+    })
+}
+
+/// The TrafficSplit version the cluster prefers, if it serves SMI at all.
+async fn served_split_api(client: &Client) -> Result<Option<SplitApi>, CommandError> {
     let group = match kube::discovery::group(client, objects::SPLIT_GROUP).await {
         Ok(group) => group,
-        // No SMI on this cluster: no traffic object to turn.
-        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let Some((resource, _)) = group.recommended_kind(objects::SPLIT_KIND) else {
-        return Ok(());
-    };
-    let Ok(split_api) = resource.version.parse::<SplitApi>() else {
-        return Ok(());
-    };
-    let splits: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
-    if splits.get_opt(name).await?.is_none() {
-        return Ok(());
-    }
-    let body = objects::split_to_stable(deployment, root_service, split_api)
-        .map_err(|e| CommandError::Refused(e.to_string()))?;
-    splits
-        .patch(
-            name,
-            &PatchParams::apply(admission::FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-    Ok(())
+    Ok(group
+        .recommended_kind(objects::SPLIT_KIND)
+        .and_then(|(resource, _)| resource.version.parse::<SplitApi>().ok()))
 }
 
 /// Who records the Events of `fledge promote|abort|retry`.
@@ -319,9 +330,11 @@ pub async fn run(
             .map_err(|e| CommandError::Refused(e.to_string()))?;
         let next = machine::command(state.as_ref(), spec, cmd, name, Timestamp::now())
             .map_err(|e| CommandError::Refused(e.0))?;
-        if cmd == Command::Abort && spec.router == Router::Smi {
-            // Traffic back to stable before the state says so, as the controller does.
-            traffic_to_stable(&client, namespace, &value, &spec.root_service).await?;
+        // Traffic back to stable before the state says so, as the controller does. Not on pod
+        // ratio: the controller, woken by the canary's scale-down before it sees the new state,
+        // would scale the canary up again in between; it scales it down itself, in one pass.
+        if cmd == Command::Abort && spec.router != Router::PodRatio {
+            traffic_to_stable(&client, namespace, &value, spec, state.as_ref()).await?;
         }
         let patch = json!({"metadata": {
             "resourceVersion": value["metadata"]["resourceVersion"],

@@ -43,6 +43,10 @@ use crate::core::spec::{
     STABLE_SUFFIX, Weight,
 };
 use crate::runtime::events::{self, Reporter};
+use crate::runtime::traffic::{
+    TrafficError, TrafficObjects, is_fledges, not_served, route_resource, rules_of, split_resource,
+    writer,
+};
 
 /// Field manager of every write, and the Event reporter.
 pub const MANAGER: &str = FIELD_MANAGER;
@@ -59,6 +63,8 @@ const CONCURRENCY: u16 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
+    #[error("{0}")]
+    Traffic(#[from] TrafficError),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("{0}")]
@@ -568,6 +574,15 @@ impl Apply<'_> {
         )
     }
 
+    fn traffic(&self) -> TrafficObjects<'_> {
+        TrafficObjects {
+            client: &self.ctx.client,
+            namespace: self.namespace,
+            deployment: &self.read.value,
+            split_api: self.ctx.config.split_api,
+        }
+    }
+
     fn routes(&self) -> Api<DynamicObject> {
         Api::namespaced_with(self.ctx.client.clone(), self.namespace, &route_resource())
     }
@@ -811,39 +826,17 @@ impl Apply<'_> {
         Ok(None)
     }
 
-    /// Replaces `spec.rules` of a user's route (an atomic list: the whole list goes), on
-    /// condition that the route is still the one read.
     async fn write_rules(
         &self,
         name: &str,
         route: &DynamicObject,
         rules: Vec<Value>,
     ) -> Result<(), ControllerError> {
-        let patch = json!({
-            "metadata": {"resourceVersion": route.resource_version()},
-            "spec": {"rules": rules},
-        });
-        self.routes()
-            .patch(name, &writer(), &Patch::Merge(&patch))
-            .await?;
-        Ok(())
+        Ok(self.traffic().write_rules(name, route, rules).await?)
     }
 
-    /// Abort, rollback, promotion's end and opt-out: the user's routes get their saved rules back.
     async fn restore_routes(&self, saved: &routes::SavedRules) -> Result<(), ControllerError> {
-        for (name, rules) in saved {
-            let route = match self.routes().get_opt(name).await {
-                Ok(Some(route)) => route,
-                // Gone, or the Gateway API with it: nothing to restore.
-                Ok(None) => continue,
-                Err(kube::Error::Api(e)) if e.code == 404 => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if rules_of(&route) != *rules {
-                self.write_rules(name, &route, rules.clone()).await?;
-            }
-        }
-        Ok(())
+        Ok(self.traffic().restore_routes(saved).await?)
     }
 
     /// The router's API is not served (its CRD is not installed): only this Deployment waits, and
@@ -972,61 +965,11 @@ impl Apply<'_> {
     /// All traffic on the stable Service, in one write: the router's object at weight 0 when it
     /// exists; with pod ratio, the canary scaled to no pod.
     async fn traffic_to_stable(&self, router: &Router) -> Result<(), ControllerError> {
-        let apply = PatchParams::apply(MANAGER).force();
-        match router {
-            Router::Smi => {
-                let splits = self.splits();
-                let Some(split) = not_served(splits.get_opt(self.name()).await)? else {
-                    return Ok(());
-                };
-                if rolled_out_to_stable(&split) {
-                    return Ok(());
-                }
-                let apex = split.data["spec"]["service"].as_str().unwrap_or_default();
-                let body =
-                    objects::split_to_stable(&self.read.value, apex, self.ctx.config.split_api)?;
-                splits
-                    .patch(self.name(), &apply, &Patch::Apply(&body))
-                    .await?;
-            }
-            Router::GatewayApi { .. } => {
-                let Some(route) = not_served(self.routes().get_opt(self.name()).await)? else {
-                    return Ok(());
-                };
-                if !is_fledges(&route, self.name()) {
-                    return Ok(());
-                }
-                let rules = rules_of(&route);
-                let root = route.data["spec"]["parentRefs"][0]["name"]
-                    .as_str()
-                    .unwrap_or_default();
-                let port = rules
-                    .first()
-                    .and_then(|r| r["backendRefs"][0].get("port"))
-                    .cloned();
-                let body = objects::mesh_route_to_stable(&self.read.value, root, port.as_ref())?;
-                if body["spec"]["rules"].as_array() != Some(&rules) {
-                    self.routes()
-                        .patch(self.name(), &apply, &Patch::Apply(&body))
-                        .await?;
-                }
-            }
-            Router::PodRatio => {
-                if self.read.owned.canary_deployment {
-                    let scale = json!({"spec": {"replicas": 0}});
-                    gone(
-                        self.deployments()
-                            .patch(
-                                &format!("{}{CANARY_SUFFIX}", self.name()),
-                                &writer(),
-                                &Patch::Merge(&scale),
-                            )
-                            .await,
-                    )?;
-                }
-            }
-        }
-        Ok(())
+        // Routes the user named are restored by their own write.
+        Ok(self
+            .traffic()
+            .to_stable(router, &routes::SavedRules::default())
+            .await?)
     }
 
     /// The router's own object goes: the TrafficSplit, or the GAMMA route when it is fledge's.
@@ -1074,82 +1017,11 @@ impl Apply<'_> {
     }
 }
 
-/// Parameters of fledge's own non-apply writes: its field manager, which the webhook recognises.
-fn writer() -> PatchParams {
-    PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..PatchParams::default()
-    }
-}
-
 /// A delete whose object is already gone succeeded.
 fn gone<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
     match result {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(|_| ()),
-    }
-}
-
-/// A read whose API is not served (the router's CRD is not installed) found nothing.
-fn not_served<T>(result: Result<Option<T>, kube::Error>) -> Result<Option<T>, kube::Error> {
-    match result {
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
-        other => other,
-    }
-}
-
-/// An HTTPRoute's `spec.rules`.
-fn rules_of(route: &DynamicObject) -> Vec<Value> {
-    route.data["spec"]["rules"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// Whether `route` is the GAMMA route fledge made for Deployment `deployment` (a user's route of
-/// the same name is never fledge's to change or delete).
-fn is_fledges(route: &DynamicObject, deployment: &str) -> bool {
-    let labels = route.labels();
-    labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGER)
-        && labels.get(objects::LABEL_DEPLOYMENT).map(String::as_str) == Some(deployment)
-}
-
-/// Gateway API HTTPRoutes (v1).
-pub fn route_resource() -> ApiResource {
-    ApiResource {
-        group: "gateway.networking.k8s.io".into(),
-        version: "v1".into(),
-        api_version: routes::ROUTE_API_VERSION.into(),
-        kind: routes::ROUTE_KIND.into(),
-        plural: "httproutes".into(),
-    }
-}
-
-/// Whether a TrafficSplit already sends nothing to the canary.
-fn rolled_out_to_stable(split: &DynamicObject) -> bool {
-    split.data["spec"]["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| {
-            b["service"]
-                .as_str()
-                .is_some_and(|s| s.ends_with(CANARY_SUFFIX))
-        })
-        .all(|b| b["weight"].as_u64() == Some(0) || b["weight"].as_str() == Some("0"))
-}
-
-pub fn split_resource(api: SplitApi) -> ApiResource {
-    let (group, version) = api
-        .api_version()
-        .split_once('/')
-        .unwrap_or(("split.smi-spec.io", "v1alpha2"));
-    ApiResource {
-        group: group.into(),
-        version: version.into(),
-        api_version: api.api_version().into(),
-        kind: "TrafficSplit".into(),
-        plural: "trafficsplits".into(),
     }
 }
 

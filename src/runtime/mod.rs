@@ -8,3 +8,4 @@ pub mod events;
 pub mod lease;
 pub mod serve;
 pub mod server;
+pub mod traffic;
