@@ -3,6 +3,7 @@
 //! that no module here uses the client or the runtime.
 
 pub mod admission;
+pub mod analysis;
 #[cfg(test)]
 pub mod builders;
 pub mod converge;

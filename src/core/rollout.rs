@@ -201,7 +201,9 @@ pub fn timeline(steps: &[Step]) -> Timeline {
                         after: Duration::ZERO,
                     }
                 }
-                Step::SetHeaderRoute { .. } | Step::SetMirrorRoute { .. } => {}
+                Step::SetHeaderRoute { .. }
+                | Step::SetMirrorRoute { .. }
+                | Step::Analysis { .. } => {}
             }
             ScheduledStep {
                 step: step.clone(),

@@ -159,6 +159,8 @@ pub enum Step {
         name: String,
         mirror: Option<Mirror>,
     },
+    /// Run these checks of `fledge.dev/analysis` and wait until they finish.
+    Analysis { checks: Vec<String> },
 }
 
 impl fmt::Display for Step {
@@ -189,6 +191,7 @@ impl fmt::Display for Step {
                 m.percent,
                 describe_matches(&m.matches)
             ),
+            Step::Analysis { checks } => write!(f, "analysis {}", checks.join(", ")),
         }
     }
 }

@@ -317,6 +317,8 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         Step::SetMirrorRoute { .. } => {
             advance(state, info("MirrorRouteSet", format!("{position}: {step}")))
         }
+        // Not parsed yet: `analysis` is still a reserved step kind.
+        Step::Analysis { .. } => hold(state, None),
     }
 }
 

@@ -1,0 +1,1 @@
+//! `fledge.dev/analysis`: the YAML list of named checks, parsed and checked.
