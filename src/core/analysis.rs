@@ -158,3 +158,89 @@ impl Outcome {
         }
     }
 }
+
+impl Variables {
+    /// The names `{{…}}` may use, as written.
+    pub const NAMES: [&'static str; 8] = [
+        "namespace",
+        "deployment",
+        "canaryService",
+        "stableService",
+        "rootService",
+        "canaryHash",
+        "stablePodTemplateHash",
+        "interval",
+    ];
+
+    fn value(&self, name: &str) -> Option<&str> {
+        Some(match name {
+            "namespace" => &self.namespace,
+            "deployment" => &self.deployment,
+            "canaryService" => &self.canary_service,
+            "stableService" => &self.stable_service,
+            "rootService" => &self.root_service,
+            "canaryHash" => &self.canary_hash,
+            "stablePodTemplateHash" => &self.stable_pod_template_hash,
+            "interval" => &self.interval,
+            _ => return None,
+        })
+    }
+
+    /// `text` with every `{{name}}` (spaces inside the braces allowed) replaced by its value. The
+    /// parser refuses unknown names at apply time; one met here anyway is left as written.
+    pub fn expand(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(open) = rest.find("{{") {
+            out.push_str(&rest[..open]);
+            let after = &rest[open + 2..];
+            let Some(close) = after.find("}}") else {
+                rest = &rest[open..];
+                break;
+            };
+            match self.value(after[..close].trim()) {
+                Some(value) => out.push_str(value),
+                None => out.push_str(&rest[open..open + 2 + close + 2]),
+            }
+            rest = &after[close + 2..];
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> Variables {
+        Variables {
+            namespace: "shop".into(),
+            deployment: "web".into(),
+            canary_service: "web-canary".into(),
+            stable_service: "web-stable".into(),
+            root_service: "web".into(),
+            canary_hash: "abc".into(),
+            stable_pod_template_hash: "5d8f".into(),
+            interval: "30s".into(),
+        }
+    }
+
+    #[test]
+    fn variables_expand_and_unknown_ones_stay() {
+        let v = vars();
+        assert_eq!(
+            v.expand(r#"rate(x{service="{{canaryService}}",ns="{{ namespace }}"}[{{interval}}])"#),
+            r#"rate(x{service="web-canary",ns="shop"}[30s])"#
+        );
+        assert_eq!(v.expand("{{nope}} {{deployment}}"), "{{nope}} web");
+        assert_eq!(v.expand("a {{deployment"), "a {{deployment");
+        assert_eq!(v.expand("{{}}{{"), "{{}}{{");
+        for name in Variables::NAMES {
+            assert_ne!(
+                v.expand(&format!("{{{{{name}}}}}")),
+                format!("{{{{{name}}}}}")
+            );
+        }
+    }
+}
