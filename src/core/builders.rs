@@ -72,6 +72,7 @@ pub fn mk_state(phase: Phase, hash: &str, step: usize, weight: Weight) -> Rollou
         step_started: None,
         unavailable_since: None,
         saved_routes: Default::default(),
+        checks: Default::default(),
     }
 }
 
@@ -79,4 +80,49 @@ pub fn mk_state(phase: Phase, hash: &str, step: usize, weight: Weight) -> Rollou
 pub fn with_state(object: Value, state: &RolloutState) -> Value {
     let text = serde_json::to_string(state).unwrap_or_default();
     with_annotation(object, ANNOTATION_STATE, &text)
+}
+
+/// A web check `name` measuring every 10 s, `count` times (`None`: unbounded), passing when
+/// `result < 0.01`; the machine and schedule tests judge it with [`mk_judged`].
+pub fn mk_check(name: &str, count: Option<u32>) -> crate::core::analysis::Check {
+    use crate::core::analysis::{Check, NoData, Provider, WebRequest};
+    use std::time::Duration;
+    Check {
+        name: name.to_owned(),
+        interval: Duration::from_secs(10),
+        count,
+        initial_delay: Duration::ZERO,
+        success_condition: None,
+        failure_condition: None,
+        failure_limit: 0,
+        inconclusive_limit: 0,
+        consecutive_error_limit: 4,
+        no_data: NoData::Inconclusive,
+        dry_run: false,
+        starting_step: None,
+        provider: Provider::Web(WebRequest {
+            url: "http://checks.shop/{{canaryService}}".into(),
+            method: "GET".into(),
+            headers: Vec::new(),
+            body: None,
+            json_path: None,
+            timeout: Duration::from_secs(5),
+        }),
+    }
+}
+
+/// A judgement of `outcome` on `value`.
+pub fn mk_judged(
+    outcome: crate::core::analysis::Outcome,
+    value: &str,
+) -> crate::core::analysis::condition::Judgement {
+    use crate::core::analysis::Outcome;
+    crate::core::analysis::condition::Judgement {
+        outcome,
+        value: value.to_owned(),
+        detail: match outcome {
+            Outcome::Failed => format!("{value} is not \"result < 0.01\""),
+            Outcome::Successful | Outcome::Inconclusive | Outcome::Error => String::new(),
+        },
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::core::analysis::schedule::CheckRuns;
 use crate::core::routes::SavedRules;
 use crate::core::spec::{ANNOTATION_STATE, Step, Weight};
 
@@ -94,6 +95,9 @@ pub struct RolloutState {
     /// and in states stored before routers existed.
     #[serde(default, skip_serializing_if = "SavedRules::is_empty")]
     pub saved_routes: SavedRules,
+    /// The runs of the canary's checks (`fledge.dev/analysis`), by check name.
+    #[serde(default, skip_serializing_if = "CheckRuns::is_empty")]
+    pub checks: CheckRuns,
 }
 
 /// Times as RFC 3339 text, as Kubernetes writes them.
@@ -112,6 +116,22 @@ mod rfc3339 {
         Option::<String>::deserialize(d)?
             .map(|text| text.parse().map_err(serde::de::Error::custom))
             .transpose()
+    }
+}
+
+/// A required time as RFC 3339 text.
+pub(crate) mod rfc3339_required {
+    use k8s_openapi::jiff::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(t)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -288,6 +308,7 @@ mod tests {
             step_started: None,
             unavailable_since: None,
             saved_routes: Default::default(),
+            checks: Default::default(),
         };
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains(r#""weight":"12.5""#), "{text}");

@@ -316,6 +316,8 @@ pub struct CanarySpec {
     pub steps: Vec<Step>,
     pub root_service: String,
     pub router: Router,
+    /// The checks of `fledge.dev/analysis`.
+    pub checks: Vec<crate::core::analysis::Check>,
 }
 
 /// Whether a Deployment takes part, judged by its label and annotations.
@@ -399,6 +401,7 @@ pub fn parse(name: &str, annotations: &BTreeMap<String, String>) -> Result<Canar
             steps,
             root_service,
             router,
+            checks: Vec::new(),
         })
     } else {
         Err(SpecError { problems })
@@ -1136,6 +1139,7 @@ mod tests {
                 ],
                 root_service: "web".into(),
                 router: Router::Smi,
+                checks: Vec::new(),
             }
         );
     }

@@ -20,3 +20,11 @@ impl PartialEq for Condition {
 }
 
 impl Eq for Condition {}
+
+/// What one reading counts as, with the value and the reason as people read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Judgement {
+    pub outcome: super::Outcome,
+    pub value: String,
+    pub detail: String,
+}

@@ -9,6 +9,8 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Phase, RolloutState};
+use crate::core::analysis::Check;
+use crate::core::analysis::schedule::{CheckRun, CheckRuns, RunPhase};
 use crate::core::objects::canary_pods;
 use crate::core::podratio::PodShare;
 use crate::core::spec::{CanarySpec, Router, Step, Weight};
@@ -190,6 +192,7 @@ fn start(
         unavailable_since: Some(now),
         // Users' routes still split for the canary this one replaces are restored from these.
         saved_routes: previous.map(|s| s.saved_routes.clone()).unwrap_or_default(),
+        checks: CheckRuns::new(),
     };
     Next {
         state: Some(state),
@@ -231,7 +234,27 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         event: None,
     };
     let total = spec.steps.len();
+    start_runs(&mut state, spec, now);
+    if let Some(stopped) = stopped_by_checks(s, state.clone(), spec, obs, size) {
+        return stopped;
+    }
     let Some(step) = spec.steps.get(s.step) else {
+        let unfinished = unfinished_runs(&state, spec, |check, run| {
+            run.step.is_none() && check.count.is_some()
+        });
+        if !unfinished.is_empty() {
+            state.message = format!(
+                "all {total} steps done: waiting for background analysis {} before promoting",
+                unfinished.join(", ")
+            );
+            return hold(state, None);
+        }
+        // Background checks measure until the steps end.
+        for run in state.checks.values_mut() {
+            if run.phase == RunPhase::Running {
+                run.phase = RunPhase::Successful;
+            }
+        }
         state.phase = Phase::Promoting;
         state.message = format!("all {total} steps done: promoting");
         let event = info("Promoting", state.message.clone());
@@ -317,9 +340,135 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         Step::SetMirrorRoute { .. } => {
             advance(state, info("MirrorRouteSet", format!("{position}: {step}")))
         }
-        // Not parsed yet: `analysis` is still a reserved step kind.
-        Step::Analysis { .. } => hold(state, None),
+        Step::Analysis { checks } => {
+            let unfinished = unfinished_runs(&state, spec, |_, run| run.step == Some(s.step));
+            if unfinished.is_empty() {
+                return advance(
+                    state,
+                    info(
+                        "AnalysisPassed",
+                        format!("{position}: analysis {} passed", checks.join(", ")),
+                    ),
+                );
+            }
+            state.message = format!(
+                "{position}: analysis: waiting for {}",
+                unfinished.join(", ")
+            );
+            hold(state, None)
+        }
     }
+}
+
+/// Starts the runs of the checks due to begin: background ones from their starting step, and the
+/// current `analysis` step's own (a check named by an earlier step runs afresh).
+fn start_runs(state: &mut RolloutState, spec: &CanarySpec, now: Timestamp) {
+    for check in &spec.checks {
+        if check.starting_step.is_some_and(|from| state.step >= from)
+            && !state.checks.contains_key(&check.name)
+        {
+            state
+                .checks
+                .insert(check.name.clone(), CheckRun::new(None, now));
+        }
+    }
+    if let Some(Step::Analysis { checks }) = spec.steps.get(state.step) {
+        for name in checks {
+            if state.checks.get(name).and_then(|run| run.step) != Some(state.step) {
+                state
+                    .checks
+                    .insert(name.clone(), CheckRun::new(Some(state.step), now));
+            }
+        }
+    }
+}
+
+/// The runs that acting (not `dryRun`) checks still owe, among those `which` selects, as
+/// `name taken/count` for the message.
+fn unfinished_runs(
+    state: &RolloutState,
+    spec: &CanarySpec,
+    which: impl Fn(&Check, &CheckRun) -> bool,
+) -> Vec<String> {
+    acting_runs(state, spec)
+        .filter(|(check, run)| which(check, run) && run.phase != RunPhase::Successful)
+        .map(|(check, run)| {
+            let count = run.count(check).map_or("∞".to_owned(), |c| c.to_string());
+            format!("{} ({}/{count} measurements)", check.name, run.taken)
+        })
+        .collect()
+}
+
+/// The runs of the checks that act on the canary, with their checks.
+fn acting_runs<'a>(
+    state: &'a RolloutState,
+    spec: &'a CanarySpec,
+) -> impl Iterator<Item = (&'a Check, &'a CheckRun)> {
+    state.checks.iter().filter_map(|(name, run)| {
+        let check = spec.checks.iter().find(|c| &c.name == name)?;
+        (!check.dry_run).then_some((check, run))
+    })
+}
+
+/// A failed check aborts the canary at once, traffic back to stable; an inconclusive one holds it
+/// at its weight until a person decides.
+fn stopped_by_checks(
+    s: &RolloutState,
+    mut state: RolloutState,
+    spec: &CanarySpec,
+    obs: &Observation,
+    size: Weight,
+) -> Option<Next> {
+    let failed = acting_runs(&state, spec)
+        .find(|(_, run)| matches!(run.phase, RunPhase::Failed | RunPhase::Error));
+    if let Some((check, run)) = failed {
+        let reason = match run.phase {
+            RunPhase::Error => "AnalysisError",
+            _ => "AnalysisFailed",
+        };
+        let message = format!(
+            "{}: aborted, traffic back to stable. {}",
+            run.verdict(check),
+            how_to_go_on(obs.name)
+        );
+        state.phase = Phase::Aborted;
+        state.weight = Weight::ZERO;
+        state.message = message.clone();
+        return Some(Next {
+            state: Some(state),
+            target: Target::Nothing,
+            requeue: None,
+            event: Some(Event {
+                reason,
+                message,
+                warning: true,
+            }),
+        });
+    }
+    let (check, run) =
+        acting_runs(&state, spec).find(|(_, run)| run.phase == RunPhase::Inconclusive)?;
+    let message = format!(
+        "{}: inconclusive, the canary stays at {}%: `kubectl fledge promote {name}` goes on, `kubectl fledge abort {name}` rolls back",
+        run.verdict(check),
+        state.weight,
+        name = obs.name
+    );
+    let entering = s.phase != Phase::Paused || s.message != message;
+    state.phase = Phase::Paused;
+    state.message = message.clone();
+    Some(Next {
+        target: Target::Canary {
+            size,
+            weight: state.weight,
+        },
+        state: Some(state),
+        requeue: None,
+        event: entering.then_some(Event {
+            reason: "AnalysisInconclusive",
+            message,
+            warning: true,
+        }),
+    })
 }
 
 /// The canary is not (or no longer) available: wait, with no traffic on it while it has no ready
@@ -495,6 +644,29 @@ pub fn command(
     };
     let position = format!("step {}/{}", s.step + 1, spec.steps.len());
     match (cmd, s.phase) {
+        (Command::Promote, Phase::Progressing | Phase::Paused)
+            if s.checks
+                .values()
+                .any(|run| run.phase == RunPhase::Inconclusive) =>
+        {
+            let mut checks = s.checks.clone();
+            let accepted: Vec<&str> = s
+                .checks
+                .iter()
+                .filter(|(_, run)| run.phase == RunPhase::Inconclusive)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            checks.values_mut().for_each(CheckRun::accept);
+            Ok(RolloutState {
+                phase: Phase::Progressing,
+                message: format!(
+                    "{position}: inconclusive analysis {} accepted by `fledge promote`",
+                    accepted.join(", ")
+                ),
+                checks,
+                ..s.clone()
+            })
+        }
         (Command::Promote, Phase::Progressing | Phase::Paused) => match spec.steps.get(s.step) {
             Some(Step::PauseFor(_) | Step::PauseUntilPromoted) => Ok(RolloutState {
                 phase: Phase::Progressing,
@@ -528,6 +700,7 @@ pub fn command(
             step_started: Some(now),
             unavailable_since: Some(now),
             message: format!("canary {} retried by `fledge retry`", s.hash),
+            checks: CheckRuns::new(),
             ..s.clone()
         }),
         (Command::Retry, phase) => refuse(format!(
@@ -543,6 +716,9 @@ pub fn command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::analysis::Outcome;
+    use crate::core::analysis::schedule::due;
+    use crate::core::builders::{mk_check, mk_judged};
     use crate::core::objects::canary_replicas;
     use crate::core::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
     use k8s_openapi::jiff::SignedDuration;
@@ -576,6 +752,7 @@ mod tests {
             ],
             root_service: "web".into(),
             router: Router::Smi,
+            checks: Vec::new(),
         }
     }
 
@@ -606,6 +783,7 @@ mod tests {
             step_started: Some(t(0)),
             unavailable_since: None,
             saved_routes: Default::default(),
+            checks: Default::default(),
         }
     }
 
@@ -1030,6 +1208,7 @@ mod tests {
             steps: vec![SetWeight(w(1000))],
             root_service: "web".into(),
             router: Router::Smi,
+            checks: Vec::new(),
         };
         let s = state(Phase::Promoting, 1, w(1000));
         let small = Observation {
@@ -1380,11 +1559,223 @@ mod tests {
             ],
             root_service: "web".into(),
             router: Router::Smi,
+            checks: Vec::new(),
         };
         let (weights, _) = walk(&spec);
         assert_eq!(
             weights,
             vec![Weight::ZERO, w(1), w(25), Weight::FULL, Weight::ZERO]
         );
+    }
+
+    /// 10 %, the inline check `smoke`, 50 %; `error-rate` in the background from step 2.
+    fn analysed() -> CanarySpec {
+        let mut error_rate = mk_check("error-rate", None);
+        error_rate.starting_step = Some(1);
+        error_rate.failure_limit = 1;
+        CanarySpec {
+            steps: vec![
+                SetWeight(w(1000)),
+                Step::Analysis {
+                    checks: vec!["smoke".into()],
+                },
+                SetWeight(w(5000)),
+            ],
+            checks: vec![mk_check("smoke", Some(2)), error_rate],
+            ..spec()
+        }
+    }
+
+    /// `s` with measurement `outcomes` recorded for `check`.
+    fn measured(
+        mut s: RolloutState,
+        spec: &CanarySpec,
+        check: &str,
+        outcomes: &[Outcome],
+    ) -> RolloutState {
+        let c = spec.checks.iter().find(|c| c.name == check).unwrap();
+        let run = s.checks.get_mut(check).unwrap();
+        for o in outcomes {
+            let index = run.taken;
+            assert!(run.record(c, index, t(30), &mk_judged(*o, "0.071")));
+        }
+        s
+    }
+
+    #[test]
+    fn an_analysis_step_starts_its_checks_and_passes_only_when_they_succeed() {
+        let spec = analysed();
+        let o = obs(&spec);
+        let at_step = state(Phase::Progressing, 1, w(1000));
+        let n = next(Some(&at_step), &o, t(5));
+        let s = n.state.unwrap();
+        assert_eq!(s.step, 1, "held: {}", s.message);
+        assert_eq!(s.checks["smoke"].step, Some(1));
+        assert_eq!(s.checks["smoke"].started, t(5));
+        assert_eq!(s.checks["error-rate"].step, None, "background from step 2");
+        assert!(
+            s.message.contains("waiting for smoke (0/2 measurements)"),
+            "{}",
+            s.message
+        );
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(1000),
+                weight: w(1000)
+            }
+        );
+        let (due, _) = due(&s.checks, &spec.checks, t(5));
+        assert_eq!(due.len(), 2, "{due:?}");
+        // Started once: a second look keeps the runs' start.
+        let again = next(Some(&s), &o, t(6)).state.unwrap();
+        assert_eq!(again.checks, s.checks);
+        let one = measured(s.clone(), &spec, "smoke", &[Outcome::Successful]);
+        assert_eq!(next(Some(&one), &o, t(7)).state.unwrap().step, 1);
+        let two = measured(one, &spec, "smoke", &[Outcome::Successful]);
+        let n = next(Some(&two), &o, t(8));
+        assert_eq!(n.state.as_ref().unwrap().step, 2);
+        assert_eq!(n.event.unwrap().reason, "AnalysisPassed");
+    }
+
+    #[test]
+    fn a_failed_check_aborts_at_once_with_what_failed_and_what_to_do() {
+        let spec = analysed();
+        let o = obs(&spec);
+        let started = next(Some(&state(Phase::Paused, 1, w(1000))), &o, t(5))
+            .state
+            .unwrap();
+        let once = measured(started.clone(), &spec, "error-rate", &[Outcome::Failed]);
+        assert_eq!(
+            next(Some(&once), &o, t(6)).state.unwrap().phase,
+            Phase::Paused,
+            "within the limit"
+        );
+        let twice = measured(
+            started,
+            &spec,
+            "error-rate",
+            &[Outcome::Failed, Outcome::Failed],
+        );
+        let n = next(Some(&twice), &o, t(6));
+        assert_eq!(
+            n.target,
+            Target::Nothing,
+            "traffic back to stable in this very call"
+        );
+        let s = n.state.unwrap();
+        assert_eq!((s.phase, s.weight), (Phase::Aborted, Weight::ZERO));
+        assert!(
+            s.message.starts_with(
+                r#"error-rate: 0.071 is not "result < 0.01" (2 failures, limit 1): aborted"#
+            ),
+            "{}",
+            s.message
+        );
+        assert!(
+            s.message.contains("kubectl fledge retry web"),
+            "{}",
+            s.message
+        );
+        let event = n.event.unwrap();
+        assert_eq!((event.reason, event.warning), ("AnalysisFailed", true));
+        // Errors past the limit abort too.
+        let erring = next(Some(&state(Phase::Paused, 1, w(1000))), &o, t(5))
+            .state
+            .unwrap();
+        let erring = measured(erring, &spec, "error-rate", &[Outcome::Error; 5]);
+        let n = next(Some(&erring), &o, t(6));
+        assert_eq!(n.event.unwrap().reason, "AnalysisError");
+        assert!(
+            n.state
+                .unwrap()
+                .message
+                .contains("(5 errors in a row, limit 4)")
+        );
+    }
+
+    #[test]
+    fn an_inconclusive_check_holds_the_weight_until_promote_or_abort() {
+        let spec = analysed();
+        let o = obs(&spec);
+        let started = next(Some(&state(Phase::Progressing, 1, w(1000))), &o, t(5))
+            .state
+            .unwrap();
+        let unsure = measured(started, &spec, "smoke", &[Outcome::Inconclusive]);
+        let n = next(Some(&unsure), &o, t(6));
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(1000),
+                weight: w(1000)
+            }
+        );
+        assert_eq!(n.event.as_ref().unwrap().reason, "AnalysisInconclusive");
+        let held = n.state.unwrap();
+        assert_eq!(held.phase, Phase::Paused);
+        assert!(
+            held.message.contains("kubectl fledge promote web"),
+            "{}",
+            held.message
+        );
+        assert_eq!(next(Some(&held), &o, t(60)).event, None, "announced once");
+        assert_eq!(next(Some(&held), &o, t(60)).state.unwrap().step, 1);
+        let promoted = command(Some(&held), &spec, Command::Promote, "web", t(61)).unwrap();
+        assert_eq!(promoted.checks["smoke"].phase, RunPhase::Successful);
+        assert_eq!(next(Some(&promoted), &o, t(62)).state.unwrap().step, 2);
+        let aborted = command(Some(&held), &spec, Command::Abort, "web", t(61)).unwrap();
+        assert_eq!(aborted.phase, Phase::Aborted);
+        let retried = command(Some(&aborted), &spec, Command::Retry, "web", t(62)).unwrap();
+        assert!(retried.checks.is_empty(), "a retry measures afresh");
+    }
+
+    #[test]
+    fn dry_run_checks_measure_but_never_act() {
+        let mut spec = analysed();
+        spec.checks.iter_mut().for_each(|c| c.dry_run = true);
+        let o = obs(&spec);
+        let started = next(Some(&state(Phase::Progressing, 1, w(1000))), &o, t(5))
+            .state
+            .unwrap();
+        assert_eq!(started.step, 2, "the step does not wait for a dry run");
+        let s = next(Some(&state(Phase::Progressing, 2, w(1000))), &o, t(5))
+            .state
+            .unwrap();
+        let failing = measured(s, &spec, "error-rate", &[Outcome::Failed; 2]);
+        let n = next(Some(&failing), &o, t(6));
+        assert_ne!(n.state.unwrap().phase, Phase::Aborted);
+    }
+
+    #[test]
+    fn counted_background_checks_finish_before_promotion_and_unbounded_ones_end_with_it() {
+        let mut spec = analysed();
+        spec.steps.remove(1);
+        spec.checks.remove(0);
+        spec.checks[0].starting_step = Some(0);
+        spec.checks[0].count = Some(2);
+        let o = obs(&spec);
+        let end = next(Some(&state(Phase::Progressing, 2, w(5000))), &o, t(5))
+            .state
+            .unwrap();
+        assert_eq!(end.phase, Phase::Progressing);
+        assert!(
+            end.message
+                .contains("waiting for background analysis error-rate (0/2"),
+            "{}",
+            end.message
+        );
+        let done = measured(end, &spec, "error-rate", &[Outcome::Successful; 2]);
+        assert_eq!(
+            next(Some(&done), &o, t(6)).state.unwrap().phase,
+            Phase::Promoting
+        );
+        spec.checks[0].count = None;
+        let o = obs(&spec);
+        let end = next(Some(&state(Phase::Progressing, 2, w(5000))), &o, t(5))
+            .state
+            .unwrap();
+        let s = next(Some(&end), &o, t(6)).state.unwrap();
+        assert_eq!(s.phase, Phase::Promoting);
+        assert_eq!(s.checks["error-rate"].phase, RunPhase::Successful);
     }
 }
