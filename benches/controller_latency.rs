@@ -1,8 +1,9 @@
 //! How fast the controller reacts, through the API server stand-in with fledge's real webhook:
 //! from applying a new template to the canary Deployment existing with the TrafficSplit set; from
 //! `fledge abort` to no canary traffic; from a revert (`kubectl apply` of the stable template) to
-//! no canary traffic. And what a settled Deployment costs: the API requests the controller makes
-//! when it reconciles one. `cargo bench --bench controller_latency` (FLEDGE_BENCH_RUNS, default 50).
+//! no canary traffic; from a check's server answering a failing value to no canary traffic. And
+//! what a settled Deployment costs: the API requests the controller makes when it reconciles one.
+//! `cargo bench --bench controller_latency` (FLEDGE_BENCH_RUNS, default 50).
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -72,6 +73,35 @@ fn report(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
+/// A check's server that always answers an error rate of 50 %, and the moment it last answered.
+async fn failing_check_server() -> Result<
+    (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    use std::sync::{Arc, Mutex};
+    let answered: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let stamp = answered.clone();
+    let app = axum::Router::new().route(
+        "/errors",
+        axum::routing::get(move || {
+            let stamp = stamp.clone();
+            async move {
+                if let Ok(mut at) = stamp.lock() {
+                    *at = Some(Instant::now());
+                }
+                axum::Json(json!({"errors": 0.5}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, answered))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runs: usize = std::env::var("FLEDGE_BENCH_RUNS")
@@ -104,6 +134,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
             metrics: metrics.clone(),
+            prometheus_address: None,
         },
         std::future::pending(),
     ));
@@ -152,6 +183,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         api.wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
             .await?;
     }
+    // A failing measurement: from the moment the check's server answered with a bad value to
+    // no canary traffic. The check starts at the pause, after the 50 % step.
+    let (check_addr, answered) = failing_check_server().await?;
+    let mut failed = Vec::new();
+    for run in 1..=runs {
+        let mut d = deployment(&format!("web:f{run}"));
+        d["metadata"]["annotations"]["fledge.dev/analysis"] = json!(format!(
+            "- name: error-rate\n  interval: 1s\n  startingStep: 1\n  successCondition: result < 0.01\n  web:\n    url: http://{check_addr}/errors\n    jsonPath: $.errors\n"
+        ));
+        apply(&api, &d).await?;
+        api.wait_for(SPLITS, NS, "web", WAIT, |s| canary_weight(s) == Some(5000))
+            .await?;
+        api.wait_for(SPLITS, NS, "web", WAIT, |s| {
+            canary_weight(s).is_none_or(|w| w == 0)
+        })
+        .await?;
+        let done = Instant::now();
+        let answered_at = answered
+            .lock()
+            .map_err(|_| "poisoned")?
+            .take()
+            .ok_or("the check's server was never asked")?;
+        failed.push(done.saturating_duration_since(answered_at));
+        api.wait_for(DEPLOYMENTS, NS, "web-canary", WAIT, |d| d.is_none())
+            .await?;
+    }
+    apply(&api, &deployment("web:0")).await?;
     // A settled Deployment: changes that are not fledge's business make the controller
     // reconcile it; count what that costs beyond its watches.
     api.wait_for(SPLITS, NS, "web", WAIT, |s| s.is_none())
@@ -186,6 +244,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         to_canary,
     );
     report("fledge abort -> canary weight 0", to_stable);
+    report(
+        "failing measurement answered -> canary weight 0",
+        failed,
+    );
     report(
         "revert (stable template applied) -> canary weight 0",
         reverted,

@@ -117,6 +117,10 @@ struct ServeArgs {
     /// TrafficSplit apiVersion to write: v1alpha1, v1alpha2, v1alpha3 or v1alpha4.
     #[arg(long, env = "FLEDGE_SPLIT_API", default_value = "v1alpha2")]
     split_api: SplitApi,
+    /// Prometheus for the checks of `fledge.dev/analysis` that name no `address`, e.g.
+    /// `http://prometheus.monitoring:9090`.
+    #[arg(long, env = "FLEDGE_PROMETHEUS_ADDRESS")]
+    prometheus_address: Option<String>,
     /// The Lease that elects the one replica running the controller.
     #[arg(long, env = "FLEDGE_LEASE_NAME", default_value = "fledge-controller")]
     lease_name: String,
@@ -273,6 +277,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 lease,
                 namespace: args.namespace,
                 split_api: args.split_api,
+                prometheus_address: args.prometheus_address,
             })
         };
         let options = ServeOptions {

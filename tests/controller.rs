@@ -306,6 +306,7 @@ fn replica(
                 namespace: Some(NS.into()),
                 split_api: SplitApi::V1Alpha2,
                 metrics: controller::ControllerMetrics::default(),
+                prometheus_address: None,
             },
             std::future::pending(),
         )

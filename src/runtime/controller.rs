@@ -18,6 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -32,6 +33,8 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
 use crate::core::admission::FIELD_MANAGER;
+use crate::core::analysis::schedule;
+use crate::core::analysis::{Outcome, Variables};
 use crate::core::converge::{self, OwnedObjects, Write};
 use crate::core::objects::{self, LABEL_MANAGED_BY, POD_TEMPLATE_HASH, SplitApi, TRACK_CANARY};
 use crate::core::observe::{self, DeploymentFacts};
@@ -39,10 +42,12 @@ use crate::core::rollout::machine;
 use crate::core::rollout::{Phase, RolloutState};
 use crate::core::routes::{self, Backends, RouteExtras};
 use crate::core::spec::{
-    ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, ANNOTATION_STATE, CANARY_SUFFIX, LABEL_TRACK, Router,
-    STABLE_SUFFIX, Weight,
+    ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, ANNOTATION_STATE, CANARY_SUFFIX, CanarySpec,
+    LABEL_TRACK, Router, STABLE_SUFFIX, Weight,
 };
+use crate::runtime::analysis;
 use crate::runtime::events::{self, Reporter};
+use crate::runtime::measurements::{Completed, Measurements, Subject};
 use crate::runtime::traffic::{
     TrafficError, TrafficObjects, is_fledges, not_served, route_resource, rules_of, split_resource,
     writer,
@@ -84,6 +89,8 @@ pub struct ControllerConfig {
     pub namespace: Option<String>,
     pub split_api: SplitApi,
     pub metrics: ControllerMetrics,
+    /// Prometheus for checks that name no `address` (`fledge serve --prometheus-address`).
+    pub prometheus_address: Option<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +107,21 @@ struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MeasurementLabels {
+    namespace: String,
+    deployment: String,
+    check: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    namespace: String,
+    deployment: String,
+    check: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -111,6 +133,8 @@ pub struct ControllerMetrics {
     phase: Family<PhaseLabels, Gauge>,
     reconciles: Family<ResultLabels, Counter>,
     duration: Histogram,
+    measurements: Family<MeasurementLabels, Counter>,
+    last_value: Family<CheckLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for ControllerMetrics {
@@ -121,6 +145,8 @@ impl Default for ControllerMetrics {
             reconciles: Family::default(),
             // 1 ms … ~16 s: a reconcile is a few API calls.
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            measurements: Family::default(),
+            last_value: Family::default(),
         }
     }
 }
@@ -148,6 +174,16 @@ impl ControllerMetrics {
             "controller_reconcile_duration_seconds",
             "Time one reconcile takes",
             metrics.duration.clone(),
+        );
+        registry.register(
+            "analysis_measurements",
+            "Measurements recorded, by Deployment, check and outcome",
+            metrics.measurements.clone(),
+        );
+        registry.register(
+            "analysis_last_value",
+            "The last numeric value a check measured, by Deployment and check",
+            metrics.last_value.clone(),
         );
         metrics
     }
@@ -179,6 +215,26 @@ impl ControllerMetrics {
                     self.phase.remove(&phase_labels(phase));
                 }
             }
+        }
+    }
+
+    fn measured(&self, namespace: &str, deployment: &str, result: &Completed) {
+        self.measurements
+            .get_or_create(&MeasurementLabels {
+                namespace: namespace.to_owned(),
+                deployment: deployment.to_owned(),
+                check: result.check.clone(),
+                outcome: result.judged.outcome.name(),
+            })
+            .inc();
+        if let Ok(value) = result.judged.value.parse::<f64>() {
+            self.last_value
+                .get_or_create(&CheckLabels {
+                    namespace: namespace.to_owned(),
+                    deployment: deployment.to_owned(),
+                    check: result.check.clone(),
+                })
+                .set(value);
         }
     }
 
@@ -226,6 +282,7 @@ struct Context {
     caches: Caches,
     /// Consecutive failures per Deployment, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<DynamicObject>, u32>>,
+    measurements: Measurements,
 }
 
 /// apps/v1 Deployments, read as JSON: typed structs would drop what the API server sent
@@ -294,6 +351,15 @@ pub async fn run(
         controller: MANAGER.into(),
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| MANAGER.into()),
     };
+    let (measurements, measured) = Measurements::new(
+        client.clone(),
+        analysis::http_client(),
+        config.prometheus_address.clone(),
+    );
+    // A measurement that comes in asks for a reconcile of its Deployment.
+    let measured = futures::stream::unfold(measured, |mut rx| async move {
+        rx.recv().await.map(|deployment| (deployment, rx))
+    });
     let context = Arc::new(Context {
         client,
         config,
@@ -305,6 +371,7 @@ pub async fn run(
             canary_replicasets,
         },
         failures: Mutex::default(),
+        measurements,
     });
     let ar_for_mapper = ar.clone();
     Controller::for_stream_with(deployment_stream, deployments, ar.clone())
@@ -331,6 +398,7 @@ pub async fn run(
             },
             (),
         )
+        .reconcile_on(measured)
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
@@ -508,8 +576,19 @@ async fn reconcile_one(
         // Not fledge's (this includes the canary Deployments fledge itself creates).
         return Ok(Action::await_change());
     }
+    let key = ObjectRef::from_obj_with(deployment, deployment_resource());
+    // The measurements that came in since, folded into what the machine sees; `state` stays the
+    // stored one, so that a state with new measurements is a changed state, and stored.
+    let mut measured = state.clone();
+    let recorded = match (&mut measured, &facts.spec) {
+        (Some(s), Some(spec)) if matches!(s.phase, Phase::Progressing | Phase::Paused) => {
+            ctx.measurements.fold(&key, s, &spec.checks)
+        }
+        _ => Vec::new(),
+    };
     let observation = facts.observation(seen.canary.as_ref(), &seen.canary_replicasets);
-    let next = machine::next(state.as_ref(), &observation, Timestamp::now());
+    let now = Timestamp::now();
+    let next = machine::next(measured.as_ref(), &observation, now);
     ctx.config
         .metrics
         .record(&namespace, &facts.name, next.state.as_ref());
@@ -528,11 +607,40 @@ async fn reconcile_one(
         read: &seen,
         namespace: &namespace,
     };
+    for result in &recorded {
+        apply.announce_measurement(result, next.state.as_ref()).await;
+    }
     let outcome = apply.all(&plan, next.state.as_ref()).await?;
+    let mut soonest = None;
+    if let Applied::Done = outcome {
+        // Stored: the results it holds are no longer needed.
+        ctx.measurements.forget(&key, next.state.as_ref());
+        for result in &recorded {
+            ctx.config
+                .metrics
+                .measured(&namespace, &facts.name, result);
+        }
+        apply.clean_up_jobs(state.as_ref(), &next).await;
+        if let (Some(stored), Some(spec)) = (&next.state, &facts.spec)
+            && matches!(stored.phase, Phase::Progressing | Phase::Paused)
+        {
+            let (due, wait) = schedule::due(&stored.checks, &spec.checks, now);
+            soonest = wait;
+            if !due.is_empty() {
+                let subject = apply.subject(spec, stored);
+                ctx.measurements
+                    .start(&subject, &stored.hash, due, &spec.checks);
+            }
+        }
+    }
+    let requeue = match (next.requeue, soonest) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(Action::requeue(match outcome {
         // A changed state may allow the next step at once.
         Applied::Done if changed => Duration::from_millis(50),
-        Applied::Done => next.requeue.unwrap_or(RESYNC),
+        Applied::Done => requeue.unwrap_or(RESYNC),
         Applied::Waiting => RETRY,
         Applied::WaitingForRouter => ROUTER_RETRY,
         Applied::Saved => Duration::from_millis(50),
@@ -593,6 +701,94 @@ impl Apply<'_> {
 
     fn name(&self) -> &str {
         &self.read.facts.name
+    }
+
+    /// Where the measurements of the canary in `state` run, and what their variables stand for.
+    fn subject(&self, spec: &CanarySpec, state: &RolloutState) -> Subject {
+        let name = self.name();
+        Subject {
+            deployment: ObjectRef::from_obj_with(self.deployment, deployment_resource()),
+            owner: OwnerReference {
+                api_version: "apps/v1".to_owned(),
+                kind: "Deployment".to_owned(),
+                name: name.to_owned(),
+                uid: self.deployment.uid().unwrap_or_default(),
+                block_owner_deletion: Some(true),
+                controller: Some(false),
+            },
+            variables: Variables {
+                namespace: self.namespace.to_owned(),
+                deployment: name.to_owned(),
+                canary_service: format!("{name}{CANARY_SUFFIX}"),
+                stable_service: format!("{name}{STABLE_SUFFIX}"),
+                root_service: spec.root_service.clone(),
+                canary_hash: state.hash.clone(),
+                stable_pod_template_hash: self
+                    .read
+                    .stable_pod_template_hash
+                    .clone()
+                    .unwrap_or_default(),
+                // Set per check.
+                interval: String::new(),
+            },
+        }
+    }
+
+    /// Deletes the Jobs of job checks once their canary is gone: promoted, rolled back, replaced
+    /// by a new template or opted out. An aborted canary keeps its Jobs, for `kubectl logs`,
+    /// until one of those; they are owned by the Deployment in any case.
+    async fn clean_up_jobs(&self, stored: Option<&RolloutState>, next: &machine::Next) {
+        let Some(event) = &next.event else {
+            return;
+        };
+        if !stored.is_some_and(|s| !s.checks.is_empty()) {
+            return;
+        }
+        let keep = match event.reason {
+            "Promoted" | "RolledBack" | "OptedOut" => None,
+            "CanaryStarted" | "CanaryReplaced" => next.state.as_ref().map(|s| s.hash.as_str()),
+            _ => return,
+        };
+        if let Err(e) =
+            analysis::delete_jobs(&self.ctx.client, self.namespace, self.name(), keep).await
+        {
+            tracing::warn!(error = %e, "could not delete the Jobs of finished checks");
+        }
+    }
+
+    /// A Warning Event for a measurement that did not succeed, before the state holding it is
+    /// stored (named after that transition, so a retry records it once).
+    async fn announce_measurement(&self, result: &Completed, next: Option<&RolloutState>) {
+        let reason = match result.judged.outcome {
+            Outcome::Successful => return,
+            Outcome::Failed => "MeasurementFailed",
+            Outcome::Inconclusive => "MeasurementInconclusive",
+            Outcome::Error => "MeasurementError",
+        };
+        let counts = next
+            .and_then(|s| s.checks.get(&result.check))
+            .map(|run| {
+                format!(
+                    " (failed {}, inconclusive {}, errors in a row {})",
+                    run.failed, run.inconclusive, run.consecutive_errors
+                )
+            })
+            .unwrap_or_default();
+        let detail = if result.judged.detail.is_empty() {
+            &result.judged.value
+        } else {
+            &result.judged.detail
+        };
+        let event = machine::Event {
+            reason,
+            message: format!(
+                "{} measurement {}: {detail}{counts}",
+                result.check,
+                result.index + 1
+            ),
+            warning: true,
+        };
+        publish(self.ctx, self.deployment, &self.read.facts, &event).await;
     }
 
     async fn all(

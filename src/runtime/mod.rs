@@ -6,6 +6,7 @@ pub mod commands;
 pub mod controller;
 pub mod events;
 pub mod lease;
+pub mod measurements;
 pub mod serve;
 pub mod server;
 pub mod traffic;

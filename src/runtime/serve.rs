@@ -27,6 +27,8 @@ pub struct ControllerOptions {
     pub lease: LeaseConfig,
     pub namespace: Option<String>,
     pub split_api: crate::core::objects::SplitApi,
+    /// Prometheus for checks that name no `address`.
+    pub prometheus_address: Option<String>,
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight requests, stops the controller (which
@@ -44,6 +46,7 @@ pub async fn run(
             namespace: c.namespace,
             split_api: c.split_api,
             metrics: state.metrics.controller.clone(),
+            prometheus_address: c.prometheus_address,
         };
         tracing::info!(
             namespace = config.namespace.as_deref().unwrap_or("(all)"),

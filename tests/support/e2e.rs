@@ -92,6 +92,7 @@ pub fn start_controller(
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
             metrics: metrics.controller.clone(),
+            prometheus_address: None,
         },
         std::future::pending(),
     ))

@@ -108,12 +108,14 @@ impl CheckRun {
         }
     }
 
-    /// The name the run's Jobs carry: the step that runs it, or `bg`.
+    /// The run's name in its Jobs' names: the step that runs it (or `bg`) and its start in
+    /// seconds, base 36, so that a retried canary's runs never meet the Jobs of the runs before.
     pub fn label(&self) -> String {
-        match self.step {
+        let place = match self.step {
             Some(step) => format!("s{step}"),
             None => "bg".to_owned(),
-        }
+        };
+        format!("{place}-{}", base36(self.started.as_second().unsigned_abs()))
     }
 
     /// When measurement `index` falls due.
@@ -236,6 +238,20 @@ impl CheckRun {
         };
         format!("{}: {detail} ({count})", check.name)
     }
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn plural(n: u32, one: &str, many: &str, limit: u32) -> String {
@@ -394,7 +410,9 @@ mod tests {
         assert_eq!(run.measurements[0].index, 15);
         assert_eq!(run.phase, RunPhase::Running);
         let mut inline = CheckRun::new(Some(2), t(0));
-        assert_eq!(inline.label(), "s2");
+        assert_eq!(inline.label(), format!("s2-{}", base36(1_800_000_000)));
+        assert_eq!(base36(0), "0");
+        assert_eq!(base36(36 * 36 + 1), "101");
         assert!(inline.record(&unbounded, 0, t(1), &mk_judged(Outcome::Successful, "1")));
         assert_eq!(inline.phase, RunPhase::Successful);
     }
@@ -443,7 +461,7 @@ mod tests {
             now,
             [Due {
                 check: "a".into(),
-                run: "s0".into(),
+                run: format!("s0-{}", base36(1_800_000_000)),
                 index: 0
             }]
         );
