@@ -102,7 +102,9 @@ pub enum MeasureError {
         error_type: String,
         error: String,
     },
-    #[error("Prometheus at {address}: the query returned a {result_type}; use an instant vector or scalar")]
+    #[error(
+        "Prometheus at {address}: the query returned a {result_type}; use an instant vector or scalar"
+    )]
     PrometheusResultType {
         address: String,
         result_type: String,
@@ -361,7 +363,10 @@ mod tests {
             body: "y".repeat(1000),
         };
         let text = e.to_string();
-        assert!(text.starts_with("GET http://x/ answered 503: yyy"), "{text}");
+        assert!(
+            text.starts_with("GET http://x/ answered 503: yyy"),
+            "{text}"
+        );
         assert!(text.chars().count() < 250, "{text}");
         let e = MeasureError::Status {
             method: "GET".into(),

@@ -42,11 +42,8 @@ pub(super) async fn measure(
             source,
         }
     };
-    let dynamic: Api<DynamicObject> = Api::namespaced_with(
-        ctx.client.clone(),
-        ns,
-        &ApiResource::erase::<Job>(&()),
-    );
+    let dynamic: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &ApiResource::erase::<Job>(&()));
     match dynamic.create(&PostParams::default(), &object).await {
         Ok(_) => {}
         // A restarted controller, or a second measurement racing this one: the Job with this
@@ -123,12 +120,8 @@ fn expand_strings(variables: &Variables, value: &mut Value) {
                 *s = variables.expand(s);
             }
         }
-        Value::Array(items) => items
-            .iter_mut()
-            .for_each(|v| expand_strings(variables, v)),
-        Value::Object(map) => map
-            .values_mut()
-            .for_each(|v| expand_strings(variables, v)),
+        Value::Array(items) => items.iter_mut().for_each(|v| expand_strings(variables, v)),
+        Value::Object(map) => map.values_mut().for_each(|v| expand_strings(variables, v)),
         _ => {}
     }
 }
@@ -236,7 +229,11 @@ mod tests {
                              {"type": "Complete", "status": "False"}]);
         assert_eq!(finished(&job(pending), "ns", "j"), None);
         assert_eq!(
-            finished(&job(json!([{"type": "Complete", "status": "True"}])), "ns", "j"),
+            finished(
+                &job(json!([{"type": "Complete", "status": "True"}])),
+                "ns",
+                "j"
+            ),
             Some(Reading::Finished {
                 passed: true,
                 message: "Job ns/j completed; logs: kubectl logs job/j -n ns".into()

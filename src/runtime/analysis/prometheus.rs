@@ -113,10 +113,12 @@ pub(super) fn reading(address: &str, status: u16, body: &[u8]) -> Result<Reading
 
 /// A `[timestamp, "value"]` pair's value; `None` for NaN.
 fn sample_value(address: &str, pair: &Value) -> Result<Option<f64>, MeasureError> {
-    let text = pair[1].as_str().ok_or_else(|| MeasureError::PrometheusAnswer {
-        address: address.to_string(),
-        detail: format!("a sample without a value: {pair}"),
-    })?;
+    let text = pair[1]
+        .as_str()
+        .ok_or_else(|| MeasureError::PrometheusAnswer {
+            address: address.to_string(),
+            detail: format!("a sample without a value: {pair}"),
+        })?;
     let value: f64 = text.parse().map_err(|_| MeasureError::PrometheusAnswer {
         address: address.to_string(),
         detail: format!("a sample value that is not a number: {text:?}"),
@@ -164,7 +166,10 @@ mod tests {
     #[test]
     fn vectors_map_to_numbers_lists_or_no_data() {
         assert_eq!(read(200, vector(&[])), Ok(Reading::NoData));
-        assert_eq!(read(200, vector(&["0.25"])), Ok(Reading::Value(json!(0.25))));
+        assert_eq!(
+            read(200, vector(&["0.25"])),
+            Ok(Reading::Value(json!(0.25)))
+        );
         assert_eq!(
             read(200, vector(&["1", "2.5"])),
             Ok(Reading::Value(json!([1.0, 2.5])))
@@ -182,8 +187,7 @@ mod tests {
 
     #[test]
     fn scalars_map_to_a_number_or_no_data() {
-        let scalar =
-            |v: &str| json!({"status": "success", "data": {"resultType": "scalar", "result": [1.7e9, v]}});
+        let scalar = |v: &str| json!({"status": "success", "data": {"resultType": "scalar", "result": [1.7e9, v]}});
         assert_eq!(read(200, scalar("42")), Ok(Reading::Value(json!(42.0))));
         assert_eq!(read(200, scalar("NaN")), Ok(Reading::NoData));
         assert!(read(200, scalar("+Inf")).unwrap_err().contains("+Inf"));
@@ -226,8 +230,11 @@ mod tests {
         );
         let e = reading(ADDR, 200, b"<html>").unwrap_err().to_string();
         assert!(e.contains("not JSON"), "{e}");
-        let e = read(200, json!({"status": "success", "data": {"resultType": "vector"}}))
-            .unwrap_err();
+        let e = read(
+            200,
+            json!({"status": "success", "data": {"resultType": "vector"}}),
+        )
+        .unwrap_err();
         assert!(e.contains("unreadable"), "{e}");
         let e = read(
             200,

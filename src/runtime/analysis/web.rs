@@ -60,7 +60,12 @@ pub(super) async fn measure(
             body: String::from_utf8_lossy(&answer.body).into_owned(),
         });
     }
-    reading(&url, check.json_path.as_deref(), path.as_ref(), &answer.body)
+    reading(
+        &url,
+        check.json_path.as_deref(),
+        path.as_ref(),
+        &answer.body,
+    )
 }
 
 /// What a 2xx answer's body means: with a JSONPath, the nodes it selects (none →
@@ -118,7 +123,10 @@ mod tests {
 
     #[test]
     fn without_a_path_the_json_or_the_text() {
-        assert_eq!(read(None, r#"{"a": 1}"#), Ok(Reading::Value(json!({"a": 1}))));
+        assert_eq!(
+            read(None, r#"{"a": 1}"#),
+            Ok(Reading::Value(json!({"a": 1})))
+        );
         assert_eq!(read(None, "7"), Ok(Reading::Value(json!(7))));
         assert_eq!(read(None, "up\n"), Ok(Reading::Value(json!("up\n"))));
     }
