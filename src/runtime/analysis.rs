@@ -67,7 +67,7 @@ pub enum MeasureError {
         namespace: String,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("invalid URL {url:?}: {detail}")]
     InvalidUrl { url: String, detail: String },
@@ -137,7 +137,7 @@ pub enum MeasureError {
         name: String,
         what: &'static str,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error(
         "Job {namespace}/{name} exists but was not created by fledge for this check (labels {LABEL_DEPLOYMENT}, {LABEL_CANARY_HASH}, {LABEL_CHECK} differ)"
@@ -225,7 +225,7 @@ async fn resolve(ctx: &MeasureContext, value: &SecretValue) -> Result<String, Me
                     .map_err(|source| MeasureError::SecretRead {
                         namespace: ctx.namespace.clone(),
                         name: name.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             let Some(secret) = secret else {
                 return Err(MeasureError::SecretNotFound {

@@ -39,7 +39,7 @@ pub(super) async fn measure(
             namespace: ns.to_string(),
             name: job_name.to_string(),
             what,
-            source,
+            source: Box::new(source),
         }
     };
     let dynamic: Api<DynamicObject> =
@@ -115,11 +115,7 @@ fn manifest(
 /// Replaces `{{variables}}` in every string of `value` (keys are left as written).
 fn expand_strings(variables: &Variables, value: &mut Value) {
     match value {
-        Value::String(s) => {
-            if s.contains("{{") {
-                *s = variables.expand(s);
-            }
-        }
+        Value::String(s) if s.contains("{{") => *s = variables.expand(s),
         Value::Array(items) => items.iter_mut().for_each(|v| expand_strings(variables, v)),
         Value::Object(map) => map.values_mut().for_each(|v| expand_strings(variables, v)),
         _ => {}
