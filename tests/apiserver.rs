@@ -141,6 +141,134 @@ async fn gone(server: &ApiServer, gvr: &str, ns: &str, name: &str) {
 // CRUD, conflicts, errors
 
 #[tokio::test]
+async fn jobs_are_defaulted_validated_and_finished_by_the_test() {
+    use k8s_openapi::api::batch::v1::Job;
+    let server = ApiServer::start(without_controller()).await;
+    let jobs: Api<Job> = Api::namespaced(server.client(), "default");
+    let job = |name: &str, restart: &str| -> Job {
+        typed(json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name},
+            "spec": {"template": {"spec": {"restartPolicy": restart,
+                     "containers": [{"name": "smoke", "image": "curl"}]}}},
+        }))
+    };
+
+    // The pod default `Always` is refused, as kube-apiserver refuses it for Jobs.
+    let e = api_error(
+        jobs.create(&PostParams::default(), &job("always", "Always"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(
+        e.message.contains(
+            r#"spec.template.spec.restartPolicy: Unsupported value: "Always": supported values: "OnFailure", "Never""#
+        ),
+        "{}",
+        e.message
+    );
+
+    // Defaults and the generated selector.
+    let created = jobs
+        .create(&PostParams::default(), &job("smoke", "Never"))
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    let spec = created.spec.clone().unwrap();
+    assert_eq!(
+        (
+            spec.completions,
+            spec.parallelism,
+            spec.backoff_limit,
+            spec.completion_mode.as_deref(),
+            spec.suspend
+        ),
+        (Some(1), Some(1), Some(6), Some("NonIndexed"), Some(false))
+    );
+    let selector = spec.selector.unwrap().match_labels.unwrap();
+    assert_eq!(selector["batch.kubernetes.io/controller-uid"], uid);
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels["batch.kubernetes.io/job-name"], "smoke");
+    assert_eq!(labels["job-name"], "smoke");
+    assert_eq!(labels["controller-uid"], uid);
+    assert_eq!(created.metadata.generation, Some(1));
+
+    // The template is immutable once the Job runs.
+    let e = api_error(
+        merge(
+            &jobs,
+            "smoke",
+            json!({"spec": {"template": {"spec": {"containers": [{"name": "smoke", "image": "other"}]}}}}),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(
+        e.message.contains("spec.template: Invalid value"),
+        "{}",
+        e.message
+    );
+
+    // Finished by the test, as the Job controller writes it.
+    let done = server.complete_job("default", "smoke").await.unwrap();
+    let conditions: Vec<(&str, &str)> = done["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        conditions,
+        [("SuccessCriteriaMet", "True"), ("Complete", "True")]
+    );
+    assert_eq!(done["status"]["succeeded"], 1);
+    assert!(done["status"]["completionTime"].is_string());
+    assert!(done["status"]["startTime"].is_string());
+    let succeeded = jobs
+        .list(&ListParams::default().fields("status.successful=1"))
+        .await
+        .unwrap();
+    assert_eq!(succeeded.items.len(), 1);
+
+    jobs.create(&PostParams::default(), &job("fails", "OnFailure"))
+        .await
+        .unwrap();
+    let failed = server
+        .fail_job(
+            "default",
+            "fails",
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline",
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed["status"]["conditions"][1]["type"], "Failed");
+    assert_eq!(
+        failed["status"]["conditions"][1]["reason"],
+        "DeadlineExceeded"
+    );
+    assert_eq!(failed["status"]["failed"], 7);
+    assert!(failed["status"].get("completionTime").is_none());
+    assert_eq!(
+        jobs.list(&ListParams::default().fields("status.successful=0"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(
+        server
+            .fail_job("default", "nope", "x", "y")
+            .await
+            .unwrap_err()
+            .code,
+        404
+    );
+}
+
+#[tokio::test]
 async fn crud_with_defaults_generations_and_api_errors() {
     let server = ApiServer::start(without_controller()).await;
     let api: Api<Deployment> = Api::namespaced(server.client(), "default");

@@ -594,6 +594,18 @@ fn show(g: &Grant) -> String {
     )
 }
 
+/// ClusterRole grants for code that the run in this file does not reach yet: the analysis
+/// providers (`runtime::analysis`, their requests tested in tests/analysis_providers.rs). Not
+/// reported unused; remove an entry as soon as the run here makes the request.
+const NOT_EXERCISED_HERE: &[(&str, &str, &str)] = &[
+    ("create", "batch", "jobs"),
+    ("get", "batch", "jobs"),
+    ("list", "batch", "jobs"),
+    ("watch", "batch", "jobs"),
+    ("deletecollection", "batch", "jobs"),
+    ("get", "", "secrets"),
+];
+
 /// Compares the requests made with the rendered ClusterRole and Role; the report lists what is
 /// missing and what is unused, rule by rule.
 fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String, String> {
@@ -622,8 +634,8 @@ fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String,
         }
     }
     for g in cluster.iter().chain(&role) {
-        if g.2 == "secrets" {
-            problems.push(format!("Secrets are granted: {}", show(g)));
+        if g.2 == "secrets" && g.0 != "get" {
+            problems.push(format!("Secrets are granted beyond get: {}", show(g)));
         }
         if g.2 == "leases" && cluster.contains(g) {
             problems.push(format!("Leases granted cluster-wide: {}", show(g)));
@@ -644,7 +656,10 @@ fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String,
                 .map_or("cluster-wide".to_owned(), |ns| format!("in namespace {ns}"))
         ));
     }
-    for g in cluster.difference(&used_cluster) {
+    for g in cluster
+        .difference(&used_cluster)
+        .filter(|g| !NOT_EXERCISED_HERE.contains(&(g.0.as_str(), g.1.as_str(), g.2.as_str())))
+    {
         problems.push(format!(
             "unused: ClusterRole grants {} -- remove it from charts/fledge/templates/rbac.yaml",
             show(g)
@@ -902,7 +917,7 @@ fn the_rbac_check_names_what_is_missing_and_what_is_unused() {
         chart::default_render(),
         &[
             request("list", "services", None),
-            request("get", "secrets", Some("shop")),
+            request("list", "secrets", Some("shop")),
         ],
     )
     .unwrap_err();
@@ -911,7 +926,7 @@ fn the_rbac_check_names_what_is_missing_and_what_is_unused() {
         "{diff}"
     );
     assert!(
-        diff.contains("missing: get      core/secrets (in namespace shop)"),
+        diff.contains("missing: list     core/secrets (in namespace shop)"),
         "{diff}"
     );
     assert!(

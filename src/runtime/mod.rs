@@ -1,6 +1,7 @@
 //! The IO edge around [`crate::core`]: each part reads the world, calls the pure core to decide,
 //! and writes the result.
 
+pub mod analysis;
 pub mod certs;
 pub mod commands;
 pub mod controller;

@@ -17,7 +17,9 @@
 //!   tested in `tests/apiserver.rs`.
 //! - core/v1 Namespaces, Services, ConfigMaps, Pods, Events; events.k8s.io/v1 Events (the same
 //!   stored objects as core/v1 Events, converted field by field like the real conversion);
-//!   apps/v1 Deployments and ReplicaSets; coordination.k8s.io/v1 Leases; split.smi-spec.io
+//!   apps/v1 Deployments and ReplicaSets; batch/v1 Jobs (defaulted, selector generated and
+//!   validated as upstream; no Job controller: no pods, and a Job ends only when the test says
+//!   so with [`ApiServer::complete_job`] or [`ApiServer::fail_job`]); coordination.k8s.io/v1 Leases; split.smi-spec.io
 //!   TrafficSplits at v1alpha1..v1alpha4 (configurable), all versions one stored resource with
 //!   `conversion: None` semantics (reads through another version only change `apiVersion`), each
 //!   version validated against its own CRD schema; further CRDs from YAML
@@ -41,7 +43,7 @@
 //!   without one; create-on-update for Leases and Events as upstream), patch (JSON merge, JSON
 //!   patch, strategic merge, server-side apply), delete (`propagationPolicy` Background,
 //!   Foreground, Orphan; `preconditions`; finalizers), deletecollection, the `status`
-//!   subresource (Deployments, ReplicaSets, Services, Pods, Namespaces, CRDs declaring it), the
+//!   subresource (Deployments, ReplicaSets, Jobs, Services, Pods, Namespaces, CRDs declaring it), the
 //!   `scale` subresource of Deployments and ReplicaSets (`autoscaling/v1` Scale, as `kubectl
 //!   scale` uses it), metadata-only answers (`Accept: ...;as=PartialObjectMetadata[List]`, which
 //!   kube 5's `Api<PartialObjectMeta<K>>` sends), `dryRun=All` everywhere, `fieldValidation`
@@ -622,6 +624,96 @@ impl ApiServer {
             )
             .await
             .map(|_| ())
+    }
+
+    /// Ends Job `ns/name` successfully, as the Job controller records it once its pods
+    /// succeeded: `startTime` (kept when set), `completionTime`, `succeeded` = `completions`,
+    /// no `active`, and the conditions `SuccessCriteriaMet` then `Complete` (status `True`,
+    /// reason `CompletionsReached`), written to `/status` as the job-controller. The Job, or 404.
+    pub async fn complete_job(&self, ns: &str, name: &str) -> Result<Value, ApiError> {
+        self.finish_job(ns, name, None).await
+    }
+
+    /// Ends Job `ns/name` as failed, as the Job controller does when its pods failed (e.g.
+    /// `reason` `BackoffLimitExceeded`, message `Job has reached the specified backoff limit`;
+    /// `DeadlineExceeded`, `Job was active longer than specified deadline`): `startTime` (kept
+    /// when set), `failed` = `backoffLimit + 1`, no `active`, no `completionTime`, and the
+    /// conditions `FailureTarget` then `Failed` (status `True`) with that reason and message.
+    pub async fn fail_job(
+        &self,
+        ns: &str,
+        name: &str,
+        reason: &str,
+        message: &str,
+    ) -> Result<Value, ApiError> {
+        self.finish_job(ns, name, Some((reason, message))).await
+    }
+
+    async fn finish_job(
+        &self,
+        ns: &str,
+        name: &str,
+        failure: Option<(&str, &str)>,
+    ) -> Result<Value, ApiError> {
+        let (def, _) = self
+            .inner
+            .find("batch/v1/jobs")
+            .ok_or_else(|| ApiError::bad_request("jobs are not served"))?;
+        let mut ctx = Ctx::system("system:serviceaccount:kube-system:job-controller");
+        ctx.user = UserInfo::service_account("kube-system", "job-controller");
+        ctx.field_manager = Some("kube-controller-manager".into());
+        let time = now();
+        let condition = |kind: &str, reason: &str, message: &str| {
+            json!({
+                "type": kind,
+                "status": "True",
+                "lastProbeTime": time,
+                "lastTransitionTime": time,
+                "reason": reason,
+                "message": message,
+            })
+        };
+        let written = self
+            .inner
+            .modify(&def, ns, name, Sub::Status, &mut ctx, |job| {
+                let start = job["status"]
+                    .get("startTime")
+                    .cloned()
+                    .unwrap_or_else(|| json!(time));
+                let mut status = json!({
+                    "startTime": start,
+                    "ready": 0,
+                    "terminating": 0,
+                    "uncountedTerminatedPods": {},
+                });
+                match failure {
+                    None => {
+                        let completions = job["spec"]["completions"].as_i64().unwrap_or(1);
+                        let (reason, message) = (
+                            "CompletionsReached",
+                            "Reached expected number of succeeded pods",
+                        );
+                        status["succeeded"] = json!(completions);
+                        status["completionTime"] = json!(time);
+                        status["conditions"] = json!([
+                            condition("SuccessCriteriaMet", reason, message),
+                            condition("Complete", reason, message),
+                        ]);
+                    }
+                    Some((reason, message)) => {
+                        let backoff = job["spec"]["backoffLimit"].as_i64().unwrap_or(6);
+                        status["failed"] = json!(backoff + 1);
+                        status["conditions"] = json!([
+                            condition("FailureTarget", reason, message),
+                            condition("Failed", reason, message),
+                        ]);
+                    }
+                }
+                job["status"] = status;
+                true
+            })
+            .await?;
+        written.ok_or_else(|| ApiError::not_found("batch", "jobs", name))
     }
 
     /// Kubernetes Events (core/v1 form), oldest first.

@@ -712,6 +712,27 @@ impl Inner {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             }
             Some(Builtin::Namespace) => obj["status"] = json!({"phase": "Active"}),
+            Some(Builtin::Job) => {
+                obj["status"] = json!({});
+                // The job strategy's `generateSelector`, unless `manualSelector: true`.
+                if obj["spec"]["manualSelector"] != true && obj["spec"]["selector"].is_null() {
+                    let name = obj["metadata"]["name"].clone();
+                    obj["spec"]["selector"] =
+                        json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+                    let template = &mut obj["spec"]["template"];
+                    if template.is_object() {
+                        let labels = &mut template["metadata"]["labels"];
+                        for (key, value) in [
+                            ("batch.kubernetes.io/controller-uid", json!(uid)),
+                            ("batch.kubernetes.io/job-name", name.clone()),
+                            ("controller-uid", json!(uid)),
+                            ("job-name", name.clone()),
+                        ] {
+                            labels[key] = value;
+                        }
+                    }
+                }
+            }
             _ => {
                 if def.is_crd()
                     && def.status_subresource

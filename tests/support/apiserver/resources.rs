@@ -20,6 +20,9 @@ pub enum Builtin {
     Deployment,
     ReplicaSet,
     Lease,
+    /// batch/v1 Job: selector generated on create, validated like upstream; its status is
+    /// written by the test ([`super::super::ApiServer::complete_job`]), not by a controller.
+    Job,
     /// Kinds the chart installs, served without behaviour of their own (`kinds.rs`).
     Other(super::kinds::Kind),
 }
@@ -314,6 +317,11 @@ impl Registry {
             ResourceDef::builtin(Lease, "coordination.k8s.io", "v1", "leases", "Lease", true);
         lease.allow_create_on_update = true;
         defs.push(lease);
+        let mut job = ResourceDef::builtin(Job, "batch", "v1", "jobs", "Job", true);
+        job.categories = vec!["all".into()];
+        job.status_subresource = true;
+        job.generation = Generation::Spec;
+        defs.push(job);
         defs.extend(super::kinds::defs());
         Registry {
             defs: defs.into_iter().map(Arc::new).collect(),

@@ -311,6 +311,7 @@ fn supported_field(field: &str, builtin: Option<Builtin>) -> bool {
         ),
         Some(Builtin::Namespace) => field == "status.phase",
         Some(Builtin::ReplicaSet) => field == "status.replicas",
+        Some(Builtin::Job) => field == "status.successful",
         _ => false,
     }
 }
@@ -318,6 +319,10 @@ fn supported_field(field: &str, builtin: Option<Builtin>) -> bool {
 fn field_value(obj: &Value, field: &str) -> String {
     let path: String = match field {
         "source" => "source.component".into(),
+        // Jobs: `strconv.Itoa(int(job.Status.Succeeded))`, so 0 when absent.
+        "status.successful" => {
+            return obj["status"]["succeeded"].as_i64().unwrap_or(0).to_string();
+        }
         f if f.starts_with("regarding.") => f.replacen("regarding.", "involvedObject.", 1),
         f => f.into(),
     };

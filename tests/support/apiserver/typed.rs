@@ -30,6 +30,7 @@ pub fn check(b: Builtin, v: &Value) -> Result<Vec<String>, String> {
         Builtin::Deployment => round_trip::<api::apps::v1::Deployment>(v),
         Builtin::ReplicaSet => round_trip::<api::apps::v1::ReplicaSet>(v),
         Builtin::Lease => round_trip::<api::coordination::v1::Lease>(v),
+        Builtin::Job => round_trip::<api::batch::v1::Job>(v),
         Builtin::Other(kind) => super::kinds::decode(kind, v),
     }?;
     let mut unknown = Vec::new();
@@ -150,6 +151,41 @@ pub fn default(b: Builtin, v: &mut Value) {
                 labels.insert("kubernetes.io/metadata.name".into(), name);
             }
             set_default(obj(&mut v["spec"]), "finalizers", json!(["kubernetes"]));
+        }
+        Builtin::Job => {
+            // `SetDefaults_Job`.
+            let template_labels = v["spec"]["template"]["metadata"]["labels"].clone();
+            if v["metadata"]["labels"]
+                .as_object()
+                .is_none_or(|m| m.is_empty())
+                && template_labels.as_object().is_some_and(|m| !m.is_empty())
+            {
+                v["metadata"]["labels"] = template_labels;
+            }
+            let spec = obj(&mut v["spec"]);
+            if spec.get("completions").is_none_or(Value::is_null)
+                && spec.get("parallelism").is_none_or(Value::is_null)
+            {
+                spec.insert("completions".into(), json!(1));
+            }
+            set_default(spec, "parallelism", json!(1));
+            let per_index = spec
+                .get("backoffLimitPerIndex")
+                .is_some_and(|v| !v.is_null());
+            set_default(
+                spec,
+                "backoffLimit",
+                json!(if per_index { i32::MAX } else { 6 }),
+            );
+            set_default(spec, "completionMode", json!("NonIndexed"));
+            set_default(spec, "suspend", json!(false));
+            let replacement = if spec.get("podFailurePolicy").is_some_and(|v| !v.is_null()) {
+                "Failed"
+            } else {
+                "TerminatingOrFailed"
+            };
+            set_default(spec, "podReplacementPolicy", json!(replacement));
+            default_template(&mut v["spec"]["template"]);
         }
         Builtin::ConfigMap
         | Builtin::Event

@@ -304,6 +304,7 @@ pub fn builtin(b: Builtin, obj: &Value, old: Option<&Value>) -> Vec<FieldError> 
             errs
         }
         Builtin::ConfigMap => config_map(obj),
+        Builtin::Job => job(obj, old),
         Builtin::Namespace | Builtin::Other(_) => Vec::new(),
     }
 }
@@ -442,6 +443,93 @@ fn workload(obj: &Value, old: Option<&Value>, deployment: bool) -> Vec<FieldErro
             spec["selector"].clone(),
             "field is immutable",
         ));
+    }
+    errs
+}
+
+/// `ValidateJob` / `ValidateJobUpdate` for the fields a check's Job has.
+fn job(obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let spec = &obj["spec"];
+    for field in [
+        "parallelism",
+        "completions",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+    ] {
+        if let Some(n) = spec[field].as_i64()
+            && n < 0
+        {
+            errs.push(FieldError::invalid(
+                format!("spec.{field}"),
+                json!(n),
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
+    let selector = &spec["selector"];
+    if selector.is_null() {
+        errs.push(FieldError::required("spec.selector", ""));
+    } else if spec["manualSelector"] != true
+        && selector["matchLabels"]["batch.kubernetes.io/controller-uid"] != obj["metadata"]["uid"]
+    {
+        errs.push(FieldError::invalid(
+            "spec.selector",
+            selector.clone(),
+            "`selector` not auto-generated",
+        ));
+    } else {
+        match LabelSelector::from_object(selector) {
+            Err(e) => errs.push(FieldError::invalid("spec.selector", selector.clone(), e)),
+            Ok(sel) => {
+                if !sel.matches_object(&spec["template"]) {
+                    errs.push(FieldError::invalid(
+                        "spec.template.metadata.labels",
+                        spec["template"]["metadata"]["labels"].clone(),
+                        "`selector` does not match template `labels`",
+                    ));
+                }
+            }
+        }
+    }
+    errs.extend(labels(
+        &spec["template"]["metadata"]["labels"],
+        "spec.template.metadata.labels",
+    ));
+    if spec["template"].is_null() {
+        errs.push(FieldError::required("spec.template", ""));
+    } else {
+        let pod = &spec["template"]["spec"];
+        errs.extend(pod_spec(pod, "spec.template.spec", false));
+        let restart = s(&pod["restartPolicy"]);
+        if ["Always", "OnFailure", "Never"].contains(&restart)
+            && !["OnFailure", "Never"].contains(&restart)
+        {
+            errs.push(FieldError::not_supported(
+                "spec.template.spec.restartPolicy",
+                json!(restart),
+                &["OnFailure", "Never"],
+            ));
+        }
+    }
+    if let Some(old) = old {
+        for field in ["selector", "completionMode"] {
+            if old["spec"][field] != spec[field] {
+                errs.push(FieldError::invalid(
+                    format!("spec.{field}"),
+                    spec[field].clone(),
+                    "field is immutable",
+                ));
+            }
+        }
+        // The template may change only while the Job is suspended.
+        if old["spec"]["template"] != spec["template"] && spec["suspend"] != true {
+            errs.push(FieldError::invalid(
+                "spec.template",
+                spec["template"].clone(),
+                "field is immutable",
+            ));
+        }
     }
     errs
 }
