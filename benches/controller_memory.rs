@@ -1,6 +1,9 @@
 //! Resident memory of a real `fledge serve` process (webhook + controller) watching 1,000 opted-in
 //! Deployments with 100 canaries in flight, against the API server stand-in.
 //! `cargo bench --bench controller_memory` (FLEDGE_BENCH_DEPLOYMENTS=1000, FLEDGE_BENCH_CANARIES=100).
+//! With FLEDGE_BENCH_CHECKS=2 every canary also runs two background Prometheus checks every 10 s
+//! against a real Prometheus, and the CPU fledge uses over FLEDGE_BENCH_WINDOW seconds (default 30)
+//! is reported with the measurements it recorded.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -19,7 +22,27 @@ const SPLITS: &str = "split.smi-spec.io/v1alpha2/trafficsplits";
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn deployment(name: &str, image: &str) -> Value {
-    json!({
+    deployment_with_checks(name, image, 0)
+}
+
+/// Two kinds of Prometheus check about the canary's Service, `checks` of them, every 10 s.
+fn analysis(checks: usize) -> String {
+    (0..checks)
+        .map(|i| {
+            let query = if i % 2 == 0 {
+                r#"sum(rate(http_requests_total{service="{{canaryService}}",code=~"5.."}[1m])) or vector(0)"#
+            } else {
+                r#"sum(rate(http_requests_total{service="{{canaryService}}"}[1m]))"#
+            };
+            format!(
+                "- name: check-{i}\n  interval: 10s\n  successCondition: result >= 0\n  prometheus:\n    query: '{query}'\n"
+            )
+        })
+        .collect()
+}
+
+fn deployment_with_checks(name: &str, image: &str, checks: usize) -> Value {
+    let mut d = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": NS,
                      "labels": {"app": name, "fledge.dev/enabled": "true"},
@@ -28,7 +51,27 @@ fn deployment(name: &str, image: &str) -> Value {
                  "template": {"metadata": {"labels": {"app": name}},
                               "spec": {"containers": [{"name": "app", "image": image,
                                         "env": [{"name": "MODE", "value": "production"}]}]}}},
-    })
+    });
+    if checks > 0 {
+        d["metadata"]["annotations"]["fledge.dev/analysis"] = json!(analysis(checks));
+    }
+    d
+}
+
+/// CPU time (user + system) a process used so far, in seconds.
+fn cpu_seconds(pid: u32) -> BenchResult<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .ok_or("no command in stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).ok_or("no utime")?.parse::<f64>()?
+        + fields.get(12).ok_or("no stime")?.parse::<f64>()?;
+    // USER_HZ is 100 on Linux.
+    Ok(ticks / 100.0)
 }
 
 fn env_or(key: &str, default: usize) -> usize {
@@ -54,6 +97,19 @@ fn rss_mib(pid: u32) -> BenchResult<f64> {
 async fn main() -> BenchResult<()> {
     let total = env_or("FLEDGE_BENCH_DEPLOYMENTS", 1000);
     let canaries = env_or("FLEDGE_BENCH_CANARIES", 100).min(total);
+    let checks = env_or("FLEDGE_BENCH_CHECKS", 0);
+    let window = Duration::from_secs(env_or("FLEDGE_BENCH_WINDOW", 30) as u64);
+    let prometheus = if checks > 0 {
+        let prom = support::prometheus::Prometheus::start().await;
+        for i in 0..canaries {
+            prom.exporter()
+                .requests(&format!("app-{i}-canary"), "200", 100);
+        }
+        prom.wait_for_scrape().await;
+        Some(prom)
+    } else {
+        None
+    };
     let dir = std::env::temp_dir().join(format!("fledge-memory-bench-{}", std::process::id()));
     let certs = support::webhook::serving_certs(&dir);
     let api = ApiServer::start(ApiServerConfig {
@@ -78,6 +134,11 @@ async fn main() -> BenchResult<()> {
         .arg(dir.join(fledge::runtime::certs::CERT_FILE))
         .arg("--tls-key")
         .arg(dir.join(fledge::runtime::certs::KEY_FILE))
+        .args(
+            prometheus
+                .iter()
+                .flat_map(|p| ["--prometheus-address".to_owned(), p.url()]),
+        )
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn,fledge=info")
         .stderr(Stdio::piped())
@@ -133,8 +194,11 @@ async fn main() -> BenchResult<()> {
     let idle = rss_mib(child.id())?;
     let user = UserInfo::user("bench");
     for i in 0..canaries {
-        api.apply_as_user(&user, deployment(&format!("app-{i}"), "app:2"))
-            .await?;
+        api.apply_as_user(
+            &user,
+            deployment_with_checks(&format!("app-{i}"), "app:2", checks),
+        )
+        .await?;
     }
     for i in 0..canaries {
         api.wait_for(
@@ -157,6 +221,30 @@ async fn main() -> BenchResult<()> {
             "NOT met"
         }
     );
+    if checks > 0 {
+        let before = cpu_seconds(child.id())?;
+        tokio::time::sleep(window).await;
+        let used = cpu_seconds(child.id())? - before;
+        let rss = rss_mib(child.id())?;
+        let mut measured = 0;
+        let mut other = 0;
+        for d in api.list(DEPLOYMENTS, Some(NS)) {
+            let Some(state) = d["metadata"]["annotations"]["fledge.dev/state"].as_str() else {
+                continue;
+            };
+            let state: fledge::core::rollout::RolloutState = serde_json::from_str(state)?;
+            for run in state.checks.values() {
+                measured += run.taken;
+                other += run.taken - run.successful;
+            }
+        }
+        println!(
+            "{canaries} canaries with {checks} Prometheus checks every 10 s each: over {}s, {:.1}% of one core \
+             ({used:.2} s CPU), resident {rss:.1} MiB; {measured} measurements recorded in all, {other} not successful",
+            window.as_secs(),
+            used / window.as_secs_f64() * 100.0,
+        );
+    }
     child.kill()?;
     child.wait()?;
     let _ = std::fs::remove_dir_all(&dir);

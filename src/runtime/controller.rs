@@ -351,11 +351,15 @@ pub async fn run(
         controller: MANAGER.into(),
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| MANAGER.into()),
     };
-    let (measurements, measured) = Measurements::new(
-        client.clone(),
-        analysis::http_client(),
-        config.prometheus_address.clone(),
-    );
+    let http = match analysis::http_client() {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the HTTP client of analysis checks; the controller does not run");
+            return;
+        }
+    };
+    let (measurements, measured) =
+        Measurements::new(client.clone(), http, config.prometheus_address.clone());
     // A measurement that comes in asks for a reconcile of its Deployment.
     let measured = futures::stream::unfold(measured, |mut rx| async move {
         rx.recv().await.map(|deployment| (deployment, rx))
@@ -750,7 +754,7 @@ impl Apply<'_> {
             _ => return,
         };
         if let Err(e) =
-            analysis::delete_jobs(&self.ctx.client, self.namespace, self.name(), keep).await
+            analysis::delete_jobs(self.ctx.client.clone(), self.namespace, self.name(), keep).await
         {
             tracing::warn!(error = %e, "could not delete the Jobs of finished checks");
         }

@@ -84,10 +84,18 @@ impl Exporter {
     /// Counts `n` more requests answered with `code` by `service`
     /// (`http_requests_total{service="…",code="…"}`).
     pub fn requests(&self, service: &str, code: &str, n: u64) {
-        *lock(&self.state)
-            .requests
-            .entry((service.to_string(), code.to_string()))
-            .or_default() += n;
+        self.counter()(service, code, n);
+    }
+
+    /// [`Exporter::requests`] as a function a task can own, to drive traffic in the background.
+    pub fn counter(&self) -> impl Fn(&str, &str, u64) + Send + Sync + 'static {
+        let state = self.state.clone();
+        move |service, code, n| {
+            *lock(&state)
+                .requests
+                .entry((service.to_string(), code.to_string()))
+                .or_default() += n;
+        }
     }
 
     /// Sets gauge `name{labels}` to `value` (NaN and ±Inf allowed).
