@@ -146,7 +146,7 @@ fn against(n: u32, limit: Option<u32>) -> String {
 }
 
 /// The line of one check under its Deployment's, e.g.
-/// `  error-rate       step 3      Running       last 0.004 (Successful)  success if result < 0.01  measured 2/5  successful 2  failed 0/1  inconclusive 0/0  errors 0/4  next in 12s`.
+/// `  error-rate             step 3      Running       last 0.004 (Successful)  measured 2/5  successful 2  failed 0/1  inconclusive 0/0  errors 0/4  next in 12s  success if result < 0.01`.
 pub fn check_line(c: &CheckStatus) -> String {
     let place = match c.step {
         Some(step) => format!("step {step}"),
@@ -191,11 +191,14 @@ pub fn check_line(c: &CheckStatus) -> String {
         .as_ref()
         .map(|n| format!("  next {n}"))
         .unwrap_or_default();
-    let dry = if c.dry_run { "  (dry run)" } else { "" };
+    let name = if c.dry_run {
+        format!("{} (dry run)", c.name)
+    } else {
+        c.name.clone()
+    };
+    // The conditions last: on a terminal `--watch` cuts long lines, and they are the longest part.
     format!(
-        "  {:<22} {:<11} {:<13} {last}  {conditions}  measured {}/{count}  successful {}  failed {}  inconclusive {}  {errors}{next}{dry}",
-        c.name,
-        place,
+        "  {name:<22} {place:<11} {:<13} {last}  measured {}/{count}  successful {}  failed {}  inconclusive {}  {errors}{next}  {conditions}",
         c.phase.name(),
         c.taken,
         c.successful,
@@ -237,7 +240,7 @@ mod tests {
         );
         let line = check_line(c);
         assert!(
-            line.contains("last 0.004 (Successful)  no definition  measured 1/∞  successful 1  failed 0  inconclusive 0  errors 0"),
+            line.ends_with("last 0.004 (Successful)  measured 1/∞  successful 1  failed 0  inconclusive 0  errors 0  no definition"),
             "{line}"
         );
     }
@@ -318,14 +321,17 @@ mod tests {
             (Some(2), Some(3), 1, Some(1))
         );
         let line = check_line(error_rate);
-        assert!(line.starts_with("  error-rate             step 2      Running       last 0.071 (Failed)  no condition  measured 1/3  successful 0  failed 1/1  inconclusive 0/0  errors 0/4  next due now"), "{line}");
+        assert_eq!(
+            line,
+            "  error-rate             step 2      Running       last 0.071 (Failed)  measured 1/3  successful 0  failed 1/1  inconclusive 0/0  errors 0/4  next due now  no condition"
+        );
         assert_eq!(smoke.next_in.as_deref(), Some("in 3s"), "due at 20 s");
         let line = check_line(smoke);
         assert!(
-            line.contains(" background  Running       last passed (Successful)  job  measured 1/∞"),
+            line.starts_with("  smoke (dry run)        background  Running       last passed (Successful)  measured 1/∞"),
             "{line}"
         );
-        assert!(line.ends_with("next in 3s  (dry run)"), "{line}");
+        assert!(line.ends_with("  next in 3s  job"), "{line}");
         let json = serde_json::to_value(smoke).unwrap();
         for key in [
             "name",
