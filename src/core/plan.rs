@@ -505,9 +505,11 @@ fn provider_name(provider: &Provider) -> &'static str {
 /// least 0s`, `prometheus, every 1m until promotion`.
 fn describe_run(check: &Check, inline: bool) -> String {
     let interval = format_duration(check.interval);
-    let delay = (!check.initial_delay.is_zero())
-        .then(|| format!(" after {}", format_duration(check.initial_delay)))
-        .unwrap_or_default();
+    let delay = if check.initial_delay.is_zero() {
+        String::new()
+    } else {
+        format!(" after {}", format_duration(check.initial_delay))
+    };
     let measures = match check.count.or(inline.then_some(1)) {
         Some(1) => format!("once{delay}"),
         Some(n) => format!("{n} × {interval}{delay}"),
