@@ -528,7 +528,7 @@ fn describe_run(check: &Check, inline: bool) -> String {
     format!("{}, {measures}{lasts}{dry}", provider_name(&check.provider))
 }
 
-/// Where the step at `index` is, `2/5`; past the last, `end`.
+/// Where the step at `index` is, `step 2/5`; past the last, `the end of the steps`.
 fn step_position(index: usize, total: usize) -> String {
     if index < total {
         format!("step {}/{total}", index + 1)
