@@ -11,11 +11,12 @@ use serde_json::{Value, json};
 use crate::core::admission::{
     self, AdmissionOutcome, Decision, DeploymentView, PatchReason, review,
 };
+use crate::core::analysis::{Check, Provider};
 use crate::core::objects::{self, Desired, SplitApi};
 use crate::core::podratio::PodShare;
 use crate::core::rollout::{self, Timeline};
 use crate::core::routes::RouteExtras;
-use crate::core::spec::{self, CanarySpec, Router, Weight};
+use crate::core::spec::{self, CanarySpec, Router, Step, Weight, format_duration};
 use crate::core::template;
 
 /// Stands in for the stable ReplicaSet's `pod-template-hash`, which only the cluster knows.
@@ -135,7 +136,9 @@ pub fn plan(
         .and_then(|o| o.metadata.annotations.clone())
         .unwrap_or_default();
     let spec = spec::parse(&name, &annotations).ok();
-    let timeline = spec.as_ref().map(|s| rollout::timeline(&s.steps));
+    let timeline = spec
+        .as_ref()
+        .map(|s| rollout::timeline(&s.steps, &s.checks));
     let objects = match (&decision.outcome, &spec) {
         (
             AdmissionOutcome::Patch(
@@ -437,10 +440,18 @@ fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
         "step", "action", "weight"
     );
     let total = timeline.steps.len();
+    let checks = plan.spec.as_ref().map_or(&[][..], |s| &s.checks[..]);
     for (i, s) in timeline.steps.iter().enumerate() {
+        let holds = match &s.step {
+            Step::Analysis { checks: names } => format!(
+                "  (holds at least {})",
+                format_duration(rollout::analysis_minimum(names, checks))
+            ),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "  {:<5} {:<24} {:>8}  {}{}",
+            "  {:<5} {:<24} {:>8}  {}{}{holds}",
             format!("{}/{total}", i + 1),
             s.step.to_string(),
             format!("{}%", s.weight),
@@ -450,6 +461,15 @@ fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
                 .map(|share| format!("  (pod ratio: {share})"))
                 .unwrap_or_default()
         );
+        if let Step::Analysis { checks: names } = &s.step {
+            for name in names {
+                let run = match checks.iter().find(|c| &c.name == name) {
+                    Some(check) => describe_run(check, true),
+                    None => "not defined in fledge.dev/analysis".to_owned(),
+                };
+                let _ = writeln!(out, "          {name:<20} {run}");
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -463,6 +483,92 @@ fn render_timeline(out: &mut String, plan: &Plan, timeline: &Timeline) {
             plan.name
         );
     }
+    let background = background_lines(checks, timeline);
+    if !background.is_empty() {
+        let _ = writeln!(out, "\nBackground analysis (measures while the steps run):");
+        for line in background {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+}
+
+/// `prometheus`, `web` or `job`.
+fn provider_name(provider: &Provider) -> &'static str {
+    match provider {
+        Provider::Prometheus(_) => "prometheus",
+        Provider::Web(_) => "web",
+        Provider::Job(_) => "job",
+    }
+}
+
+/// How a run of `check` measures, e.g. `web, 3 × 10s after 5s: at least 25s`, `job, once: at
+/// least 0s`, `prometheus, every 1m until promotion`.
+fn describe_run(check: &Check, inline: bool) -> String {
+    let interval = format_duration(check.interval);
+    let delay = if check.initial_delay.is_zero() {
+        String::new()
+    } else {
+        format!(" after {}", format_duration(check.initial_delay))
+    };
+    let measures = match check.count.or(inline.then_some(1)) {
+        Some(1) => format!("once{delay}"),
+        Some(n) => format!("{n} × {interval}{delay}"),
+        None => format!("every {interval}{delay} until promotion"),
+    };
+    let lasts = rollout::minimum_run(check, inline)
+        .map(|d| format!(": at least {}", format_duration(d)))
+        .unwrap_or_default();
+    let dry = if check.dry_run {
+        " (dry run: measured, never waited for)"
+    } else if !inline && check.count.is_some() {
+        "; promotion waits for it"
+    } else {
+        ""
+    };
+    format!("{}, {measures}{lasts}{dry}", provider_name(&check.provider))
+}
+
+/// Where the step at `index` is, `step 2/5`; past the last, `the end of the steps`.
+fn step_position(index: usize, total: usize) -> String {
+    if index < total {
+        format!("step {}/{total}", index + 1)
+    } else {
+        "the end of the steps".to_owned()
+    }
+}
+
+/// A line per background check: where it starts and how it measures.
+fn background_lines(checks: &[Check], timeline: &Timeline) -> Vec<String> {
+    checks
+        .iter()
+        .filter_map(|c| Some((c, c.starting_step?)))
+        .map(|(c, from)| {
+            let starts = timeline
+                .steps
+                .get(from)
+                .map_or(timeline.promotion, |s| s.starts);
+            format!(
+                "{:<20} from {} ({starts}): {}",
+                c.name,
+                step_position(from, timeline.steps.len()),
+                describe_run(c, false)
+            )
+        })
+        .collect()
+}
+
+/// `-o json` of one check: how it measures and the least time a run takes (`null`: until
+/// promotion).
+fn check_json(check: &Check, inline: bool) -> Value {
+    json!({
+        "name": check.name,
+        "provider": provider_name(&check.provider),
+        "count": check.count.or(inline.then_some(1)),
+        "interval": format_duration(check.interval),
+        "initialDelay": format_duration(check.initial_delay),
+        "minimum": rollout::minimum_run(check, inline).map(format_duration),
+        "dryRun": check.dry_run,
+    })
 }
 
 /// `-o json`: the report as data.
@@ -476,6 +582,7 @@ pub fn to_json(plan: &Plan) -> Value {
             serde_json::to_value(p).unwrap_or_default(),
         ),
     };
+    let checks = plan.spec.as_ref().map_or(&[][..], |s| &s.checks[..]);
     let steps: Vec<Value> = plan
         .timeline
         .iter()
@@ -486,7 +593,37 @@ pub fn to_json(plan: &Plan) -> Value {
                 step["effectiveWeight"] = json!(share.effective.to_string());
                 step["canaryPods"] = json!(share.canary_pods);
             }
+            if let Step::Analysis { checks: names } = &s.step {
+                step["minimum"] = json!(format_duration(rollout::analysis_minimum(names, checks)));
+                step["analysis"] = names
+                    .iter()
+                    .map(|name| match checks.iter().find(|c| &c.name == name) {
+                        Some(check) => check_json(check, true),
+                        None => json!({"name": name}),
+                    })
+                    .collect();
+            }
             step
+        })
+        .collect();
+    let background: Vec<Value> = checks
+        .iter()
+        .filter_map(|c| Some((c, c.starting_step?)))
+        .map(|(c, from)| {
+            let mut check = check_json(c, false);
+            check["startingStep"] = json!(from);
+            check["earliest"] = json!(plan.timeline.as_ref().map(|t| {
+                t.steps
+                    .get(from)
+                    .map_or(t.promotion, |s| s.starts)
+                    .to_string()
+            }));
+            check["until"] = json!(if c.count.is_some() {
+                "count"
+            } else {
+                "promotion"
+            });
+            check
         })
         .collect();
     json!({
@@ -503,6 +640,7 @@ pub fn to_json(plan: &Plan) -> Value {
         },
         "router": plan.spec.as_ref().map(|s| s.router.name()),
         "steps": steps,
+        "backgroundAnalysis": background,
         "promotion": plan.timeline.as_ref().map(|t| t.promotion.to_string()),
     })
 }
@@ -522,6 +660,29 @@ pub fn to_yaml(plan: &Plan) -> Result<String, serde_yaml_ng::Error> {
         plan.name,
         to_json(plan)["reason"].as_str().unwrap_or_default()
     );
+    if let (Some(spec), Some(timeline)) = (&plan.spec, &plan.timeline) {
+        let total = timeline.steps.len();
+        for (i, s) in timeline.steps.iter().enumerate() {
+            let Step::Analysis { checks: names } = &s.step else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "# analysis at step {}/{total} (earliest {}, holds at least {}):",
+                i + 1,
+                s.starts,
+                format_duration(rollout::analysis_minimum(names, &spec.checks))
+            );
+            for name in names {
+                if let Some(check) = spec.checks.iter().find(|c| &c.name == name) {
+                    let _ = writeln!(out, "#   {name}: {}", describe_run(check, true));
+                }
+            }
+        }
+        for line in background_lines(&spec.checks, timeline) {
+            let _ = writeln!(out, "# background analysis: {line}");
+        }
+    }
     if let Some(Ok(desired)) = &plan.objects {
         for object in desired.all() {
             out.push_str("---\n");
@@ -722,5 +883,95 @@ mod tests {
             ),
             "{gateway}"
         );
+    }
+
+    /// The examples' plan with analysis put in by hand (the parser of `fledge.dev/analysis` is
+    /// separate): 5 %, an `analysis` step of `error-rate` (3 × 10 s after 5 s) and `smoke` (a Job,
+    /// once), 50 %, `pause: {}`; in the background `latency` from step 3, 6 × 10 s, and `shadow`
+    /// (dry run, unbounded) from the start.
+    fn with_analysis() -> Plan {
+        use crate::core::analysis::JobCheck;
+        use crate::core::builders::mk_check;
+        use std::time::Duration;
+        let mut p = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let mut error_rate = mk_check("error-rate", Some(3));
+        error_rate.initial_delay = Duration::from_secs(5);
+        let mut smoke = mk_check("smoke", None);
+        smoke.provider = Provider::Job(JobCheck { spec: json!({}) });
+        let mut latency = mk_check("latency", Some(6));
+        latency.starting_step = Some(2);
+        let mut shadow = mk_check("shadow", None);
+        shadow.starting_step = Some(0);
+        shadow.dry_run = true;
+        let spec = p.spec.as_mut().unwrap();
+        spec.steps = vec![
+            Step::SetWeight(Weight::parse_percent("5").unwrap()),
+            Step::Analysis {
+                checks: vec!["error-rate".into(), "smoke".into()],
+            },
+            Step::SetWeight(Weight::parse_percent("50").unwrap()),
+            Step::PauseUntilPromoted,
+        ];
+        spec.checks = vec![error_rate, smoke, latency, shadow];
+        p.timeline = Some(rollout::timeline(&spec.steps, &spec.checks));
+        p
+    }
+
+    #[test]
+    fn analysis_steps_list_their_checks_and_hold_the_timeline() {
+        let plan = with_analysis();
+        let text = render_text(&plan);
+        assert!(
+            text.contains(
+                "  2/4   analysis error-rate, smoke       5%  +0s  (holds at least 25s)\n          error-rate           web, 3 × 10s after 5s: at least 25s\n          smoke                job, once: at least 0s\n  3/4   setWeight 50%                 50%  +25s\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nBackground analysis (measures while the steps run):\n  latency              from step 3/4 (+25s): web, 6 × 10s: at least 50s; promotion waits for it\n  shadow               from step 1/4 (+0s): web, every 10s until promotion (dry run: measured, never waited for)\n"),
+            "{text}"
+        );
+        // latency ends at +75s, after the `pause: {}` reached at +25s: 50 s after its promotion.
+        assert!(
+            text.contains("        promote                      100%  promote +50s"),
+            "{text}"
+        );
+        let json = to_json(&plan);
+        let step = &json["steps"][1];
+        assert_eq!(step["minimum"], "25s");
+        assert_eq!(step["analysis"][0]["name"], "error-rate");
+        assert_eq!(step["analysis"][0]["count"], 3);
+        assert_eq!(step["analysis"][0]["interval"], "10s");
+        assert_eq!(step["analysis"][0]["initialDelay"], "5s");
+        assert_eq!(step["analysis"][0]["minimum"], "25s");
+        assert_eq!(step["analysis"][1]["provider"], "job");
+        assert_eq!(
+            step["analysis"][1]["count"], 1,
+            "inline without count: once"
+        );
+        assert_eq!(json["steps"][2]["earliest"], "+25s");
+        assert!(json["steps"][0].get("analysis").is_none());
+        let background = &json["backgroundAnalysis"];
+        assert_eq!(background[0]["name"], "latency");
+        assert_eq!(background[0]["startingStep"], 2);
+        assert_eq!(background[0]["earliest"], "+25s");
+        assert_eq!(background[0]["until"], "count");
+        assert_eq!(background[1]["until"], "promotion");
+        assert_eq!(background[1]["minimum"], Value::Null);
+        assert_eq!(background[1]["dryRun"], true);
+        assert_eq!(json["promotion"], "promote +50s");
+        let yaml = to_yaml(&plan).unwrap();
+        assert!(
+            yaml.contains("# analysis at step 2/4 (earliest +0s, holds at least 25s):\n#   error-rate: web, 3 × 10s after 5s: at least 25s\n"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("# background analysis: latency "), "{yaml}");
+        let no_analysis = plan_without_checks();
+        assert_eq!(to_json(&no_analysis)["backgroundAnalysis"], json!([]));
+        assert!(!render_text(&no_analysis).contains("Background analysis"));
+    }
+
+    fn plan_without_checks() -> Plan {
+        plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap()
     }
 }

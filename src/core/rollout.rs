@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::core::analysis::Check;
 use crate::core::analysis::schedule::CheckRuns;
 use crate::core::routes::SavedRules;
 use crate::core::spec::{ANNOTATION_STATE, Step, Weight};
@@ -202,13 +203,39 @@ pub struct Timeline {
     pub promotion: Earliest,
 }
 
-pub fn timeline(steps: &[Step]) -> Timeline {
+/// The least time a run of `check` takes: its first measurement after `initialDelay`, the last
+/// `count − 1` intervals later. An `inline` run (an `analysis` step's) without `count` measures
+/// once; a background one without `count` has no end of its own (`None`: until promotion).
+pub fn minimum_run(check: &Check, inline: bool) -> Option<Duration> {
+    let count = check.count.or(inline.then_some(1))?;
+    Some(check.initial_delay + check.interval * count.saturating_sub(1))
+}
+
+/// The least time an `analysis` step naming `names` holds the canary: its checks run together, so
+/// the longest of them; a `dryRun` check is not waited for.
+pub fn analysis_minimum(names: &[String], checks: &[Check]) -> Duration {
+    names
+        .iter()
+        .filter_map(|name| checks.iter().find(|c| &c.name == name))
+        .filter(|c| !c.dry_run)
+        .filter_map(|c| minimum_run(c, true))
+        .max()
+        .unwrap_or_default()
+}
+
+/// When each step starts and when promotion follows, with the `checks` of `fledge.dev/analysis`:
+/// an `analysis` step holds for its [`analysis_minimum`], and promotion waits for the background
+/// checks that have a `count` and act (not `dryRun`), counted from their starting step as if each
+/// `pause: {}` were promoted at once.
+pub fn timeline(steps: &[Step], checks: &[Check]) -> Timeline {
     let mut at = Earliest {
         promotions: 0,
         after: Duration::ZERO,
     };
+    // When each `pause: {}` is reached, on the clock of the promotions before it.
+    let mut gates = Vec::new();
     let mut weight = Weight::ZERO;
-    let scheduled = steps
+    let scheduled: Vec<ScheduledStep> = steps
         .iter()
         .map(|step| {
             let starts = at;
@@ -216,14 +243,14 @@ pub fn timeline(steps: &[Step]) -> Timeline {
                 Step::SetWeight(w) => weight = *w,
                 Step::PauseFor(d) => at.after += *d,
                 Step::PauseUntilPromoted => {
+                    gates.push(at.after);
                     at = Earliest {
                         promotions: at.promotions + 1,
                         after: Duration::ZERO,
                     }
                 }
-                Step::SetHeaderRoute { .. }
-                | Step::SetMirrorRoute { .. }
-                | Step::Analysis { .. } => {}
+                Step::Analysis { checks: names } => at.after += analysis_minimum(names, checks),
+                Step::SetHeaderRoute { .. } | Step::SetMirrorRoute { .. } => {}
             }
             ScheduledStep {
                 step: step.clone(),
@@ -232,9 +259,20 @@ pub fn timeline(steps: &[Step]) -> Timeline {
             }
         })
         .collect();
+    let mut promotion = at;
+    for check in checks.iter().filter(|c| !c.dry_run) {
+        let (Some(from), Some(lasts)) = (check.starting_step, minimum_run(check, false)) else {
+            continue;
+        };
+        let start = scheduled.get(from).map_or(at, |s| s.starts);
+        let end = gates[start.promotions..at.promotions]
+            .iter()
+            .fold(start.after + lasts, |end, gate| end.saturating_sub(*gate));
+        promotion.after = promotion.after.max(end);
+    }
     Timeline {
         steps: scheduled,
-        promotion: at,
+        promotion,
     }
 }
 
@@ -262,7 +300,7 @@ mod tests {
             Step::PauseUntilPromoted,
             Step::SetWeight(Weight::FULL),
         ];
-        let t = timeline(&steps);
+        let t = timeline(&steps, &[]);
         let rows: Vec<(Weight, Earliest)> = t.steps.iter().map(|s| (s.weight, s.starts)).collect();
         assert_eq!(
             rows,
@@ -289,12 +327,64 @@ mod tests {
             Step::PauseUntilPromoted,
             Step::PauseFor(Duration::from_secs(7)),
         ];
-        let t = timeline(&steps);
+        let t = timeline(&steps, &[]);
         assert_eq!(t.steps[2].starts, at(0, 90));
         assert_eq!(t.steps[4].starts, at(1, 5));
         assert_eq!(t.promotion, at(2, 7));
         assert_eq!(t.promotion.to_string(), "promote #2 +7s");
         assert!(t.steps.iter().all(|s| s.weight == Weight::ZERO));
+    }
+
+    #[test]
+    fn analysis_steps_hold_for_their_longest_check_and_promotion_waits_for_counted_background_ones()
+    {
+        use crate::core::builders::mk_check;
+        // 3 × 10 s after 5 s: 25 s; inline without count: once, at once.
+        let mut error_rate = mk_check("error-rate", Some(3));
+        error_rate.initial_delay = Duration::from_secs(5);
+        let smoke = mk_check("smoke", None);
+        // From step 2, 10 × 10 s: 90 s; unbounded ones do not hold promotion.
+        let mut latency = mk_check("latency", Some(10));
+        latency.starting_step = Some(1);
+        let mut forever = mk_check("forever", None);
+        forever.starting_step = Some(0);
+        assert_eq!(minimum_run(&smoke, true), Some(Duration::ZERO));
+        assert_eq!(minimum_run(&forever, false), None);
+        let analysis = |names: &[&str]| Step::Analysis {
+            checks: names.iter().map(|n| n.to_string()).collect(),
+        };
+        let mut shadow = mk_check("shadow", Some(100));
+        shadow.dry_run = true;
+        shadow.starting_step = Some(0);
+        let mut slow_dry = mk_check("slow-dry", Some(100));
+        slow_dry.dry_run = true;
+        let checks = [error_rate, smoke, latency, forever, shadow, slow_dry];
+        let steps = vec![
+            Step::SetWeight(w("5")),
+            analysis(&["error-rate", "smoke", "slow-dry"]),
+            Step::PauseFor(Duration::from_secs(30)),
+            analysis(&["smoke"]),
+        ];
+        let t = timeline(&steps, &checks);
+        let starts: Vec<Earliest> = t.steps.iter().map(|s| s.starts).collect();
+        assert_eq!(starts, [at(0, 0), at(0, 0), at(0, 25), at(0, 55)]);
+        // latency starts at step 2 (+0s) and ends at +90s, after the steps (+55s).
+        assert_eq!(t.promotion, at(0, 90));
+        // latency starts at the `pause: {}` (+40s) and ends at +130s: promoted at once, 90 s
+        // after the promotion.
+        let gated = vec![
+            Step::PauseFor(Duration::from_secs(40)),
+            Step::PauseUntilPromoted,
+            Step::PauseFor(Duration::from_secs(5)),
+        ];
+        assert_eq!(timeline(&gated, &checks).promotion, at(1, 90));
+        // Steps that outlast it; and a starting step past the last starts when the steps end.
+        let long_pause = vec![
+            Step::SetWeight(w("5")),
+            Step::PauseFor(Duration::from_secs(600)),
+        ];
+        assert_eq!(timeline(&long_pause, &checks).promotion, at(0, 600));
+        assert_eq!(timeline(&long_pause[1..], &checks).promotion, at(0, 690));
     }
 
     #[test]

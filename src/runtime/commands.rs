@@ -20,7 +20,10 @@ use crate::core::spec::{
 use crate::runtime::events;
 use crate::runtime::traffic::{TrafficError, TrafficObjects};
 
+pub mod analysis;
 pub mod watch;
+
+pub use analysis::CheckStatus;
 
 /// How many times a command reads again after a conflicting write.
 const ATTEMPTS: usize = 10;
@@ -70,6 +73,8 @@ pub struct Status {
     pub router: &'static str,
     /// The traffic objects it uses, e.g. `TrafficSplit web`, `HTTPRoute web-public (yours)`.
     pub traffic: Vec<String>,
+    /// The current canary's checks (`fledge.dev/analysis`), by name; empty without any.
+    pub analysis: Vec<CheckStatus>,
 }
 
 /// The objects a router sends traffic with, for Deployment `name`.
@@ -124,6 +129,7 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
             canary: pending,
             router,
             traffic,
+            analysis: Vec::new(),
         };
     };
     let pause_left = match (
@@ -147,6 +153,7 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
         canary: Some(state.hash.clone()),
         router,
         traffic,
+        analysis: analysis::check_statuses(&state, facts.spec.as_ref(), now),
     }
 }
 
@@ -170,12 +177,22 @@ pub fn status_line(s: &Status) -> String {
     )
 }
 
-/// What `fledge status` prints in text: a line per Deployment, or why there is none.
+/// What `fledge status` prints in text: a line per Deployment, each followed by an indented line
+/// per check of its canary, or why there is none.
 pub fn status_text(statuses: &[Status], namespace: &str) -> String {
     if statuses.is_empty() {
         return format!("no Deployment in {namespace} is opted in to fledge\n");
     }
-    statuses.iter().map(|s| status_line(s) + "\n").collect()
+    let mut out = String::new();
+    for s in statuses {
+        out += &status_line(s);
+        out.push('\n');
+        for check in &s.analysis {
+            out += &analysis::check_line(check);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The canary weight as ten cells, `[##--------]` for 20 %. Any traffic fills a cell, so that a
@@ -450,5 +467,60 @@ mod tests {
         );
         let two = status_text(&[s.clone(), s.clone()], "shop");
         assert_eq!(two, format!("{}\n{}\n", status_line(&s), status_line(&s)));
+    }
+
+    #[test]
+    fn the_checks_of_the_canary_are_listed_under_its_line() {
+        let state = json!({"phase": "Progressing", "hash": "c2", "step": 1, "weight": "5",
+        "message": "step 2/3: analysis: waiting for error-rate (1/3 measurements)",
+        "stepStarted": t(0).to_string(),
+        "checks": {
+            "error-rate": {"step": 1, "started": t(0).to_string(), "phase": "Running",
+                "taken": 1, "failed": 1,
+                "measurements": [{"index": 0, "at": t(1).to_string(), "value": "0.071",
+                    "outcome": "Failed", "detail": "0.071 is not \"result < 0.01\""}]},
+            "latency": {"started": t(0).to_string(), "phase": "Successful", "taken": 2,
+                "successful": 2}
+        }});
+        let s = status_of(&deployment(Some(state)), t(30));
+        let names: Vec<(&str, Option<usize>)> = s
+            .analysis
+            .iter()
+            .map(|c| (c.name.as_str(), c.step))
+            .collect();
+        assert_eq!(names, [("error-rate", Some(2)), ("latency", None)]);
+        let text = status_text(std::slice::from_ref(&s), "shop");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0], status_line(&s));
+        assert!(
+            lines[1].starts_with(
+                "  error-rate             step 2      Running       last 0.071 (Failed)"
+            ),
+            "{text}"
+        );
+        assert!(lines[2].contains(" background  Successful "), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["analysis"][0]["name"], "error-rate");
+        assert_eq!(json["analysis"][0]["lastValue"], "0.071");
+        assert_eq!(json["analysis"][0]["failed"], 1);
+        assert_eq!(json["analysis"][1]["phase"], "Successful");
+        // The fields scripts read are unchanged.
+        for key in [
+            "name",
+            "namespace",
+            "phase",
+            "step",
+            "steps",
+            "weight",
+            "message",
+            "canary",
+            "router",
+            "traffic",
+        ] {
+            assert!(json.get(key).is_some(), "{key} in {json}");
+        }
+        let idle = serde_json::to_value(status_of(&deployment(None), t(0))).unwrap();
+        assert_eq!(idle["analysis"], json!([]));
     }
 }

@@ -16,7 +16,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use serde_json::Value;
 
-use super::{CommandError, Status, status_of, status_text};
+use super::{CheckStatus, CommandError, Status, status_of, status_text};
 use crate::core::observe::DeploymentFacts;
 use crate::core::rollout::Phase;
 use crate::core::spec::LABEL_ENABLED;
@@ -57,10 +57,19 @@ pub struct View {
     printed: BTreeMap<String, Status>,
 }
 
-/// A status without the countdown, to tell a change of the rollout from the passing of time.
+/// A status without the countdowns (of a pause, and to the checks' next measurements), to tell a
+/// change of the rollout from the passing of time.
 fn steady(s: &Status) -> Status {
     Status {
         pause_left: None,
+        analysis: s
+            .analysis
+            .iter()
+            .map(|c| CheckStatus {
+                next_in: None,
+                ..c.clone()
+            })
+            .collect(),
         ..s.clone()
     }
 }
@@ -100,8 +109,8 @@ impl View {
                 }
                 self.shown = Some(key);
                 let frame = status_text(statuses, &self.namespace);
-                // Frames of several lines are told apart by an empty line.
-                let gap = if statuses.len() > 1 { "\n" } else { "" };
+                // Frames of several lines (Deployments, or checks) are told apart by an empty line.
+                let gap = if frame.lines().count() > 1 { "\n" } else { "" };
                 Ok(Some(format!("{frame}{gap}")))
             }
             Style::Json => {
@@ -270,6 +279,7 @@ mod tests {
             canary: Some("c2".into()),
             router: "smi",
             traffic: vec!["TrafficSplit web".into()],
+            analysis: Vec::new(),
         }
     }
 
@@ -361,6 +371,59 @@ mod tests {
         // A Deployment that went and came back is printed again.
         view.update(&[]).unwrap();
         assert!(view.update(&ticked).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_check_that_changes_is_a_change_its_countdown_is_not() {
+        let with_check = |taken: u32, next_in: &str| {
+            let mut s = mk_status("web", Phase::Progressing, "5", None);
+            s.analysis = vec![CheckStatus {
+                name: "error-rate".into(),
+                step: None,
+                phase: crate::core::analysis::schedule::RunPhase::Running,
+                provider: Some("web"),
+                last_value: None,
+                last_outcome: None,
+                success_condition: None,
+                failure_condition: None,
+                taken,
+                count: Some(5),
+                successful: taken,
+                failed: 0,
+                inconclusive: 0,
+                errors: 0,
+                consecutive_errors: 0,
+                failure_limit: Some(0),
+                inconclusive_limit: Some(0),
+                consecutive_error_limit: Some(4),
+                next_measurement: Some(format!("2027-01-15T08:00:{}0Z", taken)),
+                next_in: Some(next_in.into()),
+                dry_run: false,
+                measurements: Vec::new(),
+            }];
+            [s]
+        };
+        let mut log = View::new(Style::Log, "shop");
+        let first = log.update(&with_check(1, "in 9s")).unwrap().unwrap();
+        assert_eq!(
+            first.lines().count(),
+            3,
+            "a line, the check's, a gap: {first:?}"
+        );
+        assert!(first.contains("next in 9s"), "{first}");
+        assert_eq!(log.update(&with_check(1, "in 8s")).unwrap(), None);
+        assert!(log.update(&with_check(2, "in 9s")).unwrap().is_some());
+        let mut json = View::new(Style::Json, "shop");
+        assert!(json.update(&with_check(1, "in 9s")).unwrap().is_some());
+        assert_eq!(json.update(&with_check(1, "in 8s")).unwrap(), None);
+        assert!(json.update(&with_check(2, "in 9s")).unwrap().is_some());
+        let mut live = View::new(Style::Live, "shop");
+        live.update(&with_check(1, "in 9s")).unwrap();
+        let ticked = live.update(&with_check(1, "in 8s")).unwrap().unwrap();
+        assert!(
+            ticked.starts_with("\x1b[2A\x1b[J"),
+            "redrawn over both lines: {ticked:?}"
+        );
     }
 
     const STABLE: &str = "- setWeight: 20\n- pause: {}\n";
