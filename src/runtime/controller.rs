@@ -745,7 +745,7 @@ impl Apply<'_> {
         let Some(event) = &next.event else {
             return;
         };
-        if !stored.is_some_and(|s| !s.checks.is_empty()) {
+        if stored.is_none_or(|s| s.checks.is_empty()) {
             return;
         }
         let keep = match event.reason {
