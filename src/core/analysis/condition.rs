@@ -688,7 +688,7 @@ mod tests {
             err("results.all(x, results.all(y, results.all(z, x < y + z)))")
                 .contains("more than 2 deep")
         );
-        let pairs = vec!["results.all(x, results.all(y, x < y))"; 2].join(" && ");
+        let pairs = ["results.all(x, results.all(y, x < y))"; 2].join(" && ");
         assert!(
             err(&pairs).starts_with("may take too long"),
             "{}",
@@ -741,6 +741,165 @@ mod tests {
                 .unwrap_err()
                 .contains("more than 10000 values")
         );
+    }
+
+    fn check(success: Option<&str>, failure: Option<&str>, no_data: NoData) -> Check {
+        Check {
+            name: "error-rate".into(),
+            interval: std::time::Duration::from_secs(30),
+            count: None,
+            initial_delay: std::time::Duration::ZERO,
+            success_condition: success.map(|c| Condition::compile(c).unwrap()),
+            failure_condition: failure.map(|c| Condition::compile(c).unwrap()),
+            failure_limit: 0,
+            inconclusive_limit: 0,
+            consecutive_error_limit: 4,
+            no_data,
+            dry_run: false,
+            starting_step: None,
+            provider: super::super::Provider::Prometheus(super::super::PrometheusQuery {
+                query: "up".into(),
+                address: None,
+                timeout: std::time::Duration::from_secs(10),
+                auth: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn judging_follows_argo_rollouts() {
+        use Outcome::*;
+        let success = Some("result < 0.01");
+        let failure = Some("result > 0.1");
+        let value = |x: f64| Reading::Value(json!(x));
+        let cases = [
+            (
+                success,
+                None,
+                value(0.001),
+                Successful,
+                "0.001",
+                "0.001 meets \"result < 0.01\"",
+            ),
+            (
+                success,
+                None,
+                value(0.071),
+                Failed,
+                "0.071",
+                "0.071 is not \"result < 0.01\"",
+            ),
+            (
+                success,
+                failure,
+                value(0.071),
+                Inconclusive,
+                "0.071",
+                "0.071 is not \"result < 0.01\"",
+            ),
+            (
+                success,
+                failure,
+                value(0.2),
+                Failed,
+                "0.2",
+                "0.2 meets failureCondition \"result > 0.1\"",
+            ),
+            (
+                success,
+                failure,
+                value(0.001),
+                Successful,
+                "0.001",
+                "0.001 meets \"result < 0.01\"",
+            ),
+            (
+                None,
+                failure,
+                value(0.2),
+                Failed,
+                "0.2",
+                "0.2 meets failureCondition \"result > 0.1\"",
+            ),
+            (
+                None,
+                failure,
+                value(0.05),
+                Successful,
+                "0.05",
+                "0.05 does not meet failureCondition \"result > 0.1\"",
+            ),
+            (
+                success,
+                None,
+                Reading::Value(json!([0.1, 0.2])),
+                Error,
+                "error",
+                "[0.1, 0.2]: found no matching overload for '_<_' applied to '(list, double)'",
+            ),
+            (
+                success,
+                None,
+                Reading::Error("timeout after 10s".into()),
+                Error,
+                "error",
+                "timeout after 10s",
+            ),
+            (
+                success,
+                None,
+                Reading::NoData,
+                Inconclusive,
+                "no data",
+                "no data (noData: inconclusive)",
+            ),
+            (
+                None,
+                None,
+                Reading::Finished {
+                    passed: true,
+                    message: "Job web-abc-smoke-s2-0 completed".into(),
+                },
+                Successful,
+                "passed",
+                "Job web-abc-smoke-s2-0 completed",
+            ),
+            (
+                None,
+                None,
+                Reading::Finished {
+                    passed: false,
+                    message: "Job web-abc-smoke-s2-0 failed".into(),
+                },
+                Failed,
+                "failed",
+                "Job web-abc-smoke-s2-0 failed",
+            ),
+        ];
+        for (s, f, reading, outcome, shown, detail) in cases {
+            let judged = judge(&check(s, f, NoData::Inconclusive), &reading);
+            assert_eq!(
+                judged,
+                Judgement {
+                    outcome,
+                    value: shown.into(),
+                    detail: detail.into()
+                },
+                "{s:?} {f:?} {reading:?}"
+            );
+        }
+        for (no_data, outcome) in [
+            (NoData::Pass, Successful),
+            (NoData::Fail, Failed),
+            (NoData::Inconclusive, Inconclusive),
+        ] {
+            // Conditions never see missing data, even one that would fail on it.
+            let judged = judge(
+                &check(None, Some("result.nope > 1"), no_data),
+                &Reading::NoData,
+            );
+            assert_eq!(judged.outcome, outcome);
+        }
     }
 
     #[test]

@@ -576,6 +576,7 @@ mod tests {
             ],
             root_service: "web".into(),
             router: Router::Smi,
+            checks: Vec::new(),
         }
     }
 
@@ -1030,6 +1031,7 @@ mod tests {
             steps: vec![SetWeight(w(1000))],
             root_service: "web".into(),
             router: Router::Smi,
+            checks: Vec::new(),
         };
         let s = state(Phase::Promoting, 1, w(1000));
         let small = Observation {
@@ -1380,6 +1382,7 @@ mod tests {
             ],
             root_service: "web".into(),
             router: Router::Smi,
+            checks: Vec::new(),
         };
         let (weights, _) = walk(&spec);
         assert_eq!(
