@@ -41,6 +41,10 @@ const MAX_VALUE_DEPTH: usize = 32;
 /// for one comprehension nested in another over full lists (about 12 million, a million
 /// iterations: a fraction of a second in a release build), not for two.
 const MAX_COST: u64 = 16_000_000;
+/// The stack that parsing and evaluating run on. The generated CEL parser takes a large frame per
+/// grammar rule, several rules per bracket: a debug build needs about 4 MiB at
+/// [`MAX_BRACKET_NESTING`], more than the 2 MiB of a tokio worker or test thread.
+const STACK_BYTES: usize = 16 << 20;
 /// Shown values are cut to this many characters.
 const MAX_SHOWN: usize = 120;
 
@@ -72,6 +76,10 @@ impl Condition {
     /// or false for any of them (an unknown name, an operator that fits no sample, a number
     /// instead of a boolean) is refused now rather than at the first measurement.
     pub fn compile(text: &str) -> Result<Condition, String> {
+        on_own_stack(|| Condition::compile_here(text))
+    }
+
+    fn compile_here(text: &str) -> Result<Condition, String> {
         if text.trim().is_empty() {
             return Err("is empty; write a condition such as `result < 0.01`".into());
         }
@@ -139,26 +147,29 @@ impl Condition {
     /// Why the condition cannot judge a Prometheus value, if it cannot: those are decimal numbers
     /// (one, or a list), on which CEL refuses whole-number arithmetic such as `result * 100`.
     pub fn misfits_numbers(&self) -> Option<String> {
-        let mut first = None;
-        for sample in [serde_json::json!(0.5), serde_json::json!([0.5, 1.5])] {
-            match self.run(&sample) {
-                Err(e) if is_type_error(&e) => first = first.or(Some(e)),
-                _ => return None,
+        let misfit = on_own_stack(|| {
+            let mut first = None;
+            for sample in [serde_json::json!(0.5), serde_json::json!([0.5, 1.5])] {
+                match self.run(&sample) {
+                    Err(e) if is_type_error(&e) => first = first.or(Some(e)),
+                    _ => return Ok(None),
+                }
             }
-        }
-        first
+            Ok(first)
+        });
+        misfit.unwrap_or_else(Some)
     }
 
     /// Whether the condition holds for `value` (bound to `result`, and as a list to `results`).
     pub fn evaluate(&self, value: &serde_json::Value) -> Result<bool, String> {
-        match self.run(value)? {
+        on_own_stack(|| match self.run(value)? {
             Value::Bool(b) => Ok(b),
             other => Err(format!(
                 "{:?} gave {}, not true or false",
                 self.text,
                 type_name(&other)
             )),
-        }
+        })
     }
 
     fn run(&self, value: &serde_json::Value) -> Result<Value, String> {
@@ -179,6 +190,20 @@ impl Condition {
             .map_err(|e| e.to_string())?;
         Value::resolve(&self.expr, &context).map_err(|e| e.to_string())
     }
+}
+
+/// Runs `work` on a thread with a [`STACK_BYTES`] stack. A panic there (a bug in the CEL library
+/// on some input) becomes an error instead of taking the webhook or controller down.
+fn on_own_stack<T: Send>(work: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("cel".into())
+            .stack_size(STACK_BYTES)
+            .spawn_scoped(scope, work)
+            .map_err(|e| format!("cannot start evaluating: {e}"))?
+            .join()
+            .unwrap_or_else(|_| Err("the CEL interpreter failed on this condition".into()))
+    })
 }
 
 /// `isNaN` and `isInf`: false for whole numbers, which are never either.
