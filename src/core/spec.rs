@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde_yaml_ng::Value as Yaml;
 
+use crate::core::analysis::{ANNOTATION_ANALYSIS, Check, checks};
+
 /// The opt-in label; the webhook's `objectSelector` matches it.
 pub const LABEL_ENABLED: &str = "fledge.dev/enabled";
 /// Label fledge adds to the canary Deployment's selector and pods.
@@ -36,25 +38,31 @@ pub const ANNOTATION_CANARY_HASH: &str = "fledge.dev/canary-hash";
 
 pub const PREFIX: &str = "fledge.dev/";
 /// Keys a user writes.
-const USER_ANNOTATIONS: [&str; 4] = [
+const USER_ANNOTATIONS: [&str; 5] = [
     ANNOTATION_STEPS,
     ANNOTATION_ROOT_SERVICE,
     ANNOTATION_ROUTER,
     ANNOTATION_HTTP_ROUTES,
+    ANNOTATION_ANALYSIS,
 ];
 /// Keys fledge writes itself; users leave them alone.
 pub const FLEDGE_ANNOTATIONS: [&str; 3] =
     [ANNOTATION_STABLE_HASH, ANNOTATION_HOLD, ANNOTATION_STATE];
 /// Step kinds Argo Rollouts users know that fledge reserves but does not run yet.
-const RESERVED_STEPS: [&str; 5] = [
-    "analysis",
+const RESERVED_STEPS: [&str; 4] = [
     "experiment",
     "setCanaryScale",
     "plugin",
     "replicaProgressionThreshold",
 ];
 /// The step kinds fledge runs.
-const STEP_KINDS: [&str; 4] = ["setWeight", "pause", "setHeaderRoute", "setMirrorRoute"];
+const STEP_KINDS: [&str; 5] = [
+    "setWeight",
+    "pause",
+    "setHeaderRoute",
+    "setMirrorRoute",
+    "analysis",
+];
 /// HTTPRoute names are DNS-1123 subdomains of at most this many characters.
 const MAX_ROUTE_NAME: usize = 253;
 /// Header and mirror route names become part of HTTPRoute rule names (`fledge-NAME`), which are
@@ -316,8 +324,8 @@ pub struct CanarySpec {
     pub steps: Vec<Step>,
     pub root_service: String,
     pub router: Router,
-    /// The checks of `fledge.dev/analysis`.
-    pub checks: Vec<crate::core::analysis::Check>,
+    /// The checks of `fledge.dev/analysis`; background ones have a `starting_step`.
+    pub checks: Vec<Check>,
 }
 
 /// Whether a Deployment takes part, judged by its label and annotations.
@@ -376,6 +384,7 @@ pub fn parse(name: &str, annotations: &BTreeMap<String, String>) -> Result<Canar
     let mut problems = Vec::new();
     check_keys(annotations, &mut problems);
     check_derived_names(name, &mut problems);
+    let before_steps = problems.len();
     let steps = match annotations.get(ANNOTATION_STEPS) {
         Some(text) => parse_steps(text, &mut problems),
         None => {
@@ -394,6 +403,14 @@ pub fn parse(name: &str, annotations: &BTreeMap<String, String>) -> Result<Canar
         }
         None => name.to_owned(),
     };
+    // Steps with problems of their own are missing from `steps`, so their indices are not checked
+    // against the checks.
+    let clean_steps = (problems.len() == before_steps).then_some(steps.as_slice());
+    let parsed_checks = annotations
+        .get(ANNOTATION_ANALYSIS)
+        .map(|text| checks::parse(text))
+        .unwrap_or_default();
+    let checks = checks::link(parsed_checks, clean_steps, &mut problems);
     let router = parse_router(annotations, &mut problems);
     check_steps_for_router(&steps, &router, annotations, &mut problems);
     if problems.is_empty() {
@@ -401,7 +418,7 @@ pub fn parse(name: &str, annotations: &BTreeMap<String, String>) -> Result<Canar
             steps,
             root_service,
             router,
-            checks: Vec::new(),
+            checks,
         })
     } else {
         Err(SpecError { problems })
@@ -571,7 +588,7 @@ pub fn check_dns1123_subdomain(name: &str) -> Result<(), String> {
 }
 
 /// Same words but for case, `-`/`_`, or a missing/extra trailing `s`: the usual typos.
-fn similar(a: &str, b: &str) -> bool {
+pub(crate) fn similar(a: &str, b: &str) -> bool {
     let norm = |s: &str| {
         s.to_ascii_lowercase()
             .replace(['-', '_'], "")
@@ -588,23 +605,62 @@ const MAX_STEPS_NESTING: usize = 16;
 /// Problems listed in one answer at the most; the rest are counted.
 const MAX_PROBLEMS: usize = 20;
 
-/// How many distinct steps texts [`parse_steps`] remembers. A cluster has few: most Deployments
-/// share a handful of step lists, or one from a policy.
-const STEPS_CACHE_SIZE: usize = 64;
+/// How many distinct texts a [`TextCache`] remembers. A cluster has few: most Deployments share a
+/// handful of step lists and checks, or those of one policy.
+const TEXT_CACHE_SIZE: usize = 64;
 
-/// Steps parsed earlier, by annotation text: the webhook reads the same text on every template
+/// Results parsed earlier, by annotation text: the webhook reads the same texts on every template
 /// change, and YAML parsing is most of the decision's time. Parsing is a pure function of the
-/// text, so a remembered result is the result.
-static STEPS_CACHE: Mutex<StepsCache> = Mutex::new(StepsCache {
-    entries: Vec::new(),
-    next: 0,
-});
-
-/// A small cache keyed by the text; when full, the entries are replaced in turn.
-struct StepsCache {
-    entries: Vec<(String, ParsedSteps)>,
+/// text, so a remembered result is the result. When full, the entries are replaced in turn.
+pub(crate) struct TextCache<T> {
+    entries: Vec<(String, T)>,
     next: usize,
 }
+
+impl<T: Clone> TextCache<T> {
+    pub(crate) const fn new() -> Self {
+        TextCache {
+            entries: Vec::new(),
+            next: 0,
+        }
+    }
+
+    /// `parse(text)`, remembered. Texts longer than `max_bytes` are refused by `parse` without
+    /// parsing; they are not worth keeping.
+    pub(crate) fn get_or_parse(
+        cache: &Mutex<Self>,
+        text: &str,
+        max_bytes: usize,
+        parse: impl FnOnce(&str) -> T,
+    ) -> T {
+        if text.len() > max_bytes {
+            return parse(text);
+        }
+        let lock = || cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = lock()
+            .entries
+            .iter()
+            .find(|(key, _)| key == text)
+            .map(|(_, parsed)| parsed.clone());
+        known.unwrap_or_else(|| {
+            let parsed = parse(text);
+            let mut cache = lock();
+            let entry = (text.to_owned(), parsed.clone());
+            if cache.entries.len() < TEXT_CACHE_SIZE {
+                cache.entries.push(entry);
+            } else {
+                let at = cache.next;
+                if let Some(slot) = cache.entries.get_mut(at) {
+                    *slot = entry;
+                }
+                cache.next = (at + 1) % TEXT_CACHE_SIZE;
+            }
+            parsed
+        })
+    }
+}
+
+static STEPS_CACHE: Mutex<TextCache<ParsedSteps>> = Mutex::new(TextCache::new());
 
 /// The steps of a text and the problems found in it.
 #[derive(Clone)]
@@ -614,34 +670,12 @@ struct ParsedSteps {
 }
 
 fn parse_steps(text: &str, problems: &mut Vec<String>) -> Vec<Step> {
-    // Texts over the limit are refused without parsing; they are not worth keeping.
-    if text.len() > MAX_STEPS_BYTES {
-        return read_steps(text, problems);
-    }
-    let cache = || STEPS_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
-    let known = cache()
-        .entries
-        .iter()
-        .find(|(key, _)| key == text)
-        .map(|(_, parsed)| parsed.clone());
-    let parsed = known.unwrap_or_else(|| {
-        let mut found = Vec::new();
-        let parsed = ParsedSteps {
-            steps: read_steps(text, &mut found),
-            problems: found,
-        };
-        let mut cache = cache();
-        let entry = (text.to_owned(), parsed.clone());
-        if cache.entries.len() < STEPS_CACHE_SIZE {
-            cache.entries.push(entry);
-        } else {
-            let at = cache.next;
-            if let Some(slot) = cache.entries.get_mut(at) {
-                *slot = entry;
-            }
-            cache.next = (at + 1) % STEPS_CACHE_SIZE;
+    let parsed = TextCache::get_or_parse(&STEPS_CACHE, text, MAX_STEPS_BYTES, |text| {
+        let mut problems = Vec::new();
+        ParsedSteps {
+            steps: read_steps(text, &mut problems),
+            problems,
         }
-        parsed
     });
     problems.extend(parsed.problems);
     parsed.steps
@@ -693,7 +727,7 @@ fn read_steps(text: &str, problems: &mut Vec<String>) -> Vec<Step> {
 
 /// The deepest nesting of YAML flow collections (`[` and `{`). Brackets inside quoted text count
 /// too: a guard that quoting could switch off would be no guard.
-fn flow_nesting(text: &str) -> usize {
+pub(crate) fn flow_nesting(text: &str) -> usize {
     let (mut depth, mut deepest) = (0usize, 0usize);
     for b in text.bytes() {
         match b {
@@ -735,6 +769,7 @@ fn parse_step(at: &str, item: &Yaml) -> Result<Step, String> {
         "pause" => parse_pause(&at, value),
         "setHeaderRoute" => parse_header_route(&at, value),
         "setMirrorRoute" => parse_mirror_route(&at, value),
+        "analysis" => parse_analysis_step(&at, value),
         reserved if RESERVED_STEPS.contains(&reserved) => Err(format!(
             "{at}: this step kind is reserved but not supported yet; use {}",
             STEP_KINDS.join(", ")
@@ -866,6 +901,49 @@ fn parse_mirror_route(at: &str, value: &Yaml) -> Result<Step, String> {
     })
 }
 
+/// `{checks: [NAME, …]}`: names of checks in `fledge.dev/analysis`, checked against them later.
+fn parse_analysis_step(at: &str, value: &Yaml) -> Result<Step, String> {
+    let fields = route_fields(at, value, &["checks"], "{checks: [error-rate]}").map_err(|e| {
+        if e.starts_with(&format!("{at}.templates:")) {
+            format!(
+                "{at}.templates: unknown field; fledge runs the checks of {ANNOTATION_ANALYSIS}, named in `checks`, e.g. `analysis: {{checks: [error-rate]}}`"
+            )
+        } else {
+            e
+        }
+    })?;
+    let Some(list) = fields.get("checks") else {
+        return Err(format!(
+            "{at}.checks: missing; name checks of {ANNOTATION_ANALYSIS}, e.g. `checks: [error-rate]`"
+        ));
+    };
+    let Yaml::Sequence(items) = list else {
+        return Err(format!(
+            "{at}.checks: expected a list of check names such as `[error-rate]`, found {}",
+            describe(list)
+        ));
+    };
+    if items.is_empty() {
+        return Err(format!(
+            "{at}.checks: empty; name at least one check of {ANNOTATION_ANALYSIS}"
+        ));
+    }
+    let mut checks: Vec<String> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Yaml::String(name) = item else {
+            return Err(format!(
+                "{at}.checks[{i}]: expected a check name, found {}",
+                describe(item)
+            ));
+        };
+        if checks.contains(name) {
+            return Err(format!("{at}.checks[{i}]: {name:?} is named twice"));
+        }
+        checks.push(name.clone());
+    }
+    Ok(Step::Analysis { checks })
+}
+
 /// `[{headerName, headerValue: {exact|prefix|regex: TEXT}}]`.
 fn parse_header_matches(at: &str, value: &Yaml) -> Result<Vec<HeaderMatch>, String> {
     let Yaml::Sequence(items) = value else {
@@ -936,7 +1014,7 @@ fn parse_header_matches(at: &str, value: &Yaml) -> Result<Vec<HeaderMatch>, Stri
 }
 
 /// An HTTP field name (RFC 9110 token), as Gateway API's `HTTPHeaderName` takes it.
-fn is_header_name(name: &str) -> bool {
+pub(crate) fn is_header_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 256
         && name
@@ -1070,7 +1148,7 @@ pub fn format_duration(d: Duration) -> String {
     out
 }
 
-fn yaml_text(v: &Yaml) -> String {
+pub(crate) fn yaml_text(v: &Yaml) -> String {
     match v {
         Yaml::String(s) => s.clone(),
         other => serde_yaml_ng::to_string(other)
@@ -1079,7 +1157,7 @@ fn yaml_text(v: &Yaml) -> String {
     }
 }
 
-fn describe(v: &Yaml) -> &'static str {
+pub(crate) fn describe(v: &Yaml) -> &'static str {
     match v {
         Yaml::Null => "nothing",
         Yaml::Bool(_) => "a boolean",
@@ -1332,15 +1410,19 @@ mod tests {
     fn unknown_and_reserved_step_kinds() {
         assert_eq!(
             problem("- setweight: 5"),
-            "fledge.dev/steps[0].setweight: unknown step kind (did you mean setWeight?); expected setWeight, pause, setHeaderRoute, setMirrorRoute"
+            "fledge.dev/steps[0].setweight: unknown step kind (did you mean setWeight?); expected setWeight, pause, setHeaderRoute, setMirrorRoute, analysis"
         );
         assert_eq!(
             problem("- wait: 5"),
-            "fledge.dev/steps[0].wait: unknown step kind; expected setWeight, pause, setHeaderRoute, setMirrorRoute"
+            "fledge.dev/steps[0].wait: unknown step kind; expected setWeight, pause, setHeaderRoute, setMirrorRoute, analysis"
+        );
+        assert_eq!(
+            problem("- setWeight: 5\n- experiment: {templates: []}"),
+            "fledge.dev/steps[1].experiment: this step kind is reserved but not supported yet; use setWeight, pause, setHeaderRoute, setMirrorRoute, analysis"
         );
         assert_eq!(
             problem("- setWeight: 5\n- analysis: {templates: [{templateName: rate}]}"),
-            "fledge.dev/steps[1].analysis: this step kind is reserved but not supported yet; use setWeight, pause, setHeaderRoute, setMirrorRoute"
+            "fledge.dev/steps[1].analysis.templates: unknown field; fledge runs the checks of fledge.dev/analysis, named in `checks`, e.g. `analysis: {checks: [error-rate]}`"
         );
     }
 
@@ -1392,10 +1474,10 @@ mod tests {
         assert_eq!(
             err.problems,
             vec![
-                "fledge.dev/colour: unknown fledge annotation; fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes",
+                "fledge.dev/colour: unknown fledge annotation; fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis",
                 "fledge.dev/enabled: this is a label, not an annotation; move it to metadata.labels",
-                "fledge.dev/rootService: unknown fledge annotation (did you mean fledge.dev/root-service?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes",
-                "fledge.dev/step: unknown fledge annotation (did you mean fledge.dev/steps?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes",
+                "fledge.dev/rootService: unknown fledge annotation (did you mean fledge.dev/root-service?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis",
+                "fledge.dev/step: unknown fledge annotation (did you mean fledge.dev/steps?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis",
             ]
         );
     }

@@ -41,6 +41,10 @@ const MAX_VALUE_DEPTH: usize = 32;
 /// for one comprehension nested in another over full lists (about 12 million, a million
 /// iterations: a fraction of a second in a release build), not for two.
 const MAX_COST: u64 = 16_000_000;
+/// The stack that parsing and evaluating run on. The generated CEL parser takes a large frame per
+/// grammar rule, several rules per bracket: a debug build needs about 4 MiB at
+/// [`MAX_BRACKET_NESTING`], more than the 2 MiB of a tokio worker or test thread.
+const STACK_BYTES: usize = 16 << 20;
 /// Shown values are cut to this many characters.
 const MAX_SHOWN: usize = 120;
 
@@ -72,6 +76,10 @@ impl Condition {
     /// or false for any of them (an unknown name, an operator that fits no sample, a number
     /// instead of a boolean) is refused now rather than at the first measurement.
     pub fn compile(text: &str) -> Result<Condition, String> {
+        on_own_stack(|| Condition::compile_here(text))
+    }
+
+    fn compile_here(text: &str) -> Result<Condition, String> {
         if text.trim().is_empty() {
             return Err("is empty; write a condition such as `result < 0.01`".into());
         }
@@ -139,26 +147,29 @@ impl Condition {
     /// Why the condition cannot judge a Prometheus value, if it cannot: those are decimal numbers
     /// (one, or a list), on which CEL refuses whole-number arithmetic such as `result * 100`.
     pub fn misfits_numbers(&self) -> Option<String> {
-        let mut first = None;
-        for sample in [serde_json::json!(0.5), serde_json::json!([0.5, 1.5])] {
-            match self.run(&sample) {
-                Err(e) if is_type_error(&e) => first = first.or(Some(e)),
-                _ => return None,
+        let misfit = on_own_stack(|| {
+            let mut first = None;
+            for sample in [serde_json::json!(0.5), serde_json::json!([0.5, 1.5])] {
+                match self.run(&sample) {
+                    Err(e) if is_type_error(&e) => first = first.or(Some(e)),
+                    _ => return Ok(None),
+                }
             }
-        }
-        first
+            Ok(first)
+        });
+        misfit.unwrap_or_else(Some)
     }
 
     /// Whether the condition holds for `value` (bound to `result`, and as a list to `results`).
     pub fn evaluate(&self, value: &serde_json::Value) -> Result<bool, String> {
-        match self.run(value)? {
+        on_own_stack(|| match self.run(value)? {
             Value::Bool(b) => Ok(b),
             other => Err(format!(
                 "{:?} gave {}, not true or false",
                 self.text,
                 type_name(&other)
             )),
-        }
+        })
     }
 
     fn run(&self, value: &serde_json::Value) -> Result<Value, String> {
@@ -179,6 +190,20 @@ impl Condition {
             .map_err(|e| e.to_string())?;
         Value::resolve(&self.expr, &context).map_err(|e| e.to_string())
     }
+}
+
+/// Runs `work` on a thread with a [`STACK_BYTES`] stack. A panic there (a bug in the CEL library
+/// on some input) becomes an error instead of taking the webhook or controller down.
+fn on_own_stack<T: Send>(work: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("cel".into())
+            .stack_size(STACK_BYTES)
+            .spawn_scoped(scope, work)
+            .map_err(|e| format!("cannot start evaluating: {e}"))?
+            .join()
+            .unwrap_or_else(|_| Err("the CEL interpreter failed on this condition".into()))
+    })
 }
 
 /// `isNaN` and `isInf`: false for whole numbers, which are never either.
@@ -688,7 +713,7 @@ mod tests {
             err("results.all(x, results.all(y, results.all(z, x < y + z)))")
                 .contains("more than 2 deep")
         );
-        let pairs = vec!["results.all(x, results.all(y, x < y))"; 2].join(" && ");
+        let pairs = ["results.all(x, results.all(y, x < y))"; 2].join(" && ");
         assert!(
             err(&pairs).starts_with("may take too long"),
             "{}",
@@ -741,6 +766,165 @@ mod tests {
                 .unwrap_err()
                 .contains("more than 10000 values")
         );
+    }
+
+    fn check(success: Option<&str>, failure: Option<&str>, no_data: NoData) -> Check {
+        Check {
+            name: "error-rate".into(),
+            interval: std::time::Duration::from_secs(30),
+            count: None,
+            initial_delay: std::time::Duration::ZERO,
+            success_condition: success.map(|c| Condition::compile(c).unwrap()),
+            failure_condition: failure.map(|c| Condition::compile(c).unwrap()),
+            failure_limit: 0,
+            inconclusive_limit: 0,
+            consecutive_error_limit: 4,
+            no_data,
+            dry_run: false,
+            starting_step: None,
+            provider: super::super::Provider::Prometheus(super::super::PrometheusQuery {
+                query: "up".into(),
+                address: None,
+                timeout: std::time::Duration::from_secs(10),
+                auth: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn judging_follows_argo_rollouts() {
+        use Outcome::*;
+        let success = Some("result < 0.01");
+        let failure = Some("result > 0.1");
+        let value = |x: f64| Reading::Value(json!(x));
+        let cases = [
+            (
+                success,
+                None,
+                value(0.001),
+                Successful,
+                "0.001",
+                "0.001 meets \"result < 0.01\"",
+            ),
+            (
+                success,
+                None,
+                value(0.071),
+                Failed,
+                "0.071",
+                "0.071 is not \"result < 0.01\"",
+            ),
+            (
+                success,
+                failure,
+                value(0.071),
+                Inconclusive,
+                "0.071",
+                "0.071 is not \"result < 0.01\"",
+            ),
+            (
+                success,
+                failure,
+                value(0.2),
+                Failed,
+                "0.2",
+                "0.2 meets failureCondition \"result > 0.1\"",
+            ),
+            (
+                success,
+                failure,
+                value(0.001),
+                Successful,
+                "0.001",
+                "0.001 meets \"result < 0.01\"",
+            ),
+            (
+                None,
+                failure,
+                value(0.2),
+                Failed,
+                "0.2",
+                "0.2 meets failureCondition \"result > 0.1\"",
+            ),
+            (
+                None,
+                failure,
+                value(0.05),
+                Successful,
+                "0.05",
+                "0.05 does not meet failureCondition \"result > 0.1\"",
+            ),
+            (
+                success,
+                None,
+                Reading::Value(json!([0.1, 0.2])),
+                Error,
+                "error",
+                "[0.1, 0.2]: found no matching overload for '_<_' applied to '(list, double)'",
+            ),
+            (
+                success,
+                None,
+                Reading::Error("timeout after 10s".into()),
+                Error,
+                "error",
+                "timeout after 10s",
+            ),
+            (
+                success,
+                None,
+                Reading::NoData,
+                Inconclusive,
+                "no data",
+                "no data (noData: inconclusive)",
+            ),
+            (
+                None,
+                None,
+                Reading::Finished {
+                    passed: true,
+                    message: "Job web-abc-smoke-s2-0 completed".into(),
+                },
+                Successful,
+                "passed",
+                "Job web-abc-smoke-s2-0 completed",
+            ),
+            (
+                None,
+                None,
+                Reading::Finished {
+                    passed: false,
+                    message: "Job web-abc-smoke-s2-0 failed".into(),
+                },
+                Failed,
+                "failed",
+                "Job web-abc-smoke-s2-0 failed",
+            ),
+        ];
+        for (s, f, reading, outcome, shown, detail) in cases {
+            let judged = judge(&check(s, f, NoData::Inconclusive), &reading);
+            assert_eq!(
+                judged,
+                Judgement {
+                    outcome,
+                    value: shown.into(),
+                    detail: detail.into()
+                },
+                "{s:?} {f:?} {reading:?}"
+            );
+        }
+        for (no_data, outcome) in [
+            (NoData::Pass, Successful),
+            (NoData::Fail, Failed),
+            (NoData::Inconclusive, Inconclusive),
+        ] {
+            // Conditions never see missing data, even one that would fail on it.
+            let judged = judge(
+                &check(None, Some("result.nope > 1"), no_data),
+                &Reading::NoData,
+            );
+            assert_eq!(judged.outcome, outcome);
+        }
     }
 
     #[test]
