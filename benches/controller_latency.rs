@@ -244,10 +244,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         to_canary,
     );
     report("fledge abort -> canary weight 0", to_stable);
-    report(
-        "failing measurement answered -> canary weight 0",
-        failed,
-    );
+    report("failing measurement answered -> canary weight 0", failed);
     report(
         "revert (stable template applied) -> canary weight 0",
         reverted,

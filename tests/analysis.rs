@@ -83,6 +83,20 @@ fn analysed(image: &str, steps: &str, analysis: &str) -> Value {
     d
 }
 
+/// A cluster with the root Service and v1 of `web` (with `steps` and `checks`) available.
+async fn stable_analysed(steps: &str, checks: &str) -> Cluster {
+    let c = cluster().await;
+    apply(&c.api, root_service()).await;
+    apply(&c.api, analysed("web:1", steps, checks)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+        })
+        .await
+        .unwrap();
+    c
+}
+
 fn run_of(d: Option<&Value>, check: &str) -> Option<fledge::core::analysis::schedule::CheckRun> {
     state(d)?.checks.get(check).cloned()
 }
@@ -92,19 +106,23 @@ async fn an_analysis_step_measures_and_a_healthy_canary_is_promoted() {
     let (addr, health) = health_server().await;
     let steps = "- setWeight: 20\n- analysis: {checks: [smoke]}\n- setWeight: 60\n";
     let checks = web_check("smoke", addr, "count: 2");
-    let c = stable_v1(steps).await;
-    apply(&c.api, analysed("web:1", steps, &checks)).await;
+    let c = stable_analysed(steps, &checks).await;
     apply(&c.api, analysed("web:2", steps, &checks)).await;
     let done = wait_phase(&c.api, Phase::Succeeded).await;
     assert_eq!(image(&done), "web:2");
     assert_eq!(split_weights(&c.api), vec![0, 2000, 6000, 10_000, 0]);
     assert_eq!(*health.last_service.lock().unwrap(), "web-canary");
     let run = run_of(Some(&done), "smoke").unwrap();
-    assert_eq!((run.phase, run.taken, run.successful), (RunPhase::Successful, 2, 2));
+    assert_eq!(
+        (run.phase, run.taken, run.successful),
+        (RunPhase::Successful, 2, 2)
+    );
     let indexes: Vec<u32> = run.measurements.iter().map(|m| m.index).collect();
     assert_eq!(indexes, [0, 1]);
     assert!(
-        run.measurements[1].at.duration_since(run.measurements[0].at)
+        run.measurements[1]
+            .at
+            .duration_since(run.measurements[0].at)
             >= k8s_openapi::jiff::SignedDuration::from_millis(900),
         "one interval apart"
     );
@@ -116,8 +134,7 @@ async fn a_failing_background_check_aborts_within_an_interval_and_says_why() {
     let (addr, health) = health_server().await;
     let steps = "- setWeight: 20\n- pause: {}\n- setWeight: 60\n";
     let checks = web_check("error-rate", addr, "failureLimit: 1");
-    let c = stable_v1(steps).await;
-    apply(&c.api, analysed("web:1", steps, &checks)).await;
+    let c = stable_analysed(steps, &checks).await;
     apply(&c.api, analysed("web:2", steps, &checks)).await;
     c.api
         .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
@@ -135,7 +152,11 @@ async fn a_failing_background_check_aborts_within_an_interval_and_says_why() {
         "{}",
         s.message
     );
-    assert!(s.message.contains("kubectl fledge retry web"), "{}", s.message);
+    assert!(
+        s.message.contains("kubectl fledge retry web"),
+        "{}",
+        s.message
+    );
     let run = &s.checks["error-rate"];
     assert_eq!(run.phase, RunPhase::Failed);
     let failed: Vec<_> = run
@@ -164,10 +185,13 @@ async fn no_data_holds_the_canary_until_promote_and_errors_abort_past_their_limi
     let checks = format!(
         "{}{}",
         web_check("smoke", addr, ""),
-        web_check("availability", addr, "consecutiveErrorLimit: 2\nstartingStep: 2")
+        web_check(
+            "availability",
+            addr,
+            "consecutiveErrorLimit: 2\nstartingStep: 2"
+        )
     );
-    let c = stable_v1(steps).await;
-    apply(&c.api, analysed("web:1", steps, &checks)).await;
+    let c = stable_analysed(steps, &checks).await;
     health.set(None, 200);
     apply(&c.api, analysed("web:2", steps, &checks)).await;
     let held = c
@@ -182,11 +206,18 @@ async fn no_data_holds_the_canary_until_promote_and_errors_abort_past_their_limi
     let s = state(Some(&held)).unwrap();
     assert_eq!(s.weight.to_string(), "20");
     assert!(s.message.contains("smoke: no data"), "{}", s.message);
-    assert!(s.message.contains("kubectl fledge promote web"), "{}", s.message);
+    assert!(
+        s.message.contains("kubectl fledge promote web"),
+        "{}",
+        s.message
+    );
     assert_eq!(events_with_reason(&c.api, "AnalysisInconclusive"), 1);
     // Still held a while later: nothing measures an inconclusive run again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(phase(c.api.get(DEPLOYMENTS, NS, "web").as_ref()), Some(Phase::Paused));
+    assert_eq!(
+        phase(c.api.get(DEPLOYMENTS, NS, "web").as_ref()),
+        Some(Phase::Paused)
+    );
     health.set(Some(0.0), 503);
     fledge(&c.api, &["promote", "web"]).await;
     let aborted = wait_phase(&c.api, Phase::Aborted).await;
@@ -237,23 +268,35 @@ async fn prometheus_promotes_a_healthy_canary_and_aborts_it_once_its_error_rate_
     let stop_traffic = traffic(&prom, errors.clone());
     prom.wait_for_scrape().await;
     prom.wait_for_scrape().await;
-    let steps = "- setWeight: 20\n- pause: {duration: 5s}\n- setWeight: 60\n- pause: {duration: 2s}\n";
+    let steps =
+        "- setWeight: 20\n- pause: {duration: 5s}\n- setWeight: 60\n- pause: {duration: 2s}\n";
     let checks = error_rate_check(&prom, "");
-    let c = stable_v1(steps).await;
-    apply(&c.api, analysed("web:1", steps, &checks)).await;
+    let c = stable_analysed(steps, &checks).await;
     apply(&c.api, analysed("web:2", steps, &checks)).await;
     let done = wait_phase(&c.api, Phase::Succeeded).await;
     let run = run_of(Some(&done), "error-rate").unwrap();
     assert!(run.successful >= 3, "{run:?}");
-    assert_eq!((run.failed, run.errors, run.inconclusive), (0, 0, 0), "{run:?}");
+    assert_eq!(
+        (run.failed, run.errors, run.inconclusive),
+        (0, 0, 0),
+        "{run:?}"
+    );
     assert_eq!(run.measurements.last().unwrap().value, "0");
 
     // The same canary again (v3), and its error rate rises after its first good measurements.
     let checks = error_rate_check(&prom, "");
-    apply(&c.api, analysed("web:3", "- setWeight: 20\n- pause: {}\n", &checks)).await;
+    apply(
+        &c.api,
+        analysed("web:3", "- setWeight: 20\n- pause: {}\n", &checks),
+    )
+    .await;
     c.api
         .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            state(d).is_some_and(|s| s.checks.get("error-rate").is_some_and(|r| r.successful >= 2))
+            state(d).is_some_and(|s| {
+                s.checks
+                    .get("error-rate")
+                    .is_some_and(|r| r.successful >= 2)
+            })
         })
         .await
         .unwrap();
@@ -266,7 +309,9 @@ async fn prometheus_promotes_a_healthy_canary_and_aborts_it_once_its_error_rate_
     let failed = run.measurements.last().unwrap();
     assert_eq!((failed.outcome, run.failed), (Outcome::Failed, 1));
     assert!(
-        s.message.starts_with("error-rate: 0.") && s.message.contains(r#"is not "result < 0.01" (1 failure, limit 0)"#),
+        s.message.starts_with("error-rate: 0.")
+            && s.message
+                .contains(r#"is not "result < 0.01" (1 failure, limit 0)"#),
         "{}",
         s.message
     );
@@ -286,8 +331,7 @@ async fn an_empty_vector_is_inconclusive_and_a_stopped_prometheus_aborts_at_the_
     let steps = "- setWeight: 20\n- pause: {}\n";
     // No traffic at all: the query returns an empty vector.
     let checks = error_rate_check(&prom, "");
-    let c = stable_v1(steps).await;
-    apply(&c.api, analysed("web:1", steps, &checks)).await;
+    let c = stable_analysed(steps, &checks).await;
     apply(&c.api, analysed("web:2", steps, &checks)).await;
     let held = c
         .api
@@ -321,7 +365,11 @@ async fn an_empty_vector_is_inconclusive_and_a_stopped_prometheus_aborts_at_the_
     let s = state(Some(&aborted)).unwrap();
     let run = &s.checks["error-rate"];
     assert_eq!((run.phase, run.consecutive_errors), (RunPhase::Error, 3));
-    assert!(s.message.contains("(3 errors in a row, limit 2)"), "{}", s.message);
+    assert!(
+        s.message.contains("(3 errors in a row, limit 2)"),
+        "{}",
+        s.message
+    );
     assert!(s.message.contains("Connection refused"), "{}", s.message);
     assert_eq!(events_with_reason(&c.api, "AnalysisError"), 1);
     assert!(events_with_reason(&c.api, "MeasurementError") >= 1);
@@ -354,13 +402,15 @@ async fn wait_for_jobs(c: &Cluster, n: usize) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_smoke_test_job_gates_the_step_and_a_failed_one_aborts_naming_the_job() {
     let steps = "- setWeight: 20\n- analysis: {checks: [smoke]}\n- setWeight: 60\n";
-    let c = stable_v1(steps).await;
-    apply(&c.api, analysed("web:1", steps, &smoke_job())).await;
+    let c = stable_analysed(steps, &smoke_job()).await;
     apply(&c.api, analysed("web:2", steps, &smoke_job())).await;
     let job = wait_for_jobs(&c, 1).await.remove(0);
     let name = job["metadata"]["name"].as_str().unwrap().to_owned();
     let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
-    assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], web["metadata"]["uid"]);
+    assert_eq!(
+        job["metadata"]["ownerReferences"][0]["uid"],
+        web["metadata"]["uid"]
+    );
     assert_eq!(
         job["spec"]["template"]["spec"]["containers"][0]["args"][1],
         "http://web-canary/healthz"
@@ -382,15 +432,29 @@ async fn a_smoke_test_job_gates_the_step_and_a_failed_one_aborts_naming_the_job(
     let job = wait_for_jobs(&c, 1).await.remove(0);
     let name = job["metadata"]["name"].as_str().unwrap().to_owned();
     c.api
-        .fail_job(NS, &name, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        .fail_job(
+            NS,
+            &name,
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        )
         .await
         .unwrap();
     let aborted = wait_phase(&c.api, Phase::Aborted).await;
     let s = state(Some(&aborted)).unwrap();
     assert!(s.message.starts_with("smoke: "), "{}", s.message);
-    assert!(s.message.contains(&format!("kubectl logs job/{name} -n {NS}")), "{}", s.message);
+    assert!(
+        s.message
+            .contains(&format!("kubectl logs job/{name} -n {NS}")),
+        "{}",
+        s.message
+    );
     assert!(s.message.contains("BackoffLimitExceeded"), "{}", s.message);
-    assert_eq!(jobs(&c).len(), 1, "an aborted canary keeps its Job for the logs");
+    assert_eq!(
+        jobs(&c).len(),
+        1,
+        "an aborted canary keeps its Job for the logs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,8 +462,7 @@ async fn a_controller_killed_between_measurements_and_during_a_job_neither_repea
     let (addr, _health) = health_server().await;
     let steps = "- setWeight: 20\n- analysis: {checks: [smoke]}\n- setWeight: 60\n- pause: {duration: 4s}\n";
     let checks = format!("{}{}", smoke_job(), web_check("latency", addr, "count: 8"));
-    let mut c = stable_v1(steps).await;
-    apply(&c.api, analysed("web:1", steps, &checks)).await;
+    let mut c = stable_analysed(steps, &checks).await;
     apply(&c.api, analysed("web:2", steps, &checks)).await;
     // Killed during the Job, twice, and started again each time.
     let job = wait_for_jobs(&c, 1).await.remove(0);
@@ -409,7 +472,11 @@ async fn a_controller_killed_between_measurements_and_during_a_job_neither_repea
         c.controller_task = start_controller(&c.api, &c.metrics);
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
-    assert_eq!(jobs(&c).len(), 1, "the restarted controller adopted the Job");
+    assert_eq!(
+        jobs(&c).len(),
+        1,
+        "the restarted controller adopted the Job"
+    );
     c.api
         .complete_job(NS, job["metadata"]["name"].as_str().unwrap())
         .await
@@ -430,7 +497,11 @@ async fn a_controller_killed_between_measurements_and_during_a_job_neither_repea
     let done = wait_phase(&c.api, Phase::Succeeded).await;
     let run = run_of(Some(&done), "latency").unwrap();
     let indexes: Vec<u32> = run.measurements.iter().map(|m| m.index).collect();
-    assert_eq!(indexes, (0..8).collect::<Vec<_>>(), "no duplicates, no gaps");
+    assert_eq!(
+        indexes,
+        (0..8).collect::<Vec<_>>(),
+        "no duplicates, no gaps"
+    );
     assert_eq!(run.taken, 8);
     assert_eq!(run_of(Some(&done), "smoke").unwrap().taken, 1);
     // The Deployment's history: no stored state ever held a measurement twice.
@@ -449,5 +520,8 @@ async fn a_controller_killed_between_measurements_and_during_a_job_neither_repea
             *acc.entry(*i).or_default() += 1;
             acc
         });
-    assert!(per_index.values().all(|n| *n == 1), "each measurement stored once: {per_index:?}");
+    assert!(
+        per_index.values().all(|n| *n == 1),
+        "each measurement stored once: {per_index:?}"
+    );
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -612,7 +612,9 @@ async fn reconcile_one(
         namespace: &namespace,
     };
     for result in &recorded {
-        apply.announce_measurement(result, next.state.as_ref()).await;
+        apply
+            .announce_measurement(result, next.state.as_ref())
+            .await;
     }
     let outcome = apply.all(&plan, next.state.as_ref()).await?;
     let mut soonest = None;
@@ -620,9 +622,7 @@ async fn reconcile_one(
         // Stored: the results it holds are no longer needed.
         ctx.measurements.forget(&key, next.state.as_ref());
         for result in &recorded {
-            ctx.config
-                .metrics
-                .measured(&namespace, &facts.name, result);
+            ctx.config.metrics.measured(&namespace, &facts.name, result);
         }
         apply.clean_up_jobs(state.as_ref(), &next).await;
         if let (Some(stored), Some(spec)) = (&next.state, &facts.spec)

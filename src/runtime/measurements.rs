@@ -105,7 +105,12 @@ impl Measurements {
         state: &mut RolloutState,
         checks: &[Check],
     ) -> Vec<Completed> {
-        let results = self.book().done.get(deployment).cloned().unwrap_or_default();
+        let results = self
+            .book()
+            .done
+            .get(deployment)
+            .cloned()
+            .unwrap_or_default();
         let mut recorded = Vec::new();
         for result in results {
             let Some(check) = checks.iter().find(|c| c.name == result.check) else {
@@ -133,9 +138,10 @@ impl Measurements {
         results.retain(|result| {
             stored.is_some_and(|state| {
                 state.hash == result.hash
-                    && state.checks.get(&result.check).is_some_and(|run| {
-                        run.label() == result.run && result.index >= run.taken
-                    })
+                    && state
+                        .checks
+                        .get(&result.check)
+                        .is_some_and(|run| run.label() == result.run && result.index >= run.taken)
             })
         });
         if results.is_empty() {
@@ -223,7 +229,11 @@ impl Measurements {
 
 /// One measurement, bounded by the check's timeout; a Job check runs as long as its Job does
 /// (the Job's own `activeDeadlineSeconds` bounds it).
-async fn take(context: &MeasureContext, check: &Check, job_name: &str) -> crate::core::analysis::Reading {
+async fn take(
+    context: &MeasureContext,
+    check: &Check,
+    job_name: &str,
+) -> crate::core::analysis::Reading {
     let limit = match &check.provider {
         Provider::Prometheus(p) => Some(p.timeout),
         Provider::Web(w) => Some(w.timeout),

@@ -115,7 +115,10 @@ impl CheckRun {
             Some(step) => format!("s{step}"),
             None => "bg".to_owned(),
         };
-        format!("{place}-{}", base36(self.started.as_second().unsigned_abs()))
+        format!(
+            "{place}-{}",
+            base36(self.started.as_second().unsigned_abs())
+        )
     }
 
     /// When measurement `index` falls due.
