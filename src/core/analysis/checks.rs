@@ -860,6 +860,8 @@ fn job(at: &str, value: &Yaml, problems: &mut Vec<String>) -> Option<Provider> {
         }
     };
     let before = problems.len();
+    // Every string of the spec is expanded when the Job is made: check its variables now.
+    variables_in(&at, &json, problems);
     // The Kubernetes types skip fields they do not know: compare with what they kept.
     match serde_json::to_value(&parsed) {
         Ok(kept) => unknown_fields(&at, &json, &kept, problems),
@@ -879,6 +881,29 @@ fn job(at: &str, value: &Yaml, problems: &mut Vec<String>) -> Option<Provider> {
         ));
     }
     (problems.len() == before).then_some(Provider::Job(JobCheck { spec: json }))
+}
+
+/// A problem for each string inside `value` with an unknown `{{variable}}`, at its place.
+fn variables_in(at: &str, value: &serde_json::Value, problems: &mut Vec<String>) {
+    use serde_json::Value as J;
+    match value {
+        J::String(text) => {
+            if let Err(problem) = variables(at, text) {
+                problems.push(problem);
+            }
+        }
+        J::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                variables_in(&format!("{at}[{i}]"), item, problems);
+            }
+        }
+        J::Object(fields) => {
+            for (key, item) in fields {
+                variables_in(&format!("{at}.{key}"), item, problems);
+            }
+        }
+        J::Null | J::Bool(_) | J::Number(_) => {}
+    }
 }
 
 /// A problem for each key of `given` that `kept` lacks: a field the Kubernetes types do not know.
@@ -1609,6 +1634,15 @@ mod tests {
         assert_eq!(
             step_problem("- analysis: {checks: [{name: smoke}]}"),
             "fledge.dev/steps[0].analysis.checks[0]: expected a check name, found a mapping"
+        );
+    }
+
+    #[test]
+    fn variables_in_a_job_spec_are_checked_where_they_are() {
+        let analysis = "- name: smoke\n  job:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n            - name: t\n              image: curl\n              args: [\"http://{{canaryService}}/ok\", \"{{canarySvc}}\"]\n";
+        assert_eq!(
+            problem(analysis).split(';').next().unwrap(),
+            "fledge.dev/analysis[0].job.spec.template.spec.containers[0].args[1]: unknown variable {{canarySvc}}"
         );
     }
 
