@@ -390,3 +390,29 @@ async fn kubectl_rollout_status_waits_for_the_canary_and_kubectl_diff_shows_no_d
     assert_eq!(running_images(&c.api), ["web:2"]);
     wait_phase(&c.api, Phase::Succeeded).await;
 }
+
+/// The runnable examples plan as README says, and the analysis example shows where its checks run.
+#[test]
+fn the_examples_plan() {
+    let plan = |from: &str, to: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fledge"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["plan", "--from", from, "--to", to])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    };
+    assert!(plan("examples/web-v1.yaml", "examples/web-v2.yaml").contains("setWeight 50%"));
+    let analysed = plan("examples/web-v2.yaml", "examples/web-v3-analysis.yaml");
+    assert!(analysed.contains("analysis smoke"), "{analysed}");
+    assert!(
+        analysed.contains("error-rate") && analysed.contains("every 30s until promotion"),
+        "{analysed}"
+    );
+}
