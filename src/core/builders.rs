@@ -92,7 +92,7 @@ pub fn mk_check(name: &str, count: Option<u32>) -> crate::core::analysis::Check 
         interval: Duration::from_secs(10),
         count,
         initial_delay: Duration::ZERO,
-        success_condition: None,
+        success_condition: crate::core::analysis::Condition::compile("result < 0.01").ok(),
         failure_condition: None,
         failure_limit: 0,
         inconclusive_limit: 0,

