@@ -282,6 +282,19 @@ async fn prometheus_promotes_a_healthy_canary_and_aborts_it_once_its_error_rate_
         "{run:?}"
     );
     assert_eq!(run.measurements.last().unwrap().value, "0");
+    let metrics = c.metrics.encode().unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            r#"fledge_analysis_measurements_total{namespace="shop",deployment="web",check="error-rate",outcome="Successful"}"#
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"fledge_analysis_last_value{namespace="shop",deployment="web",check="error-rate"} 0"#
+        ),
+        "{metrics}"
+    );
 
     // The same canary again (v3), and its error rate rises after its first good measurements.
     let checks = error_rate_check(&prom, "");
