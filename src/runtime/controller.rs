@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -612,7 +612,9 @@ async fn reconcile_one(
         namespace: &namespace,
     };
     for result in &recorded {
-        apply.announce_measurement(result, next.state.as_ref()).await;
+        apply
+            .announce_measurement(result, next.state.as_ref())
+            .await;
     }
     let outcome = apply.all(&plan, next.state.as_ref()).await?;
     let mut soonest = None;
@@ -620,9 +622,7 @@ async fn reconcile_one(
         // Stored: the results it holds are no longer needed.
         ctx.measurements.forget(&key, next.state.as_ref());
         for result in &recorded {
-            ctx.config
-                .metrics
-                .measured(&namespace, &facts.name, result);
+            ctx.config.metrics.measured(&namespace, &facts.name, result);
         }
         apply.clean_up_jobs(state.as_ref(), &next).await;
         if let (Some(stored), Some(spec)) = (&next.state, &facts.spec)
@@ -948,7 +948,9 @@ impl Apply<'_> {
     }
 
     /// The gateway mode: each of the user's routes gets its references to the root Service split.
-    /// The rules fledge first finds are saved in the state before any route is touched.
+    /// The user's rules (the first ones fledge finds, then the route as it is now without
+    /// fledge's fields, so that edits made since are kept) are saved in the state before any
+    /// route is written.
     async fn split_user_routes(
         &self,
         names: &[String],
@@ -1001,7 +1003,19 @@ impl Apply<'_> {
                     return Ok(Some(Applied::WaitingForRouter));
                 }
             };
-            if saved.is_none() {
+            // First touch, or the user changed the route since fledge wrote it: their rules, with
+            // the change, are saved before fledge writes, and are what a restore gives back.
+            if saved != Some(originals.as_slice()) {
+                if saved.is_some() {
+                    let event = machine::Event {
+                        reason: "HTTPRouteChanged",
+                        message: format!(
+                            "HTTPRoute {name} changed since fledge wrote it: the change is kept, and only fledge's backends and rules are written again"
+                        ),
+                        warning: false,
+                    };
+                    publish(self.ctx, self.deployment, &self.read.facts, &event).await;
+                }
                 to_save.insert(name.clone(), originals.clone());
             }
             found.push((name, route, current, originals));
