@@ -403,3 +403,162 @@ async fn fledge_abort_turns_the_gateway_api_route_before_it_writes_the_state() {
         });
     assert!(zero < first_state_in(&c, Phase::Aborted));
 }
+
+fn routes_api(c: &Cluster) -> kube::Api<kube::api::DynamicObject> {
+    kube::Api::namespaced_with(
+        c.api.client(),
+        NS,
+        &fledge::runtime::traffic::route_resource(),
+    )
+}
+
+/// `kubectl edit`: the route as it is now, changed by `edit`, written back with its
+/// resourceVersion.
+async fn edit_route(c: &Cluster, edit: impl Fn(&mut Value)) {
+    let routes = routes_api(c);
+    let route = routes.get("web-public").await.unwrap();
+    let mut value = serde_json::to_value(&route).unwrap();
+    edit(&mut value);
+    let edited: kube::api::DynamicObject = serde_json::from_value(value).unwrap();
+    routes
+        .replace("web-public", &Default::default(), &edited)
+        .await
+        .expect("the edited route is valid");
+}
+
+/// The user's changes, on the route's spec (split or not: the user's rules come first).
+fn users_edit(spec: &mut Value) {
+    spec["hostnames"] = json!(["shop.example.com", "www.shop.example.com"]);
+    spec["rules"][0]["timeouts"] = json!({"request": "20s"});
+    spec["rules"][0]["filters"][0]["requestHeaderModifier"]["add"][0]["value"] = json!("edge-2");
+    let mut rules = spec["rules"].as_array().cloned().unwrap();
+    rules.push(json!({
+        "matches": [{"path": {"type": "PathPrefix", "value": "/docs"}}],
+        // As the API server defaults it.
+        "backendRefs": [{"group": "", "kind": "Service", "name": "docs", "port": 8080, "weight": 1}],
+    }));
+    spec["rules"] = Value::Array(rules);
+}
+
+fn users_second_edit(spec: &mut Value) {
+    spec["rules"][0]["timeouts"] = json!({"request": "30s", "backendRequest": "5s"});
+}
+
+/// Waits until the route carries the canary share `bp` and passes `check`.
+async fn wait_route(c: &Cluster, bp: u16, check: impl Fn(&Value) -> bool) -> Value {
+    c.api
+        .wait_for(ROUTES, NS, "web-public", WAIT, |r| {
+            r.is_some_and(|r| {
+                r["spec"]["rules"].as_array().is_some_and(|rules| {
+                    canary_share(rules, "web-canary").map(|w| w.basis_points()) == Some(bp)
+                }) && check(r)
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_edits_to_the_route_mid_canary_are_kept_through_promotion_and_abort() {
+    let steps = "\
+- setWeight: 10
+- setHeaderRoute: {name: beta, match: [{headerName: x-beta, headerValue: {exact: \"1\"}}]}
+- pause: {}
+- setWeight: 50
+- pause: {}
+";
+    let c = gateway_cluster(steps, &GATEWAY_MODE).await;
+    c.api.create(ROUTES, NS, user_route()).await.unwrap();
+    let mut edited = c.api.get(ROUTES, NS, "web-public").unwrap()["spec"].clone();
+    users_edit(&mut edited);
+
+    apply(
+        &c.api,
+        with_router(deployment("web:2", steps), &GATEWAY_MODE),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 2).await;
+    // `kubectl edit` of the split route: a timeout, a filter, hostnames, a new rule at the end.
+    edit_route(&c, |r| users_edit(&mut r["spec"])).await;
+    fledge(&c.api, &["promote", "web"]).await;
+    let live = wait_route(&c, 5000, |r| {
+        r["spec"]["rules"][0]["timeouts"]["request"] == "20s"
+            && rule_names(r) == vec!["fledge-beta-0"]
+            && r["spec"]["rules"].as_array().unwrap().last().unwrap()["name"] == "fledge-beta-0"
+    })
+    .await;
+    wait_step(&c, Phase::Paused, 4).await;
+    let spec = &live["spec"];
+    assert_eq!(spec["hostnames"], edited["hostnames"], "hostnames kept");
+    assert_eq!(spec["rules"][0]["filters"], edited["rules"][0]["filters"]);
+    assert_eq!(spec["rules"][1], edited["rules"][1], "the other rule stays");
+    assert_eq!(
+        spec["rules"][2], edited["rules"][2],
+        "the new rule is the user's"
+    );
+    assert_eq!(
+        spec["rules"][3]["timeouts"], edited["rules"][0]["timeouts"],
+        "the header route is built from the edited rule"
+    );
+    assert!(events_with_reason(&c.api, "HTTPRouteChanged") >= 1);
+    let saved = state(c.api.get(DEPLOYMENTS, NS, "web").as_ref()).unwrap();
+    assert_eq!(
+        saved.saved_routes["web-public"],
+        edited["rules"].as_array().unwrap().clone(),
+        "the edit is what fledge saved"
+    );
+
+    // The user re-applies their route from Git (SSA, force): no fledge fields, another change.
+    let mut from_git = user_route();
+    from_git["spec"] = edited.clone();
+    users_second_edit(&mut from_git["spec"]);
+    let mut edited_twice = edited.clone();
+    users_second_edit(&mut edited_twice);
+    routes_api(&c)
+        .patch(
+            "web-public",
+            &kube::api::PatchParams::apply("argocd").force(),
+            &kube::api::Patch::Apply(&from_git),
+        )
+        .await
+        .unwrap();
+    fledge(&c.api, &["promote", "web"]).await;
+    wait_phase(&c.api, Phase::Succeeded).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        edited_twice,
+        "the user's edits after promotion"
+    );
+
+    // Abort with an edit fledge has not seen yet: the restore keeps it too.
+    apply(
+        &c.api,
+        with_router(deployment("web:3", steps), &GATEWAY_MODE),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 2).await;
+    c.controller_task.abort();
+    edit_route(&c, |r| {
+        r["spec"]["rules"][1]["timeouts"] = json!({"request": "3s"});
+    })
+    .await;
+    let mut edited_thrice = edited_twice.clone();
+    edited_thrice["rules"][1]["timeouts"] = json!({"request": "3s"});
+    fledge(&c.api, &["abort", "web"]).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        edited_thrice,
+        "`fledge abort` restores the route with the edit"
+    );
+    let metrics = std::sync::Arc::new(fledge::runtime::server::ServerMetrics::default());
+    let _controller = support::e2e::start_controller(&c.api, &metrics);
+    wait_phase(&c.api, Phase::Aborted).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        edited_thrice,
+        "the user's edits after an abort"
+    );
+}
