@@ -361,6 +361,68 @@ async fn without_the_gateway_api_crd_only_its_deployments_wait() {
     assert_eq!(split_weights(&c.api), vec![0, 2000]);
 }
 
+/// Creates the CRDs in `yaml` through the API, as `kubectl apply -f` does.
+async fn install_crds(c: &Cluster, yaml: &str) {
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let crd = <Value as serde::Deserialize>::deserialize(doc).unwrap();
+        if crd["kind"] == "CustomResourceDefinition" {
+            c.api
+                .create("apiextensions.k8s.io/v1/customresourcedefinitions", "", crd)
+                .await
+                .expect("the CRD is created");
+        }
+    }
+}
+
+/// A router's CRD installed while a Deployment waits for it: the canary goes on within seconds
+/// (the controller retries a waiting router every 2 s), and its weight is in the new object.
+async fn goes_on_once_the_crd_is_installed(
+    c: &Cluster,
+    router: &[(&str, &str)],
+    crd: &str,
+    says: &str,
+) {
+    let steps = "- setWeight: 20\n- pause: {}\n";
+    v2_waits(c, steps, router, says, "RouterUnavailable").await;
+    let state = state(c.api.get(DEPLOYMENTS, NS, "web").as_ref()).unwrap();
+    assert!(
+        state.message.contains("install its CRD"),
+        "{}",
+        state.message
+    );
+    let installed = std::time::Instant::now();
+    install_crds(c, crd).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    let took = installed.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert!(c.api.get(DEPLOYMENTS, NS, "web-canary").is_some());
+    assert_eq!(events_with_reason(&c.api, "RouterUnavailable"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_goes_on_within_seconds_once_its_crd_is_installed() {
+    let c = stable_v1("- setWeight: 20\n- pause: {}\n").await;
+    let router = [("fledge.dev/router", "gateway-api")];
+    goes_on_once_the_crd_is_installed(&c, &router, &gateway_api_crd(), "router gateway-api").await;
+    assert_eq!(route_weights(&c, "web"), vec![0, 2000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smi_goes_on_within_seconds_once_the_trafficsplit_crd_is_installed() {
+    let c = with_stable_v1(
+        cluster_configured(|config| config.trafficsplit_versions = Vec::new()).await,
+        "- setWeight: 20\n- pause: {}\n",
+    )
+    .await;
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/crds/trafficsplit-linkerd-smi.yaml"
+    ))
+    .unwrap();
+    goes_on_once_the_crd_is_installed(&c, &[], &crd, "router smi").await;
+    assert_eq!(split_weights(&c.api), vec![0, 2000]);
+}
+
 /// The resource version of the first stored state in `phase`.
 fn first_state_in(c: &Cluster, phase: Phase) -> u64 {
     c.api
