@@ -226,7 +226,7 @@ async fn gamma_mode_owns_a_route_with_the_root_service_as_parent() {
     let route = c.api.get(ROUTES, NS, "web").unwrap();
     assert_eq!(
         route["spec"]["parentRefs"],
-        json!([{"group": "", "kind": "Service", "name": "web"}])
+        json!([{"group": "", "kind": "Service", "name": "web", "port": 80}])
     );
     assert_eq!(rule_names(&route), vec!["fledge-beta-0"]);
     assert_eq!(

@@ -481,9 +481,34 @@ pub fn mesh_rule(root: &str, port: Option<&Value>) -> Value {
     })
 }
 
-/// The GAMMA parentRef: the root Service itself (group "", kind Service).
-pub fn mesh_parent(root: &str) -> Value {
-    json!([{"group": "", "kind": "Service", "name": root}])
+/// The GAMMA parentRef: the root Service itself (group "", kind Service), on `port`: a Service
+/// backendRef must name one port, so the route attaches to that port alone and never sends a
+/// request that came in on another port to this one.
+pub fn mesh_parent(root: &str, port: Option<&Value>) -> Value {
+    let mut parent = json!({"group": "", "kind": "Service", "name": root});
+    if let Some(port) = port {
+        parent["port"] = port.clone();
+    }
+    json!([parent])
+}
+
+/// The port of the root Service that fledge's GAMMA route splits: the first one that speaks HTTP
+/// by its `appProtocol` (`http`, `kubernetes.io/h2c`) or by its name (`http`, `http2`,
+/// `http-…`, `http2-…`, Istio's convention), else the first one.
+pub fn mesh_port(ports: &[Value]) -> Option<&Value> {
+    let http = |p: &&Value| {
+        let app = p["appProtocol"].as_str().unwrap_or_default();
+        let name = p["name"].as_str().unwrap_or_default();
+        matches!(app, "http" | "kubernetes.io/h2c")
+            || ["http", "http2"]
+                .iter()
+                .any(|n| name == *n || name.starts_with(&format!("{n}-")))
+    };
+    ports
+        .iter()
+        .find(http)
+        .or_else(|| ports.first())
+        .and_then(|p| p.get("port"))
 }
 
 /// The canary weight a split route sends by its first rule that references the canary, in basis
@@ -734,7 +759,10 @@ mod tests {
 
     /// The edits a user makes to a route while a canary runs, each as a change of the rules
     /// (applied alike to the split route, as `kubectl edit` does, and to the user's own rules).
-    fn edits() -> Vec<(&'static str, fn(&mut Vec<Value>))> {
+    /// A user's change of a route's rules.
+    type Edit = fn(&mut Vec<Value>);
+
+    fn edits() -> Vec<(&'static str, Edit)> {
         vec![
             ("nothing", |_| {}),
             ("a timeout", |rules| {
@@ -964,6 +992,35 @@ mod tests {
         let at6 = RouteExtras::at(&steps, 6);
         assert_eq!(at6.header_routes, vec![("b".into(), m)]);
         assert!(at6.mirrors.is_empty());
+    }
+
+    #[test]
+    fn the_gamma_route_splits_the_http_port_and_attaches_to_it_alone() {
+        let ports = |list: Value| list.as_array().unwrap().clone();
+        assert_eq!(
+            mesh_port(&ports(
+                json!([{"name": "grpc", "port": 9090}, {"name": "http-web", "port": 80}])
+            )),
+            Some(&json!(80))
+        );
+        assert_eq!(
+            mesh_port(&ports(
+                json!([{"name": "metrics", "port": 9100}, {"name": "api", "port": 8080, "appProtocol": "kubernetes.io/h2c"}])
+            )),
+            Some(&json!(8080))
+        );
+        assert_eq!(
+            mesh_port(&ports(
+                json!([{"name": "web", "port": 8000}, {"name": "httpx", "port": 1}])
+            )),
+            Some(&json!(8000)),
+            "none speaks HTTP by name: the first"
+        );
+        assert_eq!(mesh_port(&[]), None);
+        assert_eq!(
+            mesh_parent("web", Some(&json!(80))),
+            json!([{"group": "", "kind": "Service", "name": "web", "port": 80}])
+        );
     }
 
     #[test]
