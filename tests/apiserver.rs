@@ -2031,6 +2031,153 @@ async fn further_crds_are_served_with_schema_defaults() {
     assert_eq!(err.code, 422, "{err:?}");
 }
 
+#[tokio::test]
+async fn crds_created_at_runtime_are_served_and_stop_being_served_when_deleted() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/crds/gateway-api-v1.6.1-httproutes.yaml"
+    );
+    let Ok(yaml) = std::fs::read_to_string(path) else {
+        eprintln!("skipped: {path} is not there");
+        return;
+    };
+    let server = ApiServer::start(without_controller()).await;
+    let client = server.client();
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
+    );
+    let route: DynamicObject = typed(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web"},
+        "spec": {"parentRefs": [{"name": "mesh"}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}
+    }));
+    // Not served yet: 404, as kube-apiserver answers for an unknown resource.
+    let err = api_error(routes.get("web").await.unwrap_err());
+    assert_eq!(err.code, 404);
+    assert!(
+        kube::discovery::group(&client, "gateway.networking.k8s.io")
+            .await
+            .is_err()
+    );
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd: CustomResourceDefinition = serde_yaml_ng::Deserializer::from_str(&yaml)
+        .filter_map(|doc| {
+            let v = <Value as serde::Deserialize>::deserialize(doc).ok()?;
+            (v["kind"] == "CustomResourceDefinition").then(|| typed(v))
+        })
+        .next()
+        .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let established = |c: &CustomResourceDefinition| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            })
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !established(
+        &crds
+            .get("httproutes.gateway.networking.k8s.io")
+            .await
+            .unwrap(),
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "never established");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stored = crds
+        .get("httproutes.gateway.networking.k8s.io")
+        .await
+        .unwrap();
+    let status = stored.status.unwrap();
+    assert_eq!(status.accepted_names.unwrap().kind, "HTTPRoute");
+    assert_eq!(status.stored_versions, Some(vec!["v1".to_string()]));
+
+    // Served: discovery (plain and aggregated), the schema's defaults and validation.
+    let group = kube::discovery::group(&client, "gateway.networking.k8s.io")
+        .await
+        .unwrap();
+    assert!(
+        group
+            .resources_by_stability()
+            .iter()
+            .any(|(r, _)| r.plural == "httproutes")
+    );
+    let discovery = kube::Discovery::new(client.clone())
+        .run_aggregated()
+        .await
+        .unwrap();
+    assert!(discovery.has_group("gateway.networking.k8s.io"));
+    assert!(discovery.has_group("apiextensions.k8s.io"));
+    let created = routes.create(&PostParams::default(), &route).await.unwrap();
+    assert_eq!(created.data["spec"]["parentRefs"][0]["kind"], "Gateway");
+    let mut bad = route.clone();
+    bad.metadata.name = Some("bad".into());
+    bad.data["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(-1);
+    let err = api_error(
+        routes
+            .create(&PostParams::default(), &bad)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(err.code, 422, "{err:?}");
+
+    // A CRD whose name is not {plural}.{group} is not established, and serves nothing.
+    let mut misnamed = crd.clone();
+    misnamed.metadata.name = Some("routes.example.com".into());
+    misnamed.spec.group = "example.com".into();
+    misnamed.spec.names.plural = "things".into();
+    crds.create(&PostParams::default(), &misnamed)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let c = crds.get("routes.example.com").await.unwrap();
+        if let Some(cs) = c.status.and_then(|s| s.conditions) {
+            assert!(
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "False")
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no status");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        kube::discovery::group(&client, "example.com")
+            .await
+            .is_err()
+    );
+
+    // Deleted: not served any more.
+    crds.delete(
+        "httproutes.gateway.networking.k8s.io",
+        &DeleteParams::default(),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Err(e) = routes.get("web").await
+            && api_error(e).code == 404
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The stand-in under the benchmark's load: 1,000 Deployments (run with `--ignored`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a load check of the stand-in, not a behaviour test"]

@@ -226,7 +226,7 @@ async fn gamma_mode_owns_a_route_with_the_root_service_as_parent() {
     let route = c.api.get(ROUTES, NS, "web").unwrap();
     assert_eq!(
         route["spec"]["parentRefs"],
-        json!([{"group": "", "kind": "Service", "name": "web"}])
+        json!([{"group": "", "kind": "Service", "name": "web", "port": 80}])
     );
     assert_eq!(rule_names(&route), vec!["fledge-beta-0"]);
     assert_eq!(
@@ -361,6 +361,68 @@ async fn without_the_gateway_api_crd_only_its_deployments_wait() {
     assert_eq!(split_weights(&c.api), vec![0, 2000]);
 }
 
+/// Creates the CRDs in `yaml` through the API, as `kubectl apply -f` does.
+async fn install_crds(c: &Cluster, yaml: &str) {
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let crd = <Value as serde::Deserialize>::deserialize(doc).unwrap();
+        if crd["kind"] == "CustomResourceDefinition" {
+            c.api
+                .create("apiextensions.k8s.io/v1/customresourcedefinitions", "", crd)
+                .await
+                .expect("the CRD is created");
+        }
+    }
+}
+
+/// A router's CRD installed while a Deployment waits for it: the canary goes on within seconds
+/// (the controller retries a waiting router every 2 s), and its weight is in the new object.
+async fn goes_on_once_the_crd_is_installed(
+    c: &Cluster,
+    router: &[(&str, &str)],
+    crd: &str,
+    says: &str,
+) {
+    let steps = "- setWeight: 20\n- pause: {}\n";
+    v2_waits(c, steps, router, says, "RouterUnavailable").await;
+    let state = state(c.api.get(DEPLOYMENTS, NS, "web").as_ref()).unwrap();
+    assert!(
+        state.message.contains("install its CRD"),
+        "{}",
+        state.message
+    );
+    let installed = std::time::Instant::now();
+    install_crds(c, crd).await;
+    wait_phase(&c.api, Phase::Paused).await;
+    let took = installed.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    assert!(c.api.get(DEPLOYMENTS, NS, "web-canary").is_some());
+    assert_eq!(events_with_reason(&c.api, "RouterUnavailable"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_goes_on_within_seconds_once_its_crd_is_installed() {
+    let c = stable_v1("- setWeight: 20\n- pause: {}\n").await;
+    let router = [("fledge.dev/router", "gateway-api")];
+    goes_on_once_the_crd_is_installed(&c, &router, &gateway_api_crd(), "router gateway-api").await;
+    assert_eq!(route_weights(&c, "web"), vec![0, 2000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smi_goes_on_within_seconds_once_the_trafficsplit_crd_is_installed() {
+    let c = with_stable_v1(
+        cluster_configured(|config| config.trafficsplit_versions = Vec::new()).await,
+        "- setWeight: 20\n- pause: {}\n",
+    )
+    .await;
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/crds/trafficsplit-linkerd-smi.yaml"
+    ))
+    .unwrap();
+    goes_on_once_the_crd_is_installed(&c, &[], &crd, "router smi").await;
+    assert_eq!(split_weights(&c.api), vec![0, 2000]);
+}
+
 /// The resource version of the first stored state in `phase`.
 fn first_state_in(c: &Cluster, phase: Phase) -> u64 {
     c.api
@@ -402,4 +464,163 @@ async fn fledge_abort_turns_the_gateway_api_route_before_it_writes_the_state() {
             )
         });
     assert!(zero < first_state_in(&c, Phase::Aborted));
+}
+
+fn routes_api(c: &Cluster) -> kube::Api<kube::api::DynamicObject> {
+    kube::Api::namespaced_with(
+        c.api.client(),
+        NS,
+        &fledge::runtime::traffic::route_resource(),
+    )
+}
+
+/// `kubectl edit`: the route as it is now, changed by `edit`, written back with its
+/// resourceVersion.
+async fn edit_route(c: &Cluster, edit: impl Fn(&mut Value)) {
+    let routes = routes_api(c);
+    let route = routes.get("web-public").await.unwrap();
+    let mut value = serde_json::to_value(&route).unwrap();
+    edit(&mut value);
+    let edited: kube::api::DynamicObject = serde_json::from_value(value).unwrap();
+    routes
+        .replace("web-public", &Default::default(), &edited)
+        .await
+        .expect("the edited route is valid");
+}
+
+/// The user's changes, on the route's spec (split or not: the user's rules come first).
+fn users_edit(spec: &mut Value) {
+    spec["hostnames"] = json!(["shop.example.com", "www.shop.example.com"]);
+    spec["rules"][0]["timeouts"] = json!({"request": "20s"});
+    spec["rules"][0]["filters"][0]["requestHeaderModifier"]["add"][0]["value"] = json!("edge-2");
+    let mut rules = spec["rules"].as_array().cloned().unwrap();
+    rules.push(json!({
+        "matches": [{"path": {"type": "PathPrefix", "value": "/docs"}}],
+        // As the API server defaults it.
+        "backendRefs": [{"group": "", "kind": "Service", "name": "docs", "port": 8080, "weight": 1}],
+    }));
+    spec["rules"] = Value::Array(rules);
+}
+
+fn users_second_edit(spec: &mut Value) {
+    spec["rules"][0]["timeouts"] = json!({"request": "30s", "backendRequest": "5s"});
+}
+
+/// Waits until the route carries the canary share `bp` and passes `check`.
+async fn wait_route(c: &Cluster, bp: u16, check: impl Fn(&Value) -> bool) -> Value {
+    c.api
+        .wait_for(ROUTES, NS, "web-public", WAIT, |r| {
+            r.is_some_and(|r| {
+                r["spec"]["rules"].as_array().is_some_and(|rules| {
+                    canary_share(rules, "web-canary").map(|w| w.basis_points()) == Some(bp)
+                }) && check(r)
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_edits_to_the_route_mid_canary_are_kept_through_promotion_and_abort() {
+    let steps = "\
+- setWeight: 10
+- setHeaderRoute: {name: beta, match: [{headerName: x-beta, headerValue: {exact: \"1\"}}]}
+- pause: {}
+- setWeight: 50
+- pause: {}
+";
+    let c = gateway_cluster(steps, &GATEWAY_MODE).await;
+    c.api.create(ROUTES, NS, user_route()).await.unwrap();
+    let mut edited = c.api.get(ROUTES, NS, "web-public").unwrap()["spec"].clone();
+    users_edit(&mut edited);
+
+    apply(
+        &c.api,
+        with_router(deployment("web:2", steps), &GATEWAY_MODE),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 2).await;
+    // `kubectl edit` of the split route: a timeout, a filter, hostnames, a new rule at the end.
+    edit_route(&c, |r| users_edit(&mut r["spec"])).await;
+    fledge(&c.api, &["promote", "web"]).await;
+    let live = wait_route(&c, 5000, |r| {
+        r["spec"]["rules"][0]["timeouts"]["request"] == "20s"
+            && rule_names(r) == vec!["fledge-beta-0"]
+            && r["spec"]["rules"].as_array().unwrap().last().unwrap()["name"] == "fledge-beta-0"
+    })
+    .await;
+    wait_step(&c, Phase::Paused, 4).await;
+    let spec = &live["spec"];
+    assert_eq!(spec["hostnames"], edited["hostnames"], "hostnames kept");
+    assert_eq!(spec["rules"][0]["filters"], edited["rules"][0]["filters"]);
+    assert_eq!(spec["rules"][1], edited["rules"][1], "the other rule stays");
+    assert_eq!(
+        spec["rules"][2], edited["rules"][2],
+        "the new rule is the user's"
+    );
+    assert_eq!(
+        spec["rules"][3]["timeouts"], edited["rules"][0]["timeouts"],
+        "the header route is built from the edited rule"
+    );
+    assert!(events_with_reason(&c.api, "HTTPRouteChanged") >= 1);
+    let saved = state(c.api.get(DEPLOYMENTS, NS, "web").as_ref()).unwrap();
+    assert_eq!(
+        saved.saved_routes["web-public"],
+        edited["rules"].as_array().unwrap().clone(),
+        "the edit is what fledge saved"
+    );
+
+    // The user re-applies their route from Git (SSA, force): no fledge fields, another change.
+    let mut from_git = user_route();
+    from_git["spec"] = edited.clone();
+    users_second_edit(&mut from_git["spec"]);
+    let mut edited_twice = edited.clone();
+    users_second_edit(&mut edited_twice);
+    routes_api(&c)
+        .patch(
+            "web-public",
+            &kube::api::PatchParams::apply("argocd").force(),
+            &kube::api::Patch::Apply(&from_git),
+        )
+        .await
+        .unwrap();
+    fledge(&c.api, &["promote", "web"]).await;
+    wait_phase(&c.api, Phase::Succeeded).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        edited_twice,
+        "the user's edits after promotion"
+    );
+
+    // Abort with an edit fledge has not seen yet: the restore keeps it too.
+    apply(
+        &c.api,
+        with_router(deployment("web:3", steps), &GATEWAY_MODE),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 2).await;
+    c.controller_task.abort();
+    edit_route(&c, |r| {
+        r["spec"]["rules"][1]["timeouts"] = json!({"request": "3s"});
+    })
+    .await;
+    let mut edited_thrice = edited_twice.clone();
+    edited_thrice["rules"][1]["timeouts"] = json!({"request": "3s"});
+    fledge(&c.api, &["abort", "web"]).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        edited_thrice,
+        "`fledge abort` restores the route with the edit"
+    );
+    let metrics = std::sync::Arc::new(fledge::runtime::server::ServerMetrics::default());
+    let _controller = support::e2e::start_controller(&c.api, &metrics);
+    wait_phase(&c.api, Phase::Aborted).await;
+    wait_until_nothing_is_left(&c.api).await;
+    assert_eq!(
+        c.api.get(ROUTES, NS, "web-public").unwrap()["spec"],
+        edited_thrice,
+        "the user's edits after an abort"
+    );
 }

@@ -159,7 +159,7 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, ObjectError> {
         Router::GatewayApi { http_routes } if http_routes.is_empty() => Some(mesh_route(
             &owner,
             root_name,
-            ports.first().and_then(|p| p.get("port")),
+            routes::mesh_port(&ports),
             inputs.weight,
             inputs.extras,
         )?),
@@ -445,8 +445,9 @@ fn traffic_split(
     })
 }
 
-/// The HTTPRoute fledge owns for a mesh (GAMMA): its parent is the root Service, its one rule split
-/// between the stable and canary Services, named after the Deployment like the TrafficSplit.
+/// The HTTPRoute fledge owns for a mesh (GAMMA): its parent is the root Service on `port`, its one
+/// rule split between the stable and canary Services on that port, named after the Deployment
+/// like the TrafficSplit.
 fn mesh_route(
     owner: &Owner,
     root: &str,
@@ -473,7 +474,7 @@ fn mesh_route(
         "apiVersion": routes::ROUTE_API_VERSION,
         "kind": routes::ROUTE_KIND,
         "metadata": owner.metadata(&owner.name, &BTreeMap::new()),
-        "spec": {"parentRefs": routes::mesh_parent(root), "rules": rules},
+        "spec": {"parentRefs": routes::mesh_parent(root, port), "rules": rules},
     }))
 }
 
@@ -532,6 +533,50 @@ mod tests {
             split_api: api,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_gamma_route_of_a_root_service_with_several_ports_splits_its_http_port_alone() {
+        let mut root = root_service();
+        root["spec"]["ports"] = json!([
+            {"name": "grpc", "port": 9090, "targetPort": 9090},
+            {"name": "http", "port": 80, "targetPort": 8080},
+            {"name": "metrics", "port": 9100},
+        ]);
+        let d = desired(&Inputs {
+            deployment: &deployment(4),
+            canary_hash: "c2",
+            root_service: &root,
+            stable_pod_template_hash: "7d9c6b5f4",
+            size: Weight::from_basis_points(500).unwrap(),
+            weight: Weight::from_basis_points(500).unwrap(),
+            router: &Router::GatewayApi {
+                http_routes: vec![],
+            },
+            extras: &RouteExtras::default(),
+            split_api: SplitApi::V1Alpha2,
+        })
+        .unwrap();
+        let route = d.traffic.unwrap();
+        assert_eq!(
+            route["spec"]["parentRefs"],
+            json!([{"group": "", "kind": "Service", "name": "web", "port": 80}]),
+            "attached to the HTTP port only: requests on 9090 never go to port 80"
+        );
+        assert_eq!(
+            route["spec"]["rules"][0]["backendRefs"],
+            json!([
+                {"name": "web-stable", "port": 80, "weight": 9500},
+                {"name": "web-canary", "port": 80, "weight": 500},
+            ])
+        );
+        assert_eq!(
+            d.canary_service["spec"]["ports"].as_array().unwrap().len(),
+            3,
+            "the canary and stable Services keep every port"
+        );
+        let to_stable = mesh_route_to_stable(&deployment(4), "web", Some(&json!(80))).unwrap();
+        assert_eq!(to_stable["spec"]["parentRefs"], route["spec"]["parentRefs"]);
     }
 
     #[test]

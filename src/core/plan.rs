@@ -374,11 +374,12 @@ fn render_objects(out: &mut String, plan: &Plan, d: &Desired) {
             let backends = weights(&route["spec"]["rules"][0]["backendRefs"], "name");
             let _ = writeln!(
                 out,
-                "  HTTPRoute    {:<20} parent Service {} (GAMMA): {}",
+                "  HTTPRoute    {:<20} parent Service {} port {} (GAMMA): {}",
                 route["metadata"]["name"].as_str().unwrap_or_default(),
                 route["spec"]["parentRefs"][0]["name"]
                     .as_str()
                     .unwrap_or_default(),
+                route["spec"]["parentRefs"][0]["port"],
                 backends.join(", ")
             );
         }

@@ -91,9 +91,10 @@ pub struct RolloutState {
     /// Since when the canary has not been available: the progress deadline counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
     pub unavailable_since: Option<Timestamp>,
-    /// The `spec.rules` of the user's HTTPRoutes as fledge first found them (router
-    /// `gateway-api` at a gateway), by route name: what a restore writes back. Empty otherwise,
-    /// and in states stored before routers existed.
+    /// The `spec.rules` of the user's HTTPRoutes without fledge's fields (router `gateway-api`
+    /// at a gateway), by route name: as fledge first found them, then with the user's edits since
+    /// (`routes::user_rules`); what fledge splits from and a restore gives back. Empty
+    /// otherwise, and in states stored before routers existed.
     #[serde(default, skip_serializing_if = "SavedRules::is_empty")]
     pub saved_routes: SavedRules,
     /// The runs of the canary's checks (`fledge.dev/analysis`), by check name.

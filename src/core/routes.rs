@@ -9,8 +9,12 @@
 //! - for a mesh (GAMMA), on the route fledge owns: the same surgery on one rule that sends
 //!   everything to the root Service.
 //!
-//! The rules are computed from the saved rules alone, never from what fledge wrote before: applying
-//! twice is applying once, and a restore is exact.
+//! The rules are computed from the user's rules alone, never from what fledge wrote before:
+//! applying twice is applying once, and a restore is exact. The user's rules are re-derived from
+//! the route as it is now on every pass ([`user_rules`]): fledge's own fields (the stable/canary
+//! refs, the `fledge-` rules, the mirror filters to the canary) are taken out again, and whatever
+//! else the user changed in the meantime (a timeout, a filter, a new rule) is kept, saved, and
+//! is what a restore writes back. Nothing is fought over.
 
 use std::collections::BTreeMap;
 
@@ -117,9 +121,11 @@ fn weight_of(backend: &Value) -> u64 {
     backend["weight"].as_u64().unwrap_or(1)
 }
 
-/// The rules to keep for `route` when fledge first touches it: `saved` when fledge saved them
-/// before, else the route's own rules, which must reference the root Service and must not carry
-/// fledge's changes already (those would be saved as the user's).
+/// The user's rules of `route`, from which fledge splits: when fledge saved rules before, the
+/// route's current rules with fledge's own fields taken out ([`user_rules`]), so that the user's
+/// edits since are kept; else, when fledge first touches it, the route's own rules, which must
+/// reference the root Service and must not carry fledge's changes already (those would be saved
+/// as the user's).
 pub fn originals(
     route: &str,
     current: &[Value],
@@ -127,7 +133,7 @@ pub fn originals(
     backends: &Backends,
 ) -> Result<Vec<Value>, RouteError> {
     if let Some(saved) = saved {
-        return Ok(saved.to_vec());
+        return Ok(user_rules(current, saved, backends));
     }
     let touched = current.iter().any(|rule| {
         rule["name"]
@@ -150,6 +156,159 @@ pub fn originals(
         ));
     }
     Ok(current.to_vec())
+}
+
+/// The rules the user means, read off the route as it is now: `current` without what fledge adds
+/// to it. The `fledge-` rules go; mirror filters to the canary Service go; each stable ref that is
+/// directly followed by its canary twin (the same ref but for name and weight: what
+/// [`split_rules`] writes) becomes one ref to the root Service again. Everything else is the
+/// user's and stays, edits made since fledge's last write included.
+///
+/// The root ref's weight is the sum of the pair's; when a rule's weights are then a multiple of a
+/// `saved` rule's with the same refs, that rule's refs are taken as they were saved (the exact
+/// weights, or none where the user wrote none); otherwise the weights are divided by their common
+/// divisor, and a weight of 1 (the default) is left out. (Alike, a rule whose only filter was
+/// fledge's mirror comes back without `filters`, or with `filters: []` when it is a saved rule.) A route without fledge's fields (the user re-applied theirs) is returned as it is.
+pub fn user_rules(current: &[Value], saved: &[Value], backends: &Backends) -> Vec<Value> {
+    current
+        .iter()
+        .filter(|rule| !is_fledges_rule(rule))
+        .map(|rule| unsplit_rule(rule, saved, backends))
+        .collect()
+}
+
+fn is_fledges_rule(rule: &Value) -> bool {
+    rule["name"]
+        .as_str()
+        .is_some_and(|n| n.starts_with(RULE_PREFIX))
+}
+
+fn is_fledges_mirror(filter: &Value, backends: &Backends) -> bool {
+    filter["type"] == "RequestMirror"
+        && backends.is_ref_to(&filter["requestMirror"]["backendRef"], backends.canary)
+}
+
+/// A backendRef without its name and weight: what a stable ref and its canary twin share.
+fn ref_shape(backend: &Value) -> Value {
+    let mut shape = backend.clone();
+    if let Some(object) = shape.as_object_mut() {
+        object.remove("name");
+        object.remove("weight");
+    }
+    shape
+}
+
+fn without_weights(refs: &[Value]) -> Vec<Value> {
+    refs.iter()
+        .map(|b| {
+            let mut b = b.clone();
+            if let Some(object) = b.as_object_mut() {
+                object.remove("weight");
+            }
+            b
+        })
+        .collect()
+}
+
+/// Whether weights `a` are a positive multiple of `b` (all zero only with all zero).
+fn proportional(a: &[u64], b: &[u64]) -> bool {
+    let zero = |w: &[u64]| w.iter().all(|&x| x == 0);
+    a.len() == b.len()
+        && zero(a) == zero(b)
+        && (0..a.len()).all(|i| {
+            (0..a.len())
+                .all(|j| u128::from(a[i]) * u128::from(b[j]) == u128::from(a[j]) * u128::from(b[i]))
+        })
+}
+
+fn unsplit_rule(rule: &Value, saved: &[Value], backends: &Backends) -> Value {
+    let mut rule = rule.clone();
+    if let Some(filters) = rule["filters"].as_array() {
+        let kept: Vec<Value> = filters
+            .iter()
+            .filter(|f| !is_fledges_mirror(f, backends))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            if let Some(object) = rule.as_object_mut() {
+                object.remove("filters");
+            }
+        } else {
+            rule["filters"] = Value::Array(kept);
+        }
+    }
+    let current = refs(&rule).to_vec();
+    let mut merged = Vec::with_capacity(current.len());
+    let mut split = false;
+    let mut i = 0;
+    while i < current.len() {
+        let (b, next) = (&current[i], current.get(i + 1));
+        if let Some(next) = next
+            && backends.is_ref_to(b, backends.stable)
+            && backends.is_ref_to(next, backends.canary)
+            && ref_shape(b) == ref_shape(next)
+        {
+            let mut root = b.clone();
+            root["name"] = json!(backends.root);
+            root["weight"] = json!(weight_of(b) + weight_of(next));
+            merged.push(root);
+            split = true;
+            i += 2;
+        } else {
+            merged.push(b.clone());
+            i += 1;
+        }
+    }
+    if !split {
+        return as_saved_rule(rule, saved);
+    }
+    let weights: Vec<u64> = merged.iter().map(weight_of).collect();
+    let shape = without_weights(&merged);
+    let as_saved = saved.iter().map(refs).find(|s| {
+        without_weights(s) == shape
+            && proportional(&weights, &s.iter().map(weight_of).collect::<Vec<_>>())
+    });
+    rule["backendRefs"] = Value::Array(match as_saved {
+        Some(s) => s.to_vec(),
+        None => {
+            let divisor = weights.iter().copied().fold(0, gcd).max(1);
+            merged
+                .into_iter()
+                .map(|mut b| {
+                    let weight = weight_of(&b) / divisor;
+                    if let Some(object) = b.as_object_mut() {
+                        // 1 is the default, and what a user writes by leaving it out.
+                        if weight == 1 {
+                            object.remove("weight");
+                        } else {
+                            object.insert("weight".into(), json!(weight));
+                        }
+                    }
+                    b
+                })
+                .collect()
+        }
+    });
+    as_saved_rule(rule, saved)
+}
+
+/// `rule`, or the saved rule it is but for an empty `filters` list (which taking fledge's mirror
+/// out of cannot tell from none).
+fn as_saved_rule(rule: Value, saved: &[Value]) -> Value {
+    if rule.get("filters").is_some() {
+        return rule;
+    }
+    saved
+        .iter()
+        .find(|s| {
+            s["filters"].as_array().is_some_and(Vec::is_empty) && {
+                let mut s = (*s).clone();
+                s.as_object_mut().map(|o| o.remove("filters"));
+                s == rule
+            }
+        })
+        .cloned()
+        .unwrap_or(rule)
 }
 
 /// `original` with every reference to the root Service split into stable and canary at `weight`,
@@ -322,9 +481,34 @@ pub fn mesh_rule(root: &str, port: Option<&Value>) -> Value {
     })
 }
 
-/// The GAMMA parentRef: the root Service itself (group "", kind Service).
-pub fn mesh_parent(root: &str) -> Value {
-    json!([{"group": "", "kind": "Service", "name": root}])
+/// The GAMMA parentRef: the root Service itself (group "", kind Service), on `port`: a Service
+/// backendRef must name one port, so the route attaches to that port alone and never sends a
+/// request that came in on another port to this one.
+pub fn mesh_parent(root: &str, port: Option<&Value>) -> Value {
+    let mut parent = json!({"group": "", "kind": "Service", "name": root});
+    if let Some(port) = port {
+        parent["port"] = port.clone();
+    }
+    json!([parent])
+}
+
+/// The port of the root Service that fledge's GAMMA route splits: the first one that speaks HTTP
+/// by its `appProtocol` (`http`, `kubernetes.io/h2c`) or by its name (`http`, `http2`,
+/// `http-…`, `http2-…`, Istio's convention), else the first one.
+pub fn mesh_port(ports: &[Value]) -> Option<&Value> {
+    let http = |p: &&Value| {
+        let app = p["appProtocol"].as_str().unwrap_or_default();
+        let name = p["name"].as_str().unwrap_or_default();
+        matches!(app, "http" | "kubernetes.io/h2c")
+            || ["http", "http2"]
+                .iter()
+                .any(|n| name == *n || name.starts_with(&format!("{n}-")))
+    };
+    ports
+        .iter()
+        .find(http)
+        .or_else(|| ports.first())
+        .and_then(|p| p.get("port"))
 }
 
 /// The canary weight a split route sends by its first rule that references the canary, in basis
@@ -366,7 +550,7 @@ mod tests {
     }
 
     /// A route with several rules, refs to other Services, filters, matches and timeouts.
-    fn user_rules() -> Vec<Value> {
+    fn a_users_rules() -> Vec<Value> {
         serde_json::from_value(json!([
             {
                 "name": "api",
@@ -425,8 +609,9 @@ mod tests {
 
     #[test]
     fn only_refs_to_the_root_service_are_split() {
-        let rules = split_rules("r", &user_rules(), &B, w(500), &RouteExtras::default()).unwrap();
-        let original = user_rules();
+        let rules =
+            split_rules("r", &a_users_rules(), &B, w(500), &RouteExtras::default()).unwrap();
+        let original = a_users_rules();
         assert_eq!(rules.len(), 4);
         // Rule 0: root weight 3 → 3 × 9500 and 3 × 500; the other ref scaled alike, so its share stays.
         assert_eq!(
@@ -486,7 +671,7 @@ mod tests {
 
     #[test]
     fn header_routes_and_mirrors_are_added_to_the_rules_that_reference_the_root_service() {
-        let rules = split_rules("r", &user_rules(), &B, w(1000), &extras()).unwrap();
+        let rules = split_rules("r", &a_users_rules(), &B, w(1000), &extras()).unwrap();
         let names: Vec<&str> = rules
             .iter()
             .map(|r| r["name"].as_str().unwrap_or(""))
@@ -529,7 +714,7 @@ mod tests {
             beta["matches"][0],
             json!({"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"type": "RegularExpression", "name": "x-beta", "value": "^v2\\..*"}]})
         );
-        assert_eq!(beta["timeouts"], user_rules()[0]["timeouts"]);
+        assert_eq!(beta["timeouts"], a_users_rules()[0]["timeouts"]);
         // A rule without matches gets the default one, narrowed.
         assert_eq!(
             rules[7]["matches"][0]["path"],
@@ -540,10 +725,10 @@ mod tests {
     #[test]
     fn apply_then_restore_gives_back_the_route_and_both_are_idempotent() {
         let variants: Vec<Vec<Value>> = vec![
-            user_rules(),
+            a_users_rules(),
             vec![mesh_rule("web", None)],
-            user_rules().into_iter().rev().collect(),
-            vec![user_rules()[0].clone(), user_rules()[0].clone()],
+            a_users_rules().into_iter().rev().collect(),
+            vec![a_users_rules()[0].clone(), a_users_rules()[0].clone()],
         ];
         let extras_variants = [RouteExtras::default(), extras()];
         for original in &variants {
@@ -572,9 +757,195 @@ mod tests {
         }
     }
 
+    /// The edits a user makes to a route while a canary runs, each as a change of the rules
+    /// (applied alike to the split route, as `kubectl edit` does, and to the user's own rules).
+    /// A user's change of a route's rules.
+    type Edit = fn(&mut Vec<Value>);
+
+    fn edits() -> Vec<(&'static str, Edit)> {
+        vec![
+            ("nothing", |_| {}),
+            ("a timeout", |rules| {
+                rules[0]["timeouts"] = json!({"request": "30s", "backendRequest": "5s"});
+            }),
+            ("a filter before fledge's", |rules| {
+                let mut filters = rules[0]["filters"].as_array().cloned().unwrap_or_default();
+                filters.insert(
+                    0,
+                    json!({"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-edit", "value": "1"}]}}),
+                );
+                rules[0]["filters"] = Value::Array(filters);
+            }),
+            ("the matches", |rules| {
+                rules[0]["matches"] = json!([{"path": {"type": "PathPrefix", "value": "/v2"}}]);
+            }),
+            ("a new rule to another Service", |rules| {
+                rules.push(json!({
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/docs"}}],
+                    "backendRefs": [{"name": "docs", "port": 8080}],
+                }));
+            }),
+            ("a new rule to the root Service", |rules| {
+                rules.push(json!({
+                    "name": "health",
+                    "matches": [{"path": {"type": "Exact", "value": "/healthz"}}],
+                    "backendRefs": [{"name": "web", "port": 80}],
+                }));
+            }),
+            ("a rule named", |rules| {
+                rules[0]["name"] = json!("renamed");
+            }),
+            // Fledge's own fields, which come back (on the user's rules these change nothing).
+            ("fledge's rules deleted", |rules| {
+                rules.retain(|r| !is_fledges_rule(r));
+            }),
+            ("fledge's mirror deleted", |rules| {
+                if let Some(filters) = rules[0].get_mut("filters").and_then(Value::as_array_mut) {
+                    filters.retain(|f| f["type"] != "RequestMirror");
+                }
+            }),
+        ]
+    }
+
+    #[test]
+    fn the_users_edits_mid_canary_are_kept_then_restored_and_fledges_fields_come_back() {
+        let variants: Vec<Vec<Value>> = vec![
+            a_users_rules(),
+            vec![mesh_rule("web", Some(&json!(80)))],
+            vec![a_users_rules()[0].clone(), a_users_rules()[2].clone()],
+            vec![json!({"filters": [], "backendRefs": [{"name": "web", "port": 80}]})],
+        ];
+        let extras_variants = [RouteExtras::default(), extras()];
+        for original in &variants {
+            for extras in &extras_variants {
+                for bp in [0, 1, 500, 5000, 10_000] {
+                    for (what, edit) in edits() {
+                        if original[0]["filters"] == json!([])
+                            && ["a timeout", "the matches", "a rule named"].contains(&what)
+                        {
+                            // An empty `filters` list in a rule the user edited comes back as
+                            // none, which means the same: checked alone below.
+                            continue;
+                        }
+                        let at = format!("{what} at {bp} bp, {} rules", original.len());
+                        let saved = originals("r", original, None, &B).unwrap();
+                        let written = split_rules("r", &saved, &B, w(bp), extras).unwrap();
+                        // The user edits the route fledge wrote…
+                        let mut edited_route = written.clone();
+                        edit(&mut edited_route);
+                        let mut meant = original.clone();
+                        edit(&mut meant);
+                        // …fledge re-reads it and finds the user's rules with the edit in them…
+                        let kept = originals("r", &edited_route, Some(&saved), &B).unwrap();
+                        assert_eq!(kept, meant, "{at}");
+                        // …and re-applies only its own fields: the same as splitting the edit.
+                        let again = split_rules("r", &kept, &B, w(bp), extras).unwrap();
+                        assert_eq!(
+                            again,
+                            split_rules("r", &meant, &B, w(bp), extras).unwrap(),
+                            "{at}"
+                        );
+                        // Twice changes nothing: the kept rules are found again as they are.
+                        assert_eq!(
+                            originals("r", &again, Some(&kept), &B).unwrap(),
+                            kept,
+                            "{at}"
+                        );
+                        // The restore gives back the edited route, also from the stale snapshot,
+                        // and restoring a restored route changes nothing.
+                        for snapshot in [&saved, &kept] {
+                            let restored = user_rules(&again, snapshot, &B);
+                            assert_eq!(restored, meant, "{at}");
+                            assert_eq!(user_rules(&restored, snapshot, &B), meant, "{at}");
+                        }
+                        // An edit straight after the restore of the stale snapshot is the user's.
+                        assert_eq!(user_rules(&edited_route, &saved, &B), meant, "{at}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_emptied_filter_list_in_an_edited_rule_comes_back_as_none() {
+        let saved = vec![json!({"filters": [], "backendRefs": [{"name": "web"}]})];
+        let mut split = split_rules("r", &saved, &B, w(100), &extras()).unwrap();
+        assert_eq!(user_rules(&split, &saved, &B), saved, "unedited: exact");
+        split[0]["timeouts"] = json!({"request": "1s"});
+        assert_eq!(
+            user_rules(&split, &saved, &B),
+            vec![json!({"timeouts": {"request": "1s"}, "backendRefs": [{"name": "web"}]})]
+        );
+    }
+
+    #[test]
+    fn a_route_the_user_re_applied_mid_canary_is_theirs_and_split_again() {
+        // `kubectl apply` or a GitOps sync puts the user's rules back as they are in Git: no
+        // fledge fields, maybe with a change.
+        let saved = a_users_rules();
+        let mut reapplied = a_users_rules();
+        reapplied[0]["timeouts"] = json!({"request": "20s"});
+        reapplied.remove(1);
+        let kept = originals("r", &reapplied, Some(&saved), &B).unwrap();
+        assert_eq!(kept, reapplied);
+        let split = split_rules("r", &kept, &B, w(2500), &extras()).unwrap();
+        assert_eq!(canary_share(&split[1..2], "web-canary"), Some(w(2500)));
+        assert_eq!(user_rules(&split, &saved, &B), reapplied);
+    }
+
+    #[test]
+    fn weights_come_back_as_saved_or_in_lowest_terms_after_an_edit() {
+        let saved = vec![json!({"backendRefs": [
+            {"name": "web", "port": 80, "weight": 6},
+            {"name": "legacy", "port": 80, "weight": 2},
+            {"name": "other"},
+        ]})];
+        let split = split_rules("r", &saved, &B, w(1234), &RouteExtras::default()).unwrap();
+        // Unchanged weights: exactly the saved ones, an absent weight stays absent.
+        assert_eq!(user_rules(&split, &saved, &B), saved);
+        // The user changed a weight in the split rule: theirs, in lowest terms.
+        let mut edited = split.clone();
+        edited[0]["backendRefs"][2]["weight"] = json!(40_000);
+        assert_eq!(
+            user_rules(&edited, &saved, &B)[0]["backendRefs"],
+            json!([
+                {"name": "web", "port": 80, "weight": 6},
+                {"name": "legacy", "port": 80, "weight": 4},
+                {"name": "other"},
+            ])
+        );
+        // Without a snapshot (another route's), lowest terms too.
+        assert_eq!(
+            user_rules(&split, &[], &B)[0]["backendRefs"],
+            json!([
+                {"name": "web", "port": 80, "weight": 6},
+                {"name": "legacy", "port": 80, "weight": 2},
+                {"name": "other"},
+            ])
+        );
+    }
+
+    #[test]
+    fn refs_to_the_canary_that_fledge_did_not_pair_are_the_users() {
+        let saved = vec![mesh_rule("web", None)];
+        let current = vec![
+            json!({"backendRefs": [{"name": "web-stable", "weight": 1}, {"name": "web-canary", "weight": 1}]}),
+            json!({"name": "mine", "backendRefs": [{"name": "web-canary"}]}),
+            json!({"backendRefs": [{"name": "web-stable", "port": 80}, {"name": "web-canary", "port": 81}]}),
+            json!({"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow"}}}], "backendRefs": [{"name": "web"}]}),
+        ];
+        let kept = user_rules(&current, &saved, &B);
+        assert_eq!(kept[0]["backendRefs"], json!([{"name": "web"}]), "as saved");
+        assert_eq!(
+            kept[1..],
+            current[1..],
+            "not fledge's pairs, not fledge's mirror"
+        );
+    }
+
     #[test]
     fn a_route_without_the_root_service_is_named() {
-        let rules = vec![user_rules()[1].clone(), user_rules()[3].clone()];
+        let rules = vec![a_users_rules()[1].clone(), a_users_rules()[3].clone()];
         assert_eq!(
             originals("edge", &rules, None, &B).unwrap_err().to_string(),
             "HTTPRoute edge: no rule sends requests to the root Service web; fledge splits only backendRefs that point at it"
@@ -621,6 +992,35 @@ mod tests {
         let at6 = RouteExtras::at(&steps, 6);
         assert_eq!(at6.header_routes, vec![("b".into(), m)]);
         assert!(at6.mirrors.is_empty());
+    }
+
+    #[test]
+    fn the_gamma_route_splits_the_http_port_and_attaches_to_it_alone() {
+        let ports = |list: Value| list.as_array().unwrap().clone();
+        assert_eq!(
+            mesh_port(&ports(
+                json!([{"name": "grpc", "port": 9090}, {"name": "http-web", "port": 80}])
+            )),
+            Some(&json!(80))
+        );
+        assert_eq!(
+            mesh_port(&ports(
+                json!([{"name": "metrics", "port": 9100}, {"name": "api", "port": 8080, "appProtocol": "kubernetes.io/h2c"}])
+            )),
+            Some(&json!(8080))
+        );
+        assert_eq!(
+            mesh_port(&ports(
+                json!([{"name": "web", "port": 8000}, {"name": "httpx", "port": 1}])
+            )),
+            Some(&json!(8000)),
+            "none speaks HTTP by name: the first"
+        );
+        assert_eq!(mesh_port(&[]), None);
+        assert_eq!(
+            mesh_parent("web", Some(&json!(80))),
+            json!([{"group": "", "kind": "Service", "name": "web", "port": 80}])
+        );
     }
 
     #[test]

@@ -948,7 +948,9 @@ impl Apply<'_> {
     }
 
     /// The gateway mode: each of the user's routes gets its references to the root Service split.
-    /// The rules fledge first finds are saved in the state before any route is touched.
+    /// The user's rules (the first ones fledge finds, then the route as it is now without
+    /// fledge's fields, so that edits made since are kept) are saved in the state before any
+    /// route is written.
     async fn split_user_routes(
         &self,
         names: &[String],
@@ -1001,7 +1003,19 @@ impl Apply<'_> {
                     return Ok(Some(Applied::WaitingForRouter));
                 }
             };
-            if saved.is_none() {
+            // First touch, or the user changed the route since fledge wrote it: their rules, with
+            // the change, are saved before fledge writes, and are what a restore gives back.
+            if saved != Some(originals.as_slice()) {
+                if saved.is_some() {
+                    let event = machine::Event {
+                        reason: "HTTPRouteChanged",
+                        message: format!(
+                            "HTTPRoute {name} changed since fledge wrote it: the change is kept, and only fledge's backends and rules are written again"
+                        ),
+                        warning: false,
+                    };
+                    publish(self.ctx, self.deployment, &self.read.facts, &event).await;
+                }
                 to_save.insert(name.clone(), originals.clone());
             }
             found.push((name, route, current, originals));

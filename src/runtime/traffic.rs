@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::core::admission::FIELD_MANAGER;
 use crate::core::objects::{self, LABEL_MANAGED_BY, SplitApi};
 use crate::core::routes;
-use crate::core::spec::{CANARY_SUFFIX, Router};
+use crate::core::spec::{ANNOTATION_ROOT_SERVICE, CANARY_SUFFIX, Router, STABLE_SUFFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrafficError {
@@ -102,16 +102,34 @@ impl TrafficObjects<'_> {
         Ok(())
     }
 
-    /// Abort, rollback, promotion's end and opt-out: the user's routes get their saved rules back.
+    /// Abort, rollback, promotion's end and opt-out: the user's routes get their rules back: the
+    /// rules as they are now without fledge's fields, so that edits the user made since fledge
+    /// saved them stay (`saved` gives back the exact weights).
     pub async fn restore_routes(&self, saved: &routes::SavedRules) -> Result<(), TrafficError> {
         let api = self.api(&route_resource());
-        for (name, rules) in saved {
+        let name = self.name();
+        let root = self.deployment["metadata"]["annotations"][ANNOTATION_ROOT_SERVICE]
+            .as_str()
+            .unwrap_or(name);
+        let (stable, canary) = (
+            format!("{name}{STABLE_SUFFIX}"),
+            format!("{name}{CANARY_SUFFIX}"),
+        );
+        let backends = routes::Backends {
+            namespace: self.namespace,
+            root,
+            stable: &stable,
+            canary: &canary,
+        };
+        for (route_name, rules) in saved {
             // Gone, or the Gateway API with it: nothing to restore.
-            let Some(route) = not_served(api.get_opt(name).await)? else {
+            let Some(route) = not_served(api.get_opt(route_name).await)? else {
                 continue;
             };
-            if rules_of(&route) != *rules {
-                self.write_rules(name, &route, rules.clone()).await?;
+            let current = rules_of(&route);
+            let restored = routes::user_rules(&current, rules, &backends);
+            if restored != current {
+                self.write_rules(route_name, &route, restored).await?;
             }
         }
         Ok(())

@@ -23,7 +23,10 @@
 //!   TrafficSplits at v1alpha1..v1alpha4 (configurable), all versions one stored resource with
 //!   `conversion: None` semantics (reads through another version only change `apiVersion`), each
 //!   version validated against its own CRD schema; further CRDs from YAML
-//!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute); the kinds the Helm chart
+//!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute) or created at runtime through
+//!   `apiextensions.k8s.io/v1` `customresourcedefinitions`, served (discovery, schema) from
+//!   shortly after the create, with `Established` in their status, until deleted (`crds.rs`);
+//!   the kinds the Helm chart
 //!   installs (ServiceAccounts, Secrets, RBAC, MutatingWebhookConfigurations,
 //!   PodDisruptionBudgets), stored without behaviour of their own (`kinds.rs`).
 //! - Every resource request recorded with its user and RBAC verb ([`ApiServer::requests_by`],
@@ -160,6 +163,7 @@
 mod admission;
 mod audit;
 mod controller;
+mod crds;
 mod gc;
 mod http;
 mod kinds;
@@ -312,7 +316,8 @@ pub struct Recorded {
 
 /// State shared by the HTTP handlers and the background tasks.
 pub(crate) struct Inner {
-    registry: Registry,
+    /// What is served: a snapshot, replaced whole when a CRD is created, changed or deleted.
+    registry: Mutex<Arc<Registry>>,
     store: Mutex<Store>,
     tokens: Mutex<HashMap<String, UserInfo>>,
     default_user: UserInfo,
@@ -338,6 +343,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Inner {
     fn store(&self) -> MutexGuard<'_, Store> {
         lock(&self.store)
+    }
+
+    /// What is served now.
+    fn registry(&self) -> Arc<Registry> {
+        lock(&self.registry).clone()
+    }
+
+    /// Serves something else from now on (`crds.rs`).
+    fn update_registry(&self, f: impl FnOnce(&mut Registry)) {
+        let mut guard = lock(&self.registry);
+        let mut next = Registry::clone(&guard);
+        f(&mut next);
+        *guard = Arc::new(next);
     }
 
     /// A pseudo-random 64-bit number (xorshift, seeded from the clock and the process).
@@ -391,7 +409,7 @@ impl Inner {
     fn find(&self, gvr: &str) -> Option<(Arc<ResourceDef>, String)> {
         let (gv, plural) = gvr.rsplit_once('/')?;
         let (group, version) = resources::split_api_version(gv);
-        self.registry
+        self.registry()
             .find(group, version, plural)
             .map(|d| (d, version.to_string()))
     }
@@ -447,7 +465,7 @@ impl ApiServer {
             h.finish() | 1
         };
         let inner = Arc::new(Inner {
-            registry,
+            registry: Mutex::new(Arc::new(registry)),
             store: Mutex::new(Store::new(config.history_limit, config.record_history)),
             tokens: Mutex::new(HashMap::new()),
             default_user: config.default_user.clone(),
@@ -500,6 +518,7 @@ impl ApiServer {
         });
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(gc::run(inner.clone())));
+        tasks.push(tokio::spawn(crds::run(inner.clone())));
         let controller = ControllerHandle::new(inner.clone());
         if config.controller.enabled {
             tasks.push(tokio::spawn(controller::run(inner.clone())));

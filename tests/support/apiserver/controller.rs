@@ -523,11 +523,11 @@ fn owned_by<'a>(index: &HashMap<&str, Vec<&'a Value>>, d: &Value) -> Vec<&'a Val
 fn defs(inner: &Inner) -> (Arc<ResourceDef>, Arc<ResourceDef>) {
     (
         inner
-            .registry
+            .registry()
             .find("apps", "v1", "deployments")
             .expect("deployments are served"),
         inner
-            .registry
+            .registry()
             .find("apps", "v1", "replicasets")
             .expect("replicasets are served"),
     )

@@ -152,7 +152,7 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
         .filter_map(|(k, o)| o["metadata"]["uid"].as_str().map(|u| (u, k)))
         .collect();
     let present = |r: &Value, dependent_ns: &str| -> bool {
-        let Some(def) = inner.registry.find_kind(
+        let Some(def) = inner.registry().find_kind(
             r["apiVersion"].as_str().unwrap_or_default(),
             r["kind"].as_str().unwrap_or_default(),
         ) else {
@@ -172,7 +172,7 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
             .get(&key)
             .is_some_and(|o| o["metadata"]["uid"] == r["uid"])
     };
-    let def_of = |key: &Key| -> Option<Arc<ResourceDef>> { inner.registry.by_storage(&key.0) };
+    let def_of = |key: &Key| -> Option<Arc<ResourceDef>> { inner.registry().by_storage(&key.0) };
     // Dependents by owner uid (one scan, only when something needs it).
     let needs_index = work.full || !work.deleted.is_empty() || !work.terminating.is_empty();
     let mut dependents: HashMap<String, Vec<(Key, bool)>> = HashMap::new();

@@ -98,7 +98,7 @@ fn route(inner: &Inner, path: &str) -> Result<Route, ApiError> {
         .split('/')
         .filter(|s| !s.is_empty())
         .collect();
-    let reg = &inner.registry;
+    let reg = &inner.registry();
     let server = inner.url.get().cloned().unwrap_or_default();
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["version"] => {
@@ -231,7 +231,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request) -> Result<Response, ApiEr
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("as=APIGroupDiscoveryList"));
     if aggregated && (path == "/api" || path == "/apis") {
-        let doc = inner.registry.aggregated(path == "/api");
+        let doc = inner.registry().aggregated(path == "/api");
         let mut resp = json_response(200, &doc, &[]);
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

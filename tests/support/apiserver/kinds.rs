@@ -19,6 +19,8 @@ pub enum Kind {
     ClusterRoleBinding,
     MutatingWebhookConfiguration,
     PodDisruptionBudget,
+    /// Served and acted on: `crds.rs` serves the resources they define.
+    CustomResourceDefinition,
 }
 
 /// Decodes `v` as the typed struct of `kind` and encodes it back.
@@ -35,6 +37,9 @@ pub fn decode(kind: Kind, v: &Value) -> Result<Value, String> {
             round_trip::<admissionregistration::v1::MutatingWebhookConfiguration>(v)
         }
         Kind::PodDisruptionBudget => round_trip::<policy::v1::PodDisruptionBudget>(v),
+        Kind::CustomResourceDefinition => round_trip::<
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        >(v),
     }
 }
 
@@ -93,6 +98,14 @@ pub fn defs() -> Vec<ResourceDef> {
             true,
             "pdb",
         ),
+        (
+            Kind::CustomResourceDefinition,
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "CustomResourceDefinition",
+            false,
+            "crd",
+        ),
     ]
     .into_iter()
     .map(|(kind, group, plural, name, namespaced, short)| {
@@ -103,7 +116,10 @@ pub fn defs() -> Vec<ResourceDef> {
             .into_iter()
             .map(String::from)
             .collect();
-        def.status_subresource = kind == Kind::PodDisruptionBudget;
+        def.status_subresource = matches!(
+            kind,
+            Kind::PodDisruptionBudget | Kind::CustomResourceDefinition
+        );
         def
     })
     .collect()

@@ -1416,7 +1416,7 @@ impl Inner {
         let api_version = str_at(&object, "/apiVersion").to_string();
         let kind = str_at(&object, "/kind").to_string();
         let def = self
-            .registry
+            .registry()
             .find_kind(&api_version, &kind)
             .ok_or_else(|| {
                 ApiError::not_found(

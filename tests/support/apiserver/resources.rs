@@ -157,7 +157,7 @@ pub fn compare_kube_versions(a: &str, b: &str) -> Ordering {
 }
 
 /// All resources served.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Registry {
     pub defs: Vec<Arc<ResourceDef>>,
 }
@@ -326,6 +326,12 @@ impl Registry {
         Registry {
             defs: defs.into_iter().map(Arc::new).collect(),
         }
+    }
+
+    /// Serves `group`'s `plural` no more.
+    pub fn remove(&mut self, group: &str, plural: &str) {
+        self.defs
+            .retain(|d| !(d.group == group && d.plural == plural));
     }
 
     pub fn add(&mut self, def: ResourceDef) {
