@@ -201,14 +201,18 @@ async fn main() -> BenchResult<()> {
         .await?;
     }
     for i in 0..canaries {
-        api.wait_for(
-            SPLITS,
-            NS,
-            &format!("app-{i}"),
-            Duration::from_secs(120),
-            |s| s.is_some_and(|s| s["spec"]["backends"][1]["weight"] == 1000),
-        )
-        .await?;
+        let name = format!("app-{i}");
+        let waited = api
+            .wait_for(SPLITS, NS, &name, Duration::from_secs(120), |s| {
+                s.is_some_and(|s| s["spec"]["backends"][1]["weight"] == 1000)
+            })
+            .await;
+        if let Err(e) = waited {
+            let state = api
+                .get(DEPLOYMENTS, NS, &name)
+                .map(|d| d["metadata"]["annotations"]["fledge.dev/state"].clone());
+            return Err(format!("{name} never reached 10 % (state {state:?}): {e}").into());
+        }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let busy = rss_mib(child.id())?;
