@@ -58,6 +58,23 @@ fn deployment_with_checks(name: &str, image: &str, checks: usize) -> Value {
     d
 }
 
+/// The `fledge serve` child, killed however the bench ends: an early error must not leave it
+/// running (and using the machine) after the bench.
+struct Killed(std::process::Child);
+
+impl Killed {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// CPU time (user + system) a process used so far, in seconds.
 fn cpu_seconds(pid: u32) -> BenchResult<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -144,6 +161,7 @@ async fn main() -> BenchResult<()> {
         .stderr(Stdio::piped())
         .spawn()?;
     let stderr = child.stderr.take().ok_or("no stderr")?;
+    let child = Killed(child);
     let (port_tx, port_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
@@ -249,8 +267,7 @@ async fn main() -> BenchResult<()> {
             used / window.as_secs_f64() * 100.0,
         );
     }
-    child.kill()?;
-    child.wait()?;
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
