@@ -624,3 +624,33 @@ async fn the_users_edits_to_the_route_mid_canary_are_kept_through_promotion_and_
         "the user's edits after an abort"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_reset_by_a_sync_during_a_pause_is_split_again_within_seconds() {
+    let steps = "- setWeight: 10\n- pause: {}\n- setWeight: 50\n";
+    let c = gateway_cluster(steps, &GATEWAY_MODE).await;
+    c.api.create(ROUTES, NS, user_route()).await.unwrap();
+    apply(
+        &c.api,
+        with_router(deployment("web:2", steps), &GATEWAY_MODE),
+    )
+    .await;
+    wait_step(&c, Phase::Paused, 1).await;
+    wait_route(&c, 1000, |_| true).await;
+    // A GitOps sync puts the route back as it is in Git: all traffic to the root Service again.
+    routes_api(&c)
+        .patch(
+            "web-public",
+            &kube::api::PatchParams::apply("argocd").force(),
+            &kube::api::Patch::Apply(&user_route()),
+        )
+        .await
+        .unwrap();
+    // Nothing else happens (no promote, no timed pause, and the next resync is minutes away):
+    // fledge reads the route again by itself, well within the wait.
+    wait_route(&c, 1000, |_| true).await;
+    assert_eq!(
+        phase(c.api.get(DEPLOYMENTS, NS, "web").as_ref()),
+        Some(Phase::Paused)
+    );
+}

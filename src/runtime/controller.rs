@@ -60,6 +60,9 @@ const RETRY: Duration = Duration::from_secs(10);
 /// How soon to look again while a router's CRD or a user's route is missing: once it appears, the
 /// canary goes on within seconds.
 const ROUTER_RETRY: Duration = Duration::from_secs(2);
+/// How often the users' routes of a canary in flight are read again (`fledge.dev/http-routes`):
+/// fledge does not watch them, so a route reset by a sync mid-canary is split again within this.
+const USER_ROUTES_RECHECK: Duration = Duration::from_secs(10);
 /// How often to look at a settled Deployment anyway (from the caches: it costs no request).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles at once: a bound, so that thousands of Deployments changing together cannot take
@@ -637,10 +640,17 @@ async fn reconcile_one(
             }
         }
     }
-    let requeue = match (next.requeue, soonest) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let splits_user_routes = facts.spec.as_ref().is_some_and(|spec| {
+        matches!(&spec.router, Router::GatewayApi { http_routes } if !http_routes.is_empty())
+    }) && matches!(next.target, machine::Target::Canary { .. });
+    let requeue = [
+        next.requeue,
+        soonest,
+        splits_user_routes.then_some(USER_ROUTES_RECHECK),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     Ok(Action::requeue(match outcome {
         // A changed state may allow the next step at once.
         Applied::Done if changed => Duration::from_millis(50),
