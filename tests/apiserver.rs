@@ -1977,25 +1977,11 @@ async fn the_controller_can_be_paused_and_stepped() {
 
 #[tokio::test]
 async fn further_crds_are_served_with_schema_defaults() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/crds/gateway-api-v1.6.1-httproutes.yaml"
-    );
-    let Ok(yaml) = std::fs::read_to_string(path) else {
-        eprintln!("skipped: {path} is not there");
-        return;
-    };
+    let yaml = support::e2e::gateway_api_crd();
     let mut config = without_controller();
     config.extra_crds = vec![yaml];
     let server = ApiServer::start(config).await;
-    let routes: Api<DynamicObject> = Api::namespaced_with(
-        server.client(),
-        "default",
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
-            "httproutes",
-        ),
-    );
+    let routes = http_routes(server.client());
     let route: DynamicObject = typed(json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
@@ -2034,24 +2020,10 @@ async fn further_crds_are_served_with_schema_defaults() {
 #[tokio::test]
 async fn crds_created_at_runtime_are_served_and_stop_being_served_when_deleted() {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/crds/gateway-api-v1.6.1-httproutes.yaml"
-    );
-    let Ok(yaml) = std::fs::read_to_string(path) else {
-        eprintln!("skipped: {path} is not there");
-        return;
-    };
+    let yaml = support::e2e::gateway_api_crd();
     let server = ApiServer::start(without_controller()).await;
     let client = server.client();
-    let routes: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        "default",
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
-            "httproutes",
-        ),
-    );
+    let routes = http_routes(client.clone());
     let route: DynamicObject = typed(json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
@@ -3330,4 +3302,16 @@ async fn real_kubectl_applies_diffs_scales_and_waits_for_rollouts() {
     )
     .await;
     assert_eq!((code, out.as_str()), (0, ""), "{err}");
+}
+
+/// HTTPRoutes (gateway.networking.k8s.io/v1) in namespace `default`.
+fn http_routes(client: kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client,
+        "default",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
+    )
 }
