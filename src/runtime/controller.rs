@@ -226,7 +226,7 @@ impl ControllerMetrics {
             .get_or_create(&MeasurementLabels {
                 namespace: namespace.to_owned(),
                 deployment: deployment.to_owned(),
-                check: result.check.clone(),
+                check: result.check().to_owned(),
                 outcome: result.judged.outcome.name(),
             })
             .inc();
@@ -235,7 +235,7 @@ impl ControllerMetrics {
                 .get_or_create(&CheckLabels {
                     namespace: namespace.to_owned(),
                     deployment: deployment.to_owned(),
-                    check: result.check.clone(),
+                    check: result.check().to_owned(),
                 })
                 .set(value);
         }
@@ -780,7 +780,7 @@ impl Apply<'_> {
             Outcome::Error => "MeasurementError",
         };
         let counts = next
-            .and_then(|s| s.checks.get(&result.check))
+            .and_then(|s| s.checks.get(result.check()))
             .map(|run| {
                 format!(
                     " (failed {}, inconclusive {}, errors in a row {})",
@@ -788,17 +788,13 @@ impl Apply<'_> {
                 )
             })
             .unwrap_or_default();
-        let detail = if result.judged.detail.is_empty() {
-            &result.judged.value
-        } else {
-            &result.judged.detail
-        };
+        let detail = schedule::reason(&result.judged.value, &result.judged.detail);
         let event = machine::Event {
             reason,
             message: format!(
                 "{} measurement {}: {detail}{counts}",
-                result.check,
-                result.index + 1
+                result.check(),
+                result.index() + 1
             ),
             warning: true,
         };

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::core::analysis::condition::{self, Judgement};
-use crate::core::analysis::schedule::{self, Due};
+use crate::core::analysis::schedule::{self, CheckRun, Due};
 use crate::core::analysis::{Check, Provider, Variables};
 use crate::core::rollout::RolloutState;
 use crate::runtime::analysis::{self, MeasureContext};
@@ -44,12 +44,27 @@ struct MeasurementKey {
 /// A measurement taken and judged, waiting to be folded into the state.
 #[derive(Clone, Debug)]
 pub struct Completed {
-    pub check: String,
-    pub index: u32,
+    key: MeasurementKey,
     pub at: Timestamp,
     pub judged: Judgement,
-    hash: String,
-    run: String,
+}
+
+impl Completed {
+    /// The check it measured.
+    pub fn check(&self) -> &str {
+        &self.key.check
+    }
+
+    /// Its place in the run: 0 for the first.
+    pub fn index(&self) -> u32 {
+        self.key.index
+    }
+
+    /// Whether `run`, the run of its check in a state about canary `hash`, is the run it was
+    /// taken for.
+    fn belongs_to(&self, hash: &str, run: &CheckRun) -> bool {
+        self.key.hash == hash && self.key.run == run.label()
+    }
 }
 
 #[derive(Default)]
@@ -113,15 +128,14 @@ impl Measurements {
             .unwrap_or_default();
         let mut recorded = Vec::new();
         for result in results {
-            let Some(check) = checks.iter().find(|c| c.name == result.check) else {
+            let Some(check) = checks.iter().find(|c| c.name == result.key.check) else {
                 continue;
             };
-            let Some(run) = state.checks.get_mut(&result.check) else {
+            let Some(run) = state.checks.get_mut(&result.key.check) else {
                 continue;
             };
-            if result.hash == state.hash
-                && run.label() == result.run
-                && run.record(check, result.index, result.at, &result.judged)
+            if result.belongs_to(&state.hash, run)
+                && run.record(check, result.key.index, result.at, &result.judged)
             {
                 recorded.push(result);
             }
@@ -137,11 +151,9 @@ impl Measurements {
         };
         results.retain(|result| {
             stored.is_some_and(|state| {
-                state.hash == result.hash
-                    && state
-                        .checks
-                        .get(&result.check)
-                        .is_some_and(|run| run.label() == result.run && result.index >= run.taken)
+                state.checks.get(&result.key.check).is_some_and(|run| {
+                    result.belongs_to(&state.hash, run) && result.key.index >= run.taken
+                })
             })
         });
         if results.is_empty() {
@@ -163,14 +175,10 @@ impl Measurements {
                 index: due.index,
             };
             let mut book = self.book();
-            let waiting = book.done.get(&subject.deployment).is_some_and(|results| {
-                results.iter().any(|r| {
-                    r.hash == key.hash
-                        && r.check == key.check
-                        && r.run == key.run
-                        && r.index == key.index
-                })
-            });
+            let waiting = book
+                .done
+                .get(&subject.deployment)
+                .is_some_and(|results| results.iter().any(|r| r.key == key));
             if waiting || book.in_flight.contains_key(&key) {
                 continue;
             }
@@ -198,24 +206,21 @@ impl Measurements {
             let task = tokio::spawn(async move {
                 let reading = take(&context, &check, &job_name).await;
                 let judged = condition::judge(&check, &reading);
-                let completed = Completed {
-                    check: task_key.check.clone(),
-                    index: task_key.index,
-                    at: Timestamp::now(),
-                    judged,
-                    hash: task_key.hash.clone(),
-                    run: task_key.run.clone(),
-                };
+                let deployment = task_key.deployment.clone();
                 {
                     let mut book = book_handle.lock().unwrap_or_else(PoisonError::into_inner);
                     book.in_flight.remove(&task_key);
                     book.done
-                        .entry(task_key.deployment.clone())
+                        .entry(deployment.clone())
                         .or_default()
-                        .push(completed);
+                        .push(Completed {
+                            key: task_key,
+                            at: Timestamp::now(),
+                            judged,
+                        });
                 }
                 // The controller is gone when this fails: nobody waits for the result.
-                let _ = trigger.send(task_key.deployment);
+                let _ = trigger.send(deployment);
             });
             book.in_flight.insert(key, task.abort_handle());
         }

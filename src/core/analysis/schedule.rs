@@ -209,16 +209,10 @@ impl CheckRun {
     /// Why the run stopped the canary, for the Event and the status: the check, the value, the
     /// condition and the limit, e.g. `error-rate: 0.071 is not "result < 0.01" (2 failures, limit 1)`.
     pub fn verdict(&self, check: &Check) -> String {
-        let last = self.measurements.last();
-        let detail = last
-            .map(|m| {
-                if m.detail.is_empty() {
-                    m.value.clone()
-                } else {
-                    m.detail.clone()
-                }
-            })
-            .unwrap_or_default();
+        let detail = self
+            .measurements
+            .last()
+            .map_or("", |m| reason(&m.value, &m.detail));
         let count = match self.phase {
             RunPhase::Failed => plural(self.failed, "failure", "failures", check.failure_limit),
             RunPhase::Error => plural(
@@ -241,6 +235,11 @@ impl CheckRun {
         };
         format!("{}: {detail} ({count})", check.name)
     }
+}
+
+/// Why a measurement came out as it did: its judgement's detail, or else its value.
+pub fn reason<'a>(value: &'a str, detail: &'a str) -> &'a str {
+    if detail.is_empty() { value } else { detail }
 }
 
 fn base36(mut n: u64) -> String {
