@@ -135,6 +135,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             split_api: SplitApi::V1Alpha2,
             metrics: metrics.clone(),
             prometheus_address: None,
+            policies: fledge::runtime::policies::PolicyWatch::spawn(
+                api.client_as(fledge_user.clone()),
+                Some(NS.into()),
+            ),
         },
         std::future::pending(),
     ));

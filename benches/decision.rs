@@ -41,7 +41,8 @@ pub fn compact(body: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
 }
 
 fn measure(path: &str, body: &[u8], runs: usize) -> Result<(), Box<dyn std::error::Error>> {
-    let review = |body: &[u8]| fledge::runtime::server::review(body).map_err(|e| e.0);
+    let policies = fledge::core::policy::PolicySnapshot::default();
+    let review = |body: &[u8]| fledge::runtime::server::review(body, &policies).map_err(|e| e.0);
     let (label, answer) = review(body)?;
     println!(
         "{path}: {} bytes in, {} bytes out, decision {label}",

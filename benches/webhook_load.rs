@@ -71,7 +71,7 @@ fn main() -> BenchResult<()> {
         let body = serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(
             &std::fs::read(fixture)?,
         )?)?;
-        let (label, canned) = server::review(&body).map_err(|e| e.0)?;
+        let (label, canned) = server::review(&body, &Default::default()).map_err(|e| e.0)?;
         let body_path = dir.join("body.json");
         std::fs::write(&body_path, &body)?;
         let script = dir.join("post.lua");
@@ -100,7 +100,8 @@ fn main() -> BenchResult<()> {
             let review_only = Router::new().route(
                 "/mutate",
                 post(|body: Bytes| async move {
-                    server::review(&body).map_or_else(|e| e.0.into_bytes(), |(_, json)| json)
+                    server::review(&body, &Default::default())
+                        .map_or_else(|e| e.0.into_bytes(), |(_, json)| json)
                 }),
             );
             let review_only = run(review_only, &cert, &script, seconds, connections)?;

@@ -14,6 +14,7 @@ use tokio::signal::{self, unix::SignalKind};
 use fledge::core::admission::AdmissionOutcome;
 use fledge::core::objects::SplitApi;
 use fledge::core::plan::{self, Manifest};
+use fledge::core::policy::{self, PolicySnapshot};
 use fledge::core::rollout::machine::Command as RolloutCommand;
 use fledge::core::spec;
 use fledge::runtime::certs;
@@ -55,6 +56,23 @@ enum Command {
     Abort(TargetArgs),
     /// Start an aborted canary again from step 1.
     Retry(TargetArgs),
+    /// List the rollout policies and the Deployments each one governs.
+    Policies(PoliciesArgs),
+    /// Print the CustomResourceDefinitions of RolloutPolicy and ClusterRolloutPolicy.
+    Crds,
+}
+
+#[derive(clap::Args)]
+struct PoliciesArgs {
+    /// The namespace (default: the kubeconfig's).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    all_namespaces: bool,
+    /// Output: a table, or JSON.
+    #[arg(short = 'o', long, value_enum, default_value_t = StatusOutput::Text)]
+    output: StatusOutput,
 }
 
 #[derive(clap::Args)]
@@ -155,6 +173,10 @@ struct PlanArgs {
     /// TrafficSplit apiVersion to write: v1alpha1, v1alpha2, v1alpha3 or v1alpha4.
     #[arg(long, default_value = "v1alpha2")]
     split_api: SplitApi,
+    /// Files with RolloutPolicy and ClusterRolloutPolicy objects (and Namespaces, for namespace
+    /// opt-in and namespace selectors): the plan applies them as the cluster would.
+    #[arg(long, num_args = 1..)]
+    policy: Vec<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -223,6 +245,8 @@ fn main() -> ExitCode {
         Command::Promote(args) => run_rollout_command(args, RolloutCommand::Promote),
         Command::Abort(args) => run_rollout_command(args, RolloutCommand::Abort),
         Command::Retry(args) => run_rollout_command(args, RolloutCommand::Retry),
+        Command::Policies(args) => run_policies(args),
+        Command::Crds => run_crds(),
     };
     match result {
         Ok(code) => code,
@@ -333,7 +357,14 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
         .iter()
         .map(read_manifest)
         .collect::<Result<Vec<_>>>()?;
-    let plan = plan::plan(from.as_ref(), &to, &services, args.split_api)?;
+    let policy_files = args
+        .policy
+        .iter()
+        .map(read_manifest)
+        .collect::<Result<Vec<_>>>()?;
+    let policies = PolicySnapshot::from_objects(policy_files.iter().flat_map(|m| &m.objects))
+        .map_err(anyhow::Error::msg)?;
+    let plan = plan::plan(from.as_ref(), &to, &services, args.split_api, &policies)?;
     match args.output {
         PlanOutput::Text => print!("{}", plan::render_text(&plan)),
         PlanOutput::Yaml => print!("{}", plan::to_yaml(&plan)?),
@@ -343,6 +374,24 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     Ok(match plan.decision.outcome {
         AdmissionOutcome::Deny(_) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
+    })
+}
+
+fn run_crds() -> Result<ExitCode> {
+    print!("{}", policy::crds_yaml()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_policies(args: PoliciesArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let (client, namespace) = client(args.namespace).await?;
+        let scope = (!args.all_namespaces).then_some(namespace.as_str());
+        let rows = commands::policies::list(client, scope).await?;
+        match args.output {
+            StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            StatusOutput::Text => print!("{}", commands::policies::text(&rows)),
+        }
+        Ok(ExitCode::SUCCESS)
     })
 }
 

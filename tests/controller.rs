@@ -291,6 +291,7 @@ fn replica(
     started: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     let client = api.client();
+    let policies = fledge::runtime::policies::PolicyWatch::spawn(client.clone(), Some(NS.into()));
     let lease = fledge::runtime::lease::LeaseConfig {
         name: "fledge-controller".into(),
         namespace: NS.into(),
@@ -307,6 +308,7 @@ fn replica(
                 split_api: SplitApi::V1Alpha2,
                 metrics: controller::ControllerMetrics::default(),
                 prometheus_address: None,
+                policies: policies.clone(),
             },
             std::future::pending(),
         )

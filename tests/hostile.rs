@@ -1667,7 +1667,7 @@ fn check_decision(
 ) -> Result<Value, TestCaseError> {
     counts.add("decided");
     // (Determinism is checked too: `server::review` decides again and must answer the same.)
-    let decision = admission::decide(req);
+    let decision = admission::decide(req, &Default::default());
     counts.add(decision.outcome.label());
     let json = wire::answer(&req.types.api_version, &req.uid, &decision)
         .map_err(|e| fail(format!("the answer does not serialize: {e}"), body))?;
@@ -1735,7 +1735,7 @@ fn check_patch(
     }
     let again = wire::parse(&serde_json::to_vec(&review).expect("json"))
         .map_err(|e| fail(format!("the patched review does not parse: {e}"), body))?;
-    let second = admission::decide(&again);
+    let second = admission::decide(&again, &Default::default());
     counts.add("reinvoked");
     match &second.outcome {
         AdmissionOutcome::Allow(_) => Ok(()),
@@ -1830,7 +1830,7 @@ fn check_review(
     decided: Option<&Value>,
     counts: &Counts,
 ) -> Result<Answer, TestCaseError> {
-    let answer = server::review(body);
+    let answer = server::review(body, &Default::default());
     match (&answer, expected) {
         (Ok((label, json)), Some((uid, version))) => {
             let reply = check_reply(json, &uid, (&version, "AdmissionReview"), body)?;
@@ -2193,7 +2193,9 @@ fn deeply_nested_yaml_steps_are_answered_quickly() {
             None,
         );
         let what = format!("steps of {depth} nested {open:?} ({} bytes)", steps.len());
-        let answer = within(Duration::from_secs(2), &what, move || server::review(&body));
+        let answer = within(Duration::from_secs(2), &what, move || {
+            server::review(&body, &Default::default())
+        });
         assert!(denial(&answer).starts_with("fledge.dev/steps"));
     }
 }

@@ -22,6 +22,7 @@ use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::core::policy::{self, Policy, PolicySnapshot};
 use crate::core::rollout::{self, Phase, RolloutState};
 use crate::core::spec::{self, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, FLEDGE_ANNOTATIONS, OptIn};
 use crate::core::template::Canonical;
@@ -205,8 +206,8 @@ impl Decision {
     }
 }
 
-/// Decides one admission request for a Deployment.
-pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
+/// Decides one admission request for a Deployment, under the policies and namespaces of `policies`.
+pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot) -> Decision {
     if req.kind.group != "apps" || req.kind.kind != "Deployment" {
         return Decision::allow(AllowReason::NotADeployment);
     }
@@ -226,22 +227,33 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
         _ => None,
     };
     let meta = &object.metadata;
-    match spec::opt_in(meta.labels.as_ref(), meta.annotations.as_ref()) {
-        OptIn::Disabled => {
-            return release(old, object, AllowReason::NotOptedIn, Vec::new());
-        }
-        OptIn::WithoutSteps => {
-            let warning = format!(
-                "{} is set but {} is missing: fledge will not canary this Deployment",
-                spec::LABEL_ENABLED,
-                spec::ANNOTATION_STEPS
-            );
-            return release(old, object, AllowReason::NoSteps, vec![warning]);
-        }
-        OptIn::Enabled => {}
-    }
     let empty = BTreeMap::new();
+    let labels = meta.labels.as_ref().unwrap_or(&empty);
     let annotations = meta.annotations.as_ref().unwrap_or(&empty);
+    let namespace = req.namespace.as_deref().unwrap_or_default();
+    let namespace_opted_in = policies.namespace_opted_in(namespace);
+    if !spec::opted_in(Some(labels), namespace_opted_in) {
+        return release(old, object, AllowReason::NotOptedIn, Vec::new());
+    }
+    let policy = match policies.select(namespace, labels, annotations) {
+        Ok(policy) => policy,
+        Err(e) => return Decision::deny(e.to_string()),
+    };
+    let has_policy_steps = policy.is_some_and(Policy::has_steps);
+    if spec::opt_in(
+        Some(labels),
+        Some(annotations),
+        namespace_opted_in,
+        has_policy_steps,
+    ) == OptIn::WithoutSteps
+    {
+        let warning = format!(
+            "{} is set but {} is missing: fledge will not canary this Deployment",
+            spec::LABEL_ENABLED,
+            spec::ANNOTATION_STEPS
+        );
+        return release(old, object, AllowReason::NoSteps, vec![warning]);
+    }
     let name = meta.name.as_deref().unwrap_or(&req.name);
     if name.is_empty() {
         return Decision::deny(
@@ -250,7 +262,7 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
         );
     }
     let Some(old) = old else {
-        return match spec::parse(name, annotations) {
+        return match policy::resolve(name, annotations, policy) {
             Ok(parsed) => with_unmet_steps(decide_create(annotations), &parsed, object),
             Err(e) => Decision::deny(e),
         };
@@ -260,17 +272,20 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
         Err(e) => return Decision::deny(e),
     };
     // Ratcheting, as Kubernetes does for its own fields: an update that changes neither the
-    // template nor fledge's settings is not refused for settings that were already there.
+    // template nor fledge's settings is not refused for settings that were already there (nor for
+    // a policy changed since).
     let ratcheted = matches!(change, TemplateChange::Unchanged)
         && spec::opt_in(
             old.metadata.labels.as_ref(),
             old.metadata.annotations.as_ref(),
+            namespace_opted_in,
+            has_policy_steps,
         ) == OptIn::Enabled
         && user_settings(old.metadata.annotations.as_ref()) == user_settings(Some(annotations));
     let parsed = if ratcheted {
         None
     } else {
-        match spec::parse(name, annotations) {
+        match policy::resolve(name, annotations, policy) {
             Ok(parsed) => Some(parsed),
             Err(e) => return Decision::deny(e),
         }
@@ -754,6 +769,11 @@ mod tests {
     use crate::core::builders::{
         STEPS, mk_deployment as deployment, mk_held as held, mk_state, with_annotation,
     };
+
+    /// Decides without policies or opted-in namespaces.
+    fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
+        super::decide(req, &PolicySnapshot::default())
+    }
 
     fn with_state(object: Value, phase: Phase, hash: &str) -> Value {
         crate::core::builders::with_state(

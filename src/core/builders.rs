@@ -73,6 +73,7 @@ pub fn mk_state(phase: Phase, hash: &str, step: usize, weight: Weight) -> Rollou
         unavailable_since: None,
         saved_routes: Default::default(),
         checks: Default::default(),
+        policy: None,
     }
 }
 
@@ -125,4 +126,12 @@ pub fn mk_judged(
             Outcome::Successful | Outcome::Inconclusive | Outcome::Error => String::new(),
         },
     }
+}
+
+/// What the controller reads off `deployment`, without policies or opted-in namespaces.
+pub fn mk_facts(deployment: &Value) -> crate::core::observe::DeploymentFacts {
+    crate::core::observe::DeploymentFacts::read(
+        deployment,
+        &crate::core::policy::PolicySnapshot::default(),
+    )
 }

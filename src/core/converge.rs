@@ -186,7 +186,7 @@ mod tests {
 
     /// Deployment `web` running `web:2`: held against `web:1` when `held`, else unpaused.
     fn facts(held: bool) -> DeploymentFacts {
-        DeploymentFacts::read(&if held {
+        crate::core::builders::mk_facts(&if held {
             mk_held("web:1", "web:2")
         } else {
             mk_deployment("web:2")

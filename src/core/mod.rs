@@ -11,6 +11,7 @@ pub mod objects;
 pub mod observe;
 pub mod plan;
 pub mod podratio;
+pub mod policy;
 pub mod rollout;
 pub mod routes;
 pub mod spec;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::core::policy::{self, Policy, PolicySnapshot};
 use crate::core::rollout::machine::{CanaryStatus, Observation};
-use crate::core::rollout::{self, RolloutState, StateError};
+use crate::core::rollout::{self, Phase, RolloutState, StateError};
 use crate::core::spec::{
     self, ANNOTATION_CANARY_HASH, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, CanarySpec, OptIn,
     Router,
@@ -43,20 +44,68 @@ pub struct DeploymentFacts {
     pub progress_deadline: Duration,
     pub rolled_out: bool,
     pub state: Result<Option<RolloutState>, StateError>,
+    /// The policy the settings were merged with: the one fixed in the state of the canary in
+    /// flight, else the one that governs the Deployment now.
+    pub policy: Option<Policy>,
+    /// The canary's fixed policy is no longer in the cluster.
+    pub policy_missing: bool,
 }
 
 impl DeploymentFacts {
-    pub fn read(deployment: &Value) -> DeploymentFacts {
+    /// Reads a Deployment under the policies and namespaces of `policies`.
+    pub fn read(deployment: &Value, policies: &PolicySnapshot) -> DeploymentFacts {
         let meta = &deployment["metadata"];
         let name = meta["name"].as_str().unwrap_or_default().to_owned();
+        let namespace = meta["namespace"].as_str().unwrap_or_default();
         let labels = string_map(&meta["labels"]);
         let annotations = string_map(&meta["annotations"]);
-        let (spec, invalid) = match spec::opt_in(Some(&labels), Some(&annotations)) {
-            OptIn::Enabled => match spec::parse(&name, &annotations) {
+        let template_hash = template::of_deployment(deployment)
+            .map(template::hash)
+            .unwrap_or_default();
+        let stable_hash = annotations.get(ANNOTATION_STABLE_HASH).cloned();
+        let state = rollout::read_state(Some(&annotations));
+        // A canary in flight keeps the policy it started with; anything else takes today's.
+        let fixed = state.as_ref().ok().and_then(Option::as_ref).filter(|s| {
+            matches!(
+                s.phase,
+                Phase::Progressing | Phase::Paused | Phase::Promoting
+            ) && s.hash == template_hash
+        });
+        let (policy, selection) = match fixed {
+            Some(s) => (s.policy.as_deref().cloned(), Ok(())),
+            None => match policies.select(namespace, &labels, &annotations) {
+                Ok(p) => (p.cloned(), Ok(())),
+                Err(e) => (None, Err(e.to_string())),
+            },
+        };
+        let policy_missing = fixed.is_some()
+            && policy
+                .as_ref()
+                .is_some_and(|p| !policies.policies.iter().any(|live| live.id == p.id));
+        let opt_in = spec::opt_in(
+            Some(&labels),
+            Some(&annotations),
+            policies.namespace_opted_in(namespace),
+            policy.as_ref().is_some_and(Policy::has_steps),
+        );
+        let (spec, invalid) = match (opt_in, selection) {
+            (OptIn::Enabled, Err(why)) => (None, Some(why)),
+            (OptIn::Enabled, Ok(())) => match policy::resolve(&name, &annotations, policy.as_ref())
+            {
                 Ok(spec) => (Some(spec), None),
                 Err(e) => (None, Some(e.to_string())),
             },
-            OptIn::Disabled | OptIn::WithoutSteps => (None, None),
+            (OptIn::Disabled | OptIn::WithoutSteps, _) => (None, None),
+        };
+        let own_deadline = deployment["spec"]["progressDeadlineSeconds"].as_u64();
+        // Kubernetes defaults every Deployment's deadline to 600 s, so a policy's deadline applies
+        // to those that keep the default, and one the user chose wins.
+        let progress_deadline = match (
+            own_deadline,
+            spec.as_ref().and_then(|s| s.progress_deadline),
+        ) {
+            (None | Some(DEFAULT_PROGRESS_DEADLINE), Some(policy)) => policy,
+            (own, _) => Duration::from_secs(own.unwrap_or(DEFAULT_PROGRESS_DEADLINE)),
         };
         DeploymentFacts {
             router: spec
@@ -64,22 +113,18 @@ impl DeploymentFacts {
                 .map_or_else(|| Router::of(&annotations), |s| s.router.clone()),
             spec,
             invalid,
-            template_hash: template::of_deployment(deployment)
-                .map(template::hash)
-                .unwrap_or_default(),
-            stable_hash: annotations.get(ANNOTATION_STABLE_HASH).cloned(),
+            template_hash,
+            stable_hash,
             held: annotations
                 .get(ANNOTATION_HOLD)
                 .is_some_and(|v| v == "true"),
             paused: deployment["spec"]["paused"].as_bool() == Some(true),
             stable_replicas: deployment["spec"]["replicas"].as_u64().unwrap_or(1),
-            progress_deadline: Duration::from_secs(
-                deployment["spec"]["progressDeadlineSeconds"]
-                    .as_u64()
-                    .unwrap_or(DEFAULT_PROGRESS_DEADLINE),
-            ),
+            progress_deadline,
             rolled_out: rolled_out(deployment),
-            state: rollout::read_state(Some(&annotations)),
+            state,
+            policy,
+            policy_missing,
             name,
         }
     }
@@ -117,6 +162,8 @@ impl DeploymentFacts {
             // The canary always runs `spec.template`: held, or being rolled out by the promotion.
             canary: canary_status(canary, Some(&self.template_hash), replicasets),
             stable_rolled_out: self.rolled_out,
+            policy: self.policy.as_ref(),
+            policy_missing: self.policy_missing,
         }
     }
 }
@@ -234,7 +281,7 @@ mod tests {
 
     #[test]
     fn facts_of_an_opted_in_deployment() {
-        let facts = DeploymentFacts::read(&deployment());
+        let facts = crate::core::builders::mk_facts(&deployment());
         assert_eq!(facts.spec.as_ref().unwrap().steps.len(), 1);
         let template_hash = template::hash(&json!({"spec": {"containers": []}}));
         assert_eq!(facts.template_hash, template_hash);
@@ -264,7 +311,7 @@ mod tests {
     fn invalid_or_absent_settings_are_not_used() {
         let mut d = deployment();
         d["metadata"]["annotations"]["fledge.dev/steps"] = json!("- setWeight: 150");
-        let facts = DeploymentFacts::read(&d);
+        let facts = crate::core::builders::mk_facts(&d);
         assert!(facts.spec.is_none());
         assert!(
             facts
@@ -273,7 +320,7 @@ mod tests {
                 .contains("150 is not between 0 and 100")
         );
         d["metadata"]["labels"] = json!({});
-        let facts = DeploymentFacts::read(&d);
+        let facts = crate::core::builders::mk_facts(&d);
         assert!(facts.spec.is_none() && facts.invalid.is_none());
         // Out of fledge with the hold record still there: it must be released.
         assert!(facts.needs_release());
@@ -287,7 +334,7 @@ mod tests {
             .unwrap()
             .remove("progressDeadlineSeconds");
         d["spec"].as_object_mut().unwrap().remove("replicas");
-        let facts = DeploymentFacts::read(&d);
+        let facts = crate::core::builders::mk_facts(&d);
         assert_eq!(
             (facts.stable_replicas, facts.progress_deadline),
             (1, Duration::from_secs(600))

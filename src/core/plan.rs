@@ -14,6 +14,7 @@ use crate::core::admission::{
 use crate::core::analysis::{Check, Provider};
 use crate::core::objects::{self, Desired, SplitApi};
 use crate::core::podratio::PodShare;
+use crate::core::policy::{self, PolicySnapshot};
 use crate::core::rollout::{self, Timeline};
 use crate::core::routes::RouteExtras;
 use crate::core::spec::{self, CanarySpec, Router, Step, Weight, format_duration};
@@ -111,6 +112,7 @@ pub fn plan(
     to: &Manifest,
     extra: &[Manifest],
     split_api: SplitApi,
+    policies: &PolicySnapshot,
 ) -> Result<Plan, PlanError> {
     let new = to.deployment()?;
     let old = from.map(Manifest::deployment).transpose()?;
@@ -129,13 +131,16 @@ pub fn plan(
     let applied = old.map(|old| as_applied(old, new));
     let new = applied.as_ref().unwrap_or(new);
     let req = request(old, new)?;
-    let decision = admission::decide(&req);
-    let annotations = req
-        .object
-        .as_ref()
-        .and_then(|o| o.metadata.annotations.clone())
-        .unwrap_or_default();
-    let spec = spec::parse(&name, &annotations).ok();
+    let decision = admission::decide(&req, policies);
+    let meta = req.object.as_ref().map(|o| &o.metadata);
+    let annotations = meta.and_then(|m| m.annotations.clone()).unwrap_or_default();
+    let labels = meta.and_then(|m| m.labels.clone()).unwrap_or_default();
+    let namespace = req.namespace.as_deref().unwrap_or_default();
+    let policy = policies
+        .select(namespace, &labels, &annotations)
+        .ok()
+        .flatten();
+    let spec = policy::resolve(&name, &annotations, policy).ok();
     let timeline = spec
         .as_ref()
         .map(|s| rollout::timeline(&s.steps, &s.checks));
@@ -201,6 +206,10 @@ fn request(
 ) -> Result<AdmissionRequest<DeploymentView>, PlanError> {
     let mut review = review::deployment_review("fledge-plan", "fledge-plan", new, old);
     review["request"]["dryRun"] = json!(true);
+    // As kubectl does for a manifest without one.
+    if review["request"]["namespace"].is_null() {
+        review["request"]["namespace"] = json!("default");
+    }
     let body = serde_json::to_vec(&review).map_err(|e| PlanError::Request(e.to_string()))?;
     review::parse(&body).map_err(|e| PlanError::Request(e.to_string()))
 }
@@ -706,7 +715,14 @@ mod tests {
 
     #[test]
     fn the_examples_plan_a_canary() {
-        let plan = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let plan = plan(
+            Some(&manifest(V1)),
+            &manifest(V2),
+            &[],
+            SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
+        )
+        .unwrap();
         assert!(matches!(
             plan.decision.outcome,
             AdmissionOutcome::Patch(PatchReason::Hold, _)
@@ -733,7 +749,14 @@ mod tests {
 
     #[test]
     fn a_create_shows_the_steps_for_the_next_change() {
-        let plan = plan(None, &manifest(V1), &[], SplitApi::V1Alpha2).unwrap();
+        let plan = plan(
+            None,
+            &manifest(V1),
+            &[],
+            SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
+        )
+        .unwrap();
         assert_eq!(plan.operation, "CREATE");
         assert!(render_text(&plan).contains("on the next pod template change"));
     }
@@ -748,6 +771,7 @@ mod tests {
             &manifest(&bad),
             &[],
             SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
         )
         .unwrap();
         let text = render_text(&plan);
@@ -764,7 +788,14 @@ mod tests {
     #[test]
     fn a_revert_of_an_in_flight_canary_is_a_rollback() {
         // `--from` the live Deployment, held at v2 (its `kubectl get -o yaml`), `--to` v1.
-        let held = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let held = plan(
+            Some(&manifest(V1)),
+            &manifest(V2),
+            &[],
+            SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
+        )
+        .unwrap();
         let AdmissionOutcome::Patch(_, patch) = &held.decision.outcome else {
             panic!("not held")
         };
@@ -774,7 +805,14 @@ mod tests {
             file: "live.yaml".into(),
             objects: vec![live],
         };
-        let plan = plan(Some(&live), &manifest(V1), &[], SplitApi::V1Alpha2).unwrap();
+        let plan = plan(
+            Some(&live),
+            &manifest(V1),
+            &[],
+            SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
+        )
+        .unwrap();
         assert!(matches!(
             plan.decision.outcome,
             AdmissionOutcome::Patch(PatchReason::Revert, _)
@@ -791,7 +829,14 @@ mod tests {
     fn a_long_name_is_denied_at_its_own_place() {
         let name = "a".repeat(57);
         let long = |text: &str| manifest(&text.replace("name: web\n", &format!("name: {name}\n")));
-        let plan = plan(Some(&long(V1)), &long(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let plan = plan(
+            Some(&long(V1)),
+            &long(V2),
+            &[],
+            SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
+        )
+        .unwrap();
         let text = render_text(&plan);
         assert!(
             text.contains("Decision: deny\n  metadata.name: fledge creates Services"),
@@ -808,6 +853,7 @@ mod tests {
             &deployment_only(V2),
             &[],
             SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
         )
         .unwrap();
         let text = render_text(&plan);
@@ -820,6 +866,7 @@ mod tests {
             &deployment_only(V2),
             &[manifest(V1)],
             SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
         );
         assert!(matches!(with_service.unwrap().objects, Some(Ok(_))));
     }
@@ -833,6 +880,7 @@ mod tests {
             &manifest("kind: Service\napiVersion: v1\n"),
             &[],
             SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
         )
         .err()
         .unwrap();
@@ -852,6 +900,7 @@ mod tests {
                 &manifest(&annotate(V2)),
                 &[],
                 SplitApi::V1Alpha2,
+                &PolicySnapshot::default(),
             )
             .unwrap()
         };
@@ -894,7 +943,14 @@ mod tests {
         use crate::core::analysis::JobCheck;
         use crate::core::builders::mk_check;
         use std::time::Duration;
-        let mut p = plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap();
+        let mut p = plan(
+            Some(&manifest(V1)),
+            &manifest(V2),
+            &[],
+            SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
+        )
+        .unwrap();
         let mut error_rate = mk_check("error-rate", Some(3));
         error_rate.initial_delay = Duration::from_secs(5);
         let mut smoke = mk_check("smoke", None);
@@ -973,6 +1029,13 @@ mod tests {
     }
 
     fn plan_without_checks() -> Plan {
-        plan(Some(&manifest(V1)), &manifest(V2), &[], SplitApi::V1Alpha2).unwrap()
+        plan(
+            Some(&manifest(V1)),
+            &manifest(V2),
+            &[],
+            SplitApi::V1Alpha2,
+            &PolicySnapshot::default(),
+        )
+        .unwrap()
     }
 }

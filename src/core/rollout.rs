@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::analysis::Check;
 use crate::core::analysis::schedule::CheckRuns;
+use crate::core::policy::Policy;
 use crate::core::routes::SavedRules;
 use crate::core::spec::{ANNOTATION_STATE, Step, Weight};
 
@@ -100,6 +101,10 @@ pub struct RolloutState {
     /// The runs of the canary's checks (`fledge.dev/analysis`), by check name.
     #[serde(default, skip_serializing_if = "CheckRuns::is_empty")]
     pub checks: CheckRuns,
+    /// The policy that governed the Deployment when this canary started, as it was then: the
+    /// canary keeps it to the end, whatever happens to the policy meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Box<Policy>>,
 }
 
 /// Times as RFC 3339 text, as Kubernetes writes them.
@@ -400,6 +405,7 @@ mod tests {
             unavailable_since: None,
             saved_routes: Default::default(),
             checks: Default::default(),
+            policy: None,
         };
         let text = serde_json::to_string(&state).unwrap();
         assert!(text.contains(r#""weight":"12.5""#), "{text}");

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_yaml_ng::Value as Yaml;
 
 use crate::core::analysis::{ANNOTATION_ANALYSIS, Check, checks};
+use crate::core::policy::{PolicyId, PromotionWindows};
 
 /// The opt-in label; the webhook's `objectSelector` matches it.
 pub const LABEL_ENABLED: &str = "fledge.dev/enabled";
@@ -38,12 +39,13 @@ pub const ANNOTATION_CANARY_HASH: &str = "fledge.dev/canary-hash";
 
 pub const PREFIX: &str = "fledge.dev/";
 /// Keys a user writes.
-const USER_ANNOTATIONS: [&str; 5] = [
+const USER_ANNOTATIONS: [&str; 6] = [
     ANNOTATION_STEPS,
     ANNOTATION_ROOT_SERVICE,
     ANNOTATION_ROUTER,
     ANNOTATION_HTTP_ROUTES,
     ANNOTATION_ANALYSIS,
+    crate::core::policy::ANNOTATION_POLICY,
 ];
 /// Keys fledge writes itself; users leave them alone.
 pub const FLEDGE_ANNOTATIONS: [&str; 3] =
@@ -326,31 +328,49 @@ pub struct CanarySpec {
     pub router: Router,
     /// The checks of `fledge.dev/analysis`; background ones have a `starting_step`.
     pub checks: Vec<Check>,
+    /// The policy these settings were merged with, if any.
+    pub policy: Option<PolicyId>,
+    /// The policy's promotion windows (empty: any time).
+    pub windows: PromotionWindows,
+    /// The policy's readiness deadline for the canary, for Deployments that keep Kubernetes' default.
+    pub progress_deadline: Option<Duration>,
 }
 
-/// Whether a Deployment takes part, judged by its label and annotations.
+/// Whether a Deployment takes part, judged by its label, its namespace's label and its policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OptIn {
-    /// No `fledge.dev/enabled: "true"` label.
+    /// Neither it nor its namespace opts in, or it opts out with `fledge.dev/enabled: "false"`.
     Disabled,
-    /// Labelled but without `fledge.dev/steps`: template changes roll out as a plain Deployment update.
+    /// Opted in, without steps of its own or from its policy: template changes roll out as a plain
+    /// Deployment update.
     WithoutSteps,
-    /// Labelled, with steps.
+    /// Opted in, with steps.
     Enabled,
 }
 
+/// The Deployment's own `fledge.dev/enabled` label decides (`"true"` in, anything else out);
+/// without one, its namespace's label does (`namespace_opted_in`). `policy_steps`: the policy
+/// that governs it brings steps.
 pub fn opt_in(
     labels: Option<&BTreeMap<String, String>>,
     annotations: Option<&BTreeMap<String, String>>,
+    namespace_opted_in: bool,
+    policy_steps: bool,
 ) -> OptIn {
-    let labelled = labels
-        .and_then(|l| l.get(LABEL_ENABLED))
-        .is_some_and(|v| v == "true");
-    let has_steps = annotations.is_some_and(|a| a.contains_key(ANNOTATION_STEPS));
-    match (labelled, has_steps) {
+    let opted = opted_in(labels, namespace_opted_in);
+    let has_steps = policy_steps || annotations.is_some_and(|a| a.contains_key(ANNOTATION_STEPS));
+    match (opted, has_steps) {
         (false, _) => OptIn::Disabled,
         (true, false) => OptIn::WithoutSteps,
         (true, true) => OptIn::Enabled,
+    }
+}
+
+/// Whether a Deployment is opted in, by its own label or else its namespace's.
+pub fn opted_in(labels: Option<&BTreeMap<String, String>>, namespace_opted_in: bool) -> bool {
+    match labels.and_then(|l| l.get(LABEL_ENABLED)) {
+        Some(v) => v == "true",
+        None => namespace_opted_in,
     }
 }
 
@@ -419,6 +439,9 @@ pub fn parse(name: &str, annotations: &BTreeMap<String, String>) -> Result<Canar
             root_service,
             router,
             checks,
+            policy: None,
+            windows: PromotionWindows::default(),
+            progress_deadline: None,
         })
     } else {
         Err(SpecError { problems })
@@ -1218,6 +1241,9 @@ mod tests {
                 root_service: "web".into(),
                 router: Router::Smi,
                 checks: Vec::new(),
+                policy: None,
+                windows: Default::default(),
+                progress_deadline: None,
             }
         );
     }
@@ -1474,10 +1500,10 @@ mod tests {
         assert_eq!(
             err.problems,
             vec![
-                "fledge.dev/colour: unknown fledge annotation; fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis",
+                "fledge.dev/colour: unknown fledge annotation; fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis, fledge.dev/policy",
                 "fledge.dev/enabled: this is a label, not an annotation; move it to metadata.labels",
-                "fledge.dev/rootService: unknown fledge annotation (did you mean fledge.dev/root-service?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis",
-                "fledge.dev/step: unknown fledge annotation (did you mean fledge.dev/steps?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis",
+                "fledge.dev/rootService: unknown fledge annotation (did you mean fledge.dev/root-service?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis, fledge.dev/policy",
+                "fledge.dev/step: unknown fledge annotation (did you mean fledge.dev/steps?); fledge reads fledge.dev/steps, fledge.dev/root-service, fledge.dev/router, fledge.dev/http-routes, fledge.dev/analysis, fledge.dev/policy",
             ]
         );
     }
@@ -1747,18 +1773,37 @@ mod tests {
     }
 
     #[test]
-    fn opt_in_needs_the_label_value_true() {
+    fn opt_in_needs_the_label_value_true_or_an_opted_in_namespace() {
         let label = |v: &str| Some(annotations(&[(LABEL_ENABLED, v)]));
         let steps = Some(annotations(&[(ANNOTATION_STEPS, "- setWeight: 5")]));
-        assert_eq!(
-            opt_in(label("true").as_ref(), steps.as_ref()),
-            OptIn::Enabled
-        );
-        assert_eq!(opt_in(label("true").as_ref(), None), OptIn::WithoutSteps);
-        assert_eq!(
-            opt_in(label("yes").as_ref(), steps.as_ref()),
-            OptIn::Disabled
-        );
-        assert_eq!(opt_in(None, steps.as_ref()), OptIn::Disabled);
+        for namespace in [false, true] {
+            for policy_steps in [false, true] {
+                let with = |labels: Option<BTreeMap<String, String>>,
+                            a: Option<&BTreeMap<String, String>>| {
+                    opt_in(labels.as_ref(), a, namespace, policy_steps)
+                };
+                assert_eq!(with(label("true"), steps.as_ref()), OptIn::Enabled);
+                assert_eq!(
+                    with(label("true"), None),
+                    if policy_steps {
+                        OptIn::Enabled
+                    } else {
+                        OptIn::WithoutSteps
+                    }
+                );
+                // Any other value opts out, also of an opted-in namespace.
+                assert_eq!(with(label("yes"), steps.as_ref()), OptIn::Disabled);
+                assert_eq!(with(label("false"), steps.as_ref()), OptIn::Disabled);
+                // No label: the namespace decides.
+                assert_eq!(
+                    with(None, steps.as_ref()),
+                    if namespace {
+                        OptIn::Enabled
+                    } else {
+                        OptIn::Disabled
+                    }
+                );
+            }
+        }
     }
 }

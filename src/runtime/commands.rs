@@ -12,15 +12,18 @@ use serde_json::{Value, json};
 use crate::core::admission;
 use crate::core::objects::{self, SplitApi};
 use crate::core::observe::DeploymentFacts;
+use crate::core::policy::PolicySnapshot;
 use crate::core::rollout::machine::{self, Command};
 use crate::core::rollout::{Phase, RolloutState};
 use crate::core::spec::{
     ANNOTATION_STATE, CanarySpec, LABEL_ENABLED, Router, Step, Weight, format_duration,
 };
 use crate::runtime::events;
+use crate::runtime::policies as policy_watch;
 use crate::runtime::traffic::{TrafficError, TrafficObjects};
 
 pub mod analysis;
+pub mod policies;
 pub mod watch;
 
 pub use analysis::CheckStatus;
@@ -75,6 +78,10 @@ pub struct Status {
     pub traffic: Vec<String>,
     /// The current canary's checks (`fledge.dev/analysis`), by name; empty without any.
     pub analysis: Vec<CheckStatus>,
+    /// The policy that governs it (the one fixed in a canary in flight), e.g.
+    /// `RolloutPolicy shop/defaults`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// The objects a router sends traffic with, for Deployment `name`.
@@ -95,8 +102,9 @@ fn traffic_objects(router: &Router, name: &str, root_service: &str) -> Vec<Strin
 }
 
 /// The status of one Deployment, as plain values.
-pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
-    let facts = DeploymentFacts::read(deployment);
+pub fn status_of(deployment: &Value, policies: &PolicySnapshot, now: Timestamp) -> Status {
+    let facts = DeploymentFacts::read(deployment, policies);
+    let policy = facts.policy.as_ref().map(|p| p.id.to_string());
     let state = facts.state.as_ref().ok().cloned().flatten();
     let steps = facts.spec.as_ref().map_or(0, |s| s.steps.len());
     let namespace = deployment["metadata"]["namespace"]
@@ -130,6 +138,7 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
             router,
             traffic,
             analysis: Vec::new(),
+            policy,
         };
     };
     let pause_left = match (
@@ -154,6 +163,7 @@ pub fn status_of(deployment: &Value, now: Timestamp) -> Status {
         router,
         traffic,
         analysis: analysis::check_statuses(&state, facts.spec.as_ref(), now),
+        policy,
     }
 }
 
@@ -187,6 +197,9 @@ pub fn status_text(statuses: &[Status], namespace: &str) -> String {
     for s in statuses {
         out += &status_line(s);
         out.push('\n');
+        if let Some(policy) = &s.policy {
+            out += &format!("  policy: {policy}\n");
+        }
         for check in &s.analysis {
             out += &analysis::check_line(check);
             out.push('\n');
@@ -215,6 +228,7 @@ pub async fn status(
     namespace: &str,
     name: Option<&str>,
 ) -> Result<Vec<Status>, CommandError> {
+    let policies = policy_watch::list(&client, Some(namespace)).await?;
     let api = deployments(client, namespace);
     let deployments = match name {
         Some(name) => vec![
@@ -225,6 +239,12 @@ pub async fn status(
                     name: name.to_owned(),
                 })?,
         ],
+        // In an opted-in namespace every Deployment takes part unless it opts out.
+        None if policies.namespace_opted_in(namespace) => {
+            api.list(&ListParams::default().labels(&format!("{LABEL_ENABLED}!=false")))
+                .await?
+                .items
+        }
         None => {
             api.list(&ListParams::default().labels(&format!("{LABEL_ENABLED}=true")))
                 .await?
@@ -234,7 +254,7 @@ pub async fn status(
     let now = Timestamp::now();
     deployments
         .iter()
-        .map(|d| Ok(status_of(&serde_json::to_value(d)?, now)))
+        .map(|d| Ok(status_of(&serde_json::to_value(d)?, &policies, now)))
         .collect()
 }
 
@@ -332,7 +352,8 @@ pub async fn run(
                 name: name.to_owned(),
             })?;
         let value = serde_json::to_value(&deployment)?;
-        let facts = DeploymentFacts::read(&value);
+        let policies = policy_watch::list(&client, Some(namespace)).await?;
+        let facts = DeploymentFacts::read(&value, &policies);
         let Some(spec) = &facts.spec else {
             return Err(CommandError::Refused(match facts.invalid {
                 Some(why) => format!("{name}'s fledge settings are invalid: {why}"),
@@ -410,7 +431,7 @@ mod tests {
     fn a_timed_pause_shows_the_time_left() {
         let state = json!({"phase": "Paused", "hash": "c2", "step": 1, "weight": "5", "message": "step 2/3: paused",
                            "stepStarted": t(0).to_string()});
-        let s = status_of(&deployment(Some(state)), t(30));
+        let s = status_of(&deployment(Some(state)), &PolicySnapshot::default(), t(30));
         assert_eq!(
             (s.phase, s.step, s.steps, s.weight.to_string().as_str()),
             (Phase::Paused, 2, 3, "5")
@@ -430,7 +451,7 @@ mod tests {
 
     #[test]
     fn without_a_state_the_pending_canary_waits_for_the_controller() {
-        let s = status_of(&deployment(None), t(0));
+        let s = status_of(&deployment(None), &PolicySnapshot::default(), t(0));
         assert_eq!((s.phase, s.step, s.weight), (Phase::Idle, 0, Weight::ZERO));
         let pending = mk_hash("web:2");
         assert_eq!(
@@ -460,7 +481,7 @@ mod tests {
 
     #[test]
     fn status_text_is_a_line_per_deployment_or_says_there_is_none() {
-        let s = status_of(&deployment(None), t(0));
+        let s = status_of(&deployment(None), &PolicySnapshot::default(), t(0));
         assert_eq!(
             status_text(&[], "shop"),
             "no Deployment in shop is opted in to fledge\n"
@@ -482,7 +503,7 @@ mod tests {
             "latency": {"started": t(0).to_string(), "phase": "Successful", "taken": 2,
                 "successful": 2}
         }});
-        let s = status_of(&deployment(Some(state)), t(30));
+        let s = status_of(&deployment(Some(state)), &PolicySnapshot::default(), t(30));
         let names: Vec<(&str, Option<usize>)> = s
             .analysis
             .iter()
@@ -520,7 +541,12 @@ mod tests {
         ] {
             assert!(json.get(key).is_some(), "{key} in {json}");
         }
-        let idle = serde_json::to_value(status_of(&deployment(None), t(0))).unwrap();
+        let idle = serde_json::to_value(status_of(
+            &deployment(None),
+            &PolicySnapshot::default(),
+            t(0),
+        ))
+        .unwrap();
         assert_eq!(idle["analysis"], json!([]));
     }
 }

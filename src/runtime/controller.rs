@@ -38,6 +38,7 @@ use crate::core::analysis::{Outcome, Variables};
 use crate::core::converge::{self, OwnedObjects, Write};
 use crate::core::objects::{self, LABEL_MANAGED_BY, POD_TEMPLATE_HASH, SplitApi, TRACK_CANARY};
 use crate::core::observe::{self, DeploymentFacts};
+use crate::core::policy::PolicySnapshot;
 use crate::core::rollout::machine;
 use crate::core::rollout::{Phase, RolloutState};
 use crate::core::routes::{self, Backends, RouteExtras};
@@ -48,6 +49,7 @@ use crate::core::spec::{
 use crate::runtime::analysis;
 use crate::runtime::events::{self, Reporter};
 use crate::runtime::measurements::{Completed, Measurements, Subject};
+use crate::runtime::policies::PolicyWatch;
 use crate::runtime::traffic::{
     TrafficError, TrafficObjects, is_fledges, not_served, route_resource, rules_of, split_resource,
     writer,
@@ -94,6 +96,8 @@ pub struct ControllerConfig {
     pub metrics: ControllerMetrics,
     /// Prometheus for checks that name no `address` (`fledge serve --prometheus-address`).
     pub prometheus_address: Option<String>,
+    /// The policies and namespace labels, from the watches every replica runs.
+    pub policies: PolicyWatch,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -301,6 +305,10 @@ pub async fn run(
     config: ControllerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    // A namespace's opt-in or a policy not yet known would look like an opt-out, which releases
+    // held canaries: nothing is reconciled before the first sync.
+    config.policies.wait_synced().await;
+    let policy_changes = config.policies.changes();
     let ar = deployment_resource();
     let ns = config.namespace.clone();
     let dynamic = |client: &Client| match &ns {
@@ -406,6 +414,8 @@ pub async fn run(
             (),
         )
         .reconcile_on(measured)
+        // A policy or a namespace's labels changed: every Deployment may be governed anew.
+        .reconcile_all_on(policy_changes)
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
@@ -487,12 +497,16 @@ struct Read {
 }
 
 /// The read step: everything from the caches.
-fn read(deployment: &DynamicObject, caches: &Caches) -> Result<Read, ControllerError> {
+fn read(
+    deployment: &DynamicObject,
+    caches: &Caches,
+    policies: &PolicySnapshot,
+) -> Result<Read, ControllerError> {
     let json = |what, v: Result<Value, serde_json::Error>| {
         v.map_err(|source| ControllerError::Json { what, source })
     };
     let value = json("the Deployment", serde_json::to_value(deployment))?;
-    let facts = DeploymentFacts::read(&value);
+    let facts = DeploymentFacts::read(&value, policies);
     let namespace = deployment.namespace().unwrap_or_default();
     let name = &facts.name;
     let canary_name = format!("{name}{CANARY_SUFFIX}");
@@ -560,7 +574,7 @@ async fn reconcile_one(
     if !ctx.caches.ready() {
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
-    let seen = read(deployment, &ctx.caches)?;
+    let seen = read(deployment, &ctx.caches, &ctx.config.policies.snapshot())?;
     let facts = &seen.facts;
     let state = match &facts.state {
         Ok(state) => state.clone(),

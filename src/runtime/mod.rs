@@ -8,6 +8,7 @@ pub mod controller;
 pub mod events;
 pub mod lease;
 pub mod measurements;
+pub mod policies;
 pub mod serve;
 pub mod server;
 pub mod traffic;

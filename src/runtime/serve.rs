@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::runtime::controller::{self, ControllerConfig};
 use crate::runtime::lease::{self, LeaseConfig};
+use crate::runtime::policies::PolicyWatch;
 use crate::runtime::server::{self, AppState, ServeError, tls};
 
 /// Everything `fledge serve` runs with.
@@ -35,9 +36,14 @@ pub struct ControllerOptions {
 /// releases the Lease) and returns.
 pub async fn run(
     options: ServeOptions,
-    state: AppState,
+    mut state: AppState,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    // Every replica decides with the policies, leader or not; without the API (webhook only) there
+    // are none.
+    if let Some(c) = &options.controller {
+        state.policies = PolicyWatch::spawn(c.client.clone(), c.namespace.clone());
+    }
     let cert = tls::ReloadingCert::load(options.cert)?;
     let reloader = tls::spawn_reloader(cert.clone(), options.tls_reload_interval);
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -47,6 +53,7 @@ pub async fn run(
             split_api: c.split_api,
             metrics: state.metrics.controller.clone(),
             prometheus_address: c.prometheus_address,
+            policies: state.policies.clone(),
         };
         tracing::info!(
             namespace = config.namespace.as_deref().unwrap_or("(all)"),

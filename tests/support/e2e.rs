@@ -1,5 +1,6 @@
 //! End-to-end test support: the stand-in with fledge's real webhook and controller, a user's
 //! Deployment and Service, and the real `fledge` binary run against it.
+use fledge::runtime::policies::PolicyWatch;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +94,7 @@ pub fn start_controller(
             split_api: SplitApi::V1Alpha2,
             metrics: metrics.controller.clone(),
             prometheus_address: None,
+            policies: PolicyWatch::spawn(api.client(), Some(NS.into())),
         },
         std::future::pending(),
     ))

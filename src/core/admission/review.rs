@@ -506,9 +506,15 @@ mod tests {
                 1,
             );
         let request = parse(body.as_bytes()).unwrap();
-        let reply: Value =
-            serde_json::from_slice(&answer("", "u", &super::super::decide(&request)).unwrap())
-                .unwrap();
+        let reply: Value = serde_json::from_slice(
+            &answer(
+                "",
+                "u",
+                &super::super::decide(&request, &Default::default()),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         let patch = base64::engine::general_purpose::STANDARD
             .decode(reply["response"]["patch"].as_str().unwrap())
             .unwrap();

@@ -13,6 +13,8 @@ use crate::core::analysis::Check;
 use crate::core::analysis::schedule::{CheckRun, CheckRuns, RunPhase};
 use crate::core::objects::canary_pods;
 use crate::core::podratio::PodShare;
+use crate::core::policy::Policy;
+use crate::core::policy::window::WindowState;
 use crate::core::spec::{CanarySpec, Router, Step, Weight};
 
 /// What the controller read from the cluster, as plain values.
@@ -34,6 +36,10 @@ pub struct Observation<'a> {
     pub canary: CanaryStatus,
     /// The user's Deployment has rolled out its current template (all replicas updated and available).
     pub stable_rolled_out: bool,
+    /// The policy that governs the Deployment now; a canary that starts keeps it in its state.
+    pub policy: Option<&'a Policy>,
+    /// The policy fixed into this canary's settings (`spec.policy`) has been deleted: the canary holds.
+    pub policy_missing: bool,
 }
 
 impl Observation<'_> {
@@ -193,6 +199,8 @@ fn start(
         // Users' routes still split for the canary this one replaces are restored from these.
         saved_routes: previous.map(|s| s.saved_routes.clone()).unwrap_or_default(),
         checks: CheckRuns::new(),
+        // The policy as it is now is this canary's for good.
+        policy: obs.policy.cloned().map(Box::new),
     };
     Next {
         state: Some(state),
@@ -238,6 +246,51 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
     if let Some(stopped) = stopped_by_checks(s, state.clone(), spec, obs, size) {
         return stopped;
     }
+    let position = if s.step < total {
+        format!("step {}/{total}", s.step + 1)
+    } else {
+        format!("all {total} steps done")
+    };
+    if obs.policy_missing {
+        let policy = spec
+            .policy
+            .as_ref()
+            .map_or_else(|| "its policy".to_owned(), ToString::to_string);
+        state.phase = Phase::Paused;
+        state.message = format!(
+            "{position}: {policy} was deleted; the canary holds at {}% (recreate it to go on, or `fledge abort {}`)",
+            state.weight, obs.name
+        );
+        let news = s.message != state.message;
+        return Next {
+            event: news.then(|| Event {
+                warning: true,
+                ..info("PolicyMissing", state.message.clone())
+            }),
+            ..hold(state, None)
+        };
+    }
+    // Outside the policy's promotion windows, neither more weight nor the promotion.
+    let closed = |mut state: RolloutState, what: &str| {
+        let WindowState::OpensAt(opens) = spec.windows.at(now) else {
+            return None;
+        };
+        let policy = spec
+            .policy
+            .as_ref()
+            .map_or_else(String::new, |p| format!(" of {p}"));
+        state.phase = Phase::Paused;
+        state.message = format!(
+            "{position}: {what} waits for the promotion windows{policy}; the next opens {}",
+            WindowState::OpensAt(opens.clone())
+        );
+        let news = s.message != state.message;
+        let wait = Duration::try_from(opens.timestamp().duration_since(now)).unwrap_or_default();
+        Some(Next {
+            event: news.then(|| info("OutsidePromotionWindow", state.message.clone())),
+            ..hold(state, Some(wait))
+        })
+    };
     let Some(step) = spec.steps.get(s.step) else {
         let unfinished = unfinished_runs(&state, spec, |check, run| {
             run.step.is_none() && check.count.is_some()
@@ -248,6 +301,9 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
                 unfinished.join(", ")
             );
             return hold(state, None);
+        }
+        if let Some(wait) = closed(state.clone(), "the promotion") {
+            return wait;
         }
         // Background checks measure until the steps end.
         for run in state.checks.values_mut() {
@@ -282,9 +338,13 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
             ..hold(state, requeue)
         }
     };
-    let position = format!("step {}/{total}", s.step + 1);
     match step {
         Step::SetWeight(w) => {
+            if *w > s.weight
+                && let Some(wait) = closed(state.clone(), &format!("{w}% of traffic"))
+            {
+                return wait;
+            }
             let needed = canary_pods(&spec.router, obs.stable_replicas, *w);
             if obs.canary.ready_replicas < needed {
                 state.message = format!(
@@ -753,6 +813,9 @@ mod tests {
             root_service: "web".into(),
             router: Router::Smi,
             checks: Vec::new(),
+            policy: None,
+            windows: Default::default(),
+            progress_deadline: None,
         }
     }
 
@@ -770,6 +833,8 @@ mod tests {
                 ready_replicas: 4,
             },
             stable_rolled_out: true,
+            policy: None,
+            policy_missing: false,
         }
     }
 
@@ -784,6 +849,7 @@ mod tests {
             unavailable_since: None,
             saved_routes: Default::default(),
             checks: Default::default(),
+            policy: None,
         }
     }
 
@@ -1209,6 +1275,9 @@ mod tests {
             root_service: "web".into(),
             router: Router::Smi,
             checks: Vec::new(),
+            policy: None,
+            windows: Default::default(),
+            progress_deadline: None,
         };
         let s = state(Phase::Promoting, 1, w(1000));
         let small = Observation {
@@ -1384,6 +1453,132 @@ mod tests {
 
     /// Every phase × step × weight × hash of a stored state (and none) against every kind of
     /// observation at three moments: the rules that must hold whatever happens.
+    /// [`spec`] under `RolloutPolicy shop/defaults`, open Fridays 09:00–10:00 UTC. `t(0)` is
+    /// Friday 2027-01-15 08:00 UTC.
+    fn windowed() -> CanarySpec {
+        use crate::core::policy::{
+            PolicyId, PolicyKind, PromotionWindow, PromotionWindows, Weekday,
+        };
+        CanarySpec {
+            policy: Some(PolicyId {
+                kind: PolicyKind::RolloutPolicy,
+                namespace: Some("shop".into()),
+                name: "defaults".into(),
+            }),
+            windows: PromotionWindows::read(
+                &[PromotionWindow {
+                    days: vec![Weekday::Fri],
+                    start: "09:00".into(),
+                    end: "10:00".into(),
+                    time_zone: "UTC".into(),
+                }],
+                "spec.promotionWindows",
+            )
+            .unwrap(),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn more_weight_waits_for_a_promotion_window() {
+        let spec = windowed();
+        let start = state(Phase::Progressing, 0, Weight::ZERO);
+        let n = next(Some(&start), &obs(&spec), t(0));
+        let waiting = n.state.clone().unwrap();
+        assert_eq!(
+            (waiting.phase, waiting.weight, waiting.step),
+            (Phase::Paused, Weight::ZERO, 0)
+        );
+        assert_eq!(n.requeue, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            waiting.message,
+            "step 1/5: 5% of traffic waits for the promotion windows of RolloutPolicy shop/defaults; the next opens Fri 2027-01-15 09:00 UTC"
+        );
+        assert_eq!(n.event.map(|e| e.reason), Some("OutsidePromotionWindow"));
+        // Said once, not at every look.
+        let again = next(Some(&waiting), &obs(&spec), t(60));
+        assert_eq!(again.event, None);
+        assert_eq!(again.requeue, Some(Duration::from_secs(3540)));
+        // The window opens: the step goes ahead.
+        let open = next(Some(&waiting), &obs(&spec), t(3600)).state.unwrap();
+        assert_eq!(
+            (open.phase, open.weight, open.step),
+            (Phase::Progressing, w(500), 1)
+        );
+        // Pauses count down outside windows too: only weight and promotion wait.
+        let paused = next(Some(&open), &obs(&spec), t(7300)).state.unwrap();
+        assert_eq!(paused.step, 2);
+    }
+
+    #[test]
+    fn promotion_waits_for_the_next_window_even_days_ahead() {
+        let spec = windowed();
+        let done = state(Phase::Progressing, 5, Weight::FULL);
+        // Friday 10:00 has passed: the next window is a week later.
+        let n = next(Some(&done), &obs(&spec), t(7200));
+        let s = n.state.unwrap();
+        assert_eq!(s.phase, Phase::Paused);
+        assert!(s.message.starts_with("all 5 steps done: the promotion waits for the promotion windows of RolloutPolicy shop/defaults; the next opens Fri 2027-01-22 09:00"), "{}", s.message);
+        assert_eq!(n.requeue, Some(Duration::from_secs(7 * 86400 - 3600)));
+        let promoted = next(Some(&s), &obs(&spec), t(7 * 86400 + 3600))
+            .state
+            .unwrap();
+        assert_eq!(promoted.phase, Phase::Promoting);
+    }
+
+    #[test]
+    fn a_deleted_policy_holds_the_canary_where_it_is() {
+        let spec = windowed();
+        let running = state(Phase::Progressing, 2, w(500));
+        let o = Observation {
+            policy_missing: true,
+            ..obs(&spec)
+        };
+        let n = next(Some(&running), &o, t(3600));
+        let held = n.state.clone().unwrap();
+        assert_eq!(
+            (held.phase, held.weight, held.step),
+            (Phase::Paused, w(500), 2)
+        );
+        assert_eq!(
+            held.message,
+            "step 3/5: RolloutPolicy shop/defaults was deleted; the canary holds at 5% (recreate it to go on, or `fledge abort web`)"
+        );
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(5000),
+                weight: w(500)
+            }
+        );
+        let event = n.event.unwrap();
+        assert!(event.warning && event.reason == "PolicyMissing");
+        assert_eq!(next(Some(&held), &o, t(3700)).event, None);
+        // Recreated: on it goes.
+        assert_eq!(
+            next(Some(&held), &obs(&spec), t(3700))
+                .state
+                .unwrap()
+                .weight,
+            w(5000)
+        );
+    }
+
+    #[test]
+    fn a_canary_keeps_the_policy_it_started_with() {
+        let spec = spec();
+        let policy = crate::core::policy::tests::mk_policy("shop", "defaults", 0, "web");
+        let o = Observation {
+            policy: Some(&policy),
+            held: true,
+            ..obs(&spec)
+        };
+        let started = next(None, &o, t(0)).state.unwrap();
+        assert_eq!(started.policy.as_deref(), Some(&policy));
+        let later = next(Some(&started), &obs(&spec), t(1)).state.unwrap();
+        assert_eq!(later.policy.as_deref(), Some(&policy));
+    }
+
     #[test]
     fn every_state_against_every_observation_keeps_the_rules() {
         let spec = spec();
@@ -1560,6 +1755,9 @@ mod tests {
             root_service: "web".into(),
             router: Router::Smi,
             checks: Vec::new(),
+            policy: None,
+            windows: Default::default(),
+            progress_deadline: None,
         };
         let (weights, _) = walk(&spec);
         assert_eq!(

@@ -294,6 +294,9 @@ mod tests {
             root_service: "web".into(),
             router: Router::Smi,
             checks: vec![error_rate, smoke],
+            policy: None,
+            windows: Default::default(),
+            progress_deadline: None,
         };
         (spec, state)
     }

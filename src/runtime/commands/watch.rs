@@ -18,8 +18,10 @@ use serde_json::Value;
 
 use super::{CheckStatus, CommandError, Status, status_of, status_text};
 use crate::core::observe::DeploymentFacts;
+use crate::core::policy::PolicySnapshot;
 use crate::core::rollout::Phase;
 use crate::core::spec::LABEL_ENABLED;
+use crate::runtime::policies;
 
 /// How often the view is rendered again without a change, for the countdown of a timed pause.
 const TICK: Duration = Duration::from_secs(1);
@@ -147,8 +149,8 @@ pub enum Settled {
 /// in flight, or a new template the controller has not started yet. A settled state counts only
 /// when it is about the pending template, so a past rollout's `Succeeded` does not end the watch of
 /// a template just applied.
-pub fn outcome(deployment: &Value) -> Option<Settled> {
-    let facts = DeploymentFacts::read(deployment);
+pub fn outcome(deployment: &Value, policies: &PolicySnapshot) -> Option<Settled> {
+    let facts = DeploymentFacts::read(deployment, policies);
     let name = &facts.name;
     if let Some(why) = &facts.invalid {
         return Some(Settled::Failed(format!(
@@ -200,9 +202,14 @@ pub async fn watch(
     out: &mut impl Write,
     stop: impl Future<Output = ()>,
 ) -> Result<Ending, CommandError> {
+    // Read once: a watch is short, and the policy of a canary in flight is fixed in its state.
+    let policies = policies::list(&client, Some(namespace)).await?;
     let api: Api<Deployment> = Api::namespaced(client, namespace);
     let config = match name {
         Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None if policies.namespace_opted_in(namespace) => {
+            watcher::Config::default().labels(&format!("{LABEL_ENABLED}!=false"))
+        }
         None => watcher::Config::default().labels(&format!("{LABEL_ENABLED}=true")),
     };
     let (store, writer) = reflector::store();
@@ -241,7 +248,10 @@ pub async fn watch(
                 .cmp(&b["metadata"]["name"].as_str())
         });
         let now = Timestamp::now();
-        let statuses: Vec<Status> = deployments.iter().map(|d| status_of(d, now)).collect();
+        let statuses: Vec<Status> = deployments
+            .iter()
+            .map(|d| status_of(d, &policies, now))
+            .collect();
         if let Some(text) = view.update(&statuses)? {
             out.write_all(text.as_bytes())?;
             out.flush()?;
@@ -252,7 +262,7 @@ pub async fn watch(
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
             })?;
-            if let Some(outcome) = outcome(deployment) {
+            if let Some(outcome) = outcome(deployment, &policies) {
                 return Ok(Ending::Settled(outcome));
             }
         }
@@ -265,6 +275,11 @@ mod tests {
     use crate::core::builders::{self, mk_hash, mk_held, with_annotation};
     use crate::core::spec::Weight;
     use serde_json::json;
+
+    /// The outcome without policies.
+    fn settled(deployment: &Value) -> Option<Settled> {
+        outcome(deployment, &PolicySnapshot::default())
+    }
 
     fn mk_status(name: &str, phase: Phase, weight: &str, pause_left: Option<&str>) -> Status {
         Status {
@@ -280,6 +295,7 @@ mod tests {
             router: "smi",
             traffic: vec!["TrafficSplit web".into()],
             analysis: Vec::new(),
+            policy: None,
         }
     }
 
@@ -452,24 +468,24 @@ mod tests {
         let v2 = mk_hash("web:2");
         let held = |phase| mk_deployment("web:2", Some("web:1"), Some((phase, &v2)));
         let unpaused = |phase| mk_deployment("web:2", None, Some((phase, &v2)));
-        assert_eq!(outcome(&held("Paused")), None);
-        assert_eq!(outcome(&held("Promoting")), None);
-        assert_eq!(outcome(&unpaused("Promoting")), None);
-        assert_eq!(outcome(&unpaused("Succeeded")), Some(Settled::Succeeded));
+        assert_eq!(settled(&held("Paused")), None);
+        assert_eq!(settled(&held("Promoting")), None);
+        assert_eq!(settled(&unpaused("Promoting")), None);
+        assert_eq!(settled(&unpaused("Succeeded")), Some(Settled::Succeeded));
         assert_eq!(
-            outcome(&held("Aborted")),
+            settled(&held("Aborted")),
             Some(Settled::Failed("web was aborted: why not".into()))
         );
         // A new template over a settled one: the controller has yet to start it.
         for phase in ["Succeeded", "Aborted"] {
             let v3 = mk_deployment("web:3", Some("web:1"), Some((phase, &v2)));
-            assert_eq!(outcome(&v3), None);
+            assert_eq!(settled(&v3), None);
         }
         // Back to the stable template: the rollback is waited for, then nothing is in flight.
         let reverted = |phase| mk_deployment("web:1", None, Some((phase, &v2)));
-        assert_eq!(outcome(&reverted("Paused")), None);
+        assert_eq!(settled(&reverted("Paused")), None);
         assert_eq!(
-            outcome(&reverted("RolledBack")),
+            settled(&reverted("RolledBack")),
             Some(Settled::NothingInFlight)
         );
     }
@@ -477,22 +493,22 @@ mod tests {
     #[test]
     fn nothing_to_wait_for_without_a_canary_and_a_failure_when_fledge_cannot_run_it() {
         assert_eq!(
-            outcome(&mk_deployment("web:1", None, None)),
+            settled(&mk_deployment("web:1", None, None)),
             Some(Settled::NothingInFlight)
         );
         assert_eq!(
-            outcome(&mk_deployment("web:2", Some("web:1"), None)),
+            settled(&mk_deployment("web:2", Some("web:1"), None)),
             None,
             "a pending canary waits for the controller"
         );
         let mut not_opted_in = mk_deployment("web:2", Some("web:1"), None);
         not_opted_in["metadata"]["labels"] = json!({});
-        assert_eq!(outcome(&not_opted_in), Some(Settled::NothingInFlight));
+        assert_eq!(settled(&not_opted_in), Some(Settled::NothingInFlight));
         let mut invalid = mk_deployment("web:2", Some("web:1"), None);
         invalid["metadata"]["annotations"]["fledge.dev/steps"] = json!("- setWeight: 150\n");
-        assert!(matches!(outcome(&invalid), Some(Settled::Failed(why)) if why.contains("150")));
+        assert!(matches!(settled(&invalid), Some(Settled::Failed(why)) if why.contains("150")));
         let mut unreadable = mk_deployment("web:2", Some("web:1"), None);
         unreadable["metadata"]["annotations"]["fledge.dev/state"] = json!("{");
-        assert!(matches!(outcome(&unreadable), Some(Settled::Failed(_))));
+        assert!(matches!(settled(&unreadable), Some(Settled::Failed(_))));
     }
 }

@@ -26,6 +26,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::core::admission::{self, review};
+use crate::core::policy::PolicySnapshot;
+use crate::runtime::policies::PolicyWatch;
 
 /// Larger request bodies get 413. The API server caps objects at about 1.5 MiB, and a review holds
 /// two of them.
@@ -107,6 +109,8 @@ pub struct AppState {
     pub metrics: Arc<ServerMetrics>,
     /// Cleared when draining, so `/readyz` turns away new traffic first.
     pub ready: Arc<AtomicBool>,
+    /// The policies and namespace labels the decision takes; `/readyz` waits for their first sync.
+    pub policies: PolicyWatch,
 }
 
 /// The axum application, without TLS (tests drive it in-process too).
@@ -136,10 +140,16 @@ async fn request_timeout(req: Request, next: Next) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Relaxed) {
-        "ok".into_response()
-    } else {
+    if !state.ready.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if !state.policies.is_synced() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the policies and namespaces have not been listed yet",
+        )
+            .into_response()
+    } else {
+        "ok".into_response()
     }
 }
 
@@ -187,7 +197,7 @@ async fn mutate(
             )
                 .into_response(),
         ),
-        Ok(body) => match review(&body) {
+        Ok(body) => match review(&body, &state.policies.snapshot()) {
             Ok((label, json)) => (
                 label,
                 ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
@@ -213,13 +223,16 @@ pub struct BadRequest(pub String);
 
 /// Reads an AdmissionReview body and answers it: the decision label and the response JSON. A body
 /// that is not an AdmissionReview at all yields [`BadRequest`].
-pub fn review(body: &[u8]) -> Result<(&'static str, Vec<u8>), BadRequest> {
+pub fn review(
+    body: &[u8],
+    policies: &PolicySnapshot,
+) -> Result<(&'static str, Vec<u8>), BadRequest> {
     let encoded = |json: Result<Vec<u8>, serde_json::Error>| {
         json.map_err(|e| BadRequest(format!("fledge could not encode its answer: {e}")))
     };
     match review::parse(body) {
         Ok(request) => {
-            let decision = admission::decide(&request);
+            let decision = admission::decide(&request, policies);
             let label = decision.outcome.label();
             tracing::debug!(
                 uid = %request.uid,
@@ -346,7 +359,7 @@ mod tests {
     }
 
     fn answer(body: &[u8]) -> Value {
-        serde_json::from_slice(&review(body).unwrap().1).unwrap()
+        serde_json::from_slice(&review(body, &PolicySnapshot::default()).unwrap().1).unwrap()
     }
 
     #[test]
@@ -371,7 +384,7 @@ mod tests {
             br#"{"request":{"uid":""}}"#,
             b"[1,2]",
         ] {
-            let err = review(body).unwrap_err();
+            let err = review(body, &PolicySnapshot::default()).unwrap_err();
             assert!(
                 err.0.starts_with("fledge cannot read") || err.0.contains("no request"),
                 "{err:?}"
@@ -379,7 +392,7 @@ mod tests {
         }
         let no_request = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#;
         assert_eq!(
-            review(no_request).unwrap_err(),
+            review(no_request, &PolicySnapshot::default()).unwrap_err(),
             BadRequest("the AdmissionReview has no request to answer".into())
         );
     }
@@ -387,7 +400,7 @@ mod tests {
     #[test]
     fn a_valid_review_gets_its_decision() {
         let object = json!({"metadata": {"name": "web"}, "spec": {"template": {}}});
-        let (label, _) = review(&review_body(object.clone())).unwrap();
+        let (label, _) = review(&review_body(object.clone()), &PolicySnapshot::default()).unwrap();
         assert_eq!(label, "allow");
         let r = answer(&review_body(object));
         assert_eq!(r["response"]["uid"], "u-1");

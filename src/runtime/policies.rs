@@ -1,0 +1,313 @@
+//! The policies and namespace labels that the webhook and the controller decide with, kept by
+//! watches: `RolloutPolicy`, `ClusterRolloutPolicy` and the labels of Namespaces (metadata only).
+//!
+//! Every replica runs these watches, leader or not, because every replica answers the webhook.
+//! fledge runs without its CRDs: a policy watch whose list is answered 404 counts as synced with no
+//! policies and tries again every [`RETRY`], so CRDs installed later are picked up within about
+//! that long. `/readyz` fails until every watch has synced once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::core::policy::{ClusterRolloutPolicy, Policy, PolicySnapshot, RolloutPolicy};
+
+/// How soon a failed watch (CRDs absent, API server away) is tried again.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// The current snapshot, shared and lock-free to read: the webhook reads it on every review.
+#[derive(Clone)]
+pub struct PolicyWatch {
+    snapshot: Arc<ArcSwap<PolicySnapshot>>,
+    /// Whether every source has synced once; changes with every new snapshot too (`changed`).
+    synced: watch::Receiver<Version>,
+}
+
+/// Counts snapshots; `synced` once every source has listed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Version {
+    synced: bool,
+    count: u64,
+}
+
+impl std::fmt::Debug for PolicyWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let snapshot = self.snapshot();
+        f.debug_struct("PolicyWatch")
+            .field("synced", &self.is_synced())
+            .field("policies", &snapshot.policies.len())
+            .field("namespaces", &snapshot.namespaces.len())
+            .finish()
+    }
+}
+
+impl Default for PolicyWatch {
+    /// No policies and no opted-in namespaces, synced: `fledge serve --webhook-only` and tests
+    /// without an API server.
+    fn default() -> Self {
+        PolicyWatch::fixed(PolicySnapshot::default())
+    }
+}
+
+impl PolicyWatch {
+    /// A snapshot that never changes.
+    pub fn fixed(snapshot: PolicySnapshot) -> PolicyWatch {
+        let (_, synced) = watch::channel(Version {
+            synced: true,
+            count: 0,
+        });
+        PolicyWatch {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            synced,
+        }
+    }
+
+    /// Starts the watches on the current runtime. `namespace`: watch `RolloutPolicy` objects of
+    /// this namespace only (the controller's scope); cluster policies and Namespaces are cluster-wide.
+    pub fn spawn(client: Client, namespace: Option<String>) -> PolicyWatch {
+        let snapshot = Arc::new(ArcSwap::from_pointee(PolicySnapshot::default()));
+        let (tx, synced) = watch::channel(Version::default());
+        let sources = Sources::default();
+        let shared = Arc::new(Shared {
+            snapshot: snapshot.clone(),
+            tx,
+            sources: std::sync::Mutex::new(sources),
+        });
+        let namespaced = match &namespace {
+            Some(ns) => Api::<RolloutPolicy>::namespaced(client.clone(), ns),
+            None => Api::<RolloutPolicy>::all(client.clone()),
+        };
+        tokio::spawn(follow(
+            shared.clone(),
+            Source::Namespaced,
+            watcher(namespaced, watcher::Config::default()),
+            |p: &RolloutPolicy| ItemValue::Policy(Box::new(Policy::namespaced(p))),
+        ));
+        tokio::spawn(follow(
+            shared.clone(),
+            Source::Cluster,
+            watcher(
+                Api::<ClusterRolloutPolicy>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+            |p: &ClusterRolloutPolicy| ItemValue::Policy(Box::new(Policy::cluster(p))),
+        ));
+        tokio::spawn(follow(
+            shared,
+            Source::Namespaces,
+            // Labels are all fledge reads of a Namespace.
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client),
+                watcher::Config::default(),
+            ),
+            |n: &PartialObjectMeta<Namespace>| ItemValue::Labels(n.labels().clone()),
+        ));
+        PolicyWatch { snapshot, synced }
+    }
+
+    pub fn snapshot(&self) -> Arc<PolicySnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Every watch has listed once (the webhook's `/readyz`).
+    pub fn is_synced(&self) -> bool {
+        self.synced.borrow().synced
+    }
+
+    /// Waits until every watch has listed once (the controller starts after that: a namespace's
+    /// opt-in unknown would look like an opt-out).
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.clone();
+        let _ = rx.wait_for(|v| v.synced).await;
+    }
+
+    /// A stream that yields once per new snapshot after the first sync.
+    pub fn changes(&self) -> impl Stream<Item = ()> + Send + 'static {
+        let rx = self.synced.clone();
+        futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                rx.changed().await.ok()?;
+                if rx.borrow_and_update().synced {
+                    return Some(((), rx));
+                }
+            }
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    Namespaced,
+    Cluster,
+    Namespaces,
+}
+
+/// What each source holds, by object key; `None` until it has listed once.
+#[derive(Default)]
+struct Sources {
+    held: BTreeMap<Source, Option<BTreeMap<String, ItemValue>>>,
+    count: u64,
+}
+
+#[derive(Clone)]
+enum ItemValue {
+    Policy(Box<Policy>),
+    Labels(BTreeMap<String, String>),
+}
+
+struct Shared {
+    snapshot: Arc<ArcSwap<PolicySnapshot>>,
+    tx: watch::Sender<Version>,
+    sources: std::sync::Mutex<Sources>,
+}
+
+impl Shared {
+    /// Changes what a source holds and publishes the new snapshot.
+    fn update(&self, source: Source, change: impl FnOnce(&mut BTreeMap<String, ItemValue>)) {
+        let mut sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = sources.held.entry(source).or_insert(None);
+        change(held.get_or_insert_with(BTreeMap::new));
+        sources.count += 1;
+        let mut snapshot = PolicySnapshot::default();
+        for items in sources.held.values().flatten() {
+            for item in items.values() {
+                match item {
+                    ItemValue::Policy(p) => snapshot.policies.push((**p).clone()),
+                    ItemValue::Labels(_) => {}
+                }
+            }
+        }
+        if let Some(Some(namespaces)) = sources.held.get(&Source::Namespaces) {
+            for (name, item) in namespaces {
+                if let ItemValue::Labels(labels) = item {
+                    snapshot.namespaces.insert(name.clone(), labels.clone());
+                }
+            }
+        }
+        let synced = [Source::Namespaced, Source::Cluster, Source::Namespaces]
+            .iter()
+            .all(|s| matches!(sources.held.get(s), Some(Some(_))));
+        self.snapshot.store(Arc::new(snapshot));
+        let count = sources.count;
+        self.tx.send_replace(Version { synced, count });
+    }
+}
+
+/// `namespace/name`, or the name of a cluster-scoped object (a Namespace's name is its key).
+fn key<K: Resource>(object: &K) -> String {
+    let meta = object.meta();
+    let name = meta.name.clone().unwrap_or_default();
+    match &meta.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name,
+    }
+}
+
+/// Keeps one source up to date from its watch. A failed list is retried after [`RETRY`]; one
+/// answered 404 (the CRD is not installed) means "no such objects", which counts as synced.
+async fn follow<K>(
+    shared: Arc<Shared>,
+    source: Source,
+    stream: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send,
+    value: fn(&K) -> ItemValue,
+) where
+    K: Resource + Clone + DeserializeOwned + Send + 'static,
+{
+    let mut listing: Option<BTreeMap<String, ItemValue>> = None;
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => listing = Some(BTreeMap::new()),
+            Ok(Event::InitApply(k)) => {
+                listing
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key(&k), value(&k));
+            }
+            Ok(Event::InitDone) => {
+                let items = listing.take().unwrap_or_default();
+                shared.update(source, |held| *held = items);
+            }
+            Ok(Event::Apply(k)) => shared.update(source, |held| {
+                held.insert(key(&k), value(&k));
+            }),
+            Ok(Event::Delete(k)) => shared.update(source, |held| {
+                held.remove(&key(&k));
+            }),
+            Err(e) => {
+                if is_not_found(&e) {
+                    // The CRD is gone or not installed yet: no policies of this kind.
+                    shared.update(source, BTreeMap::clear);
+                } else {
+                    tracing::warn!(error = %e, source = ?source, "policy watch failed; retrying");
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    let api = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s,
+        _ => return false,
+    };
+    api.code == 404
+}
+
+/// The policies and namespace labels for one-off commands (`fledge status`, `fledge policies`):
+/// listed once. Absent CRDs mean no policies.
+pub async fn list(client: &Client, namespace: Option<&str>) -> Result<PolicySnapshot, kube::Error> {
+    let mut snapshot = PolicySnapshot::default();
+    let namespaced = match namespace {
+        Some(ns) => Api::<RolloutPolicy>::namespaced(client.clone(), ns),
+        None => Api::<RolloutPolicy>::all(client.clone()),
+    };
+    for p in absent_is_empty(namespaced.list(&ListParams::default()).await)? {
+        snapshot.policies.push(Policy::namespaced(&p));
+    }
+    let cluster = Api::<ClusterRolloutPolicy>::all(client.clone());
+    for p in absent_is_empty(cluster.list(&ListParams::default()).await)? {
+        snapshot.policies.push(Policy::cluster(&p));
+    }
+    let namespaces = Api::<Namespace>::all(client.clone());
+    match namespace {
+        // One namespace: a GET, which a user may be allowed where listing all is not.
+        Some(ns) => {
+            if let Some(n) = namespaces.get_metadata_opt(ns).await? {
+                snapshot
+                    .namespaces
+                    .insert(ns.to_owned(), n.labels().clone());
+            }
+        }
+        None => {
+            for n in namespaces.list_metadata(&ListParams::default()).await? {
+                snapshot.namespaces.insert(n.name_any(), n.labels().clone());
+            }
+        }
+    }
+    Ok(snapshot)
+}
+
+fn absent_is_empty<K: Clone>(
+    listed: Result<kube::core::ObjectList<K>, kube::Error>,
+) -> Result<Vec<K>, kube::Error> {
+    match listed {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
