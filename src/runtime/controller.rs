@@ -38,7 +38,7 @@ use crate::core::analysis::{Outcome, Variables};
 use crate::core::converge::{self, OwnedObjects, Write};
 use crate::core::objects::{self, LABEL_MANAGED_BY, POD_TEMPLATE_HASH, SplitApi, TRACK_CANARY};
 use crate::core::observe::{self, DeploymentFacts};
-use crate::core::policy::PolicySnapshot;
+use crate::core::policy::{PolicyId, PolicySnapshot};
 use crate::core::rollout::machine;
 use crate::core::rollout::{Phase, RolloutState};
 use crate::core::routes::{self, Backends, RouteExtras};
@@ -49,7 +49,7 @@ use crate::core::spec::{
 use crate::runtime::analysis;
 use crate::runtime::events::{self, Reporter};
 use crate::runtime::measurements::{Completed, Measurements, Subject};
-use crate::runtime::policies::PolicyWatch;
+use crate::runtime::policies::{self, PolicyWatch};
 use crate::runtime::traffic::{
     TrafficError, TrafficObjects, is_fledges, not_served, route_resource, rules_of, split_resource,
     writer,
@@ -290,6 +290,9 @@ struct Context {
     /// Consecutive failures per Deployment, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<DynamicObject>, u32>>,
     measurements: Measurements,
+    /// The policy (and its generation) each opted-in Deployment was last reconciled under, for
+    /// `PolicyChanged` Events.
+    governed: Mutex<HashMap<ObjectRef<DynamicObject>, Option<(PolicyId, i64)>>>,
 }
 
 /// apps/v1 Deployments, read as JSON: typed structs would drop what the API server sent
@@ -387,7 +390,14 @@ pub async fn run(
         },
         failures: Mutex::default(),
         measurements,
+        governed: Mutex::default(),
     });
+    // Aborted when the controller stops (a deposed leader writes no status).
+    let status_task = AbortOnDrop(tokio::spawn(policies::report_status(
+        context.client.clone(),
+        deployments.clone(),
+        context.config.policies.clone(),
+    )));
     let ar_for_mapper = ar.clone();
     Controller::for_stream_with(deployment_stream, deployments, ar.clone())
         .owns_stream_with(canary_stream, ar.clone())
@@ -425,6 +435,16 @@ pub async fn run(
             }
         })
         .await;
+    drop(status_task);
+}
+
+/// Aborts the task when dropped, however the owner ends (returned, or cancelled with its future).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
@@ -576,6 +596,7 @@ async fn reconcile_one(
     }
     let seen = read(deployment, &ctx.caches, &ctx.config.policies.snapshot())?;
     let facts = &seen.facts;
+    announce_policy_change(ctx, deployment, facts).await;
     let state = match &facts.state {
         Ok(state) => state.clone(),
         Err(e) => {
@@ -1257,6 +1278,44 @@ fn gone<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other.map(|_| ()),
     }
+}
+
+/// A `PolicyChanged` Event when an opted-in Deployment comes under another policy (or another
+/// generation of its policy), or under none. The first reconcile after a start only records.
+async fn announce_policy_change(
+    ctx: &Context,
+    deployment: &DynamicObject,
+    facts: &DeploymentFacts,
+) {
+    let key = ObjectRef::from_obj_with(deployment, deployment_resource());
+    let opted_in = facts.spec.is_some() || facts.invalid.is_some();
+    let now = facts.policy.as_ref().map(|p| (p.id.clone(), p.generation));
+    let before = {
+        let mut governed = ctx.governed.lock().unwrap_or_else(PoisonError::into_inner);
+        if opted_in {
+            governed.insert(key, now.clone())
+        } else {
+            governed.remove(&key)
+        }
+    };
+    let Some(before) = before.filter(|b| *b != now && opted_in) else {
+        return;
+    };
+    let describe = |p: &Option<(PolicyId, i64)>| match p {
+        Some((id, generation)) => format!("{id} (generation {generation})"),
+        None => "no policy".to_owned(),
+    };
+    let event = machine::Event {
+        reason: "PolicyChanged",
+        message: format!(
+            "{} is governed by {}, was {}; a canary in flight keeps the policy it started with",
+            facts.name,
+            describe(&now),
+            describe(&before)
+        ),
+        warning: false,
+    };
+    publish(ctx, deployment, facts, &event).await;
 }
 
 async fn publish(

@@ -20,7 +20,15 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::core::policy::{ClusterRolloutPolicy, Policy, PolicySnapshot, RolloutPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+
+use crate::core::observe::DeploymentFacts;
+use crate::core::policy::{
+    ClusterRolloutPolicy, Policy, PolicyId, PolicyKind, PolicySnapshot, PolicyStatus,
+    RolloutPolicy, merge,
+};
 
 /// How soon a failed watch (CRDs absent, API server away) is tried again.
 pub const RETRY: Duration = Duration::from_secs(2);
@@ -310,4 +318,99 @@ fn absent_is_empty<K: Clone>(
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
         Err(e) => Err(e),
     }
+}
+
+/// How often the policies' `status.deployments` counts are brought up to date at the latest.
+const STATUS_EVERY: Duration = Duration::from_secs(30);
+
+/// Keeps each policy's status true (leader only): `observedGeneration`, a `Ready` condition with
+/// the policy's own problems, and how many Deployments it governs, counted from the controller's
+/// cache of Deployments. Written only when it changes.
+pub async fn report_status(client: Client, deployments: Store<DynamicObject>, watch: PolicyWatch) {
+    let mut written: BTreeMap<PolicyId, PolicyStatus> = BTreeMap::new();
+    let mut changes = std::pin::pin!(watch.changes());
+    loop {
+        let snapshot = watch.snapshot();
+        let mut counts: BTreeMap<&PolicyId, i32> = BTreeMap::new();
+        for d in deployments.state() {
+            let Ok(value) = serde_json::to_value(&*d) else {
+                continue;
+            };
+            if let Some(p) = DeploymentFacts::read(&value, &snapshot).policy {
+                if let Some(live) = snapshot.policies.iter().find(|l| l.id == p.id) {
+                    *counts.entry(&live.id).or_default() += 1;
+                }
+            }
+        }
+        for policy in &snapshot.policies {
+            let previous = written.get(&policy.id);
+            let status = policy_status(policy, counts.get(&policy.id).copied(), previous);
+            if previous == Some(&status) {
+                continue;
+            }
+            match write_status(&client, &policy.id, &status).await {
+                Ok(()) => {
+                    written.insert(policy.id.clone(), status);
+                }
+                Err(e) => {
+                    tracing::warn!(policy = %policy.id, error = %e, "writing the policy's status")
+                }
+            }
+        }
+        written.retain(|id, _| snapshot.policies.iter().any(|p| &p.id == id));
+        let _ = tokio::time::timeout(STATUS_EVERY, changes.next()).await;
+    }
+}
+
+/// The status a policy should have; the condition keeps its transition time while it holds.
+fn policy_status(
+    policy: &Policy,
+    governed: Option<i32>,
+    previous: Option<&PolicyStatus>,
+) -> PolicyStatus {
+    let problems = merge::policy_problems(policy);
+    let (status, reason, message) = if problems.is_empty() {
+        ("True", "Valid", "fledge uses this policy".to_owned())
+    } else {
+        ("False", "Invalid", crate::core::spec::summary(&problems))
+    };
+    let since = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == "Ready"))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone());
+    PolicyStatus {
+        observed_generation: Some(policy.generation),
+        conditions: vec![Condition {
+            type_: "Ready".to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            observed_generation: Some(policy.generation),
+            last_transition_time: since
+                .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now())),
+        }],
+        deployments: governed.unwrap_or(0),
+    }
+}
+
+async fn write_status(
+    client: &Client,
+    id: &PolicyId,
+    status: &PolicyStatus,
+) -> Result<(), kube::Error> {
+    let patch = Patch::Merge(serde_json::json!({"status": status}));
+    let params = PatchParams::default();
+    match (&id.kind, &id.namespace) {
+        (PolicyKind::RolloutPolicy, Some(ns)) => {
+            Api::<RolloutPolicy>::namespaced(client.clone(), ns)
+                .patch_status(&id.name, &params, &patch)
+                .await?;
+        }
+        _ => {
+            Api::<ClusterRolloutPolicy>::all(client.clone())
+                .patch_status(&id.name, &params, &patch)
+                .await?;
+        }
+    }
+    Ok(())
 }
