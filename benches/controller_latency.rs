@@ -139,6 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 api.client_as(fledge_user.clone()),
                 Some(NS.into()),
             ),
+            clock: fledge::runtime::clock::Clock::system(),
         },
         std::future::pending(),
     ));

@@ -309,6 +309,7 @@ fn replica(
                 metrics: controller::ControllerMetrics::default(),
                 prometheus_address: None,
                 policies: policies.clone(),
+                clock: fledge::runtime::clock::Clock::system(),
             },
             std::future::pending(),
         )

@@ -47,6 +47,7 @@ use crate::core::spec::{
     LABEL_TRACK, Router, STABLE_SUFFIX, Weight,
 };
 use crate::runtime::analysis;
+use crate::runtime::clock::Clock;
 use crate::runtime::events::{self, Reporter};
 use crate::runtime::measurements::{Completed, Measurements, Subject};
 use crate::runtime::policies::{self, PolicyWatch};
@@ -98,6 +99,8 @@ pub struct ControllerConfig {
     pub prometheus_address: Option<String>,
     /// The policies and namespace labels, from the watches every replica runs.
     pub policies: PolicyWatch,
+    /// What `now` is for pauses, promotion windows and measurement schedules.
+    pub clock: Clock,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -312,6 +315,7 @@ pub async fn run(
     // held canaries: nothing is reconciled before the first sync.
     config.policies.wait_synced().await;
     let policy_changes = config.policies.changes();
+    let clock_moves = config.clock.moves();
     let ar = deployment_resource();
     let ns = config.namespace.clone();
     let dynamic = |client: &Client| match &ns {
@@ -426,6 +430,7 @@ pub async fn run(
         .reconcile_on(measured)
         // A policy or a namespace's labels changed: every Deployment may be governed anew.
         .reconcile_all_on(policy_changes)
+        .reconcile_all_on(clock_moves)
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
@@ -629,7 +634,7 @@ async fn reconcile_one(
         _ => Vec::new(),
     };
     let observation = facts.observation(seen.canary.as_ref(), &seen.canary_replicasets);
-    let now = Timestamp::now();
+    let now = ctx.config.clock.now();
     let next = machine::next(measured.as_ref(), &observation, now);
     ctx.config
         .metrics

@@ -3,6 +3,7 @@
 
 pub mod analysis;
 pub mod certs;
+pub mod clock;
 pub mod commands;
 pub mod controller;
 pub mod events;

@@ -54,6 +54,7 @@ pub async fn run(
             metrics: state.metrics.controller.clone(),
             prometheus_address: c.prometheus_address,
             policies: state.policies.clone(),
+            clock: crate::runtime::clock::Clock::system(),
         };
         tracing::info!(
             namespace = config.namespace.as_deref().unwrap_or("(all)"),

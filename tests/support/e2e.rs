@@ -95,6 +95,7 @@ pub fn start_controller(
             metrics: metrics.controller.clone(),
             prometheus_address: None,
             policies: PolicyWatch::spawn(api.client(), Some(NS.into())),
+            clock: fledge::runtime::clock::Clock::system(),
         },
         std::future::pending(),
     ))
