@@ -162,6 +162,7 @@
 
 mod admission;
 mod audit;
+mod cel;
 mod controller;
 mod crds;
 mod gc;
@@ -170,6 +171,7 @@ mod kinds;
 mod ops;
 mod patch;
 mod resources;
+mod schema;
 mod selectors;
 mod status;
 mod store;
@@ -450,6 +452,17 @@ impl ApiServer {
         }
         for yaml in &config.extra_crds {
             for crd in resources::parse_crds(yaml).expect("extra_crds must be CRD YAML") {
+                // kube-apiserver would refuse the CRD (rules that do not compile, bad patterns).
+                let errs = schema::crd(&crd);
+                assert!(
+                    errs.is_empty(),
+                    "extra_crds: {} is invalid: {}",
+                    crd["metadata"]["name"],
+                    errs.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
                 registry.add(resources::def_from_crd(&crd, None).expect("a valid CRD"));
             }
         }
