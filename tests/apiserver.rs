@@ -3315,3 +3315,565 @@ fn http_routes(client: kube::Client) -> Api<DynamicObject> {
         ),
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Custom resources: structural schemas with CEL rules
+
+/// A CRD whose schema has a rule at the root, rules with a message, a `messageExpression`, a
+/// `fieldPath`, a `reason`, a transition rule, and `pattern`, `enum`, `minProperties`,
+/// `exclusiveMinimum`, set and map lists; `spec.target` has `maxLength` when `short_targets`.
+fn gadget_crd(short_targets: bool) -> Value {
+    let mut target = json!({
+        "type": "string",
+        "pattern": "^[a-z][a-z0-9-]*$",
+        "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "target is immutable"}],
+    });
+    if short_targets {
+        target["maxLength"] = json!(4);
+    }
+    let steps = json!({
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+        "x-kubernetes-validations": [{"rule": "self.size() <= 4"}],
+        "items": {
+            "type": "object",
+            "required": ["name"],
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.weight > 0",
+                    "messageExpression": "'weight of ' + self.name + ' must be positive'",
+                },
+                {
+                    "rule": "self.weight <= 100",
+                    "message": "weights are at most 100",
+                    "reason": "FieldValueForbidden",
+                },
+            ],
+            "properties": {
+                "name": {"type": "string"},
+                "weight": {"type": "integer", "default": 1},
+            },
+        },
+    });
+    let spec = json!({
+        "type": "object",
+        "required": ["target"],
+        "x-kubernetes-validations": [
+            {
+                "rule": "self.minWeight <= self.maxWeight",
+                "message": "minWeight must not exceed maxWeight",
+                "fieldPath": ".minWeight",
+            },
+            {
+                "rule": "!has(self.ratio) || self.ratio < self.limit",
+                "message": "ratio must be below limit",
+            },
+        ],
+        "properties": {
+            "target": target,
+            "minWeight": {"type": "integer", "minimum": 0, "default": 0},
+            "maxWeight": {"type": "integer", "maximum": 100, "default": 100},
+            "ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": true},
+            "limit": {"type": "number"},
+            "mode": {"type": "string", "enum": ["Auto", "Manual"]},
+            "labels": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {"type": "string"},
+            },
+            "tags": {
+                "type": "array",
+                "x-kubernetes-list-type": "set",
+                "items": {"type": "string"},
+            },
+            "steps": steps,
+        },
+    });
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "gadgets.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+            "versions": [{
+                "name": "v1",
+                "served": true,
+                "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "x-kubernetes-validations": [
+                        {"rule": "self.metadata.name.startsWith('g-')", "message": "names start with g-"},
+                    ],
+                    "properties": {
+                        "spec": spec,
+                        "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+                    },
+                }},
+            }],
+        },
+    })
+}
+
+fn crd_api(
+    client: kube::Client,
+) -> Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    Api::all(client)
+}
+
+/// Creates `crd` and waits until its resource is served.
+async fn install_crd(server: &ApiServer, crd: Value) {
+    let name = crd["metadata"]["name"].as_str().unwrap().to_string();
+    crd_api(server.client())
+        .create(&PostParams::default(), &typed(crd))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let stored = server
+            .get(
+                "apiextensions.k8s.io/v1/customresourcedefinitions",
+                "",
+                &name,
+            )
+            .unwrap();
+        let conditions = stored["status"]["conditions"].as_array().cloned();
+        if conditions
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Established" && c["status"] == "True")
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never established"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn gadgets(client: kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client,
+        "default",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("example.com", "v1", "Gadget"),
+            "gadgets",
+        ),
+    )
+}
+
+fn gadget(name: &str, spec: Value) -> DynamicObject {
+    typed(json!({
+        "apiVersion": "example.com/v1",
+        "kind": "Gadget",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+}
+
+/// The message of the 422 a create of `spec` as `name` gets.
+async fn refused(api: &Api<DynamicObject>, name: &str, spec: Value) -> String {
+    let err = api
+        .create(&PostParams::default(), &gadget(name, spec.clone()))
+        .await
+        .expect_err(&format!("{name} {spec} should be refused"));
+    let status = api_error(err);
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (422, "Invalid"),
+        "{status:?}"
+    );
+    status.message
+}
+
+#[tokio::test]
+async fn custom_resources_are_checked_by_cel_rules_patterns_and_bounds() {
+    let server = ApiServer::start(without_controller()).await;
+    install_crd(&server, gadget_crd(false)).await;
+    let api = gadgets(server.client());
+
+    // Good: accepted, defaulted (inside list items too) before the rules see it.
+    let good = json!({
+        "target": "web-app",
+        "maxWeight": 50,
+        "ratio": 0.5,
+        "limit": 1,
+        "mode": "Auto",
+        "labels": {"team": "a"},
+        "tags": ["a", "b"],
+        "steps": [{"name": "a", "weight": 10}, {"name": "b"}],
+    });
+    let created = api
+        .create(&PostParams::default(), &gadget("g-one", good.clone()))
+        .await
+        .unwrap();
+    assert_eq!(created.data["spec"]["minWeight"], 0);
+    assert_eq!(created.data["spec"]["steps"][1]["weight"], 1);
+    api.create(
+        &PostParams::default(),
+        &gadget("g-minimal", json!({"target": "x"})),
+    )
+    .await
+    .unwrap();
+
+    // Bad, one way each: the exact path and message kube-apiserver gives.
+    let with = |patch: Value| {
+        let mut spec = good.clone();
+        json_patch::merge(&mut spec, &patch);
+        spec
+    };
+    let cases = [
+        (
+            "g-name",
+            "x-bad-name",
+            good.clone(),
+            r#"<nil>: Invalid value: "object": names start with g-"#,
+        ),
+        (
+            "g-weights",
+            "",
+            with(json!({"minWeight": 60})),
+            r#"spec.minWeight: Invalid value: "object": minWeight must not exceed maxWeight"#,
+        ),
+        (
+            "g-pattern",
+            "",
+            with(json!({"target": "Web_App"})),
+            r#"spec.target: Invalid value: "Web_App": spec.target in body should match '^[a-z][a-z0-9-]*$'"#,
+        ),
+        (
+            "g-labels",
+            "",
+            with(json!({"labels": {"team": null}})),
+            "spec.labels: Invalid value: 1: spec.labels in body should have at least 1 properties",
+        ),
+        (
+            "g-ratio",
+            "",
+            with(json!({"ratio": 0})),
+            "spec.ratio: Invalid value: 0: spec.ratio in body should be greater than 0",
+        ),
+        (
+            "g-limit",
+            "",
+            with(json!({"limit": null})),
+            r#"spec: Invalid value: "object": no such key: limit evaluating rule: ratio must be below limit"#,
+        ),
+        (
+            "g-tags",
+            "",
+            with(json!({"tags": ["a", "b", "a", "a"]})),
+            r#"spec.tags[2]: Duplicate value: "a""#,
+        ),
+        (
+            "g-steps",
+            "",
+            with(json!({"steps": [{"name": "a"}, {"name": "a"}]})),
+            r#"spec.steps[1]: Duplicate value: map[string]interface {}{"name":"a"}"#,
+        ),
+        (
+            "g-zero",
+            "",
+            with(json!({"steps": [{"name": "a", "weight": 0}]})),
+            r#"spec.steps[0]: Invalid value: "object": weight of a must be positive"#,
+        ),
+        (
+            "g-heavy",
+            "",
+            with(json!({"steps": [{"name": "a", "weight": 101}]})),
+            "spec.steps[0]: Forbidden: weights are at most 100",
+        ),
+        (
+            "g-many",
+            "",
+            with(
+                json!({"steps": [{"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "d"}, {"name": "e"}]}),
+            ),
+            r#"spec.steps: Invalid value: "array": failed rule: self.size() <= 4"#,
+        ),
+        // A schema error of the kinds that block CEL: the rules are not run.
+        (
+            "g-mode",
+            "",
+            with(json!({"mode": "Sometimes", "minWeight": 60})),
+            r#"[spec.mode: Unsupported value: "Sometimes": supported values: "Auto", "Manual", <nil>: Invalid value: "null": some validation rules were not checked because the object was invalid; correct the existing errors to complete validation]"#,
+        ),
+    ];
+    for (label, name, spec, want) in cases {
+        let name = if name.is_empty() { label } else { name };
+        let message = refused(&api, name, spec).await;
+        assert_eq!(
+            message,
+            format!("Gadget.example.com {name:?} is invalid: {want}"),
+            "{label}"
+        );
+    }
+
+    // A transition rule: checked on updates only, against the old value.
+    let err = api_error(
+        merge(&api, "g-one", json!({"spec": {"target": "other"}}))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        err.message,
+        r#"Gadget.example.com "g-one" is invalid: spec.target: Invalid value: "string": target is immutable"#
+    );
+    let updated = merge(&api, "g-one", json!({"spec": {"minWeight": 5}}))
+        .await
+        .unwrap();
+    assert_eq!(updated.data["spec"]["minWeight"], 5);
+
+    // The same rules through the real kubectl.
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g-kubectl\n\
+         spec:\n  target: web\n  minWeight: 70\n  maxWeight: 60\n",
+    )
+    .unwrap();
+    let (code, out, err) = kubectl(&server, dir, &["apply", "-f", "bad.yaml"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(
+            r#"The Gadget "g-kubectl" is invalid: spec.minWeight: Invalid value: "object": minWeight must not exceed maxWeight"#
+        ),
+        "{err}"
+    );
+    std::fs::write(
+        dir.join("good.yaml"),
+        "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g-kubectl\n\
+         spec:\n  target: web\n  minWeight: 10\n  maxWeight: 60\n",
+    )
+    .unwrap();
+    let out = kubectl_ok(&server, dir, &["apply", "-f", "good.yaml"]).await;
+    assert!(
+        out.contains("gadget.example.com/g-kubectl created"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn unchanged_values_are_not_checked_again_after_a_schema_gets_stricter() {
+    let server = ApiServer::start(without_controller()).await;
+    install_crd(&server, gadget_crd(false)).await;
+    let api = gadgets(server.client());
+    api.create(
+        &PostParams::default(),
+        &gadget("g-old", json!({"target": "web-app"})),
+    )
+    .await
+    .unwrap();
+
+    // targets of at most 4 characters from now on (once the new schema is served).
+    let crds = crd_api(server.client());
+    let mut stricter: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
+        typed(gadget_crd(true));
+    stricter.metadata.resource_version = crds
+        .get("gadgets.example.com")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+    crds.replace("gadgets.example.com", &PostParams::default(), &stricter)
+        .await
+        .unwrap();
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while api
+        .create(&dry, &gadget("g-probe", json!({"target": "web-app"})))
+        .await
+        .is_ok()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never stricter");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Ratcheting: the stored target is too long now, but unchanged; other fields may change.
+    merge(&api, "g-old", json!({"spec": {"minWeight": 5}}))
+        .await
+        .unwrap();
+    let message = refused(&api, "g-new", json!({"target": "web-app"})).await;
+    assert_eq!(
+        message,
+        r#"Gadget.example.com "g-new" is invalid: [spec.target: Too long: may not be more than 4 bytes, <nil>: Invalid value: "null": some validation rules were not checked because the object was invalid; correct the existing errors to complete validation]"#
+    );
+}
+
+#[tokio::test]
+async fn custom_resource_generations_move_with_spec_and_status_writes_keep_it() {
+    let server = ApiServer::start(without_controller()).await;
+    install_crd(&server, gadget_crd(false)).await;
+    let api = gadgets(server.client());
+    let created = api
+        .create(
+            &PostParams::default(),
+            &gadget("g-gen", json!({"target": "web"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+
+    // Metadata and status (through the main resource, where it is ignored) leave it.
+    let labelled = merge(
+        &api,
+        "g-gen",
+        json!({"metadata": {"labels": {"a": "b"}}, "status": {"phase": "Ignored"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(labelled.metadata.generation, Some(1));
+    assert_eq!(labelled.data.get("status"), None);
+
+    // A spec change bumps it.
+    let changed = merge(&api, "g-gen", json!({"spec": {"maxWeight": 80}}))
+        .await
+        .unwrap();
+    assert_eq!(changed.metadata.generation, Some(2));
+
+    // /status writes keep spec and metadata, and the generation.
+    let status = api
+        .patch_status(
+            "g-gen",
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"labels": {"a": "changed"}},
+                "spec": {"maxWeight": 10},
+                "status": {"phase": "Ready"},
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.data["status"]["phase"], "Ready");
+    assert_eq!(status.data["spec"]["maxWeight"], 80);
+    assert_eq!(status.metadata.labels.as_ref().unwrap()["a"], "b");
+    assert_eq!(status.metadata.generation, Some(2));
+    // The rules still hold for the whole object on /status writes: the spec kept is valid.
+    let replaced = api
+        .replace_status(
+            "g-gen",
+            &PostParams::default(),
+            &status_with(&status, "Done"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(replaced.data["status"]["phase"], "Done");
+    assert_eq!(replaced.metadata.generation, Some(2));
+}
+
+fn status_with(obj: &DynamicObject, phase: &str) -> DynamicObject {
+    let mut next = obj.clone();
+    next.data["status"] = json!({"phase": phase});
+    next.data["spec"]["minWeight"] = json!(99);
+    next
+}
+
+#[tokio::test]
+async fn crds_whose_rules_do_not_compile_are_refused() {
+    let server = ApiServer::start(without_controller()).await;
+    let mut crd = gadget_crd(false);
+    let schema = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let spec = &mut schema["properties"]["spec"];
+    spec["x-kubernetes-validations"] = json!([
+        {"rule": "self.target =="},
+        {"rule": "self.nope > 0"},
+        {"rule": "self.target"},
+        {"rule": "isURL(self.target)"},
+        {"rule": "self.minWeight == 'high'"},
+    ]);
+    spec["properties"]["tags"]["items"]["x-kubernetes-validations"] =
+        json!([{"rule": "self == oldSelf"}]);
+    spec["properties"]["target"]["pattern"] = json!("[a-z");
+    let err = api_error(
+        crd_api(server.client())
+            .create(&PostParams::default(), &typed(crd))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"));
+    let causes: Vec<(String, String)> = err
+        .details
+        .unwrap()
+        .causes
+        .into_iter()
+        .map(|c| (c.field, c.message))
+        .collect();
+    let at = "spec.versions[0].schema.openAPIV3Schema.properties[spec]";
+    let rule = |i: usize| format!("{at}.x-kubernetes-validations[{i}].rule");
+    let shown = |rule: &str| {
+        format!(
+            "Invalid value: apiextensions.ValidationRule{{Rule:{rule:?}, Message:\"\", MessageExpression:\"\", Reason:(*apiextensions.FieldValueErrorReason)(nil), FieldPath:\"\", OptionalOldSelf:(*bool)(nil)}}: "
+        )
+    };
+    let find = |field: &str| {
+        causes
+            .iter()
+            .find(|(f, _)| f == field)
+            .unwrap_or_else(|| panic!("no cause at {field}: {causes:#?}"))
+            .1
+            .clone()
+    };
+    assert!(
+        find(&format!("{at}.properties[target].pattern")).starts_with(
+            r#"Invalid value: "[a-z": must be a valid regular expression, but isn't: "#
+        ),
+        "{causes:#?}"
+    );
+    assert!(
+        find(&rule(0)).starts_with(&format!(
+            "{}compilation failed: ERROR: <input>:1:15: Syntax error: ",
+            shown("self.target ==")
+        )),
+        "{causes:#?}"
+    );
+    assert_eq!(
+        find(&rule(1)),
+        format!(
+            "{}compilation failed: ERROR: <input>:1:5: undefined field 'nope'\n | self.nope > 0\n | ....^",
+            shown("self.nope > 0")
+        )
+    );
+    assert_eq!(
+        find(&rule(2)),
+        format!(
+            "{}cel expression must evaluate to a bool",
+            shown("self.target")
+        )
+    );
+    assert!(
+        find(&rule(3)).contains("'isURL' is not supported by the test API server"),
+        "{causes:#?}"
+    );
+    assert_eq!(
+        find(&rule(4)),
+        format!(
+            "{}compilation failed: ERROR: <input>:1:16: found no matching overload for '_==_' applied to '(int, string)'\n | self.minWeight == 'high'\n | ...............^",
+            shown("self.minWeight == 'high'")
+        )
+    );
+    assert_eq!(
+        find(&format!(
+            "{at}.properties[tags].items.x-kubernetes-validations[0].rule"
+        )),
+        format!(
+            "Invalid value: \"self == oldSelf\": oldSelf cannot be used on the uncorrelatable portion of the schema within {at}.properties[tags]"
+        )
+    );
+    assert_eq!(causes.len(), 7, "{causes:#?}");
+    // Nothing is served.
+    assert!(
+        kube::discovery::group(&server.client(), "example.com")
+            .await
+            .is_err()
+    );
+}

@@ -25,8 +25,18 @@
 //!   version validated against its own CRD schema; further CRDs from YAML
 //!   ([`ApiServerConfig::extra_crds`], e.g. Gateway API HTTPRoute) or created at runtime through
 //!   `apiextensions.k8s.io/v1` `customresourcedefinitions`, served (discovery, schema) from
-//!   shortly after the create, with `Established` in their status, until deleted (`crds.rs`);
-//!   the kinds the Helm chart
+//!   shortly after the create, with `Established` in their status, until deleted (`crds.rs`).
+//!   Custom resources are checked against their version's structural schema as kube-apiserver
+//!   checks them (`schema.rs`): pruned and defaulted when decoded; then, as they will be stored
+//!   (after admission, and after a `/status` write put back the rest): types, `enum`,
+//!   `required`, `min`/`maxProperties`, `min`/`maxItems`, `min`/`maxLength`, `pattern`,
+//!   `minimum`/`maximum` (also exclusive), `multipleOf`, duplicates in `x-kubernetes-list-type`
+//!   `set` and `map` lists, and the CEL rules of `x-kubernetes-validations` (`cel.rs`: `self`,
+//!   `oldSelf` in transition rules on updates, `message`, `messageExpression`, `reason`,
+//!   `fieldPath`, `optionalOldSelf`; skipped after errors that block them upstream), with
+//!   upstream's paths and messages; unchanged values are not checked again on updates
+//!   (ratcheting). CRDs whose rules do not compile (or whose patterns do not) are refused with
+//!   upstream's errors, extra CRDs too (a panic at start). The kinds the Helm chart
 //!   installs (ServiceAccounts, Secrets, RBAC, MutatingWebhookConfigurations,
 //!   PodDisruptionBudgets), stored without behaviour of their own (`kinds.rs`).
 //! - Every resource request recorded with its user and RBAC verb ([`ApiServer::requests_by`],
@@ -82,9 +92,11 @@
 //!   structs' order. Defaulting like
 //!   `SetDefaults_*` (Deployment spec and strategy, pod template spec, containers, probes,
 //!   Services incl. a cluster IP, Namespaces) before admission and again after a webhook's
-//!   patch; custom resources pruned and defaulted by their schema.
+//!   patch; custom resources pruned and defaulted by their schema (non-nullable `null`s
+//!   without a default dropped).
 //! - Strategies: `status` reset on create; main-resource writes keep the old status; `/status`
-//!   writes keep spec (and, for Deployments, labels) like upstream — so a Deployment `/status`
+//!   writes keep spec (and, for Deployments, labels; for custom resources, all but status) like
+//!   upstream — so a Deployment `/status`
 //!   write may change annotations, as the real deployment controller relies on; `generation` 1 on
 //!   create and bumped on spec changes (Deployments: spec or annotations, as upstream, because
 //!   annotations are copied to ReplicaSets; custom resources: anything but metadata); `uid`,
@@ -94,7 +106,8 @@
 //!   single controller, finalizers) and of the fields kube-apiserver checks for Deployments and
 //!   ReplicaSets (selector required, non-empty, matching the template, immutable), pod templates
 //!   (containers, names, images, ports, restartPolicy Always, ...), Services, Leases,
-//!   events.k8s.io Events (the strict rules: reportingController, action, reason, note length).
+//!   events.k8s.io Events (the strict rules: reportingController, action, reason, note length),
+//!   custom resources (see above).
 //! - The deployment controller's rollout (`controller.rs`): paused Deployments hold (no new
 //!   ReplicaSet, Progressing `Unknown`/DeploymentPaused, no deadline), are only scaled, in
 //!   proportion; rolling updates go step by step within maxSurge/maxUnavailable as the pods
@@ -132,9 +145,13 @@
 //! - Strategic merge patch: `$patch` (replace, delete, merge), `$retainKeys`,
 //!   `$deleteFromPrimitiveList`, `$setElementOrder` (ignored); merge keys as above; other
 //!   primitive lists replaced. Not for custom resources (415, like upstream).
-//! - Schemas: types, required, enum, min/max, lengths, items, defaults and pruning are checked;
-//!   `pattern`, `format` and CEL `x-kubernetes-validations` are not. Quantities are stored as
-//!   written (upstream canonicalises `0.5` to `500m`).
+//! - Schemas: not checked are `format`, `uniqueItems`, `allOf`/`anyOf`/`oneOf`/`not`, the
+//!   metadata of embedded resources. CEL: types are checked at CRD writes only as far as the
+//!   schema tells them (the rest when a rule runs); no cost estimates or budgets; no timestamps,
+//!   duration accessors, quantities, URLs, IPs, CIDRs, semvers, images or two-variable
+//!   comprehensions (such rules are refused, saying so), `set`/`map` lists compare in order;
+//!   ratcheting matches old values by field, map key and map-list key only. Quantities are
+//!   stored as written (upstream canonicalises `0.5` to `500m`).
 //! - Admission: `namespaceSelector` (the namespace's labels), `objectSelector` (old or new
 //!   object), `reinvocationPolicy: IfNeeded` (called again, once, when a later webhook changed
 //!   the object after it; other in-tree mutating plugins do not exist here), `timeoutSeconds`
@@ -162,6 +179,7 @@
 
 mod admission;
 mod audit;
+mod cel;
 mod controller;
 mod crds;
 mod gc;
@@ -170,6 +188,7 @@ mod kinds;
 mod ops;
 mod patch;
 mod resources;
+mod schema;
 mod selectors;
 mod status;
 mod store;
@@ -450,6 +469,17 @@ impl ApiServer {
         }
         for yaml in &config.extra_crds {
             for crd in resources::parse_crds(yaml).expect("extra_crds must be CRD YAML") {
+                // kube-apiserver would refuse the CRD (rules that do not compile, bad patterns).
+                let errs = schema::crd(&crd);
+                assert!(
+                    errs.is_empty(),
+                    "extra_crds: {} is invalid: {}",
+                    crd["metadata"]["name"],
+                    errs.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
                 registry.add(resources::def_from_crd(&crd, None).expect("a valid CRD"));
             }
         }

@@ -13,7 +13,7 @@ use super::patch::{self, FieldSet, Managers, Operation, Owned, Seg};
 use super::resources::{Builtin, Generation, ResourceDef};
 use super::status::{ApiError, FieldError};
 use super::store::{Entry, Key};
-use super::{Inner, UserInfo, lock, now, typed, validation};
+use super::{Inner, UserInfo, lock, now, schema, typed, validation};
 
 /// Which part of an object a request addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -471,15 +471,16 @@ impl Inner {
         )
     }
 
-    /// Type meta checks, typed decoding or schema pruning, `fieldValidation`, defaults. Returns
-    /// the storage form and schema validation errors (reported with the other 422s).
+    /// Type meta checks, typed decoding or schema pruning and defaulting, `fieldValidation`,
+    /// defaults. Returns the storage form; custom resources are validated against their schema
+    /// later, with the written object (`schema::validate`).
     fn decode(
         &self,
         def: &ResourceDef,
         version: &str,
         mut body: Value,
         ctx: &mut Ctx,
-    ) -> Result<(Value, Vec<FieldError>), ApiError> {
+    ) -> Result<Value, ApiError> {
         let Some(map) = body.as_object_mut() else {
             return Err(ApiError::bad_request(
                 "the body of the request is not a JSON object",
@@ -511,7 +512,7 @@ impl Inner {
             meta.remove("managedFields");
             meta.remove("selfLink");
         }
-        let (mut out, unknown, errs) = match def.builtin {
+        let (mut out, unknown) = match def.builtin {
             Some(b) => {
                 let unknown = typed::check(b, &body).map_err(|e| {
                     ApiError::bad_request(format!(
@@ -520,15 +521,14 @@ impl Inner {
                     ))
                 })?;
                 typed::strip_nulls(&mut body);
-                (body, unknown, Vec::new())
+                (body, unknown)
             }
             None => match def.schema(version) {
                 Some(schema) => {
-                    let (unknown, errs) =
-                        validation::schema_prune_default_validate(schema, &mut body);
-                    (body, unknown, errs)
+                    let unknown = schema::prune_default(schema, &mut body);
+                    (body, unknown)
                 }
-                None => (body, Vec::new(), Vec::new()),
+                None => (body, Vec::new()),
             },
         };
         if !unknown.is_empty() {
@@ -554,7 +554,7 @@ impl Inner {
         if let Some(b) = def.builtin {
             typed::default(b, &mut out);
         }
-        Ok((from_version(def, &out), errs))
+        Ok(from_version(def, &out))
     }
 
     /// Runs the mutating webhooks that match; returns the (patched, re-decoded) storage form.
@@ -643,7 +643,7 @@ impl Inner {
                             // does; it keeps the managedFields of this write.
                             let mut quiet = Ctx::for_user(ctx.user.clone());
                             quiet.field_validation = FieldValidation::Ignore;
-                            let (mut decoded, _) = self
+                            let mut decoded = self
                                 .decode(def, version, admitted.object, &mut quiet)
                                 .map_err(|e| ApiError::internal(e.message))?;
                             if let Some(m) = &managed_fields {
@@ -1112,7 +1112,7 @@ impl Inner {
             apply: apply_fields.map(|fields| (fields, force)),
         };
 
-        let (mut obj, schema_errs) = self.decode(def, version, body, ctx)?;
+        let mut obj = self.decode(def, version, body, ctx)?;
         if def.namespaced {
             obj["metadata"]["namespace"] = json!(ns);
         }
@@ -1192,7 +1192,16 @@ impl Inner {
         if let Some(b) = def.builtin {
             errs.extend(validation::builtin(b, &obj, old_obj));
         }
-        errs.extend(schema_errs);
+        if let Some(schema) = def.schema(version) {
+            // Custom resources: the schema, its list types and CEL rules, on the object as it
+            // will be written, as the version shows it; the old one for transition rules and
+            // ratcheting.
+            let view = to_version(def, version, &obj);
+            let old_view = old_obj.map(|o| to_version(def, version, o));
+            let (schema_errs, warnings) = schema::validate(schema, &view, old_view.as_ref(), &errs);
+            errs.extend(schema_errs);
+            ctx.warnings.extend(warnings);
+        }
         let name = str_at(&obj, "/metadata/name").to_string();
         if !errs.is_empty() {
             return Err(ApiError::invalid(&def.kind, &def.group, &name, &errs).into());

@@ -27,10 +27,14 @@ impl std::error::Error for ApiError {}
 pub enum FieldErrorKind {
     Required,
     Invalid,
+    /// Reads like `Invalid`; upstream gives it its own reason, and CEL rules are not run on an
+    /// object with one (`hasBlockingErr`).
+    TypeInvalid,
     Forbidden,
     Duplicate,
     NotSupported,
     TooLong,
+    TooMany,
 }
 
 /// One `field.Error`.
@@ -40,6 +44,8 @@ pub struct FieldError {
     pub field: String,
     pub value: Option<Value>,
     pub detail: String,
+    /// `value` is a string to show as it is, not quoted: what Go's `%#v` prints for a struct.
+    pub raw_value: bool,
 }
 
 impl FieldError {
@@ -49,6 +55,7 @@ impl FieldError {
             field: field.into(),
             value: None,
             detail: detail.into(),
+            raw_value: false,
         }
     }
     pub fn invalid(field: impl Into<String>, value: Value, detail: impl Into<String>) -> Self {
@@ -57,6 +64,7 @@ impl FieldError {
             field: field.into(),
             value: Some(value),
             detail: detail.into(),
+            raw_value: false,
         }
     }
     pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
@@ -65,6 +73,7 @@ impl FieldError {
             field: field.into(),
             value: None,
             detail: detail.into(),
+            raw_value: false,
         }
     }
     pub fn duplicate(field: impl Into<String>, value: Value) -> Self {
@@ -73,6 +82,7 @@ impl FieldError {
             field: field.into(),
             value: Some(value),
             detail: String::new(),
+            raw_value: false,
         }
     }
     pub fn not_supported(field: impl Into<String>, value: Value, supported: &[&str]) -> Self {
@@ -82,6 +92,37 @@ impl FieldError {
             field: field.into(),
             value: Some(value),
             detail: format!("supported values: {}", list.join(", ")),
+            raw_value: false,
+        }
+    }
+    pub fn type_invalid(field: impl Into<String>, value: Value, detail: impl Into<String>) -> Self {
+        FieldError {
+            kind: FieldErrorKind::TypeInvalid,
+            ..FieldError::invalid(field, value, detail)
+        }
+    }
+    /// `field.TooMany`: `Too many: 3: must have at most 2 items`.
+    pub fn too_many(field: impl Into<String>, actual: usize, max: u64) -> Self {
+        FieldError {
+            kind: FieldErrorKind::TooMany,
+            field: field.into(),
+            value: Some(Value::from(actual)),
+            detail: format!(
+                "must have at most {max} {}",
+                if max == 1 { "item" } else { "items" }
+            ),
+            raw_value: false,
+        }
+    }
+    /// An `Invalid` error whose value is shown verbatim (Go's `%#v` of a struct).
+    pub fn invalid_shown(
+        field: impl Into<String>,
+        shown: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        FieldError {
+            raw_value: true,
+            ..FieldError::invalid(field, Value::String(shown.into()), detail)
         }
     }
     pub fn too_long(field: impl Into<String>, max: usize) -> Self {
@@ -90,6 +131,7 @@ impl FieldError {
             field: field.into(),
             value: None,
             detail: format!("may not be more than {max} bytes"),
+            raw_value: false,
         }
     }
 
@@ -97,23 +139,32 @@ impl FieldError {
         match self.kind {
             FieldErrorKind::Required => "FieldValueRequired",
             FieldErrorKind::Invalid => "FieldValueInvalid",
+            FieldErrorKind::TypeInvalid => "FieldValueTypeInvalid",
             FieldErrorKind::Forbidden => "FieldValueForbidden",
             FieldErrorKind::Duplicate => "FieldValueDuplicate",
             FieldErrorKind::NotSupported => "FieldValueNotSupported",
             FieldErrorKind::TooLong => "FieldValueTooLong",
+            FieldErrorKind::TooMany => "FieldValueTooMany",
         }
     }
 
     /// `field.Error.ErrorBody()`.
     fn body(&self) -> String {
-        let value = self.value.as_ref().map(go_value).unwrap_or_default();
+        let value = match &self.value {
+            Some(Value::String(s)) if self.raw_value => s.clone(),
+            Some(v) => go_value(v),
+            None => String::new(),
+        };
         let mut s = match self.kind {
             FieldErrorKind::Required => "Required value".to_string(),
-            FieldErrorKind::Invalid => format!("Invalid value: {value}"),
+            FieldErrorKind::Invalid | FieldErrorKind::TypeInvalid => {
+                format!("Invalid value: {value}")
+            }
             FieldErrorKind::Forbidden => "Forbidden".to_string(),
             FieldErrorKind::Duplicate => format!("Duplicate value: {value}"),
             FieldErrorKind::NotSupported => format!("Unsupported value: {value}"),
             FieldErrorKind::TooLong => "Too long".to_string(),
+            FieldErrorKind::TooMany => format!("Too many: {value}"),
         };
         if !self.detail.is_empty() {
             s.push_str(": ");

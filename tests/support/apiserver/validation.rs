@@ -1,13 +1,14 @@
 //! Validation as kube-apiserver's strategies do it, for the fields that matter here: object
 //! metadata everywhere, then Deployments, ReplicaSets, pod templates, Services, Leases, Events,
-//! ConfigMaps and Namespaces; custom resources against their structural schema (types, required,
-//! enums, bounds; pruning of unknown fields; `default`s). What is not checked is listed in the
-//! module documentation of `apiserver.rs`.
+//! ConfigMaps and Namespaces; the CEL rules and patterns of CRDs (`schema.rs`, which also
+//! validates custom resources). What is not checked is listed in the module documentation of
+//! `apiserver.rs`.
 
 use std::collections::BTreeSet;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
+use super::kinds::Kind;
 use super::resources::{Builtin, ResourceDef};
 use super::selectors::LabelSelector;
 use super::status::FieldError;
@@ -305,6 +306,7 @@ pub fn builtin(b: Builtin, obj: &Value, old: Option<&Value>) -> Vec<FieldError> 
         }
         Builtin::ConfigMap => config_map(obj),
         Builtin::Job => job(obj, old),
+        Builtin::Other(Kind::CustomResourceDefinition) => super::schema::crd(obj),
         Builtin::Namespace | Builtin::Other(_) => Vec::new(),
     }
 }
@@ -865,244 +867,4 @@ fn config_map(obj: &Value) -> Vec<FieldError> {
         }
     }
     errs
-}
-
-// ---------------------------------------------------------------------------------------------
-// Structural schemas (custom resources)
-
-/// Prunes fields the schema does not know (returning their paths, for `fieldValidation`),
-/// applies `default`s, and validates. `obj` is the whole object; `apiVersion`, `kind` and
-/// `metadata` at the root are kept as they are.
-pub fn schema_prune_default_validate(
-    schema: &Value,
-    obj: &mut Value,
-) -> (Vec<String>, Vec<FieldError>) {
-    let mut unknown = Vec::new();
-    let mut errs = Vec::new();
-    if let Some(map) = obj.as_object_mut() {
-        let props = schema["properties"].as_object();
-        let preserve = schema["x-kubernetes-preserve-unknown-fields"].as_bool() == Some(true);
-        let keys: Vec<String> = map.keys().cloned().collect();
-        for key in keys {
-            if matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
-                continue;
-            }
-            match props.and_then(|p| p.get(&key)) {
-                Some(sub) => {
-                    let mut v = map.remove(&key).unwrap_or(Value::Null);
-                    walk(sub, &mut v, &key, &mut unknown, &mut errs);
-                    map.insert(key, v);
-                }
-                None if preserve => {}
-                None => {
-                    map.remove(&key);
-                    unknown.push(key);
-                }
-            }
-        }
-        apply_defaults(schema, map);
-        if let Some(required) = schema["required"].as_array() {
-            for r in required.iter().filter_map(Value::as_str) {
-                if !map.contains_key(r) {
-                    errs.push(FieldError::required(r, ""));
-                }
-            }
-        }
-    }
-    (unknown, errs)
-}
-
-fn apply_defaults(schema: &Value, map: &mut Map<String, Value>) {
-    if let Some(props) = schema["properties"].as_object() {
-        for (k, sub) in props {
-            if !map.contains_key(k)
-                && let Some(d) = sub.get("default")
-            {
-                map.insert(k.clone(), d.clone());
-            }
-        }
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
-fn walk(
-    schema: &Value,
-    v: &mut Value,
-    path: &str,
-    unknown: &mut Vec<String>,
-    errs: &mut Vec<FieldError>,
-) {
-    if v.is_null() {
-        if schema["nullable"].as_bool() != Some(true) {
-            // Like the API server: a null for a non-nullable field is pruned (dropped) when
-            // it has a default, otherwise rejected by type.
-            if schema.get("default").is_none() {
-                errs.push(FieldError::invalid(
-                    path,
-                    json!("null"),
-                    format!(
-                        "{path} in body must be of type {}: \"null\"",
-                        schema["type"].as_str().unwrap_or("object")
-                    ),
-                ));
-            }
-        }
-        return;
-    }
-    if schema["x-kubernetes-int-or-string"].as_bool() == Some(true) {
-        if !(v.is_string() || v.is_i64() || v.is_u64()) {
-            errs.push(FieldError::invalid(
-                path,
-                json!(type_name(v)),
-                format!(
-                    "{path} in body must be of type integer,string: {:?}",
-                    type_name(v)
-                ),
-            ));
-        }
-        return;
-    }
-    let expected = schema["type"].as_str().unwrap_or("");
-    let actual = type_name(v);
-    let type_ok = match expected {
-        "" => true,
-        "number" => v.is_number(),
-        "integer" => actual == "integer",
-        other => other == actual,
-    };
-    if !type_ok {
-        errs.push(FieldError::invalid(
-            path,
-            json!(actual),
-            format!("{path} in body must be of type {expected}: {actual:?}"),
-        ));
-        return;
-    }
-    if let Some(values) = schema["enum"].as_array()
-        && !values.contains(v)
-    {
-        let supported: Vec<String> = values.iter().map(|x| x.to_string()).collect();
-        let refs: Vec<&str> = supported.iter().map(String::as_str).collect();
-        let mut e = FieldError::not_supported(path, v.clone(), &[]);
-        e.detail = format!("supported values: {}", refs.join(", "));
-        errs.push(e);
-    }
-    match v {
-        Value::Object(map) => {
-            let props = schema["properties"].as_object();
-            let additional = schema.get("additionalProperties");
-            let preserve = schema["x-kubernetes-preserve-unknown-fields"].as_bool() == Some(true);
-            let keys: Vec<String> = map.keys().cloned().collect();
-            for key in keys {
-                let sub_path = format!("{path}.{key}");
-                let sub = props.and_then(|p| p.get(&key)).or(match additional {
-                    Some(a) if a.is_object() => Some(a),
-                    _ => None,
-                });
-                match sub {
-                    Some(sub) => {
-                        let mut child = map.remove(&key).unwrap_or(Value::Null);
-                        walk(sub, &mut child, &sub_path, unknown, errs);
-                        map.insert(key, child);
-                    }
-                    None if preserve || additional == Some(&Value::Bool(true)) => {}
-                    None => {
-                        map.remove(&key);
-                        unknown.push(sub_path);
-                    }
-                }
-            }
-            apply_defaults(schema, map);
-            if let Some(required) = schema["required"].as_array() {
-                for r in required.iter().filter_map(Value::as_str) {
-                    if !map.contains_key(r) {
-                        errs.push(FieldError::required(format!("{path}.{r}"), ""));
-                    }
-                }
-            }
-            if let Some(max) = schema["maxProperties"].as_u64()
-                && map.len() as u64 > max
-            {
-                errs.push(FieldError::invalid(
-                    path,
-                    json!(map.len()),
-                    format!("must have at most {max} properties"),
-                ));
-            }
-        }
-        Value::Array(items) => {
-            if let Some(item_schema) = schema.get("items") {
-                for (i, item) in items.iter_mut().enumerate() {
-                    walk(item_schema, item, &format!("{path}[{i}]"), unknown, errs);
-                }
-            }
-            if let Some(max) = schema["maxItems"].as_u64()
-                && items.len() as u64 > max
-            {
-                errs.push(FieldError::invalid(
-                    path,
-                    json!(items.len()),
-                    format!("must have at most {max} items"),
-                ));
-            }
-            if let Some(min) = schema["minItems"].as_u64()
-                && (items.len() as u64) < min
-            {
-                errs.push(FieldError::invalid(
-                    path,
-                    json!(items.len()),
-                    format!("should have at least {min} items"),
-                ));
-            }
-        }
-        Value::String(text) => {
-            if let Some(max) = schema["maxLength"].as_u64()
-                && text.chars().count() as u64 > max
-            {
-                errs.push(FieldError::too_long(path, max as usize));
-            }
-            if let Some(min) = schema["minLength"].as_u64()
-                && (text.chars().count() as u64) < min
-            {
-                errs.push(FieldError::invalid(
-                    path,
-                    v.clone(),
-                    format!("{path} in body should be at least {min} chars long"),
-                ));
-            }
-        }
-        Value::Number(n) => {
-            let x = n.as_f64().unwrap_or_default();
-            if let Some(min) = schema["minimum"].as_f64()
-                && x < min
-            {
-                errs.push(FieldError::invalid(
-                    path,
-                    v.clone(),
-                    format!("{path} in body should be greater than or equal to {min}"),
-                ));
-            }
-            if let Some(max) = schema["maximum"].as_f64()
-                && x > max
-            {
-                errs.push(FieldError::invalid(
-                    path,
-                    v.clone(),
-                    format!("{path} in body should be less than or equal to {max}"),
-                ));
-            }
-        }
-        _ => {}
-    }
 }
