@@ -235,9 +235,32 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot)
     if !spec::opted_in(Some(labels), namespace_opted_in) {
         return release(old, object, AllowReason::NotOptedIn, Vec::new());
     }
-    let policy = match policies.select(namespace, labels, annotations) {
-        Ok(policy) => policy,
-        Err(e) => return Decision::deny(e.to_string()),
+    let name = meta.name.as_deref().unwrap_or(&req.name);
+    if name.is_empty() {
+        return Decision::deny(
+            "metadata.name: fledge names the canary's objects after the Deployment; set metadata.name (generateName is not supported)"
+                .to_owned(),
+        );
+    }
+    let change = match old {
+        Some(old) => match TemplateChange::between(old.template(), object.template()) {
+            Ok(change) => Some(change),
+            Err(e) => return Decision::deny(e),
+        },
+        None => None,
+    };
+    // The canary in flight (or aborted) of an unchanged template keeps the policy it started
+    // with, as the controller does: a policy edited or deleted since must not release it.
+    let fixed = match (&change, old) {
+        (Some(TemplateChange::Unchanged), Some(old)) => fixed_policy(old),
+        _ => None,
+    };
+    let policy = match &fixed {
+        Some(fixed) => Some(&**fixed),
+        None => match policies.select(namespace, labels, annotations) {
+            Ok(policy) => policy,
+            Err(e) => return Decision::deny(e.to_string()),
+        },
     };
     let has_policy_steps = policy.is_some_and(Policy::has_steps);
     if spec::opt_in(
@@ -254,22 +277,11 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot)
         );
         return release(old, object, AllowReason::NoSteps, vec![warning]);
     }
-    let name = meta.name.as_deref().unwrap_or(&req.name);
-    if name.is_empty() {
-        return Decision::deny(
-            "metadata.name: fledge names the canary's objects after the Deployment; set metadata.name (generateName is not supported)"
-                .to_owned(),
-        );
-    }
-    let Some(old) = old else {
+    let (Some(old), Some(change)) = (old, change) else {
         return match policy::resolve(name, annotations, policy) {
             Ok(parsed) => with_unmet_steps(decide_create(annotations), &parsed, object),
             Err(e) => Decision::deny(e),
         };
-    };
-    let change = match TemplateChange::between(old.template(), object.template()) {
-        Ok(change) => change,
-        Err(e) => return Decision::deny(e),
     };
     // Ratcheting, as Kubernetes does for its own fields: an update that changes neither the
     // template nor fledge's settings is not refused for settings that were already there (nor for
@@ -303,6 +315,20 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot)
         },
         Err(e) => Decision::deny(e),
     }
+}
+
+/// The policy fixed in the stored state of a canary in flight or aborted.
+fn fixed_policy(old: &DeploymentView) -> Option<Box<Policy>> {
+    rollout::read_state(old.metadata.annotations.as_ref())
+        .ok()
+        .flatten()
+        .filter(|s| {
+            matches!(
+                s.phase,
+                Phase::Progressing | Phase::Paused | Phase::Promoting | Phase::Aborted
+            )
+        })
+        .and_then(|s| s.policy)
 }
 
 /// On the pod-ratio router, the `setWeight` steps that the Deployment's replica count cannot meet
@@ -1476,5 +1502,56 @@ mod tests {
             "{:?}",
             d.warnings
         );
+    }
+
+    /// `web` held with v2 under `RolloutPolicy shop/defaults` (no steps of its own), the policy
+    /// fixed in the canary's state.
+    fn under_policy(phase: Phase) -> (Value, crate::core::policy::Policy) {
+        let policy = crate::core::policy::tests::mk_policy("shop", "defaults", 0, "web");
+        let mut state = mk_state(
+            phase,
+            &crate::core::builders::mk_hash("web:2"),
+            1,
+            Weight::ZERO,
+        );
+        state.policy = Some(Box::new(policy.clone()));
+        let mut d = crate::core::builders::with_state(held("web:1", "web:2"), &state);
+        d["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove(ANNOTATION_STEPS);
+        (d, policy)
+    }
+
+    #[test]
+    fn a_canary_keeps_its_policy_in_the_webhook_too() {
+        let (d, policy) = under_policy(Phase::Paused);
+        let live = PolicySnapshot {
+            policies: vec![policy],
+            namespaces: Default::default(),
+        };
+        // A write that leaves the template alone (the controller's state, a scale) keeps the hold
+        // whether the policy is there, edited or gone.
+        for snapshot in [live, PolicySnapshot::default()] {
+            let mut scaled = d.clone();
+            scaled["spec"]["replicas"] = json!(6);
+            let decision =
+                super::decide(&request("UPDATE", scaled, Some(d.clone()), None), &snapshot);
+            assert_eq!(
+                decision.outcome,
+                AdmissionOutcome::Allow(AllowReason::HoldIntact)
+            );
+        }
+        // A new template is a new canary: the live policy decides, and without one it is released.
+        let mut v3 = d.clone();
+        v3["spec"]["template"] = crate::core::builders::mk_template("web:3");
+        let decision = super::decide(
+            &request("UPDATE", v3, Some(d.clone()), None),
+            &PolicySnapshot::default(),
+        );
+        assert!(matches!(
+            decision.outcome,
+            AdmissionOutcome::Patch(PatchReason::Released, _)
+        ));
     }
 }

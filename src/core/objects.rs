@@ -319,7 +319,9 @@ fn canary_deployment(
     // A paused stable must not leave the canary paused: the canary has to become available.
     spec.remove("paused");
 
-    // The canary carries the Deployment's labels but not the opt-in: it is fledge's, not a canary target.
+    // The canary carries the Deployment's labels but opts out: it is fledge's, not a canary target,
+    // also in a namespace that opts every Deployment in (the webhook's namespace entry only calls
+    // for Deployments without the label).
     let mut labels: BTreeMap<String, String> = deployment["metadata"]["labels"]
         .as_object()
         .map(|m| {
@@ -330,6 +332,7 @@ fn canary_deployment(
         })
         .unwrap_or_default();
     labels.insert(LABEL_TRACK.into(), TRACK_CANARY.into());
+    labels.insert(LABEL_ENABLED.into(), "false".into());
     let mut metadata = owner.metadata(&format!("{}{CANARY_SUFFIX}", owner.name), &labels);
     metadata["annotations"] = json!({ ANNOTATION_CANARY_HASH: canary_hash });
     Ok(json!({
@@ -587,9 +590,9 @@ mod tests {
         assert_eq!(d["metadata"]["ownerReferences"][0]["uid"], "uid-1");
         assert_eq!(d["metadata"]["ownerReferences"][0]["controller"], true);
         assert_eq!(d["metadata"]["labels"][LABEL_TRACK], "canary");
-        assert!(
-            d["metadata"]["labels"].get(LABEL_ENABLED).is_none(),
-            "the canary must not be opted in"
+        assert_eq!(
+            d["metadata"]["labels"][LABEL_ENABLED], "false",
+            "the canary must be opted out, also of an opted-in namespace"
         );
         assert_eq!(
             d["metadata"]["annotations"],

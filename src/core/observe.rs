@@ -64,11 +64,12 @@ impl DeploymentFacts {
             .unwrap_or_default();
         let stable_hash = annotations.get(ANNOTATION_STABLE_HASH).cloned();
         let state = rollout::read_state(Some(&annotations));
-        // A canary in flight keeps the policy it started with; anything else takes today's.
+        // The canary of this template keeps the policy it started with, in flight and aborted
+        // (`fledge abort`, `fledge retry`); anything else takes today's.
         let fixed = state.as_ref().ok().and_then(Option::as_ref).filter(|s| {
             matches!(
                 s.phase,
-                Phase::Progressing | Phase::Paused | Phase::Promoting
+                Phase::Progressing | Phase::Paused | Phase::Promoting | Phase::Aborted
             ) && s.hash == template_hash
         });
         let (policy, selection) = match fixed {
@@ -78,16 +79,18 @@ impl DeploymentFacts {
                 Err(e) => (None, Err(e.to_string())),
             },
         };
-        let policy_missing = fixed.is_some()
-            && policy
-                .as_ref()
-                .is_some_and(|p| !policies.policies.iter().any(|live| live.id == p.id));
         let opt_in = spec::opt_in(
             Some(&labels),
             Some(&annotations),
             policies.namespace_opted_in(namespace),
             policy.as_ref().is_some_and(Policy::has_steps),
         );
+        // Only a Deployment that takes part is governed (fledge's own canary, opted out, is not).
+        let policy = policy.filter(|_| opt_in != OptIn::Disabled);
+        let policy_missing = fixed.is_some()
+            && policy
+                .as_ref()
+                .is_some_and(|p| !policies.policies.iter().any(|live| live.id == p.id));
         let (spec, invalid) = match (opt_in, selection) {
             (OptIn::Enabled, Err(why)) => (None, Some(why)),
             (OptIn::Enabled, Ok(())) => match policy::resolve(&name, &annotations, policy.as_ref())

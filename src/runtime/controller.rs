@@ -295,8 +295,11 @@ struct Context {
     measurements: Measurements,
     /// The policy (and its generation) each opted-in Deployment was last reconciled under, for
     /// `PolicyChanged` Events.
-    governed: Mutex<HashMap<ObjectRef<DynamicObject>, Option<(PolicyId, i64)>>>,
+    governed: Mutex<HashMap<ObjectRef<DynamicObject>, Option<Governing>>>,
 }
+
+/// A policy and the generation of it that governs a Deployment.
+type Governing = (PolicyId, i64);
 
 /// apps/v1 Deployments, read as JSON: typed structs would drop what the API server sent
 /// (`creationTimestamp: null` in templates, fields newer than fledge), and with it the template's
@@ -1306,7 +1309,7 @@ async fn announce_policy_change(
     let Some(before) = before.filter(|b| *b != now && opted_in) else {
         return;
     };
-    let describe = |p: &Option<(PolicyId, i64)>| match p {
+    let describe = |p: &Option<Governing>| match p {
         Some((id, generation)) => format!("{id} (generation {generation})"),
         None => "no policy".to_owned(),
     };

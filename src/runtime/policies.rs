@@ -336,10 +336,10 @@ pub async fn report_status(client: Client, deployments: Store<DynamicObject>, wa
             let Ok(value) = serde_json::to_value(&*d) else {
                 continue;
             };
-            if let Some(p) = DeploymentFacts::read(&value, &snapshot).policy {
-                if let Some(live) = snapshot.policies.iter().find(|l| l.id == p.id) {
-                    *counts.entry(&live.id).or_default() += 1;
-                }
+            if let Some(p) = DeploymentFacts::read(&value, &snapshot).policy
+                && let Some(live) = snapshot.policies.iter().find(|l| l.id == p.id)
+            {
+                *counts.entry(&live.id).or_default() += 1;
             }
         }
         for policy in &snapshot.policies {

@@ -37,8 +37,14 @@ pub fn serving_certs(dir: &Path) -> fledge::runtime::certs::GeneratedCerts {
     certs
 }
 
-/// Starts the webhook on 127.0.0.1 with a serving certificate for `fledge.fledge.svc`.
+/// Starts the webhook on 127.0.0.1 with a serving certificate for `fledge.fledge.svc`, without
+/// policies or opted-in namespaces.
 pub fn start() -> FledgeWebhook {
+    start_with(fledge::runtime::server::AppState::default())
+}
+
+/// [`start`] with this state: policies from a watch on the stand-in, for instance.
+pub fn start_with(state: fledge::runtime::server::AppState) -> FledgeWebhook {
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "fledge-test-webhook-{}-{}",
@@ -61,12 +67,7 @@ pub fn start() -> FledgeWebhook {
         controller: None,
     };
     let task = tokio::spawn(async move {
-        let _ = fledge::runtime::serve::run(
-            options,
-            fledge::runtime::server::AppState::default(),
-            std::future::pending(),
-        )
-        .await;
+        let _ = fledge::runtime::serve::run(options, state, std::future::pending()).await;
     });
     // The chart's webhook configuration, at this server with this CA.
     let mut config = super::chart::webhook_config(

@@ -185,15 +185,15 @@ impl Resource for DeploymentView {
     }
 }
 
-/// Reads only the metadata fields the decision uses, and of labels and annotations only fledge's;
-/// managedFields and the rest are skipped.
+/// Reads only the metadata fields the decision uses: all labels (policies select Deployments by
+/// any of them) and only fledge's annotations; managedFields and the rest are skipped.
 fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     struct Lean {
         name: Option<String>,
         namespace: Option<String>,
         uid: Option<String>,
-        #[serde(default, deserialize_with = "fledge_entries")]
+        #[serde(default)]
         labels: Option<BTreeMap<String, String>>,
         #[serde(default, deserialize_with = "fledge_entries")]
         annotations: Option<BTreeMap<String, String>>,
@@ -209,7 +209,7 @@ fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMet
     }))
 }
 
-/// The `fledge.dev/*` entries of a labels or annotations map: the decision reads no others. The
+/// The `fledge.dev/*` entries of an annotations map: the decision reads no others. The
 /// rest (`kubectl.kubernetes.io/last-applied-configuration` above all) must still be strings, but
 /// is not copied.
 fn fledge_entries<'de, D: Deserializer<'de>>(
@@ -461,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn only_fledges_labels_and_annotations_are_kept_and_all_must_be_strings() {
+    fn all_labels_and_only_fledges_annotations_are_kept_and_all_must_be_strings() {
         let object = r#"{"metadata":{"name":"web","labels":{"app":"web","fledge.dev/enabled":"true"},"annotations":{"kubectl.kubernetes.io/last-applied-configuration":"{\"a\":1}","fledge\u002edev/steps":"- setWeight: 5","\u0078":"y"}}}"#;
         let view = parse(review(object).as_bytes()).unwrap().object.unwrap();
         let pairs = |map: Option<BTreeMap<String, String>>| -> Vec<(String, String)> {
@@ -469,7 +469,10 @@ mod tests {
         };
         assert_eq!(
             pairs(view.metadata.labels),
-            [("fledge.dev/enabled".to_owned(), "true".to_owned())]
+            [
+                ("app".to_owned(), "web".to_owned()),
+                ("fledge.dev/enabled".to_owned(), "true".to_owned())
+            ]
         );
         assert_eq!(
             pairs(view.metadata.annotations),
