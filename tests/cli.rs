@@ -416,3 +416,47 @@ fn the_examples_plan() {
         "{analysed}"
     );
 }
+
+/// `fledge plan --policy`: a plain Deployment in an opted-in namespace is held with its policy's
+/// steps, and a Deployment whose own steps break the policy's guard-rails is denied.
+#[test]
+fn the_policy_example_plans() {
+    let plan = |from: &str, to: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fledge"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "plan",
+                "--from",
+                from,
+                "--to",
+                to,
+                "--policy",
+                "examples/policy-shop.yaml",
+            ])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (held, text) = plan("examples/shop-api-v1.yaml", "examples/shop-api-v2.yaml");
+    assert!(held, "{text}");
+    for line in [
+        "Decision: allow with patch: new pod template",
+        "Policy: RolloutPolicy shop/defaults (priority 10)",
+        "  steps: the policy's",
+        "  checks: error-rate (the policy's)",
+        "  promotion window: Mon,Tue,Wed,Thu,Fri 09:00-16:00 Europe/Berlin",
+        "setWeight 25%",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
+    assert!(!text.contains("cannot be computed"), "{text}");
+    let (allowed, text) = plan("examples/web-v1.yaml", "examples/web-v2.yaml");
+    assert!(!allowed, "{text}");
+    assert!(
+        text.contains("fledge.dev/steps[2].setWeight: a jump from 5 to 50 exceeds maxStepWeight 25 of RolloutPolicy shop/defaults"),
+        "{text}"
+    );
+}

@@ -537,11 +537,32 @@ impl<'r> Update<'r> {
     }
 
     fn decide(self) -> Decision {
-        match self.record.stable_hash {
+        let without_annotations = self.new.metadata.annotations.is_none();
+        let decision = match self.record.stable_hash {
             None if !self.changed => self.nothing_pending(),
             None => self.start_hold(),
             Some(stable) if self.new_hash == stable => self.revert(),
             Some(stable) => self.keep_hold(stable),
+        };
+        // A Deployment opted in by its namespace and policy may have no annotations at all, and
+        // JSON Patch cannot add a member to a map that is not there.
+        match decision.outcome {
+            AdmissionOutcome::Patch(reason, Patch(mut ops)) if without_annotations => {
+                if ops.iter().any(|op| matches!(op, PatchOperation::Add(a) if a.path.starts_with(&annotations_path()))) {
+                    ops.insert(
+                        0,
+                        PatchOperation::Add(AddOperation {
+                            path: annotations_path(),
+                            value: Value::Object(serde_json::Map::new()),
+                        }),
+                    );
+                }
+                Decision {
+                    outcome: AdmissionOutcome::Patch(reason, Patch(ops)),
+                    ..decision
+                }
+            }
+            _ => decision,
         }
     }
 
@@ -750,14 +771,19 @@ impl<'r> Update<'r> {
     }
 }
 
+/// `/metadata/annotations`.
+fn annotations_path() -> PointerBuf {
+    PointerBuf::from_tokens(["metadata", "annotations"])
+}
+
 /// `/metadata/annotations/<key>`, with `/` and `~` in the key escaped per RFC 6901.
 fn annotation_path(key: &str) -> PointerBuf {
     PointerBuf::from_tokens(["metadata", "annotations", key])
 }
 
 fn set_annotation(key: &str, value: &str) -> PatchOperation {
-    // `add` on an existing member replaces it (RFC 6902 §4.1), so this works either way. The
-    // annotations map exists: every opted-in Deployment has `fledge.dev/steps`.
+    // `add` on an existing member replaces it (RFC 6902 §4.1), so this works either way. Where
+    // the annotations map is missing, `Update::decide` adds it first.
     PatchOperation::Add(AddOperation {
         path: annotation_path(key),
         value: Value::String(value.to_owned()),
@@ -1553,5 +1579,34 @@ mod tests {
             decision.outcome,
             AdmissionOutcome::Patch(PatchReason::Released, _)
         ));
+    }
+
+    #[test]
+    fn a_namespace_opted_in_deployment_without_annotations_gets_the_map_first() {
+        let policy = crate::core::policy::tests::mk_policy("shop", "defaults", 0, "web");
+        let snapshot = PolicySnapshot {
+            policies: vec![policy],
+            namespaces: [(
+                "shop".to_owned(),
+                [(LABEL_ENABLED.to_owned(), "true".to_owned())].into(),
+            )]
+            .into(),
+        };
+        let bare = |image: &str| {
+            let mut d = deployment(image);
+            let meta = d["metadata"].as_object_mut().unwrap();
+            meta.remove("annotations");
+            meta["labels"] = json!({"app": "web"});
+            d
+        };
+        let (old, new) = (bare("web:1"), bare("web:2"));
+        let d = super::decide(&request("UPDATE", new.clone(), Some(old), None), &snapshot);
+        let AdmissionOutcome::Patch(PatchReason::Hold, patch) = d.outcome else {
+            panic!("{d:?}")
+        };
+        let mut stored = new;
+        json_patch::patch(&mut stored, &patch).unwrap();
+        assert_eq!(stored["metadata"]["annotations"][ANNOTATION_HOLD], "true");
+        assert_eq!(stored["spec"]["paused"], true);
     }
 }

@@ -14,7 +14,7 @@ use crate::core::admission::{
 use crate::core::analysis::{Check, Provider};
 use crate::core::objects::{self, Desired, SplitApi};
 use crate::core::podratio::PodShare;
-use crate::core::policy::{self, PolicySnapshot};
+use crate::core::policy::{self, Policy, PolicySnapshot};
 use crate::core::rollout::{self, Timeline};
 use crate::core::routes::RouteExtras;
 use crate::core::spec::{self, CanarySpec, Router, Step, Weight, format_duration};
@@ -103,6 +103,10 @@ pub struct Plan {
     pub objects: Option<Result<Desired, String>>,
     /// The Deployment's `spec.replicas`: the stable pods a pod-ratio canary is measured against.
     pub stable_replicas: u64,
+    /// The policy that governs the Deployment, if any; `spec` is merged with it.
+    pub policy: Option<Policy>,
+    /// The annotations the Deployment sets itself (to tell them from the policy's defaults).
+    own_settings: Vec<&'static str>,
 }
 
 /// Runs the admission decision on `from` → `to` (a CREATE when there is no `from`). Services are
@@ -141,6 +145,15 @@ pub fn plan(
         .ok()
         .flatten();
     let spec = policy::resolve(&name, &annotations, policy).ok();
+    let own_settings = [
+        spec::ANNOTATION_STEPS,
+        spec::ANNOTATION_ROUTER,
+        crate::core::analysis::ANNOTATION_ANALYSIS,
+    ]
+    .into_iter()
+    .filter(|k| annotations.contains_key(*k))
+    .collect();
+    let policy = policy.cloned();
     let timeline = spec
         .as_ref()
         .map(|s| rollout::timeline(&s.steps, &s.checks));
@@ -172,6 +185,8 @@ pub fn plan(
         spec,
         timeline,
         objects,
+        policy,
+        own_settings,
     })
 }
 
@@ -271,6 +286,9 @@ pub fn render_text(plan: &Plan) -> String {
     for warning in &plan.decision.warnings {
         let _ = writeln!(out, "Warning: {warning}");
     }
+    if let Some(policy) = &plan.policy {
+        render_policy(&mut out, plan, policy);
+    }
     match &plan.objects {
         Some(Ok(desired)) => render_objects(&mut out, plan, desired),
         Some(Err(why)) => {
@@ -282,6 +300,74 @@ pub fn render_text(plan: &Plan) -> String {
         render_timeline(&mut out, plan, timeline);
     }
     out
+}
+
+/// Which policy governs the Deployment, what it contributes and what the Deployment overrides.
+fn render_policy(out: &mut String, plan: &Plan, policy: &Policy) {
+    let rules = &policy.rules;
+    let _ = writeln!(out, "\nPolicy: {} (priority {})", policy.id, rules.priority);
+    let origin = |key: &str, policy_has: bool| match (plan.own_settings.contains(&key), policy_has)
+    {
+        (true, true) => "the Deployment's own, over the policy's",
+        (true, false) => "the Deployment's own",
+        (false, true) => "the policy's",
+        (false, false) => "the default",
+    };
+    let _ = writeln!(
+        out,
+        "  steps: {}",
+        origin(spec::ANNOTATION_STEPS, rules.steps.is_some())
+    );
+    if let Some(spec) = &plan.spec {
+        let _ = writeln!(
+            out,
+            "  router: {} ({})",
+            spec.router.name(),
+            origin(spec::ANNOTATION_ROUTER, rules.router.is_some())
+        );
+        let names: Vec<&str> = spec.checks.iter().map(|c| c.name.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  checks: {} ({})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            },
+            origin(
+                crate::core::analysis::ANNOTATION_ANALYSIS,
+                rules.analysis.is_some()
+            )
+        );
+    }
+    if let Some(g) = &rules.guard_rails {
+        let mut rails = Vec::new();
+        if let Some(w) = g.max_step_weight {
+            rails.push(format!("maxStepWeight {w}"));
+        }
+        if let Some(p) = &g.min_pause {
+            rails.push(format!("minPause {p}"));
+        }
+        if let Some(c) = &g.required_checks {
+            rails.push(format!("requiredChecks {}", c.join(", ")));
+        }
+        if let Some(r) = &g.allowed_routers {
+            let names: Vec<&str> = r.iter().map(|r| r.as_str()).collect();
+            rails.push(format!("allowedRouters {}", names.join(", ")));
+        }
+        let _ = writeln!(out, "  guard-rails: {}", rails.join("; "));
+    }
+    for w in rules.promotion_windows.iter().flatten() {
+        let days: Vec<String> = w.days.iter().map(|d| format!("{d:?}")).collect();
+        let _ = writeln!(
+            out,
+            "  promotion window: {} {}-{} {}",
+            days.join(","),
+            w.start,
+            w.end,
+            w.time_zone
+        );
+    }
 }
 
 fn describe_op(op: &PatchOperation) -> String {
@@ -649,6 +735,7 @@ pub fn to_json(plan: &Plan) -> Value {
             None => Value::Null,
         },
         "router": plan.spec.as_ref().map(|s| s.router.name()),
+        "policy": plan.policy.as_ref().map(|p| json!({"name": p.id.to_string(), "spec": p.rules})),
         "steps": steps,
         "backgroundAnalysis": background,
         "promotion": plan.timeline.as_ref().map(|t| t.promotion.to_string()),
