@@ -143,6 +143,10 @@ impl Window {
             else {
                 continue;
             };
+            // A start pushed past the end by a daylight-saving gap leaves nothing that day.
+            if opens.timestamp() >= closes.timestamp() {
+                continue;
+            }
             if opens.timestamp() <= now && now < closes.timestamp() {
                 return None;
             }
