@@ -49,6 +49,7 @@ fn combinations() -> Vec<Vec<String>> {
         set(&[
             "serviceMonitor.enabled=true",
             "webhook.failurePolicy=Ignore",
+            "webhook.namespaceOptIn=false",
             "podDisruptionBudget.enabled=false",
             "controller.namespace=shop",
             "controller.splitApi=v1alpha4",
@@ -92,46 +93,97 @@ fn helm_lint_strict_passes_for_every_combination() {
     }
 }
 
+/// The rendered webhook entries.
+fn webhooks(objects: &[Value]) -> &Vec<Value> {
+    only(objects, "MutatingWebhookConfiguration", None)["webhooks"]
+        .as_array()
+        .unwrap()
+}
+
 #[test]
 fn the_webhook_configuration_is_the_one_the_issue_asks_for() {
     let objects = chart::default_render();
-    let mwc = only(objects, "MutatingWebhookConfiguration", Some("fledge"));
-    let hooks = mwc["webhooks"].as_array().unwrap();
-    assert_eq!(hooks.len(), 1);
-    let hook = &hooks[0];
-    assert_eq!(hook["name"], "deployments.fledge.dev");
+    only(objects, "MutatingWebhookConfiguration", Some("fledge"));
+    let hooks = webhooks(objects);
+    let names: Vec<&str> = hooks.iter().map(|h| h["name"].as_str().unwrap()).collect();
     assert_eq!(
-        hook["objectSelector"]["matchLabels"]["fledge.dev/enabled"],
-        "true"
+        names,
+        [
+            "deployments.fledge.dev",
+            "namespaces.deployments.fledge.dev"
+        ]
+    );
+    let excluded = serde_json::json!({
+        "key": "kubernetes.io/metadata.name",
+        "operator": "NotIn",
+        "values": [RELEASE_NS, "kube-system"],
+    });
+    // A Deployment's own label, in any namespace but fledge's and kube-system.
+    let labelled = &hooks[0];
+    assert_eq!(
+        labelled["objectSelector"],
+        serde_json::json!({"matchLabels": {"fledge.dev/enabled": "true"}})
     );
     assert_eq!(
-        hook["namespaceSelector"]["matchExpressions"],
-        serde_json::json!([{
-            "key": "kubernetes.io/metadata.name",
-            "operator": "NotIn",
-            "values": [RELEASE_NS, "kube-system"],
-        }])
+        labelled["namespaceSelector"],
+        serde_json::json!({"matchExpressions": [excluded]})
     );
-    assert_eq!(hook["sideEffects"], "None");
-    assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
-    assert_eq!(hook["reinvocationPolicy"], "IfNeeded");
-    assert_eq!(hook["timeoutSeconds"], 5);
-    assert_eq!(hook["matchPolicy"], "Equivalent");
-    assert_eq!(hook["failurePolicy"], "Fail");
+    // Its namespace's label, for Deployments without a label of their own; the same namespaces
+    // excluded.
+    let by_namespace = &hooks[1];
     assert_eq!(
-        hook["rules"],
-        serde_json::json!([{
-            "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"],
-            "operations": ["CREATE", "UPDATE"], "scope": "Namespaced",
-        }])
+        by_namespace["objectSelector"],
+        serde_json::json!({"matchExpressions": [
+            {"key": "fledge.dev/enabled", "operator": "DoesNotExist"},
+        ]})
     );
     assert_eq!(
-        hook["clientConfig"]["service"],
-        serde_json::json!({"name": "fledge", "namespace": RELEASE_NS, "path": "/mutate", "port": 443})
+        by_namespace["namespaceSelector"],
+        serde_json::json!({
+            "matchLabels": {"fledge.dev/enabled": "true"},
+            "matchExpressions": [excluded],
+        })
     );
+    // Apart from what they select, both are the same call of the same endpoint, field for field.
+    let ca_bundle = &labelled["clientConfig"]["caBundle"];
+    assert!(ca_bundle.is_string(), "{labelled}");
+    for hook in hooks {
+        let mut call = hook.as_object().unwrap().clone();
+        for selecting in ["name", "objectSelector", "namespaceSelector"] {
+            call.remove(selecting);
+        }
+        assert_eq!(
+            Value::Object(call),
+            serde_json::json!({
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "IfNeeded",
+                "matchPolicy": "Equivalent",
+                "timeoutSeconds": 5,
+                "rules": [{
+                    "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"],
+                    "operations": ["CREATE", "UPDATE"], "scope": "Namespaced",
+                }],
+                "clientConfig": {
+                    "service": {"name": "fledge", "namespace": RELEASE_NS, "path": "/mutate", "port": 443},
+                    "caBundle": ca_bundle,
+                },
+            }),
+            "{}",
+            hook["name"]
+        );
+    }
     let ignore = render(&["--set".into(), "webhook.failurePolicy=Ignore".into()]);
-    let mwc = only(&ignore, "MutatingWebhookConfiguration", None);
-    assert_eq!(mwc["webhooks"][0]["failurePolicy"], "Ignore");
+    for hook in webhooks(&ignore) {
+        assert_eq!(hook["failurePolicy"], "Ignore", "{}", hook["name"]);
+    }
+    // Namespace opt-in switched off: only a Deployment's own label reaches fledge.
+    let off = render(&["--set".into(), "webhook.namespaceOptIn=false".into()]);
+    let hooks = webhooks(&off);
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert_eq!(hooks[0]["name"], "deployments.fledge.dev");
+    assert_eq!(hooks[0]["objectSelector"], labelled["objectSelector"]);
 }
 
 #[test]
@@ -142,10 +194,9 @@ fn every_certificate_mode_renders_its_objects() {
     let secret = only(&generated, "Secret", Some("fledge-tls"));
     assert_eq!(secret["type"], "kubernetes.io/tls");
     let mwc = only(&generated, "MutatingWebhookConfiguration", None);
-    assert_eq!(
-        mwc["webhooks"][0]["clientConfig"]["caBundle"],
-        secret["data"]["ca.crt"]
-    );
+    for hook in webhooks(&generated) {
+        assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+    }
     assert!(mwc["metadata"].get("annotations").is_none());
     assert!(
         !kinds(&generated)
@@ -180,7 +231,9 @@ fn every_certificate_mode_renders_its_objects() {
         mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
         "fledge/fledge-tls"
     );
-    assert!(mwc["webhooks"][0]["clientConfig"].get("caBundle").is_none());
+    for hook in webhooks(&cm) {
+        assert!(hook["clientConfig"].get("caBundle").is_none(), "{hook}");
+    }
     let cert = only(&cm, "Certificate", Some("fledge-tls"));
     assert_eq!(cert["spec"]["secretName"], "fledge-tls");
     assert_eq!(
@@ -208,11 +261,9 @@ fn every_certificate_mode_renders_its_objects() {
             .iter()
             .any(|k| k.starts_with("Secret/") || k.starts_with("Certificate/"))
     );
-    let mwc = only(&existing, "MutatingWebhookConfiguration", None);
-    assert_eq!(
-        mwc["webhooks"][0]["clientConfig"]["caBundle"],
-        SOME_CA_BUNDLE
-    );
+    for hook in webhooks(&existing) {
+        assert_eq!(hook["clientConfig"]["caBundle"], SOME_CA_BUNDLE);
+    }
     let deployment = only(&existing, "Deployment", None);
     assert_eq!(
         deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
