@@ -365,15 +365,14 @@ fn the_deployment_is_highly_available_and_restricted() {
     let monitor = only(&other, "ServiceMonitor", None);
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["scheme"], "https");
-    // Watching one namespace: the ClusterRole is bound there only.
+    // Watching one namespace: the main ClusterRole is bound there only; the cluster-scoped reads
+    // and writes of ClusterRole fledge-cluster stay bound cluster-wide.
     let binding = only(&other, "RoleBinding", Some("fledge"));
     assert_eq!(binding["metadata"]["namespace"], "shop");
     assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
-    assert!(
-        !kinds(&other)
-            .iter()
-            .any(|k| k.starts_with("ClusterRoleBinding/"))
-    );
+    assert_eq!(binding["roleRef"]["name"], "fledge");
+    let cluster_binding = only(&other, "ClusterRoleBinding", None);
+    assert_eq!(cluster_binding["roleRef"]["name"], "fledge-cluster");
 }
 
 #[test]
@@ -657,47 +656,155 @@ const NOT_EXERCISED_HERE: &[(&str, &str, &str)] = &[
     ("get", "", "secrets"),
 ];
 
-/// Compares the requests made with the rendered ClusterRole and Role; the report lists what is
-/// missing and what is unused, rule by rule.
+/// A role bound to fledge's ServiceAccount, and where its grants hold: everywhere (a
+/// ClusterRoleBinding) or in one namespace (a RoleBinding), as RBAC grants them.
+struct Bound {
+    /// `ClusterRole fledge`, or `ClusterRole fledge in shop` for a RoleBinding's.
+    name: String,
+    namespace: Option<String>,
+    grants: BTreeSet<Grant>,
+}
+
+impl Bound {
+    /// Whether it grants `g` for a request in `namespace` (`None`: cluster-scoped, or across
+    /// namespaces, which only a ClusterRoleBinding grants).
+    fn allows(&self, g: &Grant, namespace: Option<&str>) -> bool {
+        self.grants.contains(g)
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| namespace == Some(ns))
+    }
+}
+
+/// The rendered roles bound to the rendered ServiceAccount; every rendered role must be bound.
+fn bound_roles(objects: &[Value]) -> Vec<Bound> {
+    let sa = only(objects, "ServiceAccount", None);
+    let sa_name = &sa["metadata"]["name"];
+    let mut bound = Vec::new();
+    let mut roles_bound = BTreeSet::new();
+    for binding in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+    {
+        let to_sa = binding["subjects"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "ServiceAccount" && s["name"] == *sa_name && s["namespace"] == RELEASE_NS
+        });
+        if !to_sa {
+            continue;
+        }
+        let (kind, role_name) = (
+            binding["roleRef"]["kind"].as_str().unwrap(),
+            binding["roleRef"]["name"].as_str().unwrap(),
+        );
+        let role = only(objects, kind, Some(role_name));
+        let namespace = (binding["kind"] == "RoleBinding").then(|| {
+            binding["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        });
+        if kind == "Role" {
+            assert_eq!(
+                role["metadata"]["namespace"].as_str(),
+                namespace.as_deref(),
+                "a RoleBinding binds a Role of its own namespace: {binding}"
+            );
+        }
+        roles_bound.insert(format!("{kind}/{role_name}"));
+        bound.push(Bound {
+            name: match (kind, &namespace) {
+                ("ClusterRole", Some(ns)) => format!("{kind} {role_name} in {ns}"),
+                _ => format!("{kind} {role_name}"),
+            },
+            namespace,
+            grants: grants(role),
+        });
+    }
+    for role in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        let id = format!(
+            "{}/{}",
+            role["kind"].as_str().unwrap(),
+            role["metadata"]["name"].as_str().unwrap()
+        );
+        assert!(roles_bound.contains(&id), "{id} is bound to nothing");
+    }
+    bound
+}
+
+/// Compares the requests made with the rendered roles where their bindings put them; the report
+/// lists, role by role, what each request used, and what is missing and what is unused. A request
+/// uses the narrowest binding that allows it (a namespace's before a cluster-wide one), so a
+/// cluster-wide grant that only repeats a namespaced one shows as unused.
 fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String, String> {
-    let cluster = grants(only(objects, "ClusterRole", None));
-    let role_object = only(objects, "Role", None);
-    assert_eq!(role_object["metadata"]["namespace"], RELEASE_NS);
-    let role = grants(role_object);
-    let mut used_cluster = BTreeSet::new();
-    let mut used_role = BTreeSet::new();
+    let check = check_rbac(objects, requests);
+    let wrong: Vec<&str> = check
+        .problems
+        .iter()
+        .chain(&check.unused)
+        .map(String::as_str)
+        .collect();
+    if wrong.is_empty() {
+        Ok(check.report)
+    } else {
+        Err(format!("{}\n{}", check.report, wrong.join("\n")))
+    }
+}
+
+/// The requests against the rendered RBAC: what each one used, what is wrong (`problems`: missing
+/// grants, Leases and Secrets beyond their bounds), and what is `unused`.
+struct RbacCheck {
+    report: String,
+    problems: Vec<String>,
+    unused: Vec<String>,
+}
+
+fn check_rbac(objects: &[Value], requests: &[ApiRequest]) -> RbacCheck {
+    let mut bound = bound_roles(objects);
+    bound.sort_by_key(|b| b.namespace.is_none());
+    let mut used: Vec<BTreeSet<Grant>> = vec![BTreeSet::new(); bound.len()];
     let mut missing = BTreeSet::new();
     let mut problems = Vec::new();
     for r in requests {
         let g = grant_of(r);
-        let in_release_ns = r.namespace.as_deref() == Some(RELEASE_NS);
-        if in_release_ns && role.contains(&g) {
-            used_role.insert(g);
-        } else if cluster.contains(&g) {
-            used_cluster.insert(g);
-        } else {
-            missing.insert((g, r.namespace.clone()));
+        match bound
+            .iter()
+            .position(|b| b.allows(&g, r.namespace.as_deref()))
+        {
+            Some(i) => {
+                used[i].insert(g);
+            }
+            None => {
+                missing.insert((g, r.namespace.clone()));
+            }
         }
-        if r.resource == "leases" && !in_release_ns {
+        if r.resource == "leases" && r.namespace.as_deref() != Some(RELEASE_NS) {
             problems.push(format!(
                 "a Lease request outside the release namespace: {r:?}"
             ));
         }
     }
-    for g in cluster.iter().chain(&role) {
-        if g.2 == "secrets" && g.0 != "get" {
-            problems.push(format!("Secrets are granted beyond get: {}", show(g)));
-        }
-        if g.2 == "leases" && cluster.contains(g) {
-            problems.push(format!("Leases granted cluster-wide: {}", show(g)));
+    for role in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        for g in grants(role) {
+            if g.2 == "secrets" && g.0 != "get" {
+                problems.push(format!("Secrets are granted beyond get: {}", show(&g)));
+            }
+            if g.2 == "leases" && role["kind"] == "ClusterRole" {
+                problems.push(format!("Leases granted by a ClusterRole: {}", show(&g)));
+            }
         }
     }
     let mut report = String::from("fledge serve's requests, as RBAC rules:\n");
-    for g in &used_cluster {
-        report += &format!("  ClusterRole  {}\n", show(g));
-    }
-    for g in &used_role {
-        report += &format!("  Role ({RELEASE_NS})  {}\n", show(g));
+    for (b, used) in bound.iter().zip(&used) {
+        for g in used {
+            report += &format!("  {}  {}\n", b.name, show(g));
+        }
     }
     for (g, ns) in &missing {
         problems.push(format!(
@@ -707,25 +814,24 @@ fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String,
                 .map_or("cluster-wide".to_owned(), |ns| format!("in namespace {ns}"))
         ));
     }
-    for g in cluster
-        .difference(&used_cluster)
-        .filter(|g| !NOT_EXERCISED_HERE.contains(&(g.0.as_str(), g.1.as_str(), g.2.as_str())))
-    {
-        problems.push(format!(
-            "unused: ClusterRole grants {} -- remove it from charts/fledge/templates/rbac.yaml",
-            show(g)
-        ));
+    let mut unused = Vec::new();
+    for (b, used) in bound.iter().zip(&used) {
+        for g in b
+            .grants
+            .difference(used)
+            .filter(|g| !NOT_EXERCISED_HERE.contains(&(g.0.as_str(), g.1.as_str(), g.2.as_str())))
+        {
+            unused.push(format!(
+                "unused: {} grants {} -- remove it from charts/fledge/templates/rbac.yaml",
+                b.name,
+                show(g)
+            ));
+        }
     }
-    for g in role.difference(&used_role) {
-        problems.push(format!(
-            "unused: Role grants {} -- remove it from charts/fledge/templates/rbac.yaml",
-            show(g)
-        ));
-    }
-    if problems.is_empty() {
-        Ok(report)
-    } else {
-        Err(format!("{report}\n{}", problems.join("\n")))
+    RbacCheck {
+        report,
+        problems,
+        unused,
     }
 }
 
@@ -969,23 +1075,39 @@ fn the_rbac_check_names_what_is_missing_and_what_is_unused() {
         &[
             request("list", "services", None),
             request("list", "secrets", Some("shop")),
+            request("watch", "namespaces", None),
         ],
     )
     .unwrap_err();
-    assert!(
-        diff.contains("ClusterRole  list     core/services"),
-        "{diff}"
-    );
-    assert!(
-        diff.contains("missing: list     core/secrets (in namespace shop)"),
-        "{diff}"
-    );
-    assert!(
-        diff.contains("unused: ClusterRole grants watch    apps/deployments"),
-        "{diff}"
-    );
-    assert!(
-        diff.contains("unused: Role grants update   coordination.k8s.io/leases"),
-        "{diff}"
-    );
+    for says in [
+        "ClusterRole fledge  list     core/services",
+        "ClusterRole fledge-cluster  watch    core/namespaces",
+        "missing: list     core/secrets (in namespace shop)",
+        "unused: ClusterRole fledge grants watch    apps/deployments",
+        "unused: ClusterRole fledge-cluster grants list     core/namespaces",
+        "unused: Role fledge-lease grants update   coordination.k8s.io/leases",
+    ] {
+        assert!(diff.contains(says), "{says}:\n{diff}");
+    }
+    // Watching one namespace: the main ClusterRole holds there only, cluster-scoped reads still
+    // everywhere.
+    let one_namespace = render(&["--set".into(), "controller.namespace=shop".into()]);
+    let diff = least_privilege(
+        &one_namespace,
+        &[
+            request("list", "services", Some("shop")),
+            request("list", "services", None),
+            request("list", "services", Some("other")),
+            request("list", "namespaces", None),
+        ],
+    )
+    .unwrap_err();
+    for says in [
+        "ClusterRole fledge in shop  list     core/services",
+        "ClusterRole fledge-cluster  list     core/namespaces",
+        "missing: list     core/services (cluster-wide)",
+        "missing: list     core/services (in namespace other)",
+    ] {
+        assert!(diff.contains(says), "{says}:\n{diff}");
+    }
 }
