@@ -376,6 +376,37 @@ fn the_deployment_is_highly_available_and_restricted() {
 }
 
 #[test]
+fn helm_renders_the_crds_of_crds_dir_before_everything_else_only_when_asked() {
+    let crds = chart::crds();
+    let names: Vec<&str> = crds
+        .iter()
+        .map(|c| {
+            assert_eq!(c["kind"], "CustomResourceDefinition");
+            c["metadata"]["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "rolloutpolicies.fledge.dev",
+            "clusterrolloutpolicies.fledge.dev"
+        ]
+    );
+    // `helm template` leaves crds/ out; `helm install` creates them first, which `--include-crds`
+    // shows: as the files hold them, ahead of the templates.
+    let plain = chart::default_render();
+    assert!(
+        !kinds(plain)
+            .iter()
+            .any(|k| k.starts_with("CustomResourceDefinition/")),
+        "crds/ only: no CRD in templates/"
+    );
+    let with_crds = template(&["--include-crds"]);
+    assert_eq!(with_crds[..crds.len()], crds[..]);
+    assert_eq!(kinds(&with_crds[crds.len()..]), kinds(plain));
+}
+
+#[test]
 fn bad_values_are_refused_by_the_schema_with_the_place() {
     for (value, says) in [
         (
@@ -457,13 +488,52 @@ async fn stand_in(extra_crds: Vec<String>) -> ApiServer {
     .await
 }
 
+const CRDS: &str = "apiextensions.k8s.io/v1/customresourcedefinitions";
+
+/// What `helm install` does with the rendered `crds` before anything else: creates them (here with
+/// strict field validation, like every object) and waits until each is Established. Returns the
+/// discovery made after that, which finds the resources they define.
+async fn install_crds(api: &ApiServer, crds: &[Value]) -> kube::Discovery {
+    let client = api.client();
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    for crd in crds {
+        assert_eq!(crd["kind"], "CustomResourceDefinition");
+        apply_strict(&client, &discovery, crd).await.unwrap();
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        api.wait_for(CRDS, "", name, WAIT, |c| {
+            c.and_then(|c| c["status"]["conditions"].as_array())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Established" && c["status"] == "True")
+                })
+        })
+        .await
+        .unwrap();
+    }
+    kube::Discovery::new(client).run().await.unwrap()
+}
+
+fn is_crd(object: &Value) -> bool {
+    object["kind"] == "CustomResourceDefinition"
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rendered_object_applies_with_strict_field_validation() {
     let api = stand_in(vec![CERT_MANAGER_CRDS.into(), SERVICE_MONITOR_CRD.into()]).await;
     let client = api.client();
-    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    let discovery = install_crds(&api, &chart::crds()).await;
+    for crd in chart::crds() {
+        let gvk = kube::api::GroupVersionKind::gvk(
+            crd["spec"]["group"].as_str().unwrap(),
+            crd["spec"]["versions"][0]["name"].as_str().unwrap(),
+            crd["spec"]["names"]["kind"].as_str().unwrap(),
+        );
+        assert!(discovery.resolve_gvk(&gvk).is_some(), "{gvk:?} is served");
+    }
     let mut failures = Vec::new();
-    for args in combinations() {
+    for mut args in combinations() {
+        // With the CRDs, which must apply strictly too (a second time here, unchanged).
+        args.push("--include-crds".into());
         for object in render(&args) {
             if let Err(e) = apply_strict(&client, &discovery, &object).await {
                 failures.push(format!("{args:?}: {e}"));
@@ -517,7 +587,39 @@ fn readme_install() -> (Vec<String>, Vec<Vec<String>>) {
         section.contains("`kubectl create namespace shop`"),
         "{section}"
     );
+    // The test installs the CRDs as `helm install` does, before the templates.
+    assert!(
+        section.contains("CRDs from the chart's `crds/` first"),
+        "{section}"
+    );
     (blocks[0][0].clone(), blocks[1].clone())
+}
+
+/// `helm install` of the rendered `objects` (crds/ included) into a fresh stand-in: the release
+/// namespace made by `--create-namespace`, and shop as README's `kubectl create namespace shop`
+/// makes it (kubectl creates with protobuf, which the stand-in does not speak); then the CRDs, and
+/// the other objects as helm applies them.
+async fn helm_install(objects: &[Value], extra_crds: Vec<String>) -> ApiServer {
+    let api = stand_in(extra_crds).await;
+    let crds: Vec<Value> = objects.iter().filter(|o| is_crd(o)).cloned().collect();
+    assert!(!crds.is_empty(), "rendered with --include-crds");
+    let discovery = install_crds(&api, &crds).await;
+    let client = api.client();
+    for object in objects.iter().filter(|o| !is_crd(o)) {
+        apply_strict(&client, &discovery, object).await.unwrap();
+    }
+    api
+}
+
+/// The rendered webhooks as rendered, caBundle included, at the replica listening on `port`.
+fn webhooks_at(objects: &[Value], port: u16) -> Vec<support::apiserver::WebhookConfig> {
+    chart::webhook_configs(objects, port, None)
+        .into_iter()
+        .map(|mut hook| {
+            hook.connect_to = Some(([127, 0, 0, 1], port).into());
+            hook
+        })
+        .collect()
 }
 
 /// A `fledge serve` process run as the chart's Deployment runs it, as its ServiceAccount.
@@ -835,6 +937,33 @@ fn check_rbac(objects: &[Value], requests: &[ApiRequest]) -> RbacCheck {
     }
 }
 
+const ROLLOUT_POLICIES: &str = "fledge.dev/v1alpha1/rolloutpolicies";
+const CLUSTER_ROLLOUT_POLICIES: &str = "fledge.dev/v1alpha1/clusterrolloutpolicies";
+
+/// How long a policy's status may take: the leader counts the Deployments a policy governs on
+/// every change of a policy or a namespace's labels, and at least every 30 s
+/// (`runtime::policies::STATUS_EVERY`). A count taken just after the leader started, before its
+/// cache of Deployments was filled, is wrong until that next count.
+const POLICY_STATUS_WAIT: Duration = Duration::from_secs(30 + WAIT.as_secs());
+
+/// Waits until the leader has written the policy's status: its generation seen, `Ready=True`, and
+/// `deployments` Deployments governed.
+async fn wait_policy_status(api: &ApiServer, gvr: &str, ns: &str, name: &str, deployments: i64) {
+    api.wait_for(gvr, ns, name, POLICY_STATUS_WAIT, |p| {
+        p.is_some_and(|p| {
+            let status = &p["status"];
+            status["observedGeneration"] == p["metadata"]["generation"]
+                && status["deployments"] == deployments
+                && status["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        })
+    })
+    .await
+    .unwrap();
+}
+
 /// `kubectl ARGS` as a developer, with fledge as its plugin.
 fn kubectl_command(plugins: &Path, kubeconfig: &Path, args: &[String]) -> Command {
     let path = std::env::join_paths(std::iter::once(plugins.to_owned()).chain(
@@ -850,16 +979,21 @@ fn kubectl_command(plugins: &Path, kubeconfig: &Path, args: &[String]) -> Comman
     command
 }
 
-/// README's install commands word for word (helm's `install` as `template`, the same arguments),
-/// with the rendered chart's `fledge serve` as two replicas under its ServiceAccount; then README's
-/// first canary to promotion, a second one aborted with the CLI; meanwhile leader election. Every
-/// request the replicas made must be granted by the chart's RBAC, and every grant used.
+/// README's install commands word for word (helm's `install` as `template`, the same arguments, and
+/// the CRDs of crds/ installed first as `helm install` does), with the rendered chart's
+/// `fledge serve` as two replicas under its ServiceAccount and both rendered webhooks; then README's
+/// first canary to promotion under a RolloutPolicy, a second one aborted with the CLI, and a
+/// Deployment opted in by its namespace's label under a ClusterRolloutPolicy; meanwhile leader
+/// election and the policies' status. Every request the replicas made must be granted by the
+/// chart's RBAC, and every grant used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     let (install, canary) = readme_install();
     assert_eq!(install[..3], ["helm", "install", "fledge"], "{install:?}");
     let mut args: Vec<&str> = install[1..].iter().map(String::as_str).collect();
     args[0] = "template";
+    // `helm install` creates crds/ before the templates; `helm template` prints them only so.
+    args.push("--include-crds");
     let out = helm(&args);
     assert!(
         out.status.success(),
@@ -867,21 +1001,16 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
         String::from_utf8_lossy(&out.stderr)
     );
     let objects = chart::documents(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|o| is_crd(o))
+            .cloned()
+            .collect::<Vec<_>>(),
+        chart::crds()
+    );
 
-    // `--create-namespace` made the release namespace, and README's `kubectl create namespace shop`
-    // the examples' (kubectl creates with protobuf, which the stand-in does not speak); the chart's
-    // objects go in as helm applies them.
-    let api = ApiServer::start(ApiServerConfig {
-        namespaces: vec![RELEASE_NS.into(), NS.into()],
-        extra_crds: vec![e2e::gateway_api_crd()],
-        ..ApiServerConfig::default()
-    })
-    .await;
-    let client = api.client();
-    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
-    for object in &objects {
-        apply_strict(&client, &discovery, object).await.unwrap();
-    }
+    let api = helm_install(&objects, vec![e2e::gateway_api_crd()]).await;
 
     // The pods: the chart's Deployment, as its ServiceAccount, with its Secret's certificate.
     let d = only(&objects, "Deployment", None);
@@ -910,10 +1039,7 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     .await
     .unwrap();
     let second = start_replica(&api, d, "fledge-1", &tls, &fledge_sa);
-    // The rendered webhook configuration as rendered, caBundle included, at the first replica.
-    let mut hook = chart::webhook_config(&objects, first.port, None);
-    hook.connect_to = Some(([127, 0, 0, 1], first.port).into());
-    api.set_webhooks(vec![hook]);
+    api.set_webhooks(webhooks_at(&objects, first.port));
 
     // README's first canary, as a developer with kubectl and the plugin.
     let developer = UserInfo::user("dev");
@@ -939,6 +1065,17 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     })
     .await
     .unwrap();
+    // The platform team's RolloutPolicy for web (which web's annotations satisfy, so its canaries
+    // run as before): the leader counts web under it, and the canaries below run under it.
+    let platform = UserInfo::user("platform");
+    let web_policy = serde_json::json!({
+        "apiVersion": "fledge.dev/v1alpha1", "kind": "RolloutPolicy",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "guardRails": {"allowedRouters": ["smi"]}},
+    });
+    api.apply_as_user(&platform, web_policy).await.unwrap();
+    wait_policy_status(&api, ROLLOUT_POLICIES, NS, "web", 1).await;
     for object in kubectl_apply(&canary[1]) {
         api.apply_as_user(&developer, object).await.unwrap();
     }
@@ -969,10 +1106,16 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
         "{shown}{}",
         String::from_utf8_lossy(&watched.stderr)
     );
+    // Each report's first line is the Deployment's (the policy's name follows, indented).
     assert!(
-        shown.contains("Paused") && shown.lines().last().unwrap().contains("Succeeded"),
+        shown.contains("Paused")
+            && shown
+                .lines()
+                .rfind(|l| l.starts_with("web "))
+                .is_some_and(|l| l.contains("Succeeded")),
         "{shown}"
     );
+    assert!(shown.contains("policy: RolloutPolicy shop/web"), "{shown}");
 
     // A second canary, aborted with the CLI: traffic back, canary objects deleted.
     let v3 = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/web-v2.yaml"))
@@ -986,15 +1129,25 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     e2e::wait_phase(&api, Phase::Aborted).await;
     e2e::wait_until_nothing_is_left(&api).await;
 
-    // A mesh user's Deployment on the Gateway API router (GAMMA: fledge's own HTTPRoute), to its
-    // pause and aborted: what that router needs is granted too.
+    // Namespace opt-in: the platform team labels shop, and a ClusterRolloutPolicy gives the `api`
+    // Deployments of opted-in namespaces the Gateway API router (GAMMA: fledge's own HTTPRoute). A
+    // mesh user's Deployment with steps but no label of its own (so through the chart's second
+    // webhook entry), to its pause and aborted: what all that needs is granted too.
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(api.client_as(platform.clone()))
+        .patch(
+            NS,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"fledge.dev/enabled": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
     let api_app = |image: &str| {
         serde_json::json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "api", "namespace": NS,
-                         "labels": {"app": "api", "fledge.dev/enabled": "true"},
-                         "annotations": {"fledge.dev/steps": "- setWeight: 50\n- pause: {}\n",
-                                         "fledge.dev/router": "gateway-api"}},
+            "metadata": {"name": "api", "namespace": NS, "labels": {"app": "api"},
+                         "annotations": {"fledge.dev/steps": "- setWeight: 50\n- pause: {}\n"}},
             "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
                      "template": {"metadata": {"labels": {"app": "api"}},
                                   "spec": {"containers": [{"name": "api", "image": image}]}}},
@@ -1014,6 +1167,16 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     })
     .await
     .unwrap();
+    let mesh_policy = serde_json::json!({
+        "apiVersion": "fledge.dev/v1alpha1", "kind": "ClusterRolloutPolicy",
+        "metadata": {"name": "mesh"},
+        "spec": {"namespaceSelector": {"matchLabels": {"fledge.dev/enabled": "true"}},
+                 "selector": {"matchLabels": {"app": "api"}},
+                 "router": "gateway-api"},
+    });
+    api.apply_as_user(&platform, mesh_policy).await.unwrap();
+    // Counted under it by the leader, whose webhook (the one called) then knows shop opted in.
+    wait_policy_status(&api, CLUSTER_ROLLOUT_POLICIES, "", "mesh", 1).await;
     api.apply_as_user(&developer, api_app("api:2"))
         .await
         .unwrap();
@@ -1025,7 +1188,15 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     assert!(
         api.get("gateway.networking.k8s.io/v1/httproutes", NS, "api")
             .is_some(),
-        "fledge's GAMMA route"
+        "fledge's GAMMA route, the router of the ClusterRolloutPolicy"
+    );
+    assert!(
+        api.webhook_calls().iter().any(|c| {
+            c.webhook == "namespaces.deployments.fledge.dev"
+                && c.review["request"]["name"] == "api"
+                && c.review["request"]["operation"] == "UPDATE"
+        }),
+        "api's new template went through the namespace opt-in entry"
     );
     e2e::fledge(&api, &["abort", "api"]).await;
     api.wait_for(

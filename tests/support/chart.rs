@@ -1,6 +1,7 @@
 //! The Helm chart `charts/fledge`, rendered by the real `helm` (installed by `.ci/install-helm`):
-//! its objects as JSON, and its MutatingWebhookConfiguration's webhooks as the stand-in's
-//! [`WebhookConfig`]s, so that the end-to-end tests register the very webhooks the chart installs.
+//! its objects as JSON, its CRDs, and its MutatingWebhookConfiguration's webhooks as the
+//! stand-in's [`WebhookConfig`]s, so that the end-to-end tests register the very webhooks the
+//! chart installs.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -51,6 +52,21 @@ pub fn template(args: &[&str]) -> Vec<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     documents(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The CustomResourceDefinitions in the chart's `crds/`, as the files hold them (helm installs
+/// them before the templates, and never upgrades them).
+pub fn crds() -> Vec<Value> {
+    let dir = Path::new(CHART).join("crds");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|f| f.expect("a crds/ entry").path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| documents(&std::fs::read_to_string(f).expect("a CRD file")))
+        .collect()
 }
 
 /// The chart rendered with its default values, once per test process.
