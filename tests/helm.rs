@@ -1190,13 +1190,22 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
             .is_some(),
         "fledge's GAMMA route, the router of the ClusterRolloutPolicy"
     );
+    let calls = api.webhook_calls();
     assert!(
-        api.webhook_calls().iter().any(|c| {
+        calls.iter().any(|c| {
             c.webhook == "namespaces.deployments.fledge.dev"
                 && c.review["request"]["name"] == "api"
                 && c.review["request"]["operation"] == "UPDATE"
         }),
         "api's new template went through the namespace opt-in entry"
+    );
+    // fledge's own canary Deployment carries api's labels and opts out: neither webhook entry sends
+    // it to fledge.
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.review["request"]["name"] == "api-canary"),
+        "no webhook call for api-canary"
     );
     e2e::fledge(&api, &["abort", "api"]).await;
     api.wait_for(
@@ -1281,4 +1290,138 @@ fn the_rbac_check_names_what_is_missing_and_what_is_unused() {
     ] {
         assert!(diff.contains(says), "{says}:\n{diff}");
     }
+}
+
+/// `controller.namespace=shop`: the main ClusterRole bound in shop only, the cluster-scoped reads
+/// and writes cluster-wide. One replica; shop opted in by its label; a ClusterRolloutPolicy that
+/// gives the Deployments of opted-in namespaces their steps (no selector, so it would select
+/// fledge's canary Deployment too, were it not labelled `fledge.dev/enabled: "false"`, which keeps
+/// it from both webhook entries) and a RolloutPolicy that selects nothing; a Deployment with
+/// neither label nor annotations to its pause, replaced by a newer template (its canary Deployment
+/// updated) and aborted. Every request must be granted where the bindings put the roles; unused
+/// grants are the README test's business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_namespace_with_namespace_opt_in_and_a_policy_with_steps_runs_under_the_charts_rbac() {
+    let objects = template(&[
+        "--include-crds",
+        "--set",
+        &format!("controller.namespace={NS}"),
+    ]);
+    let api = helm_install(&objects, vec![]).await;
+    let d = only(&objects, "Deployment", None);
+    let sa = only(&objects, "ServiceAccount", None);
+    let fledge_sa = UserInfo::service_account(RELEASE_NS, sa["metadata"]["name"].as_str().unwrap());
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "fledge-helm-{}-{}",
+        std::process::id(),
+        api.addr().port()
+    ));
+    let tls = dir.join("tls");
+    chart::write_tls_secret(&objects, &tls);
+    let replica = start_replica(&api, d, "fledge-0", &tls, &fledge_sa);
+    api.set_webhooks(webhooks_at(&objects, replica.port));
+
+    let platform = UserInfo::user("platform");
+    let developer = UserInfo::user("dev");
+    api.apply_as_user(&developer, e2e::root_service())
+        .await
+        .unwrap();
+    let web = |image: &str| {
+        serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": NS, "labels": {"app": "web"}},
+            "spec": {"replicas": 4, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "web", "image": image}]}}},
+        })
+    };
+    api.apply_as_user(&developer, web("web:1")).await.unwrap();
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+        d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+    })
+    .await
+    .unwrap();
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(api.client_as(platform.clone()))
+        .patch(
+            NS,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"fledge.dev/enabled": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    for policy in [
+        serde_json::json!({
+            "apiVersion": "fledge.dev/v1alpha1", "kind": "ClusterRolloutPolicy",
+            "metadata": {"name": "opted-in"},
+            "spec": {"namespaceSelector": {"matchLabels": {"fledge.dev/enabled": "true"}},
+                     "steps": [{"setWeight": 20}, {"pause": {}}]},
+        }),
+        serde_json::json!({
+            "apiVersion": "fledge.dev/v1alpha1", "kind": "RolloutPolicy",
+            "metadata": {"name": "nothing", "namespace": NS},
+            "spec": {"selector": {"matchLabels": {"app": "nothing"}}},
+        }),
+    ] {
+        api.apply_as_user(&platform, policy).await.unwrap();
+    }
+    // web counted under the cluster policy: the replica knows shop opted in.
+    wait_policy_status(&api, CLUSTER_ROLLOUT_POLICIES, "", "opted-in", 1).await;
+    wait_policy_status(&api, ROLLOUT_POLICIES, NS, "nothing", 0).await;
+
+    api.apply_as_user(&developer, web("web:2")).await.unwrap();
+    let held = api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_eq!(held["spec"]["paused"], true, "held by the webhook: {held}");
+    let v2 = e2e::state(
+        api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            e2e::state(d).is_some_and(|s| s.phase == Phase::Paused)
+        })
+        .await
+        .unwrap()
+        .as_ref(),
+    )
+    .unwrap()
+    .hash;
+    assert_eq!(
+        e2e::image(&api.get(DEPLOYMENTS, NS, "web-canary").unwrap()),
+        "web:2"
+    );
+    // A newer template replaces the pending one: fledge updates its canary Deployment.
+    api.apply_as_user(&developer, web("web:3")).await.unwrap();
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+        e2e::state(d).is_some_and(|s| s.phase == Phase::Paused && s.hash != v2)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        e2e::image(&api.get(DEPLOYMENTS, NS, "web-canary").unwrap()),
+        "web:3"
+    );
+    let calls = api.webhook_calls();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.webhook == "namespaces.deployments.fledge.dev"
+                && c.review["request"]["name"] == "web"),
+        "only web, through the namespace opt-in entry: {:?}",
+        calls
+            .iter()
+            .map(|c| (&c.webhook, &c.review["request"]["name"]))
+            .collect::<Vec<_>>()
+    );
+    e2e::fledge(&api, &["abort", "web"]).await;
+    e2e::wait_phase(&api, Phase::Aborted).await;
+    e2e::wait_until_nothing_is_left(&api).await;
+    drop(replica);
+
+    let check = check_rbac(&objects, &api.requests_by(&fledge_sa));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        check.problems.is_empty(),
+        "the chart's RBAC with controller.namespace does not cover fledge's requests:\n{}\n{}",
+        check.report,
+        check.problems.join("\n")
+    );
+    eprintln!("{}", check.report);
 }
