@@ -49,6 +49,7 @@ fn combinations() -> Vec<Vec<String>> {
         set(&[
             "serviceMonitor.enabled=true",
             "webhook.failurePolicy=Ignore",
+            "webhook.namespaceOptIn=false",
             "podDisruptionBudget.enabled=false",
             "controller.namespace=shop",
             "controller.splitApi=v1alpha4",
@@ -92,46 +93,97 @@ fn helm_lint_strict_passes_for_every_combination() {
     }
 }
 
+/// The rendered webhook entries.
+fn webhooks(objects: &[Value]) -> &Vec<Value> {
+    only(objects, "MutatingWebhookConfiguration", None)["webhooks"]
+        .as_array()
+        .unwrap()
+}
+
 #[test]
 fn the_webhook_configuration_is_the_one_the_issue_asks_for() {
     let objects = chart::default_render();
-    let mwc = only(objects, "MutatingWebhookConfiguration", Some("fledge"));
-    let hooks = mwc["webhooks"].as_array().unwrap();
-    assert_eq!(hooks.len(), 1);
-    let hook = &hooks[0];
-    assert_eq!(hook["name"], "deployments.fledge.dev");
+    only(objects, "MutatingWebhookConfiguration", Some("fledge"));
+    let hooks = webhooks(objects);
+    let names: Vec<&str> = hooks.iter().map(|h| h["name"].as_str().unwrap()).collect();
     assert_eq!(
-        hook["objectSelector"]["matchLabels"]["fledge.dev/enabled"],
-        "true"
+        names,
+        [
+            "deployments.fledge.dev",
+            "namespaces.deployments.fledge.dev"
+        ]
+    );
+    let excluded = serde_json::json!({
+        "key": "kubernetes.io/metadata.name",
+        "operator": "NotIn",
+        "values": [RELEASE_NS, "kube-system"],
+    });
+    // A Deployment's own label, in any namespace but fledge's and kube-system.
+    let labelled = &hooks[0];
+    assert_eq!(
+        labelled["objectSelector"],
+        serde_json::json!({"matchLabels": {"fledge.dev/enabled": "true"}})
     );
     assert_eq!(
-        hook["namespaceSelector"]["matchExpressions"],
-        serde_json::json!([{
-            "key": "kubernetes.io/metadata.name",
-            "operator": "NotIn",
-            "values": [RELEASE_NS, "kube-system"],
-        }])
+        labelled["namespaceSelector"],
+        serde_json::json!({"matchExpressions": [excluded]})
     );
-    assert_eq!(hook["sideEffects"], "None");
-    assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
-    assert_eq!(hook["reinvocationPolicy"], "IfNeeded");
-    assert_eq!(hook["timeoutSeconds"], 5);
-    assert_eq!(hook["matchPolicy"], "Equivalent");
-    assert_eq!(hook["failurePolicy"], "Fail");
+    // Its namespace's label, for Deployments without a label of their own; the same namespaces
+    // excluded.
+    let by_namespace = &hooks[1];
     assert_eq!(
-        hook["rules"],
-        serde_json::json!([{
-            "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"],
-            "operations": ["CREATE", "UPDATE"], "scope": "Namespaced",
-        }])
+        by_namespace["objectSelector"],
+        serde_json::json!({"matchExpressions": [
+            {"key": "fledge.dev/enabled", "operator": "DoesNotExist"},
+        ]})
     );
     assert_eq!(
-        hook["clientConfig"]["service"],
-        serde_json::json!({"name": "fledge", "namespace": RELEASE_NS, "path": "/mutate", "port": 443})
+        by_namespace["namespaceSelector"],
+        serde_json::json!({
+            "matchLabels": {"fledge.dev/enabled": "true"},
+            "matchExpressions": [excluded],
+        })
     );
+    // Apart from what they select, both are the same call of the same endpoint, field for field.
+    let ca_bundle = &labelled["clientConfig"]["caBundle"];
+    assert!(ca_bundle.is_string(), "{labelled}");
+    for hook in hooks {
+        let mut call = hook.as_object().unwrap().clone();
+        for selecting in ["name", "objectSelector", "namespaceSelector"] {
+            call.remove(selecting);
+        }
+        assert_eq!(
+            Value::Object(call),
+            serde_json::json!({
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "IfNeeded",
+                "matchPolicy": "Equivalent",
+                "timeoutSeconds": 5,
+                "rules": [{
+                    "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"],
+                    "operations": ["CREATE", "UPDATE"], "scope": "Namespaced",
+                }],
+                "clientConfig": {
+                    "service": {"name": "fledge", "namespace": RELEASE_NS, "path": "/mutate", "port": 443},
+                    "caBundle": ca_bundle,
+                },
+            }),
+            "{}",
+            hook["name"]
+        );
+    }
     let ignore = render(&["--set".into(), "webhook.failurePolicy=Ignore".into()]);
-    let mwc = only(&ignore, "MutatingWebhookConfiguration", None);
-    assert_eq!(mwc["webhooks"][0]["failurePolicy"], "Ignore");
+    for hook in webhooks(&ignore) {
+        assert_eq!(hook["failurePolicy"], "Ignore", "{}", hook["name"]);
+    }
+    // Namespace opt-in switched off: only a Deployment's own label reaches fledge.
+    let off = render(&["--set".into(), "webhook.namespaceOptIn=false".into()]);
+    let hooks = webhooks(&off);
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert_eq!(hooks[0]["name"], "deployments.fledge.dev");
+    assert_eq!(hooks[0]["objectSelector"], labelled["objectSelector"]);
 }
 
 #[test]
@@ -142,10 +194,9 @@ fn every_certificate_mode_renders_its_objects() {
     let secret = only(&generated, "Secret", Some("fledge-tls"));
     assert_eq!(secret["type"], "kubernetes.io/tls");
     let mwc = only(&generated, "MutatingWebhookConfiguration", None);
-    assert_eq!(
-        mwc["webhooks"][0]["clientConfig"]["caBundle"],
-        secret["data"]["ca.crt"]
-    );
+    for hook in webhooks(&generated) {
+        assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+    }
     assert!(mwc["metadata"].get("annotations").is_none());
     assert!(
         !kinds(&generated)
@@ -180,7 +231,9 @@ fn every_certificate_mode_renders_its_objects() {
         mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
         "fledge/fledge-tls"
     );
-    assert!(mwc["webhooks"][0]["clientConfig"].get("caBundle").is_none());
+    for hook in webhooks(&cm) {
+        assert!(hook["clientConfig"].get("caBundle").is_none(), "{hook}");
+    }
     let cert = only(&cm, "Certificate", Some("fledge-tls"));
     assert_eq!(cert["spec"]["secretName"], "fledge-tls");
     assert_eq!(
@@ -208,11 +261,9 @@ fn every_certificate_mode_renders_its_objects() {
             .iter()
             .any(|k| k.starts_with("Secret/") || k.starts_with("Certificate/"))
     );
-    let mwc = only(&existing, "MutatingWebhookConfiguration", None);
-    assert_eq!(
-        mwc["webhooks"][0]["clientConfig"]["caBundle"],
-        SOME_CA_BUNDLE
-    );
+    for hook in webhooks(&existing) {
+        assert_eq!(hook["clientConfig"]["caBundle"], SOME_CA_BUNDLE);
+    }
     let deployment = only(&existing, "Deployment", None);
     assert_eq!(
         deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"],
@@ -314,15 +365,45 @@ fn the_deployment_is_highly_available_and_restricted() {
     let monitor = only(&other, "ServiceMonitor", None);
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["scheme"], "https");
-    // Watching one namespace: the ClusterRole is bound there only.
+    // Watching one namespace: the main ClusterRole is bound there only; the cluster-scoped reads
+    // and writes of ClusterRole fledge-cluster stay bound cluster-wide.
     let binding = only(&other, "RoleBinding", Some("fledge"));
     assert_eq!(binding["metadata"]["namespace"], "shop");
     assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
-    assert!(
-        !kinds(&other)
-            .iter()
-            .any(|k| k.starts_with("ClusterRoleBinding/"))
+    assert_eq!(binding["roleRef"]["name"], "fledge");
+    let cluster_binding = only(&other, "ClusterRoleBinding", None);
+    assert_eq!(cluster_binding["roleRef"]["name"], "fledge-cluster");
+}
+
+#[test]
+fn helm_renders_the_crds_of_crds_dir_before_everything_else_only_when_asked() {
+    let crds = chart::crds();
+    let names: Vec<&str> = crds
+        .iter()
+        .map(|c| {
+            assert_eq!(c["kind"], "CustomResourceDefinition");
+            c["metadata"]["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "rolloutpolicies.fledge.dev",
+            "clusterrolloutpolicies.fledge.dev"
+        ]
     );
+    // `helm template` leaves crds/ out; `helm install` creates them first, which `--include-crds`
+    // shows: as the files hold them, ahead of the templates.
+    let plain = chart::default_render();
+    assert!(
+        !kinds(plain)
+            .iter()
+            .any(|k| k.starts_with("CustomResourceDefinition/")),
+        "crds/ only: no CRD in templates/"
+    );
+    let with_crds = template(&["--include-crds"]);
+    assert_eq!(with_crds[..crds.len()], crds[..]);
+    assert_eq!(kinds(&with_crds[crds.len()..]), kinds(plain));
 }
 
 #[test]
@@ -407,13 +488,52 @@ async fn stand_in(extra_crds: Vec<String>) -> ApiServer {
     .await
 }
 
+const CRDS: &str = "apiextensions.k8s.io/v1/customresourcedefinitions";
+
+/// What `helm install` does with the rendered `crds` before anything else: creates them (here with
+/// strict field validation, like every object) and waits until each is Established. Returns the
+/// discovery made after that, which finds the resources they define.
+async fn install_crds(api: &ApiServer, crds: &[Value]) -> kube::Discovery {
+    let client = api.client();
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    for crd in crds {
+        assert_eq!(crd["kind"], "CustomResourceDefinition");
+        apply_strict(&client, &discovery, crd).await.unwrap();
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        api.wait_for(CRDS, "", name, WAIT, |c| {
+            c.and_then(|c| c["status"]["conditions"].as_array())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Established" && c["status"] == "True")
+                })
+        })
+        .await
+        .unwrap();
+    }
+    kube::Discovery::new(client).run().await.unwrap()
+}
+
+fn is_crd(object: &Value) -> bool {
+    object["kind"] == "CustomResourceDefinition"
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rendered_object_applies_with_strict_field_validation() {
     let api = stand_in(vec![CERT_MANAGER_CRDS.into(), SERVICE_MONITOR_CRD.into()]).await;
     let client = api.client();
-    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    let discovery = install_crds(&api, &chart::crds()).await;
+    for crd in chart::crds() {
+        let gvk = kube::api::GroupVersionKind::gvk(
+            crd["spec"]["group"].as_str().unwrap(),
+            crd["spec"]["versions"][0]["name"].as_str().unwrap(),
+            crd["spec"]["names"]["kind"].as_str().unwrap(),
+        );
+        assert!(discovery.resolve_gvk(&gvk).is_some(), "{gvk:?} is served");
+    }
     let mut failures = Vec::new();
-    for args in combinations() {
+    for mut args in combinations() {
+        // With the CRDs, which must apply strictly too (a second time here, unchanged).
+        args.push("--include-crds".into());
         for object in render(&args) {
             if let Err(e) = apply_strict(&client, &discovery, &object).await {
                 failures.push(format!("{args:?}: {e}"));
@@ -467,7 +587,39 @@ fn readme_install() -> (Vec<String>, Vec<Vec<String>>) {
         section.contains("`kubectl create namespace shop`"),
         "{section}"
     );
+    // The test installs the CRDs as `helm install` does, before the templates.
+    assert!(
+        section.contains("CRDs from the chart's `crds/` first"),
+        "{section}"
+    );
     (blocks[0][0].clone(), blocks[1].clone())
+}
+
+/// `helm install` of the rendered `objects` (crds/ included) into a fresh stand-in: the release
+/// namespace made by `--create-namespace`, and shop as README's `kubectl create namespace shop`
+/// makes it (kubectl creates with protobuf, which the stand-in does not speak); then the CRDs, and
+/// the other objects as helm applies them.
+async fn helm_install(objects: &[Value], extra_crds: Vec<String>) -> ApiServer {
+    let api = stand_in(extra_crds).await;
+    let crds: Vec<Value> = objects.iter().filter(|o| is_crd(o)).cloned().collect();
+    assert!(!crds.is_empty(), "rendered with --include-crds");
+    let discovery = install_crds(&api, &crds).await;
+    let client = api.client();
+    for object in objects.iter().filter(|o| !is_crd(o)) {
+        apply_strict(&client, &discovery, object).await.unwrap();
+    }
+    api
+}
+
+/// The rendered webhooks as rendered, caBundle included, at the replica listening on `port`.
+fn webhooks_at(objects: &[Value], port: u16) -> Vec<support::apiserver::WebhookConfig> {
+    chart::webhook_configs(objects, port, None)
+        .into_iter()
+        .map(|mut hook| {
+            hook.connect_to = Some(([127, 0, 0, 1], port).into());
+            hook
+        })
+        .collect()
 }
 
 /// A `fledge serve` process run as the chart's Deployment runs it, as its ServiceAccount.
@@ -606,47 +758,155 @@ const NOT_EXERCISED_HERE: &[(&str, &str, &str)] = &[
     ("get", "", "secrets"),
 ];
 
-/// Compares the requests made with the rendered ClusterRole and Role; the report lists what is
-/// missing and what is unused, rule by rule.
+/// A role bound to fledge's ServiceAccount, and where its grants hold: everywhere (a
+/// ClusterRoleBinding) or in one namespace (a RoleBinding), as RBAC grants them.
+struct Bound {
+    /// `ClusterRole fledge`, or `ClusterRole fledge in shop` for a RoleBinding's.
+    name: String,
+    namespace: Option<String>,
+    grants: BTreeSet<Grant>,
+}
+
+impl Bound {
+    /// Whether it grants `g` for a request in `namespace` (`None`: cluster-scoped, or across
+    /// namespaces, which only a ClusterRoleBinding grants).
+    fn allows(&self, g: &Grant, namespace: Option<&str>) -> bool {
+        self.grants.contains(g)
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| namespace == Some(ns))
+    }
+}
+
+/// The rendered roles bound to the rendered ServiceAccount; every rendered role must be bound.
+fn bound_roles(objects: &[Value]) -> Vec<Bound> {
+    let sa = only(objects, "ServiceAccount", None);
+    let sa_name = &sa["metadata"]["name"];
+    let mut bound = Vec::new();
+    let mut roles_bound = BTreeSet::new();
+    for binding in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+    {
+        let to_sa = binding["subjects"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "ServiceAccount" && s["name"] == *sa_name && s["namespace"] == RELEASE_NS
+        });
+        if !to_sa {
+            continue;
+        }
+        let (kind, role_name) = (
+            binding["roleRef"]["kind"].as_str().unwrap(),
+            binding["roleRef"]["name"].as_str().unwrap(),
+        );
+        let role = only(objects, kind, Some(role_name));
+        let namespace = (binding["kind"] == "RoleBinding").then(|| {
+            binding["metadata"]["namespace"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        });
+        if kind == "Role" {
+            assert_eq!(
+                role["metadata"]["namespace"].as_str(),
+                namespace.as_deref(),
+                "a RoleBinding binds a Role of its own namespace: {binding}"
+            );
+        }
+        roles_bound.insert(format!("{kind}/{role_name}"));
+        bound.push(Bound {
+            name: match (kind, &namespace) {
+                ("ClusterRole", Some(ns)) => format!("{kind} {role_name} in {ns}"),
+                _ => format!("{kind} {role_name}"),
+            },
+            namespace,
+            grants: grants(role),
+        });
+    }
+    for role in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        let id = format!(
+            "{}/{}",
+            role["kind"].as_str().unwrap(),
+            role["metadata"]["name"].as_str().unwrap()
+        );
+        assert!(roles_bound.contains(&id), "{id} is bound to nothing");
+    }
+    bound
+}
+
+/// Compares the requests made with the rendered roles where their bindings put them; the report
+/// lists, role by role, what each request used, and what is missing and what is unused. A request
+/// uses the narrowest binding that allows it (a namespace's before a cluster-wide one), so a
+/// cluster-wide grant that only repeats a namespaced one shows as unused.
 fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String, String> {
-    let cluster = grants(only(objects, "ClusterRole", None));
-    let role_object = only(objects, "Role", None);
-    assert_eq!(role_object["metadata"]["namespace"], RELEASE_NS);
-    let role = grants(role_object);
-    let mut used_cluster = BTreeSet::new();
-    let mut used_role = BTreeSet::new();
+    let check = check_rbac(objects, requests);
+    let wrong: Vec<&str> = check
+        .problems
+        .iter()
+        .chain(&check.unused)
+        .map(String::as_str)
+        .collect();
+    if wrong.is_empty() {
+        Ok(check.report)
+    } else {
+        Err(format!("{}\n{}", check.report, wrong.join("\n")))
+    }
+}
+
+/// The requests against the rendered RBAC: what each one used, what is wrong (`problems`: missing
+/// grants, Leases and Secrets beyond their bounds), and what is `unused`.
+struct RbacCheck {
+    report: String,
+    problems: Vec<String>,
+    unused: Vec<String>,
+}
+
+fn check_rbac(objects: &[Value], requests: &[ApiRequest]) -> RbacCheck {
+    let mut bound = bound_roles(objects);
+    bound.sort_by_key(|b| b.namespace.is_none());
+    let mut used: Vec<BTreeSet<Grant>> = vec![BTreeSet::new(); bound.len()];
     let mut missing = BTreeSet::new();
     let mut problems = Vec::new();
     for r in requests {
         let g = grant_of(r);
-        let in_release_ns = r.namespace.as_deref() == Some(RELEASE_NS);
-        if in_release_ns && role.contains(&g) {
-            used_role.insert(g);
-        } else if cluster.contains(&g) {
-            used_cluster.insert(g);
-        } else {
-            missing.insert((g, r.namespace.clone()));
+        match bound
+            .iter()
+            .position(|b| b.allows(&g, r.namespace.as_deref()))
+        {
+            Some(i) => {
+                used[i].insert(g);
+            }
+            None => {
+                missing.insert((g, r.namespace.clone()));
+            }
         }
-        if r.resource == "leases" && !in_release_ns {
+        if r.resource == "leases" && r.namespace.as_deref() != Some(RELEASE_NS) {
             problems.push(format!(
                 "a Lease request outside the release namespace: {r:?}"
             ));
         }
     }
-    for g in cluster.iter().chain(&role) {
-        if g.2 == "secrets" && g.0 != "get" {
-            problems.push(format!("Secrets are granted beyond get: {}", show(g)));
-        }
-        if g.2 == "leases" && cluster.contains(g) {
-            problems.push(format!("Leases granted cluster-wide: {}", show(g)));
+    for role in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        for g in grants(role) {
+            if g.2 == "secrets" && g.0 != "get" {
+                problems.push(format!("Secrets are granted beyond get: {}", show(&g)));
+            }
+            if g.2 == "leases" && role["kind"] == "ClusterRole" {
+                problems.push(format!("Leases granted by a ClusterRole: {}", show(&g)));
+            }
         }
     }
     let mut report = String::from("fledge serve's requests, as RBAC rules:\n");
-    for g in &used_cluster {
-        report += &format!("  ClusterRole  {}\n", show(g));
-    }
-    for g in &used_role {
-        report += &format!("  Role ({RELEASE_NS})  {}\n", show(g));
+    for (b, used) in bound.iter().zip(&used) {
+        for g in used {
+            report += &format!("  {}  {}\n", b.name, show(g));
+        }
     }
     for (g, ns) in &missing {
         problems.push(format!(
@@ -656,26 +916,52 @@ fn least_privilege(objects: &[Value], requests: &[ApiRequest]) -> Result<String,
                 .map_or("cluster-wide".to_owned(), |ns| format!("in namespace {ns}"))
         ));
     }
-    for g in cluster
-        .difference(&used_cluster)
-        .filter(|g| !NOT_EXERCISED_HERE.contains(&(g.0.as_str(), g.1.as_str(), g.2.as_str())))
-    {
-        problems.push(format!(
-            "unused: ClusterRole grants {} -- remove it from charts/fledge/templates/rbac.yaml",
-            show(g)
-        ));
+    let mut unused = Vec::new();
+    for (b, used) in bound.iter().zip(&used) {
+        for g in b
+            .grants
+            .difference(used)
+            .filter(|g| !NOT_EXERCISED_HERE.contains(&(g.0.as_str(), g.1.as_str(), g.2.as_str())))
+        {
+            unused.push(format!(
+                "unused: {} grants {} -- remove it from charts/fledge/templates/rbac.yaml",
+                b.name,
+                show(g)
+            ));
+        }
     }
-    for g in role.difference(&used_role) {
-        problems.push(format!(
-            "unused: Role grants {} -- remove it from charts/fledge/templates/rbac.yaml",
-            show(g)
-        ));
+    RbacCheck {
+        report,
+        problems,
+        unused,
     }
-    if problems.is_empty() {
-        Ok(report)
-    } else {
-        Err(format!("{report}\n{}", problems.join("\n")))
-    }
+}
+
+const ROLLOUT_POLICIES: &str = "fledge.dev/v1alpha1/rolloutpolicies";
+const CLUSTER_ROLLOUT_POLICIES: &str = "fledge.dev/v1alpha1/clusterrolloutpolicies";
+
+/// How long a policy's status may take: the leader counts the Deployments a policy governs on
+/// every change of a policy or a namespace's labels, and at least every 30 s
+/// (`runtime::policies::STATUS_EVERY`). A count taken just after the leader started, before its
+/// cache of Deployments was filled, is wrong until that next count.
+const POLICY_STATUS_WAIT: Duration = Duration::from_secs(30 + WAIT.as_secs());
+
+/// Waits until the leader has written the policy's status: its generation seen, `Ready=True`, and
+/// `deployments` Deployments governed.
+async fn wait_policy_status(api: &ApiServer, gvr: &str, ns: &str, name: &str, deployments: i64) {
+    api.wait_for(gvr, ns, name, POLICY_STATUS_WAIT, |p| {
+        p.is_some_and(|p| {
+            let status = &p["status"];
+            status["observedGeneration"] == p["metadata"]["generation"]
+                && status["deployments"] == deployments
+                && status["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        })
+    })
+    .await
+    .unwrap();
 }
 
 /// `kubectl ARGS` as a developer, with fledge as its plugin.
@@ -693,16 +979,21 @@ fn kubectl_command(plugins: &Path, kubeconfig: &Path, args: &[String]) -> Comman
     command
 }
 
-/// README's install commands word for word (helm's `install` as `template`, the same arguments),
-/// with the rendered chart's `fledge serve` as two replicas under its ServiceAccount; then README's
-/// first canary to promotion, a second one aborted with the CLI; meanwhile leader election. Every
-/// request the replicas made must be granted by the chart's RBAC, and every grant used.
+/// README's install commands word for word (helm's `install` as `template`, the same arguments, and
+/// the CRDs of crds/ installed first as `helm install` does), with the rendered chart's
+/// `fledge serve` as two replicas under its ServiceAccount and both rendered webhooks; then README's
+/// first canary to promotion under a RolloutPolicy, a second one aborted with the CLI, and a
+/// Deployment opted in by its namespace's label under a ClusterRolloutPolicy; meanwhile leader
+/// election and the policies' status. Every request the replicas made must be granted by the
+/// chart's RBAC, and every grant used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     let (install, canary) = readme_install();
     assert_eq!(install[..3], ["helm", "install", "fledge"], "{install:?}");
     let mut args: Vec<&str> = install[1..].iter().map(String::as_str).collect();
     args[0] = "template";
+    // `helm install` creates crds/ before the templates; `helm template` prints them only so.
+    args.push("--include-crds");
     let out = helm(&args);
     assert!(
         out.status.success(),
@@ -710,21 +1001,16 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
         String::from_utf8_lossy(&out.stderr)
     );
     let objects = chart::documents(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|o| is_crd(o))
+            .cloned()
+            .collect::<Vec<_>>(),
+        chart::crds()
+    );
 
-    // `--create-namespace` made the release namespace, and README's `kubectl create namespace shop`
-    // the examples' (kubectl creates with protobuf, which the stand-in does not speak); the chart's
-    // objects go in as helm applies them.
-    let api = ApiServer::start(ApiServerConfig {
-        namespaces: vec![RELEASE_NS.into(), NS.into()],
-        extra_crds: vec![e2e::gateway_api_crd()],
-        ..ApiServerConfig::default()
-    })
-    .await;
-    let client = api.client();
-    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
-    for object in &objects {
-        apply_strict(&client, &discovery, object).await.unwrap();
-    }
+    let api = helm_install(&objects, vec![e2e::gateway_api_crd()]).await;
 
     // The pods: the chart's Deployment, as its ServiceAccount, with its Secret's certificate.
     let d = only(&objects, "Deployment", None);
@@ -753,10 +1039,7 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     .await
     .unwrap();
     let second = start_replica(&api, d, "fledge-1", &tls, &fledge_sa);
-    // The rendered webhook configuration as rendered, caBundle included, at the first replica.
-    let mut hook = chart::webhook_config(&objects, first.port, None);
-    hook.connect_to = Some(([127, 0, 0, 1], first.port).into());
-    api.set_webhooks(vec![hook]);
+    api.set_webhooks(webhooks_at(&objects, first.port));
 
     // README's first canary, as a developer with kubectl and the plugin.
     let developer = UserInfo::user("dev");
@@ -782,6 +1065,17 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     })
     .await
     .unwrap();
+    // The platform team's RolloutPolicy for web (which web's annotations satisfy, so its canaries
+    // run as before): the leader counts web under it, and the canaries below run under it.
+    let platform = UserInfo::user("platform");
+    let web_policy = serde_json::json!({
+        "apiVersion": "fledge.dev/v1alpha1", "kind": "RolloutPolicy",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "guardRails": {"allowedRouters": ["smi"]}},
+    });
+    api.apply_as_user(&platform, web_policy).await.unwrap();
+    wait_policy_status(&api, ROLLOUT_POLICIES, NS, "web", 1).await;
     for object in kubectl_apply(&canary[1]) {
         api.apply_as_user(&developer, object).await.unwrap();
     }
@@ -812,10 +1106,16 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
         "{shown}{}",
         String::from_utf8_lossy(&watched.stderr)
     );
+    // Each report's first line is the Deployment's (the policy's name follows, indented).
     assert!(
-        shown.contains("Paused") && shown.lines().last().unwrap().contains("Succeeded"),
+        shown.contains("Paused")
+            && shown
+                .lines()
+                .rfind(|l| l.starts_with("web "))
+                .is_some_and(|l| l.contains("Succeeded")),
         "{shown}"
     );
+    assert!(shown.contains("policy: RolloutPolicy shop/web"), "{shown}");
 
     // A second canary, aborted with the CLI: traffic back, canary objects deleted.
     let v3 = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/web-v2.yaml"))
@@ -829,15 +1129,25 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     e2e::wait_phase(&api, Phase::Aborted).await;
     e2e::wait_until_nothing_is_left(&api).await;
 
-    // A mesh user's Deployment on the Gateway API router (GAMMA: fledge's own HTTPRoute), to its
-    // pause and aborted: what that router needs is granted too.
+    // Namespace opt-in: the platform team labels shop, and a ClusterRolloutPolicy gives the `api`
+    // Deployments of opted-in namespaces the Gateway API router (GAMMA: fledge's own HTTPRoute). A
+    // mesh user's Deployment with steps but no label of its own (so through the chart's second
+    // webhook entry), to its pause and aborted: what all that needs is granted too.
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(api.client_as(platform.clone()))
+        .patch(
+            NS,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"fledge.dev/enabled": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
     let api_app = |image: &str| {
         serde_json::json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "api", "namespace": NS,
-                         "labels": {"app": "api", "fledge.dev/enabled": "true"},
-                         "annotations": {"fledge.dev/steps": "- setWeight: 50\n- pause: {}\n",
-                                         "fledge.dev/router": "gateway-api"}},
+            "metadata": {"name": "api", "namespace": NS, "labels": {"app": "api"},
+                         "annotations": {"fledge.dev/steps": "- setWeight: 50\n- pause: {}\n"}},
             "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
                      "template": {"metadata": {"labels": {"app": "api"}},
                                   "spec": {"containers": [{"name": "api", "image": image}]}}},
@@ -857,6 +1167,16 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     })
     .await
     .unwrap();
+    let mesh_policy = serde_json::json!({
+        "apiVersion": "fledge.dev/v1alpha1", "kind": "ClusterRolloutPolicy",
+        "metadata": {"name": "mesh"},
+        "spec": {"namespaceSelector": {"matchLabels": {"fledge.dev/enabled": "true"}},
+                 "selector": {"matchLabels": {"app": "api"}},
+                 "router": "gateway-api"},
+    });
+    api.apply_as_user(&platform, mesh_policy).await.unwrap();
+    // Counted under it by the leader, whose webhook (the one called) then knows shop opted in.
+    wait_policy_status(&api, CLUSTER_ROLLOUT_POLICIES, "", "mesh", 1).await;
     api.apply_as_user(&developer, api_app("api:2"))
         .await
         .unwrap();
@@ -868,7 +1188,24 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
     assert!(
         api.get("gateway.networking.k8s.io/v1/httproutes", NS, "api")
             .is_some(),
-        "fledge's GAMMA route"
+        "fledge's GAMMA route, the router of the ClusterRolloutPolicy"
+    );
+    let calls = api.webhook_calls();
+    assert!(
+        calls.iter().any(|c| {
+            c.webhook == "namespaces.deployments.fledge.dev"
+                && c.review["request"]["name"] == "api"
+                && c.review["request"]["operation"] == "UPDATE"
+        }),
+        "api's new template went through the namespace opt-in entry"
+    );
+    // fledge's own canary Deployment carries api's labels and opts out: neither webhook entry sends
+    // it to fledge.
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.review["request"]["name"] == "api-canary"),
+        "no webhook call for api-canary"
     );
     e2e::fledge(&api, &["abort", "api"]).await;
     api.wait_for(
@@ -918,23 +1255,173 @@ fn the_rbac_check_names_what_is_missing_and_what_is_unused() {
         &[
             request("list", "services", None),
             request("list", "secrets", Some("shop")),
+            request("watch", "namespaces", None),
         ],
     )
     .unwrap_err();
-    assert!(
-        diff.contains("ClusterRole  list     core/services"),
-        "{diff}"
+    for says in [
+        "ClusterRole fledge  list     core/services",
+        "ClusterRole fledge-cluster  watch    core/namespaces",
+        "missing: list     core/secrets (in namespace shop)",
+        "unused: ClusterRole fledge grants watch    apps/deployments",
+        "unused: ClusterRole fledge-cluster grants list     core/namespaces",
+        "unused: Role fledge-lease grants update   coordination.k8s.io/leases",
+    ] {
+        assert!(diff.contains(says), "{says}:\n{diff}");
+    }
+    // Watching one namespace: the main ClusterRole holds there only, cluster-scoped reads still
+    // everywhere.
+    let one_namespace = render(&["--set".into(), "controller.namespace=shop".into()]);
+    let diff = least_privilege(
+        &one_namespace,
+        &[
+            request("list", "services", Some("shop")),
+            request("list", "services", None),
+            request("list", "services", Some("other")),
+            request("list", "namespaces", None),
+        ],
+    )
+    .unwrap_err();
+    for says in [
+        "ClusterRole fledge in shop  list     core/services",
+        "ClusterRole fledge-cluster  list     core/namespaces",
+        "missing: list     core/services (cluster-wide)",
+        "missing: list     core/services (in namespace other)",
+    ] {
+        assert!(diff.contains(says), "{says}:\n{diff}");
+    }
+}
+
+/// `controller.namespace=shop`: the main ClusterRole bound in shop only, the cluster-scoped reads
+/// and writes cluster-wide. One replica; shop opted in by its label; a ClusterRolloutPolicy that
+/// gives the Deployments of opted-in namespaces their steps (no selector, so it would select
+/// fledge's canary Deployment too, were it not labelled `fledge.dev/enabled: "false"`, which keeps
+/// it from both webhook entries) and a RolloutPolicy that selects nothing; a Deployment with
+/// neither label nor annotations to its pause, replaced by a newer template (its canary Deployment
+/// updated) and aborted. Every request must be granted where the bindings put the roles; unused
+/// grants are the README test's business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_namespace_with_namespace_opt_in_and_a_policy_with_steps_runs_under_the_charts_rbac() {
+    let objects = template(&[
+        "--include-crds",
+        "--set",
+        &format!("controller.namespace={NS}"),
+    ]);
+    let api = helm_install(&objects, vec![]).await;
+    let d = only(&objects, "Deployment", None);
+    let sa = only(&objects, "ServiceAccount", None);
+    let fledge_sa = UserInfo::service_account(RELEASE_NS, sa["metadata"]["name"].as_str().unwrap());
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "fledge-helm-{}-{}",
+        std::process::id(),
+        api.addr().port()
+    ));
+    let tls = dir.join("tls");
+    chart::write_tls_secret(&objects, &tls);
+    let replica = start_replica(&api, d, "fledge-0", &tls, &fledge_sa);
+    api.set_webhooks(webhooks_at(&objects, replica.port));
+
+    let platform = UserInfo::user("platform");
+    let developer = UserInfo::user("dev");
+    api.apply_as_user(&developer, e2e::root_service())
+        .await
+        .unwrap();
+    let web = |image: &str| {
+        serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": NS, "labels": {"app": "web"}},
+            "spec": {"replicas": 4, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "web", "image": image}]}}},
+        })
+    };
+    api.apply_as_user(&developer, web("web:1")).await.unwrap();
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+        d.is_some_and(|d| d["status"]["availableReplicas"] == 4)
+    })
+    .await
+    .unwrap();
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(api.client_as(platform.clone()))
+        .patch(
+            NS,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"fledge.dev/enabled": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    for policy in [
+        serde_json::json!({
+            "apiVersion": "fledge.dev/v1alpha1", "kind": "ClusterRolloutPolicy",
+            "metadata": {"name": "opted-in"},
+            "spec": {"namespaceSelector": {"matchLabels": {"fledge.dev/enabled": "true"}},
+                     "steps": [{"setWeight": 20}, {"pause": {}}]},
+        }),
+        serde_json::json!({
+            "apiVersion": "fledge.dev/v1alpha1", "kind": "RolloutPolicy",
+            "metadata": {"name": "nothing", "namespace": NS},
+            "spec": {"selector": {"matchLabels": {"app": "nothing"}}},
+        }),
+    ] {
+        api.apply_as_user(&platform, policy).await.unwrap();
+    }
+    // web counted under the cluster policy: the replica knows shop opted in.
+    wait_policy_status(&api, CLUSTER_ROLLOUT_POLICIES, "", "opted-in", 1).await;
+    wait_policy_status(&api, ROLLOUT_POLICIES, NS, "nothing", 0).await;
+
+    api.apply_as_user(&developer, web("web:2")).await.unwrap();
+    let held = api.get(DEPLOYMENTS, NS, "web").unwrap();
+    assert_eq!(held["spec"]["paused"], true, "held by the webhook: {held}");
+    let v2 = e2e::state(
+        api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            e2e::state(d).is_some_and(|s| s.phase == Phase::Paused)
+        })
+        .await
+        .unwrap()
+        .as_ref(),
+    )
+    .unwrap()
+    .hash;
+    assert_eq!(
+        e2e::image(&api.get(DEPLOYMENTS, NS, "web-canary").unwrap()),
+        "web:2"
     );
-    assert!(
-        diff.contains("missing: list     core/secrets (in namespace shop)"),
-        "{diff}"
+    // A newer template replaces the pending one: fledge updates its canary Deployment.
+    api.apply_as_user(&developer, web("web:3")).await.unwrap();
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+        e2e::state(d).is_some_and(|s| s.phase == Phase::Paused && s.hash != v2)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        e2e::image(&api.get(DEPLOYMENTS, NS, "web-canary").unwrap()),
+        "web:3"
     );
+    let calls = api.webhook_calls();
     assert!(
-        diff.contains("unused: ClusterRole grants watch    apps/deployments"),
-        "{diff}"
+        calls
+            .iter()
+            .all(|c| c.webhook == "namespaces.deployments.fledge.dev"
+                && c.review["request"]["name"] == "web"),
+        "only web, through the namespace opt-in entry: {:?}",
+        calls
+            .iter()
+            .map(|c| (&c.webhook, &c.review["request"]["name"]))
+            .collect::<Vec<_>>()
     );
+    e2e::fledge(&api, &["abort", "web"]).await;
+    e2e::wait_phase(&api, Phase::Aborted).await;
+    e2e::wait_until_nothing_is_left(&api).await;
+    drop(replica);
+
+    let check = check_rbac(&objects, &api.requests_by(&fledge_sa));
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(
-        diff.contains("unused: Role grants update   coordination.k8s.io/leases"),
-        "{diff}"
+        check.problems.is_empty(),
+        "the chart's RBAC with controller.namespace does not cover fledge's requests:\n{}\n{}",
+        check.report,
+        check.problems.join("\n")
     );
+    eprintln!("{}", check.report);
 }

@@ -1,6 +1,7 @@
 //! The Helm chart `charts/fledge`, rendered by the real `helm` (installed by `.ci/install-helm`):
-//! its objects as JSON, and its MutatingWebhookConfiguration as the stand-in's [`WebhookConfig`],
-//! so that the end-to-end tests register the very webhook the chart installs.
+//! its objects as JSON, its CRDs, and its MutatingWebhookConfiguration's webhooks as the
+//! stand-in's [`WebhookConfig`]s, so that the end-to-end tests register the very webhooks the
+//! chart installs.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -53,6 +54,21 @@ pub fn template(args: &[&str]) -> Vec<Value> {
     documents(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// The CustomResourceDefinitions in the chart's `crds/`, as the files hold them (helm installs
+/// them before the templates, and never upgrades them).
+pub fn crds() -> Vec<Value> {
+    let dir = Path::new(CHART).join("crds");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|f| f.expect("a crds/ entry").path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| documents(&std::fs::read_to_string(f).expect("a CRD file")))
+        .collect()
+}
+
 /// The chart rendered with its default values, once per test process.
 pub fn default_render() -> &'static [Value] {
     static RENDERED: OnceLock<Vec<Value>> = OnceLock::new();
@@ -97,20 +113,43 @@ fn selector_text(selector: &Value) -> String {
             "In" => format!("{key} in ({})", values.join(",")),
             "NotIn" => format!("{key} notin ({})", values.join(",")),
             "Exists" => key.to_owned(),
-            _ => format!("!{key}"),
+            "DoesNotExist" => format!("!{key}"),
+            other => panic!("selector operator {other:?}: translate it here"),
         });
     }
     parts.join(",")
 }
 
-/// The stand-in's form of the rendered MutatingWebhookConfiguration's one webhook: its name,
-/// rules, objectSelector, namespaceSelector, failurePolicy, reinvocationPolicy and timeout as
-/// rendered; the URL is the rendered Service's DNS name and path at `port`, the CA bundle
+/// The stand-in's form of the rendered MutatingWebhookConfiguration's webhooks, in order: each
+/// one's name, rules, objectSelector, namespaceSelector, failurePolicy, reinvocationPolicy and
+/// timeout as rendered; the URL is the rendered Service's DNS name and path at `port`, the CA bundle
 /// `ca_bundle_pem` when given, else the rendered one. The stand-in does not model `matchPolicy`
 /// (tests/helm.rs checks it as rendered).
-pub fn webhook_config(objects: &[Value], port: u16, ca_bundle_pem: Option<&str>) -> WebhookConfig {
+pub fn webhook_configs(
+    objects: &[Value],
+    port: u16,
+    ca_bundle_pem: Option<&str>,
+) -> Vec<WebhookConfig> {
     let mwc = only(objects, "MutatingWebhookConfiguration", None);
-    let hook = &mwc["webhooks"][0];
+    mwc["webhooks"]
+        .as_array()
+        .expect("webhooks")
+        .iter()
+        .map(|hook| stand_in_webhook(hook, port, ca_bundle_pem))
+        .collect()
+}
+
+/// The rendered webhook `deployments.fledge.dev` (Deployments labelled `fledge.dev/enabled`), as
+/// [`webhook_configs`] makes it: the one that matters to a `--webhook-only` server, which has no
+/// API server to learn namespaces' labels from (so no namespace opts in).
+pub fn webhook_config(objects: &[Value], port: u16, ca_bundle_pem: Option<&str>) -> WebhookConfig {
+    webhook_configs(objects, port, ca_bundle_pem)
+        .into_iter()
+        .find(|w| w.name == "deployments.fledge.dev")
+        .expect("the chart's webhook deployments.fledge.dev")
+}
+
+fn stand_in_webhook(hook: &Value, port: u16, ca_bundle_pem: Option<&str>) -> WebhookConfig {
     let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()

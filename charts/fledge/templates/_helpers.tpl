@@ -43,3 +43,41 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $ns := .Release.Namespace -}}
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson }}
 {{- end }}
+
+{{/*
+What both webhook entries share: the same endpoint, called the same way. Takes
+(dict "root" $ "caBundle" $caBundle).
+*/}}
+{{- define "fledge.webhookCall" -}}
+{{- $root := .root -}}
+admissionReviewVersions: ["v1"]
+# The decision only reads the request: dry runs and retries are safe.
+sideEffects: None
+failurePolicy: {{ $root.Values.webhook.failurePolicy }}
+# The decision is idempotent on its own output.
+reinvocationPolicy: IfNeeded
+matchPolicy: Equivalent
+timeoutSeconds: 5
+rules:
+  - apiGroups: ["apps"]
+    apiVersions: ["v1"]
+    resources: ["deployments"]
+    operations: ["CREATE", "UPDATE"]
+    scope: Namespaced
+clientConfig:
+  service:
+    name: {{ include "fledge.fullname" $root }}
+    namespace: {{ $root.Release.Namespace }}
+    path: /mutate
+    port: {{ $root.Values.service.port }}
+  {{- with .caBundle }}
+  caBundle: {{ . }}
+  {{- end }}
+{{- end }}
+
+{{/* Never fledge's own namespace (its pods must start while the webhook is down) nor kube-system. */}}
+{{- define "fledge.webhookExcludedNamespaces" -}}
+- key: kubernetes.io/metadata.name
+  operator: NotIn
+  values: [{{ .Release.Namespace | quote }}, "kube-system"]
+{{- end }}
