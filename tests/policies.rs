@@ -18,7 +18,7 @@ use fledge::runtime::clock::Clock;
 use fledge::runtime::controller;
 use fledge::runtime::policies::PolicyWatch;
 use fledge::runtime::server::AppState;
-use support::apiserver::{ApiServer, ApiServerConfig, WebhookConfig};
+use support::apiserver::{ApiServer, ApiServerConfig};
 use support::e2e::*;
 
 const POLICIES: &str = "fledge.dev/v1alpha1/rolloutpolicies";
@@ -47,17 +47,6 @@ impl Drop for PolicyCluster {
     }
 }
 
-/// The namespace opt-in entry as the chart registers it: namespaces labelled
-/// `fledge.dev/enabled=true`, Deployments without the label (those with it go through `label`).
-fn namespace_entry(label: &WebhookConfig) -> WebhookConfig {
-    WebhookConfig {
-        name: "namespaces.deployments.fledge.dev".into(),
-        object_selector: Some("!fledge.dev/enabled".into()),
-        namespace_selector: Some("fledge.dev/enabled=true".into()),
-        ..label.clone()
-    }
-}
-
 async fn policy_cluster(crds: bool, clock: Clock) -> PolicyCluster {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("fledge=debug"))
@@ -79,10 +68,8 @@ async fn policy_cluster(crds: bool, clock: Clock) -> PolicyCluster {
         policies: watch.clone(),
         ..AppState::default()
     });
-    api.set_webhooks(vec![
-        webhook.config.clone(),
-        namespace_entry(&webhook.config),
-    ]);
+    // Both entries of the chart: the label's, and the namespace opt-in's.
+    api.set_webhooks(webhook.entries.clone());
     let controller = tokio::spawn(controller::run(
         api.client(),
         controller::ControllerConfig {

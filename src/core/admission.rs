@@ -271,8 +271,12 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot)
     ) == OptIn::WithoutSteps
     {
         let warning = format!(
-            "{} is set but {} is missing: fledge will not canary this Deployment",
-            spec::LABEL_ENABLED,
+            "this Deployment takes part in fledge ({}) but has no steps: neither {} nor a policy with steps; fledge will not canary it",
+            if labels.contains_key(spec::LABEL_ENABLED) {
+                "label fledge.dev/enabled"
+            } else {
+                "its namespace is labelled fledge.dev/enabled"
+            },
             spec::ANNOTATION_STEPS
         );
         return release(old, object, AllowReason::NoSteps, vec![warning]);

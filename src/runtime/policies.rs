@@ -329,6 +329,17 @@ const STATUS_EVERY: Duration = Duration::from_secs(30);
 pub async fn report_status(client: Client, deployments: Store<DynamicObject>, watch: PolicyWatch) {
     let mut written: BTreeMap<PolicyId, PolicyStatus> = BTreeMap::new();
     let mut changes = std::pin::pin!(watch.changes());
+    // Counted from an empty cache, every policy would govern nothing until the next count. The
+    // store is looked at, not awaited: awaiting `wait_until_ready` from this task was seen never to
+    // wake although the store became ready.
+    loop {
+        use futures::FutureExt as _;
+        match deployments.wait_until_ready().boxed().now_or_never() {
+            Some(Ok(())) => break,
+            Some(Err(_)) => return,
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
     loop {
         let snapshot = watch.snapshot();
         let mut counts: BTreeMap<&PolicyId, i32> = BTreeMap::new();

@@ -139,16 +139,6 @@ pub fn webhook_configs(
         .collect()
 }
 
-/// The rendered webhook `deployments.fledge.dev` (Deployments labelled `fledge.dev/enabled`), as
-/// [`webhook_configs`] makes it: the one that matters to a `--webhook-only` server, which has no
-/// API server to learn namespaces' labels from (so no namespace opts in).
-pub fn webhook_config(objects: &[Value], port: u16, ca_bundle_pem: Option<&str>) -> WebhookConfig {
-    webhook_configs(objects, port, ca_bundle_pem)
-        .into_iter()
-        .find(|w| w.name == "deployments.fledge.dev")
-        .expect("the chart's webhook deployments.fledge.dev")
-}
-
 fn stand_in_webhook(hook: &Value, port: u16, ca_bundle_pem: Option<&str>) -> WebhookConfig {
     let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
     let strings = |v: &Value| -> Vec<String> {

@@ -11,6 +11,9 @@ pub struct FledgeWebhook {
     /// How the stand-in calls it: the chart's MutatingWebhookConfiguration, at `fledge.fledge.svc`
     /// with the CA from `fledge certs`.
     pub config: WebhookConfig,
+    /// Every entry of the chart's configuration (the label's and the namespace opt-in's), as the
+    /// stand-in calls them: for a server that knows namespaces' labels (policies from a watch).
+    pub entries: Vec<WebhookConfig>,
     task: tokio::task::JoinHandle<()>,
     dir: PathBuf,
 }
@@ -70,11 +73,26 @@ pub fn start_with(state: fledge::runtime::server::AppState) -> FledgeWebhook {
         let _ = fledge::runtime::serve::run(options, state, std::future::pending()).await;
     });
     // The chart's webhook configuration, at this server with this CA.
-    let mut config = super::chart::webhook_config(
+    let entries: Vec<WebhookConfig> = super::chart::webhook_configs(
         super::chart::default_render(),
         addr.port(),
         Some(&certs.ca_cert_pem),
-    );
-    config.connect_to = Some(addr);
-    FledgeWebhook { config, task, dir }
+    )
+    .into_iter()
+    .map(|mut entry| {
+        entry.connect_to = Some(addr);
+        entry
+    })
+    .collect();
+    let config = entries
+        .iter()
+        .find(|w| w.name == "deployments.fledge.dev")
+        .cloned()
+        .expect("the chart's webhook deployments.fledge.dev");
+    FledgeWebhook {
+        config,
+        entries,
+        task,
+        dir,
+    }
 }
