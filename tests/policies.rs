@@ -404,6 +404,18 @@ async fn a_policy_edited_mid_canary_applies_to_the_next_canary_and_a_deleted_one
     fledge(&c.api, &["promote", "web"]).await;
     settled(&c, "web:2", Phase::Succeeded).await;
     assert_eq!(split_weights(&c.api), vec![0, 2000, 10000, 0]);
+    // Settled, it is governed by the edited generation now, and told so.
+    wait_until(|| events_with_reason(&c.api, "PolicyChanged") == 1).await;
+    let changed = c
+        .api
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "PolicyChanged")
+        .unwrap();
+    assert_eq!(
+        changed["message"],
+        "web is governed by RolloutPolicy shop/defaults (generation 2), was RolloutPolicy shop/defaults (generation 1); a canary in flight keeps the policy it started with"
+    );
 
     // The next canary runs the edited policy.
     d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("web:3");
