@@ -269,6 +269,23 @@ async fn a_namespace_opt_in_rolls_out_with_the_policys_steps_and_a_deployment_ov
         .unwrap();
 }
 
+/// Why the API server refuses to apply `deployment` (as `kubectl apply --server-side` would).
+async fn refused_apply(c: &PolicyCluster, deployment: &Value) -> String {
+    Api::<DynamicObject>::namespaced_with(
+        c.api.client(),
+        NS,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
+    )
+    .patch(
+        "web",
+        &PatchParams::apply("kubectl").force(),
+        &Patch::Apply(deployment),
+    )
+    .await
+    .unwrap_err()
+    .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guard_rail_denies_the_apply_and_names_the_step_and_the_policy() {
     let c = policy_cluster(true, Clock::system()).await;
@@ -278,19 +295,7 @@ async fn a_guard_rail_denies_the_apply_and_names_the_step_and_the_policy() {
         "- setWeight: 5\n- pause: {duration: 5m}\n- setWeight: 80\n",
     );
     d["metadata"]["labels"]["fledge.dev/enabled"] = json!("true");
-    let err = Api::<DynamicObject>::namespaced_with(
-        c.api.client(),
-        NS,
-        &kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
-    )
-    .patch(
-        "web",
-        &PatchParams::apply("kubectl").force(),
-        &Patch::Apply(&d),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = refused_apply(&c, &d).await;
     assert!(
         err.contains("fledge.dev/steps[2].setWeight: a jump from 5 to 80 exceeds maxStepWeight 25 of RolloutPolicy shop/defaults"),
         "{err}"
@@ -298,19 +303,7 @@ async fn a_guard_rail_denies_the_apply_and_names_the_step_and_the_policy() {
     // A reference to a policy that does not exist is denied too.
     let mut missing = deployment("web:1", "- setWeight: 5\n");
     missing["metadata"]["annotations"]["fledge.dev/policy"] = json!("strict");
-    let err = Api::<DynamicObject>::namespaced_with(
-        c.api.client(),
-        NS,
-        &kube::api::ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&()),
-    )
-    .patch(
-        "web",
-        &PatchParams::apply("kubectl").force(),
-        &Patch::Apply(&missing),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = refused_apply(&c, &missing).await;
     assert!(
         err.contains("fledge.dev/policy: no RolloutPolicy \"strict\""),
         "{err}"

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
 use kube::core::{CustomResourceExt, Selector, SelectorExt};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -327,28 +327,42 @@ pub struct Policy {
 
 impl Policy {
     pub fn namespaced(policy: &RolloutPolicy) -> Policy {
-        Policy {
-            id: PolicyId {
-                kind: PolicyKind::RolloutPolicy,
-                namespace: policy.metadata.namespace.clone(),
-                name: policy.metadata.name.clone().unwrap_or_default(),
-            },
-            generation: policy.metadata.generation.unwrap_or_default(),
-            namespace_selector: None,
-            rules: policy.spec.rules.clone(),
-        }
+        Policy::of(
+            PolicyKind::RolloutPolicy,
+            &policy.metadata,
+            None,
+            &policy.spec.rules,
+        )
     }
 
     pub fn cluster(policy: &ClusterRolloutPolicy) -> Policy {
+        Policy::of(
+            PolicyKind::ClusterRolloutPolicy,
+            &policy.metadata,
+            policy.spec.namespace_selector.clone(),
+            &policy.spec.rules,
+        )
+    }
+
+    fn of(
+        kind: PolicyKind,
+        meta: &ObjectMeta,
+        namespace_selector: Option<LabelSelector>,
+        rules: &PolicyRules,
+    ) -> Policy {
         Policy {
             id: PolicyId {
-                kind: PolicyKind::ClusterRolloutPolicy,
-                namespace: None,
-                name: policy.metadata.name.clone().unwrap_or_default(),
+                kind,
+                // A cluster policy has none; the API server never gives it one.
+                namespace: meta
+                    .namespace
+                    .clone()
+                    .filter(|_| kind == PolicyKind::RolloutPolicy),
+                name: meta.name.clone().unwrap_or_default(),
             },
-            generation: policy.metadata.generation.unwrap_or_default(),
-            namespace_selector: policy.spec.namespace_selector.clone(),
-            rules: policy.spec.rules.clone(),
+            generation: meta.generation.unwrap_or_default(),
+            namespace_selector,
+            rules: rules.clone(),
         }
     }
 
