@@ -249,14 +249,18 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot)
         },
         None => None,
     };
+    // The stored (old) state, read once: for the policy it keeps and for the update's decision.
+    let stored = old.map(|old| rollout::read_state(old.metadata.annotations.as_ref()));
     // The canary in flight (or aborted) of an unchanged template keeps the policy it started
     // with, as the controller does: a policy edited or deleted since must not release it.
-    let fixed = match (&change, old) {
-        (Some(TemplateChange::Unchanged), Some(old)) => fixed_policy(old),
+    let fixed = match (&change, &stored) {
+        (Some(TemplateChange::Unchanged), Some(Ok(Some(state)))) if state.keeps_policy() => {
+            state.policy.as_deref()
+        }
         _ => None,
     };
-    let policy = match &fixed {
-        Some(fixed) => Some(&**fixed),
+    let policy = match fixed {
+        Some(fixed) => Some(fixed),
         None => match policies.select(namespace, labels, annotations) {
             Ok(policy) => policy,
             Err(e) => return Decision::deny(e.to_string()),
@@ -312,27 +316,15 @@ pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot)
         .and_then(|o| o.0.get("fieldManager"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    match Update::read(name, old, object, change, field_manager) {
+    // An update always has the stored state read (or its error).
+    let stored = stored.unwrap_or(Ok(None));
+    match Update::read(name, old, object, change, field_manager, stored) {
         Ok(update) => match &parsed {
             Some(parsed) => with_unmet_steps(update.decide(), parsed, object),
             None => update.decide(),
         },
         Err(e) => Decision::deny(e),
     }
-}
-
-/// The policy fixed in the stored state of a canary in flight or aborted.
-fn fixed_policy(old: &DeploymentView) -> Option<Box<Policy>> {
-    rollout::read_state(old.metadata.annotations.as_ref())
-        .ok()
-        .flatten()
-        .filter(|s| {
-            matches!(
-                s.phase,
-                Phase::Progressing | Phase::Paused | Phase::Promoting | Phase::Aborted
-            )
-        })
-        .and_then(|s| s.policy)
 }
 
 /// On the pod-ratio router, the `setWeight` steps that the Deployment's replica count cannot meet
@@ -500,6 +492,7 @@ impl<'r> Update<'r> {
         new: &'r DeploymentView,
         change: TemplateChange,
         field_manager: &'r str,
+        stored: Result<Option<RolloutState>, rollout::StateError>,
     ) -> Result<Update<'r>, String> {
         let record = HoldRecord::of(old);
         let changed = matches!(change, TemplateChange::Changed { .. });
@@ -516,8 +509,7 @@ impl<'r> Update<'r> {
             TemplateChange::Unchanged => (String::new(), String::new()),
         };
         // The stored (old) state is authoritative: only fledge writes it.
-        let state =
-            rollout::read_state(old.metadata.annotations.as_ref()).map_err(|e| e.to_string())?;
+        let state = stored.map_err(|e| e.to_string())?;
         Ok(Update {
             name,
             new,

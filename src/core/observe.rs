@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::core::policy::{self, Policy, PolicySnapshot};
 use crate::core::rollout::machine::{CanaryStatus, Observation};
-use crate::core::rollout::{self, Phase, RolloutState, StateError};
+use crate::core::rollout::{self, RolloutState, StateError};
 use crate::core::spec::{
     self, ANNOTATION_CANARY_HASH, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, CanarySpec, OptIn,
     Router,
@@ -66,12 +66,11 @@ impl DeploymentFacts {
         let state = rollout::read_state(Some(&annotations));
         // The canary of this template keeps the policy it started with, in flight and aborted
         // (`fledge abort`, `fledge retry`); anything else takes today's.
-        let fixed = state.as_ref().ok().and_then(Option::as_ref).filter(|s| {
-            matches!(
-                s.phase,
-                Phase::Progressing | Phase::Paused | Phase::Promoting | Phase::Aborted
-            ) && s.hash == template_hash
-        });
+        let fixed = state
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .filter(|s| s.keeps_policy() && s.hash == template_hash);
         let (policy, selection) = match fixed {
             Some(s) => (s.policy.as_deref().cloned(), Ok(())),
             None => match policies.select(namespace, &labels, &annotations) {

@@ -107,6 +107,17 @@ pub struct RolloutState {
     pub policy: Option<Box<Policy>>,
 }
 
+impl RolloutState {
+    /// Whether this canary keeps the policy copied at its start (`policy`, none if it had none):
+    /// while it is in flight, and once aborted (`fledge abort`, `fledge retry`).
+    pub fn keeps_policy(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Progressing | Phase::Paused | Phase::Promoting | Phase::Aborted
+        )
+    }
+}
+
 /// Times as RFC 3339 text, as Kubernetes writes them.
 mod rfc3339 {
     use k8s_openapi::jiff::Timestamp;
