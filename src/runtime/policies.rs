@@ -166,7 +166,7 @@ struct Sources {
     count: u64,
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 enum ItemValue {
     Policy(Box<Policy>),
     Labels(BTreeMap<String, String>),
@@ -179,14 +179,21 @@ struct Shared {
 }
 
 impl Shared {
-    /// Changes what a source holds and publishes the new snapshot.
+    /// Changes what a source holds and publishes the new snapshot, if that changed anything: a
+    /// new snapshot has the controller look at every Deployment again, and the watches report
+    /// much that fledge does not keep (a policy's status, a Namespace's annotations, the retries
+    /// of a CRD that is not installed).
     fn update(&self, source: Source, change: impl FnOnce(&mut BTreeMap<String, ItemValue>)) {
         let mut sources = self
             .sources
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let held = sources.held.entry(source).or_insert(None);
+        let before = held.clone();
         change(held.get_or_insert_with(BTreeMap::new));
+        if *held == before {
+            return;
+        }
         sources.count += 1;
         let mut snapshot = PolicySnapshot::default();
         for items in sources.held.values().flatten() {
@@ -428,4 +435,58 @@ async fn write_status(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> (Shared, watch::Receiver<Version>) {
+        let (tx, rx) = watch::channel(Version::default());
+        let shared = Shared {
+            snapshot: Arc::new(ArcSwap::from_pointee(PolicySnapshot::default())),
+            tx,
+            sources: std::sync::Mutex::default(),
+        };
+        (shared, rx)
+    }
+
+    fn labels(opted_in: bool) -> ItemValue {
+        ItemValue::Labels(BTreeMap::from([(
+            "fledge.dev/enabled".to_owned(),
+            opted_in.to_string(),
+        )]))
+    }
+
+    #[test]
+    fn only_a_change_of_what_fledge_keeps_makes_a_new_snapshot() {
+        let (shared, rx) = shared();
+        let count = || rx.borrow().count;
+        for source in [Source::Namespaced, Source::Cluster] {
+            shared.update(source, BTreeMap::clear);
+        }
+        shared.update(Source::Namespaces, |held| {
+            held.insert("shop".into(), labels(true));
+        });
+        assert!(rx.borrow().synced);
+        let synced = count();
+        // A CRD still not installed is retried; a Namespace's annotations change: same labels.
+        shared.update(Source::Cluster, BTreeMap::clear);
+        shared.update(Source::Namespaces, |held| {
+            held.insert("shop".into(), labels(true));
+        });
+        assert_eq!(count(), synced);
+        shared.update(Source::Namespaces, |held| {
+            held.insert("shop".into(), labels(false));
+        });
+        assert_eq!(count(), synced + 1);
+        assert!(!shared.snapshot.load().namespace_opted_in("shop"));
+    }
+
+    #[test]
+    fn a_first_empty_listing_is_a_change() {
+        let (shared, rx) = shared();
+        shared.update(Source::Cluster, BTreeMap::clear);
+        assert_eq!(rx.borrow().count, 1);
+    }
 }
