@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::{Phase, RolloutState};
 use crate::core::analysis::Check;
@@ -384,9 +384,16 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
                 );
             }
             let left = *d - elapsed;
+            // The same text for the whole pause: a countdown would rewrite the state (a
+            // Deployment write and a webhook call) at every pass. `fledge status` shows the time
+            // left ([`pause_left`]).
+            let ends = started
+                .checked_add(SignedDuration::try_from(*d).unwrap_or(SignedDuration::MAX))
+                .unwrap_or(Timestamp::MAX);
             state.message = format!(
-                "{position}: paused, {} left",
-                crate::core::spec::format_duration(shown(left))
+                "{position}: paused for {}, until {}",
+                crate::core::spec::format_duration(*d),
+                ends.strftime("%Y-%m-%dT%H:%M:%SZ")
             );
             pause(state, Some(left))
         }
@@ -781,7 +788,6 @@ mod tests {
     use crate::core::builders::{mk_check, mk_judged};
     use crate::core::objects::canary_replicas;
     use crate::core::spec::Step::{PauseFor, PauseUntilPromoted, SetWeight};
-    use k8s_openapi::jiff::SignedDuration;
 
     const STABLE: &str = "stable-hash";
     const V2: &str = "v2-hash";
@@ -1142,7 +1148,17 @@ mod tests {
         let n = next(Some(&s), &obs(&spec), t(30));
         assert_eq!(phase_of(&n), Some(Phase::Paused));
         assert_eq!(n.requeue, Some(Duration::from_secs(90)));
-        assert!(n.state.as_ref().unwrap().message.contains("1m30s left"));
+        assert!(
+            n.state
+                .as_ref()
+                .unwrap()
+                .message
+                .ends_with("paused for 2m, until 2027-01-15T08:02:00Z"),
+            "{:?}",
+            n.state
+        );
+        // Later in the pause the state is the same: nothing to write.
+        assert_eq!(next(n.state.as_ref(), &obs(&spec), t(100)).state, n.state);
         // A controller started anew sees the same stored start: no lost or replayed pause time.
         let restarted = n.state.unwrap();
         assert_eq!(
@@ -1170,7 +1186,11 @@ mod tests {
         let n = next(Some(&s), &obs(&spec), t(120));
         assert_eq!(phase_of(&n), Some(Phase::Paused));
         assert_eq!(n.requeue, Some(Duration::from_millis(900)));
-        assert!(n.state.unwrap().message.contains("paused, 1s left"));
+        assert!(n.state.unwrap().message.contains("paused for 2m, until"));
+        assert_eq!(
+            pause_left(started, Duration::from_secs(120), t(120)),
+            Duration::from_secs(1)
+        );
         let n = next(
             Some(&s),
             &obs(&spec),
