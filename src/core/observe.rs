@@ -4,14 +4,17 @@
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::DynamicObject;
 use serde_json::Value;
 
+use crate::core::objects::POD_TEMPLATE_HASH;
 use crate::core::policy::{self, Policy, PolicySnapshot};
 use crate::core::rollout::machine::{CanaryStatus, Observation};
 use crate::core::rollout::{self, RolloutState, StateError};
 use crate::core::spec::{
-    self, ANNOTATION_CANARY_HASH, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, CanarySpec, OptIn,
-    Router,
+    self, ANNOTATION_CANARY_HASH, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, CanarySpec,
+    FLEDGE_ANNOTATIONS, OptIn, Router,
 };
 use crate::core::template;
 
@@ -19,6 +22,20 @@ use crate::core::template;
 const DEFAULT_PROGRESS_DEADLINE: u64 = 600;
 /// The revision a Deployment and its ReplicaSets carry.
 const REVISION: &str = "deployment.kubernetes.io/revision";
+/// `kubectl apply`'s copy of the whole object: nothing fledge reads.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// The status fields [`rolled_out`] reads: all a Deployment's cache keeps of its status.
+const ROLLOUT_COUNTS: [&str; 4] = [
+    "observedGeneration",
+    "replicas",
+    "updatedReplicas",
+    "availableReplicas",
+];
+/// What [`DeploymentFacts::read`] reads of the spec, besides the template.
+const AT_REST_SPEC: [&str; 3] = ["replicas", "paused", "progressDeadlineSeconds"];
+/// Where [`trim_for_cache`] keeps the hash of the template it drops. The API server prunes unknown
+/// fields of a Deployment's spec, so no Deployment it returns has this one.
+const TRIMMED_TEMPLATE_HASH: &str = "fledgeTemplateHash";
 
 /// Facts about the user's Deployment.
 #[derive(Debug)]
@@ -59,9 +76,7 @@ impl DeploymentFacts {
         let namespace = meta["namespace"].as_str().unwrap_or_default();
         let labels = string_map(&meta["labels"]);
         let annotations = string_map(&meta["annotations"]);
-        let template_hash = template::of_deployment(deployment)
-            .map(template::hash)
-            .unwrap_or_default();
+        let template_hash = template_hash(deployment);
         let stable_hash = annotations.get(ANNOTATION_STABLE_HASH).cloned();
         let state = rollout::read_state(Some(&annotations));
         // The canary of this template keeps the policy it started with, in flight and aborted
@@ -170,6 +185,76 @@ impl DeploymentFacts {
     }
 }
 
+/// The identity of the Deployment's `spec.template`, also when [`trim_for_cache`] kept only that.
+fn template_hash(deployment: &Value) -> String {
+    match deployment["spec"][TRIMMED_TEMPLATE_HASH].as_str() {
+        Some(hash) => hash.to_owned(),
+        None => template::of_deployment(deployment)
+            .map(template::hash)
+            .unwrap_or_default(),
+    }
+}
+
+/// Drops from a Deployment what the controller never reads, before its cache keeps it: with
+/// 10,000 Deployments the cache is most of the controller's memory.
+/// - `metadata.managedFields` and `kubectl apply`'s last-applied copy;
+/// - of the status, all but the counts [`rolled_out`] reads;
+/// - the pod template and the rest of the spec but for what [`DeploymentFacts::read`] reads, when
+///   fledge has nothing recorded on the Deployment (no hold record, no rollout state): only the
+///   template's hash is kept. A template change reaches fledge through the webhook,
+///   which records the hold in the same write, so the cache keeps the template of every
+///   Deployment with a canary to make. Without that record nothing is pending
+///   ([`DeploymentFacts::pending`]), whatever the template.
+///
+/// [`DeploymentFacts::read`] gives the same facts for the trimmed Deployment as for the whole one.
+pub fn trim_for_cache(deployment: &mut DynamicObject) {
+    let meta = &mut deployment.metadata;
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+    if let Some(status) = deployment
+        .data
+        .get_mut("status")
+        .and_then(Value::as_object_mut)
+    {
+        status.retain(|key, _| ROLLOUT_COUNTS.contains(&key.as_str()));
+    }
+    let recorded = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| FLEDGE_ANNOTATIONS.iter().any(|key| a.contains_key(*key)));
+    if recorded {
+        return;
+    }
+    if let Some(spec) = deployment
+        .data
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        && let Some(template) = spec.remove("template")
+    {
+        // The rest of the spec (selector, strategy …) only matters for a canary to make.
+        spec.retain(|key, _| AT_REST_SPEC.contains(&key.as_str()));
+        spec.insert(
+            TRIMMED_TEMPLATE_HASH.to_owned(),
+            Value::String(template::hash(&template)),
+        );
+    }
+}
+
+/// Drops from a ReplicaSet's metadata what the controller never reads before its cache keeps it:
+/// of its labels and annotations only `pod-template-hash` and the revision stay
+/// ([`stable_pod_template_hash`] reads them, with the ownerReferences).
+pub fn trim_replicaset_for_cache(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|key, _| key == POD_TEMPLATE_HASH);
+    }
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| key == REVISION);
+    }
+}
+
 fn string_map(value: &Value) -> std::collections::BTreeMap<String, String> {
     value
         .as_object()
@@ -239,7 +324,7 @@ pub fn stable_pod_template_hash(deployment: &Value, replicasets: &[Value]) -> Op
         .iter()
         .filter(|rs| owned_by(rs, Some(uid)))
         .find(|rs| rs["metadata"]["annotations"][REVISION] == revision)
-        .and_then(|rs| rs["metadata"]["labels"]["pod-template-hash"].as_str())
+        .and_then(|rs| rs["metadata"]["labels"][POD_TEMPLATE_HASH].as_str())
         .map(str::to_owned)
 }
 
@@ -417,5 +502,145 @@ mod tests {
             Some("cur")
         );
         assert_eq!(stable_pod_template_hash(&deployment(), &sets[..1]), None);
+    }
+
+    /// Every shape the controller meets: settled, held, in flight, aborted, opted out, without
+    /// settings, applied by kubectl, with the Deployment controller's conditions.
+    fn shapes() -> Vec<Value> {
+        use crate::core::builders::{mk_deployment, mk_held, mk_state, with_annotation};
+        use crate::core::rollout::Phase;
+        use crate::core::spec::{ANNOTATION_STATE, LABEL_ENABLED, Weight};
+        let state = |phase| {
+            serde_json::to_string(&mk_state(
+                phase,
+                &crate::core::builders::mk_hash("web:2"),
+                2,
+                Weight::from_basis_points(500).unwrap_or_default(),
+            ))
+            .unwrap_or_default()
+        };
+        let mut shapes = vec![
+            mk_deployment("web:1"),
+            mk_held("web:1", "web:2"),
+            with_annotation(
+                mk_held("web:1", "web:2"),
+                ANNOTATION_STATE,
+                &state(Phase::Progressing),
+            ),
+            with_annotation(
+                mk_held("web:1", "web:2"),
+                ANNOTATION_STATE,
+                &state(Phase::Aborted),
+            ),
+            with_annotation(
+                mk_deployment("web:2"),
+                ANNOTATION_STATE,
+                &state(Phase::Promoting),
+            ),
+            with_annotation(mk_deployment("web:1"), ANNOTATION_STATE, "{not json"),
+        ];
+        let mut opted_out = mk_deployment("web:1");
+        opted_out["metadata"]["labels"][LABEL_ENABLED] = json!("false");
+        shapes.push(opted_out);
+        let mut bare = mk_deployment("web:1");
+        bare["metadata"]["annotations"] = json!({});
+        bare["metadata"]["labels"] = json!({"app": "web"});
+        shapes.push(bare);
+        for mut d in shapes.clone() {
+            d["metadata"]["managedFields"] = json!([{"manager": "kubectl", "operation": "Update"}]);
+            d["metadata"]["annotations"][LAST_APPLIED] = json!(d.to_string());
+            d["metadata"]["annotations"][REVISION] = json!("3");
+            d["status"] = json!({
+                "observedGeneration": 3, "replicas": 4, "updatedReplicas": 4,
+                "readyReplicas": 4, "availableReplicas": 4,
+                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
+            });
+            shapes.push(d);
+        }
+        shapes
+    }
+
+    fn trimmed(deployment: &Value) -> Value {
+        let mut cached: DynamicObject = serde_json::from_value(deployment.clone()).unwrap();
+        trim_for_cache(&mut cached);
+        serde_json::to_value(cached).unwrap()
+    }
+
+    #[test]
+    fn a_trimmed_deployment_reads_as_the_whole_one() {
+        let policies = PolicySnapshot::default();
+        for whole in shapes() {
+            let trimmed = trimmed(&whole);
+            let (a, b) = (
+                DeploymentFacts::read(&whole, &policies),
+                DeploymentFacts::read(&trimmed, &policies),
+            );
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{whole}");
+            assert_eq!(
+                format!("{:?}", a.observation(None, &[])),
+                format!("{:?}", b.observation(None, &[]))
+            );
+            assert_eq!(
+                stable_pod_template_hash(&whole, &[]),
+                stable_pod_template_hash(&trimmed, &[])
+            );
+            assert_eq!(
+                self::trimmed(&trimmed),
+                trimmed,
+                "trimming twice changes nothing"
+            );
+            assert!(trimmed["metadata"].get("managedFields").is_none());
+            assert!(
+                trimmed["metadata"]["annotations"]
+                    .get(LAST_APPLIED)
+                    .is_none()
+            );
+            assert!(trimmed["status"].get("conditions").is_none());
+            assert!(trimmed["status"].get("readyReplicas").is_none());
+        }
+    }
+
+    #[test]
+    fn only_a_deployment_without_fledges_record_loses_its_template() {
+        for whole in shapes() {
+            let trimmed = trimmed(&whole);
+            let recorded = FLEDGE_ANNOTATIONS
+                .iter()
+                .any(|k| whole["metadata"]["annotations"].get(k).is_some());
+            assert_eq!(
+                trimmed["spec"].get("template") == whole["spec"].get("template"),
+                recorded,
+                "{whole}"
+            );
+            assert_eq!(
+                trimmed["spec"].get(TRIMMED_TEMPLATE_HASH).is_some(),
+                !recorded
+            );
+        }
+    }
+
+    #[test]
+    fn a_trimmed_replicaset_still_names_the_stable_pod_template_hash() {
+        let mut deployment = deployment();
+        deployment["metadata"]["annotations"][REVISION] = json!("3");
+        let mut rs = json!({
+            "metadata": {
+                "name": "web-abc", "namespace": "shop", "uid": "r1",
+                "labels": {"app": "web", POD_TEMPLATE_HASH: "abc"},
+                "annotations": {REVISION: "3", "deployment.kubernetes.io/desired-replicas": "4"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "u1", "controller": true}],
+                "managedFields": [{"manager": "kube-controller-manager"}],
+            }
+        });
+        let mut meta: ObjectMeta = serde_json::from_value(rs["metadata"].clone()).unwrap();
+        trim_replicaset_for_cache(&mut meta);
+        rs["metadata"] = serde_json::to_value(&meta).unwrap();
+        assert_eq!(
+            stable_pod_template_hash(&deployment, &[rs.clone()]).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(rs["metadata"]["labels"], json!({POD_TEMPLATE_HASH: "abc"}));
+        assert_eq!(rs["metadata"]["annotations"], json!({REVISION: "3"}));
+        assert!(rs["metadata"].get("managedFields").is_none());
     }
 }

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -44,7 +44,7 @@ use crate::core::rollout::{Phase, RolloutState};
 use crate::core::routes::{self, Backends, RouteExtras};
 use crate::core::spec::{
     ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, ANNOTATION_STATE, CANARY_SUFFIX, CanarySpec,
-    LABEL_TRACK, Router, STABLE_SUFFIX, Weight,
+    LABEL_TRACK, Router, STABLE_SUFFIX, Step, Weight,
 };
 use crate::runtime::analysis;
 use crate::runtime::clock::Clock;
@@ -66,6 +66,11 @@ const ROUTER_RETRY: Duration = Duration::from_secs(2);
 /// How often the users' routes of a canary in flight are read again (`fledge.dev/http-routes`):
 /// fledge does not watch them, so a route reset by a sync mid-canary is split again within this.
 const USER_ROUTES_RECHECK: Duration = Duration::from_secs(10);
+/// How long the canary's objects, as fledge last applied them, are trusted without a request:
+/// a reconcile with the same inputs in this time writes nothing, unless the caches show that
+/// someone changed the canary Deployment or a Service since. The traffic object is not watched:
+/// an edit of it by hand is undone within this.
+const REAPPLY: Duration = Duration::from_secs(60);
 /// How often to look at a settled Deployment anyway (from the caches: it costs no request).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles at once: a bound, so that thousands of Deployments changing together cannot take
@@ -143,6 +148,7 @@ pub struct ControllerMetrics {
     phase: Family<PhaseLabels, Gauge>,
     reconciles: Family<ResultLabels, Counter>,
     duration: Histogram,
+    pause_lateness: Histogram,
     measurements: Family<MeasurementLabels, Counter>,
     last_value: Family<CheckLabels, Gauge<f64, AtomicU64>>,
 }
@@ -155,6 +161,7 @@ impl Default for ControllerMetrics {
             reconciles: Family::default(),
             // 1 ms … ~16 s: a reconcile is a few API calls.
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            pause_lateness: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             measurements: Family::default(),
             last_value: Family::default(),
         }
@@ -177,13 +184,18 @@ impl ControllerMetrics {
         );
         registry.register(
             "controller_reconciles",
-            "Reconciles, by result (ok, error)",
+            "Reconciles, by result (ok, error; deferred: before the caches were listed)",
             metrics.reconciles.clone(),
         );
         registry.register(
             "controller_reconcile_duration_seconds",
             "Time one reconcile takes",
             metrics.duration.clone(),
+        );
+        registry.register(
+            "pause_end_lateness_seconds",
+            "From a timed pause's end to the reconcile that ends it",
+            metrics.pause_lateness.clone(),
         );
         registry.register(
             "analysis_measurements",
@@ -248,6 +260,18 @@ impl ControllerMetrics {
         }
     }
 
+    /// A timed pause that ended `late` after its end.
+    fn pause_ended(&self, late: Duration) {
+        self.pause_lateness.observe(late.as_secs_f64());
+    }
+
+    /// A reconcile put off because the caches are not listed yet.
+    fn deferred(&self) {
+        self.reconciles
+            .get_or_create(&ResultLabels { result: "deferred" })
+            .inc();
+    }
+
     fn reconciled(&self, ok: bool, took: Duration) {
         let result = if ok { "ok" } else { "error" };
         self.reconciles
@@ -296,6 +320,38 @@ struct Context {
     /// The policy (and its generation) each opted-in Deployment was last reconciled under, for
     /// `PolicyChanged` Events.
     governed: Mutex<HashMap<ObjectRef<DynamicObject>, Option<Governing>>>,
+    /// What was last applied for each canary, by namespace and Deployment name.
+    applied: Mutex<HashMap<(String, String), AppliedCanary>>,
+}
+
+/// Everything the canary's objects are made from, besides the root Service.
+#[derive(Clone, Debug, PartialEq)]
+struct CanaryInputs {
+    /// The Deployment's uid, `metadata.generation` (its spec: replicas, strategy, template) and
+    /// labels, which the canary Deployment copies.
+    uid: Option<String>,
+    generation: Option<i64>,
+    labels: Value,
+    template_hash: String,
+    stable_pod_template_hash: String,
+    size: Weight,
+    weight: Weight,
+    extras: RouteExtras,
+    router: Router,
+    root_service: String,
+}
+
+/// A canary's objects as fledge last applied them: the same inputs again within [`REAPPLY`],
+/// with the cached canary Deployment at the generation and the Services at the
+/// resourceVersions that apply left, need no request at all. Most reconciles of a canary in
+/// flight are such (its pods becoming ready, a measurement folded in, a pause counting down).
+#[derive(Debug)]
+struct AppliedCanary {
+    inputs: CanaryInputs,
+    at: Instant,
+    canary_generation: Option<i64>,
+    /// resourceVersions of the canary and the stable Service.
+    services: [Option<String>; 2],
 }
 
 /// A policy and the generation of it that governs a Deployment.
@@ -333,7 +389,7 @@ pub async fn run(
     let deployments = deployments_writer.as_reader();
     let deployment_stream = watcher(dynamic(&client), watcher::Config::default())
         .default_backoff()
-        .modify(strip)
+        .modify(observe::trim_for_cache)
         .reflect(deployments_writer)
         .applied_objects();
     let canaries_writer = reflector::store::Writer::new(ar.clone());
@@ -355,7 +411,7 @@ pub async fn run(
         watcher::Config::default(),
     )
     .default_backoff()
-    .modify(|r| r.managed_fields_mut().clear())
+    .modify(|r| observe::trim_replicaset_for_cache(&mut r.metadata))
     .reflect(replicasets_writer)
     .applied_objects();
     let (canary_replicasets, canary_replicasets_writer) = reflector::store();
@@ -398,6 +454,7 @@ pub async fn run(
         failures: Mutex::default(),
         measurements,
         governed: Mutex::default(),
+        applied: Mutex::default(),
     });
     // Aborted when the controller stops (a deposed leader writes no status).
     let status_task = AbortOnDrop(tokio::spawn(policies::report_status(
@@ -499,6 +556,10 @@ async fn reconcile(
     deployment: Arc<DynamicObject>,
     ctx: Arc<Context>,
 ) -> Result<Action, ControllerError> {
+    if !ctx.caches.ready() {
+        ctx.config.metrics.deferred();
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
     let started = Instant::now();
     let result = reconcile_one(&deployment, &ctx).await;
     ctx.config
@@ -599,9 +660,6 @@ async fn reconcile_one(
     ctx: &Context,
 ) -> Result<Action, ControllerError> {
     let namespace = deployment.namespace().unwrap_or_default();
-    if !ctx.caches.ready() {
-        return Ok(Action::requeue(Duration::from_millis(100)));
-    }
     let seen = read(deployment, &ctx.caches, &ctx.config.policies.snapshot())?;
     let facts = &seen.facts;
     announce_policy_change(ctx, deployment, facts).await;
@@ -639,6 +697,15 @@ async fn reconcile_one(
     let observation = facts.observation(seen.canary.as_ref(), &seen.canary_replicasets);
     let now = ctx.config.clock.now();
     let next = machine::next(measured.as_ref(), &observation, now);
+    if let (Some(stored), Some(spec), Some(event)) = (&state, &facts.spec, &next.event)
+        && event.reason == "PauseEnded"
+        && let (Some(Step::PauseFor(length)), Some(started)) =
+            (spec.steps.get(stored.step), stored.step_started)
+        && let Ok(length) = SignedDuration::try_from(*length)
+        && let Ok(late) = Duration::try_from(now.duration_since(started) - length)
+    {
+        ctx.config.metrics.pause_ended(late);
+    }
     ctx.config
         .metrics
         .record(&namespace, &facts.name, next.state.as_ref());
@@ -661,6 +728,9 @@ async fn reconcile_one(
         apply
             .announce_measurement(result, next.state.as_ref())
             .await;
+    }
+    if !plan.iter().any(|w| matches!(w, Write::ApplyCanary { .. })) {
+        apply.forget_applied();
     }
     let outcome = apply.all(&plan, next.state.as_ref()).await?;
     let mut soonest = None;
@@ -916,6 +986,31 @@ impl Apply<'_> {
         let Some(spec) = &facts.spec else {
             return Ok(Some(Applied::Waiting));
         };
+        let inputs = self
+            .read
+            .stable_pod_template_hash
+            .as_ref()
+            .map(|stable| CanaryInputs {
+                uid: self.read.value["metadata"]["uid"].as_str().map(str::to_owned),
+                generation: self.read.value["metadata"]["generation"].as_i64(),
+                labels: self.read.value["metadata"]["labels"].clone(),
+                template_hash: facts.template_hash.clone(),
+                stable_pod_template_hash: stable.clone(),
+                size,
+                weight,
+                extras: extras.clone(),
+                router: spec.router.clone(),
+                root_service: spec.root_service.clone(),
+            });
+        // The users' routes are read on every pass (they are not watched): never skipped.
+        let splits_user_routes =
+            matches!(&spec.router, Router::GatewayApi { http_routes } if !http_routes.is_empty());
+        if !splits_user_routes
+            && let Some(inputs) = &inputs
+            && self.still_applied(inputs)
+        {
+            return Ok(None);
+        }
         let Some(root) = self.services().get_opt(&spec.root_service).await? else {
             let message = format!(
                 "root Service {} not found: fledge copies its ports and selector for the canary; \
@@ -945,17 +1040,21 @@ impl Apply<'_> {
             split_api: self.ctx.config.split_api,
         })?;
         let apply = PatchParams::apply(MANAGER).force();
-        for (suffix, service) in [
+        let mut services = [None, None];
+        for (written, (suffix, service)) in services.iter_mut().zip([
             (CANARY_SUFFIX, &desired.canary_service),
             (STABLE_SUFFIX, &desired.stable_service),
-        ] {
-            self.services()
+        ]) {
+            *written = self
+                .services()
                 .patch(
                     &format!("{}{suffix}", self.name()),
                     &apply,
                     &Patch::Apply(service),
                 )
-                .await?;
+                .await?
+                .metadata
+                .resource_version;
         }
         if let Some(traffic) = &desired.traffic {
             let api = match spec.router {
@@ -977,14 +1076,75 @@ impl Apply<'_> {
         {
             return Ok(Some(waiting));
         }
-        self.deployments()
+        let canary = self
+            .deployments()
             .patch(
                 &format!("{}{CANARY_SUFFIX}", self.name()),
                 &apply,
                 &Patch::Apply(&desired.canary_deployment),
             )
             .await?;
+        if let Some(inputs) = inputs {
+            self.ctx
+                .applied
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    self.applied_key(),
+                    AppliedCanary {
+                        inputs,
+                        at: Instant::now(),
+                        canary_generation: canary.metadata.generation,
+                        services,
+                    },
+                );
+        }
         Ok(None)
+    }
+
+    fn applied_key(&self) -> (String, String) {
+        (self.namespace.to_owned(), self.name().to_owned())
+    }
+
+    /// Whether the canary's objects are still as fledge applied them from these inputs (see
+    /// [`AppliedCanary`]).
+    fn still_applied(&self, inputs: &CanaryInputs) -> bool {
+        let applied = self
+            .ctx
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(applied) = applied.get(&self.applied_key()) else {
+            return false;
+        };
+        let caches = &self.ctx.caches;
+        let canary_generation = self
+            .read
+            .canary
+            .as_ref()
+            .and_then(|c| c["metadata"]["generation"].as_i64());
+        let service_version = |suffix: &str| {
+            caches
+                .services
+                .get(&ObjectRef::new(&format!("{}{suffix}", self.name())).within(self.namespace))
+                .and_then(|s| s.metadata.resource_version.clone())
+        };
+        applied.inputs == *inputs
+            && applied.at.elapsed() < REAPPLY
+            && applied.canary_generation.is_some()
+            && applied.canary_generation == canary_generation
+            && applied.services[0].is_some()
+            && applied.services[0] == service_version(CANARY_SUFFIX)
+            && applied.services[1] == service_version(STABLE_SUFFIX)
+    }
+
+    /// The canary is not applied in this pass: the next one that is starts afresh.
+    fn forget_applied(&self) {
+        self.ctx
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.applied_key());
     }
 
     fn backends<'b>(&'b self, root: &'b str, stable: &'b str, canary: &'b str) -> Backends<'b> {
