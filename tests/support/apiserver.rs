@@ -210,7 +210,7 @@ pub use controller::{
 };
 pub use ops::{Ctx, FieldValidation, PatchKind, Sub};
 pub use status::{ApiError, FieldError};
-pub use store::ChangeKind;
+pub use store::{Change, ChangeKind};
 
 use resources::{Registry, ResourceDef};
 use store::Store;
@@ -800,6 +800,11 @@ impl ApiServer {
             .into_iter()
             .filter(|r| r.resource == resource && r.namespace == ns && r.name == name)
             .collect()
+    }
+
+    /// Every change committed from now on, as it commits (a lagging receiver misses the oldest).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<Change>> {
+        self.inner.store().tx.subscribe()
     }
 
     /// The current (global) resourceVersion.

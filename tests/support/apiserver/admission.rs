@@ -7,13 +7,15 @@
 //! denial turned into the API error the API server returns, warnings passed on, and
 //! `failurePolicy` applied when the call fails.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -207,6 +209,9 @@ pub struct WebhookCall {
     pub review: Value,
     /// The answer, or why there is none.
     pub response: Result<Value, String>,
+    /// From sending the review to having the answer (or giving up): the webhook's share of the
+    /// request, network and TLS included.
+    pub took: Duration,
 }
 
 /// A request the webhook stopped: denied (`failure == false`) or failed to call.
@@ -268,11 +273,13 @@ pub async fn call(hook: &WebhookConfig, attrs: &Attributes<'_>) -> Result<Admitt
         if hook.url.contains('?') { "&" } else { "?" },
         hook.timeout.as_secs().max(1)
     );
+    let started = Instant::now();
     let failed = |why: String| {
         let call = WebhookCall {
             webhook: hook.name.clone(),
             review: review_value.clone(),
             response: Err(why.clone()),
+            took: started.elapsed(),
         };
         Rejection {
             error: ApiError::internal(format!("failed calling webhook {:?}: {why}", hook.name)),
@@ -295,6 +302,7 @@ pub async fn call(hook: &WebhookConfig, attrs: &Attributes<'_>) -> Result<Admitt
         webhook: hook.name.clone(),
         review: review_value.clone(),
         response: Ok(answer.clone()),
+        took: started.elapsed(),
     };
     let invalid = |why: String| {
         let mut call = call.clone();
@@ -411,6 +419,98 @@ async fn post(hook: &WebhookConfig, url: &str, body: Vec<u8>) -> Result<Value, S
             .next()
             .ok_or_else(|| format!("dial tcp: lookup {host}: no such host"))?,
     };
+    let key = (addr, host.clone(), hook.ca_bundle_pem.clone());
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let authority = uri
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or(host.clone());
+    let body = Bytes::from(body);
+    let request = || {
+        hyper::Request::post(path.as_str())
+            .header(hyper::header::HOST, authority.as_str())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::ACCEPT, "application/json, */*")
+            .body(Full::new(body.clone()))
+            .map_err(|e| e.to_string())
+    };
+    // A kept connection the server closed meanwhile fails the send: then a new one, as Go's
+    // transport does.
+    let kept = match idle_connection(&key) {
+        Some(mut sender) => sender
+            .send_request(request()?)
+            .await
+            .ok()
+            .map(|resp| (sender, resp)),
+        None => None,
+    };
+    let (sender, resp) = match kept {
+        Some(kept) => kept,
+        None => {
+            let mut sender = connect(hook, addr, &host).await?;
+            let resp = sender
+                .send_request(request()?)
+                .await
+                .map_err(|e| e.to_string())?;
+            (sender, resp)
+        }
+    };
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if sender.is_ready() {
+        lock_idle().entry(key).or_default().push(sender);
+    }
+    if !status.is_success() {
+        return Err(format!(
+            "the server responded with the status code {} but did not return more information: {}",
+            status.as_u16(),
+            String::from_utf8_lossy(&bytes)
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| format!("decoding the response: {e}"))
+}
+
+/// A webhook connection: its address, TLS server name and CA bundle.
+type ConnectionKey = (SocketAddr, String, String);
+
+/// Idle keep-alive connections to webhooks. kube-apiserver's webhook client keeps its connections
+/// (Go's HTTP transport), so a review does not pay a TCP and TLS handshake each time; a call that
+/// failed or timed out drops its connection.
+static IDLE: LazyLock<Mutex<IdleConnections>> = LazyLock::new(Mutex::default);
+
+type IdleConnections = HashMap<ConnectionKey, Vec<SendRequest<Full<Bytes>>>>;
+
+fn lock_idle() -> std::sync::MutexGuard<'static, IdleConnections> {
+    IDLE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An idle connection still open, if there is one.
+fn idle_connection(key: &ConnectionKey) -> Option<SendRequest<Full<Bytes>>> {
+    let mut idle = lock_idle();
+    let senders = idle.get_mut(key)?;
+    while let Some(sender) = senders.pop() {
+        if !sender.is_closed() && sender.is_ready() {
+            return Some(sender);
+        }
+    }
+    None
+}
+
+/// A new HTTPS connection verified with the hook's CA bundle.
+async fn connect(
+    hook: &WebhookConfig,
+    addr: SocketAddr,
+    host: &str,
+) -> Result<SendRequest<Full<Bytes>>, String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("dial tcp {addr}: connect: {e}"))?;
@@ -427,44 +527,18 @@ async fn post(hook: &WebhookConfig, url: &str, body: Vec<u8>) -> Result<Value, S
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
     let tls = TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: failed to verify certificate or handshake: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let authority = uri.authority().map(|a| a.to_string()).unwrap_or(host);
-    let req = hyper::Request::post(path)
-        .header(hyper::header::HOST, authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::ACCEPT, "application/json, */*")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "the server responded with the status code {} but did not return more information: {}",
-            status.as_u16(),
-            String::from_utf8_lossy(&bytes)
-        ));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| format!("decoding the response: {e}"))
+    Ok(sender)
 }
 
 /// Options as the API server puts them in a review (`CreateOptions`/`UpdateOptions`).
