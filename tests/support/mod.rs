@@ -7,6 +7,7 @@
 pub mod apiserver;
 pub mod chart;
 pub mod e2e;
+pub mod fleet;
 pub mod http_stub;
 pub mod kubectl;
 pub mod prometheus;
