@@ -265,7 +265,8 @@ impl ControllerMetrics {
         self.pause_lateness.observe(late.as_secs_f64());
     }
 
-    /// A reconcile put off because the caches are not listed yet.
+    /// A reconcile put off because the caches are not listed yet, or do not hold fledge's own
+    /// last write of the Deployment yet.
     fn deferred(&self) {
         self.reconciles
             .get_or_create(&ResultLabels { result: "deferred" })
@@ -322,6 +323,30 @@ struct Context {
     governed: Mutex<HashMap<ObjectRef<DynamicObject>, Option<Governing>>>,
     /// What was last applied for each canary, by namespace and Deployment name.
     applied: Mutex<HashMap<(String, String), AppliedCanary>>,
+    /// For each Deployment fledge wrote, the resourceVersion its write replaced: a cache that
+    /// still shows that version has not seen the write yet, and a decision made from it would
+    /// be undone by the write's own 409 after announcing its Event a second time.
+    replaced: Mutex<HashMap<(String, String), String>>,
+}
+
+impl Context {
+    /// Whether the cached `deployment` is still the version that fledge's last write of it
+    /// replaced (resourceVersions are only compared for equality, as clients must).
+    fn behind_own_write(&self, deployment: &DynamicObject) -> bool {
+        let key = (
+            deployment.namespace().unwrap_or_default(),
+            deployment.name_any(),
+        );
+        let mut replaced = self.replaced.lock().unwrap_or_else(PoisonError::into_inner);
+        match replaced.get(&key) {
+            Some(version) if Some(version) == deployment.metadata.resource_version.as_ref() => true,
+            Some(_) => {
+                replaced.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// Everything the canary's objects are made from, besides the root Service.
@@ -455,6 +480,7 @@ pub async fn run(
         measurements,
         governed: Mutex::default(),
         applied: Mutex::default(),
+        replaced: Mutex::default(),
     });
     // Aborted when the controller stops (a deposed leader writes no status).
     let status_task = AbortOnDrop(tokio::spawn(policies::report_status(
@@ -559,6 +585,11 @@ async fn reconcile(
     if !ctx.caches.ready() {
         ctx.config.metrics.deferred();
         return Ok(Action::requeue(Duration::from_millis(100)));
+    }
+    if ctx.behind_own_write(&deployment) {
+        ctx.config.metrics.deferred();
+        // The write's watch event starts the next pass; this is for a watch that lost it.
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let started = Instant::now();
     let result = reconcile_one(&deployment, &ctx).await;
@@ -991,7 +1022,9 @@ impl Apply<'_> {
             .stable_pod_template_hash
             .as_ref()
             .map(|stable| CanaryInputs {
-                uid: self.read.value["metadata"]["uid"].as_str().map(str::to_owned),
+                uid: self.read.value["metadata"]["uid"]
+                    .as_str()
+                    .map(str::to_owned),
                 generation: self.read.value["metadata"]["generation"].as_i64(),
                 labels: self.read.value["metadata"]["labels"].clone(),
                 template_hash: facts.template_hash.clone(),
@@ -1104,6 +1137,17 @@ impl Apply<'_> {
 
     fn applied_key(&self) -> (String, String) {
         (self.namespace.to_owned(), self.name().to_owned())
+    }
+
+    /// A write of the Deployment succeeded: see [`Context::behind_own_write`].
+    fn wrote_deployment(&self) {
+        if let Some(version) = self.deployment.resource_version() {
+            self.ctx
+                .replaced
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(self.applied_key(), version);
+        }
     }
 
     /// Whether the canary's objects are still as fledge applied them from these inputs (see
@@ -1340,6 +1384,7 @@ impl Apply<'_> {
         self.deployments()
             .patch(self.name(), &writer(), &Patch::<()>::Json(patch))
             .await?;
+        self.wrote_deployment();
         Ok(())
     }
 
@@ -1356,6 +1401,7 @@ impl Apply<'_> {
         self.deployments()
             .patch(self.name(), &writer(), &Patch::Merge(&patch))
             .await?;
+        self.wrote_deployment();
         Ok(())
     }
 
@@ -1436,6 +1482,7 @@ impl Apply<'_> {
         self.deployments()
             .patch(self.name(), &writer(), &Patch::Merge(&patch))
             .await?;
+        self.wrote_deployment();
         Ok(())
     }
 }
