@@ -36,7 +36,9 @@ use crate::core::admission::FIELD_MANAGER;
 use crate::core::analysis::schedule;
 use crate::core::analysis::{Outcome, Variables};
 use crate::core::converge::{self, OwnedObjects, Write};
-use crate::core::objects::{self, LABEL_MANAGED_BY, POD_TEMPLATE_HASH, SplitApi, TRACK_CANARY};
+use crate::core::objects::{
+    self, Desired, LABEL_MANAGED_BY, POD_TEMPLATE_HASH, SplitApi, TRACK_CANARY,
+};
 use crate::core::observe::{self, DeploymentFacts};
 use crate::core::policy::{PolicyId, PolicySnapshot};
 use crate::core::rollout::machine;
@@ -366,17 +368,45 @@ struct CanaryInputs {
     root_service: String,
 }
 
-/// A canary's objects as fledge last applied them: the same inputs again within [`REAPPLY`],
-/// with the cached canary Deployment at the generation and the Services at the
-/// resourceVersions that apply left, need no request at all. Most reconciles of a canary in
-/// flight are such (its pods becoming ready, a measurement folded in, a pause counting down).
-#[derive(Debug)]
+impl CanaryInputs {
+    /// What the Services are made from, besides the root Service.
+    fn services_part(&self) -> (&Router, &str, &str) {
+        (
+            &self.router,
+            &self.root_service,
+            &self.stable_pod_template_hash,
+        )
+    }
+
+    /// What the canary Deployment is made from.
+    fn canary_part(&self) -> (&Option<String>, Option<i64>, &Value, &str, Weight, &Router) {
+        (
+            &self.uid,
+            self.generation,
+            &self.labels,
+            &self.template_hash,
+            self.size,
+            &self.router,
+        )
+    }
+}
+
+/// A canary's objects as fledge last applied them all (at most [`REAPPLY`] ago), while the
+/// cached canary Deployment and Services show fledge's writes (or, not caught up yet, what they
+/// replaced). Then the same inputs need no request at all, and new ones only the writes of the
+/// objects they change: the root Service is not read again, nor the Services written. Most
+/// reconciles of a canary in flight are such (its pods becoming ready, a measurement folded in,
+/// a pause ending).
+#[derive(Clone, Debug)]
 struct AppliedCanary {
     inputs: CanaryInputs,
+    /// The root Service as read for the last full apply.
+    root: Value,
     at: Instant,
-    canary_generation: Option<i64>,
-    /// resourceVersions of the canary and the stable Service.
-    services: [Option<String>; 2],
+    /// The canary Deployment's generation before and after fledge's last write of it.
+    canary_generation: [Option<i64>; 2],
+    /// The canary and the stable Service's resourceVersions before and after fledge's write.
+    services: [[Option<String>; 2]; 2],
 }
 
 /// A policy and the generation of it that governs a Deployment.
@@ -1005,6 +1035,8 @@ impl Apply<'_> {
 
     /// Server-side apply of the canary's objects: Services, then the traffic, then the canary
     /// Deployment, so that no canary pod is ready before the traffic decides who reaches it.
+    /// Only the objects whose inputs changed are written while the memo of the last full apply
+    /// holds ([`AppliedCanary`]): a step writes the traffic first, and nothing else it need not.
     /// `Some(…)` when they cannot be made yet.
     async fn apply_canary(
         &self,
@@ -1017,31 +1049,49 @@ impl Apply<'_> {
         let Some(spec) = &facts.spec else {
             return Ok(Some(Applied::Waiting));
         };
-        let inputs = self
-            .read
-            .stable_pod_template_hash
-            .as_ref()
-            .map(|stable| CanaryInputs {
-                uid: self.read.value["metadata"]["uid"]
-                    .as_str()
-                    .map(str::to_owned),
-                generation: self.read.value["metadata"]["generation"].as_i64(),
-                labels: self.read.value["metadata"]["labels"].clone(),
-                template_hash: facts.template_hash.clone(),
-                stable_pod_template_hash: stable.clone(),
-                size,
-                weight,
-                extras: extras.clone(),
-                router: spec.router.clone(),
-                root_service: spec.root_service.clone(),
-            });
+        let Some(stable_hash) = &self.read.stable_pod_template_hash else {
+            return Ok(Some(Applied::Waiting));
+        };
+        let inputs = CanaryInputs {
+            uid: self.read.value["metadata"]["uid"]
+                .as_str()
+                .map(str::to_owned),
+            generation: self.read.value["metadata"]["generation"].as_i64(),
+            labels: self.read.value["metadata"]["labels"].clone(),
+            template_hash: facts.template_hash.clone(),
+            stable_pod_template_hash: stable_hash.clone(),
+            size,
+            weight,
+            extras: extras.clone(),
+            router: spec.router.clone(),
+            root_service: spec.root_service.clone(),
+        };
         // The users' routes are read on every pass (they are not watched): never skipped.
         let splits_user_routes =
             matches!(&spec.router, Router::GatewayApi { http_routes } if !http_routes.is_empty());
-        if !splits_user_routes
-            && let Some(inputs) = &inputs
-            && self.still_applied(inputs)
-        {
+        let memo = (!splits_user_routes)
+            .then(|| self.still_applied(&inputs))
+            .flatten();
+        if let Some(memo) = memo {
+            if memo.inputs == inputs {
+                return Ok(None);
+            }
+            let desired = self.desired(&memo.root, &inputs)?;
+            if (memo.inputs.weight, &memo.inputs.extras) != (weight, extras)
+                && let Some(waiting) = self.apply_traffic(&desired, next_state).await?
+            {
+                return Ok(Some(waiting));
+            }
+            let canary_generation = if memo.inputs.canary_part() == inputs.canary_part() {
+                memo.canary_generation
+            } else {
+                self.apply_canary_deployment(&desired).await?
+            };
+            self.remember_applied(AppliedCanary {
+                inputs,
+                canary_generation,
+                ..memo
+            });
             return Ok(None);
         }
         let Some(root) = self.services().get_opt(&spec.root_service).await? else {
@@ -1054,53 +1104,28 @@ impl Apply<'_> {
                 .await?;
             return Ok(Some(Applied::Waiting));
         };
-        let Some(stable_hash) = &self.read.stable_pod_template_hash else {
-            return Ok(Some(Applied::Waiting));
-        };
         let root = serde_json::to_value(root).map_err(|source| ControllerError::Json {
             what: "the root Service",
             source,
         })?;
-        let desired = objects::desired(&objects::Inputs {
-            deployment: &self.read.value,
-            canary_hash: &facts.template_hash,
-            root_service: &root,
-            stable_pod_template_hash: stable_hash,
-            size,
-            weight,
-            router: &spec.router,
-            extras,
-            split_api: self.ctx.config.split_api,
-        })?;
+        let desired = self.desired(&root, &inputs)?;
         let apply = PatchParams::apply(MANAGER).force();
-        let mut services = [None, None];
-        for (written, (suffix, service)) in services.iter_mut().zip([
+        let mut services: [[Option<String>; 2]; 2] = Default::default();
+        for (versions, (suffix, service)) in services.iter_mut().zip([
             (CANARY_SUFFIX, &desired.canary_service),
             (STABLE_SUFFIX, &desired.stable_service),
         ]) {
-            *written = self
+            let name = format!("{}{suffix}", self.name());
+            versions[0] = self.cached_service_version(&name);
+            versions[1] = self
                 .services()
-                .patch(
-                    &format!("{}{suffix}", self.name()),
-                    &apply,
-                    &Patch::Apply(service),
-                )
+                .patch(&name, &apply, &Patch::Apply(service))
                 .await?
                 .metadata
                 .resource_version;
         }
-        if let Some(traffic) = &desired.traffic {
-            let api = match spec.router {
-                Router::Smi => self.splits(),
-                Router::GatewayApi { .. } | Router::PodRatio => self.routes(),
-            };
-            match api.patch(self.name(), &apply, &Patch::Apply(traffic)).await {
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    self.router_unavailable(&spec.router, next_state).await?;
-                    return Ok(Some(Applied::WaitingForRouter));
-                }
-                other => other?,
-            };
+        if let Some(waiting) = self.apply_traffic(&desired, next_state).await? {
+            return Ok(Some(waiting));
         }
         if let Router::GatewayApi { http_routes } = &spec.router
             && let Some(waiting) = self
@@ -1109,30 +1134,69 @@ impl Apply<'_> {
         {
             return Ok(Some(waiting));
         }
+        let canary_generation = self.apply_canary_deployment(&desired).await?;
+        self.remember_applied(AppliedCanary {
+            inputs,
+            root,
+            at: Instant::now(),
+            canary_generation,
+            services,
+        });
+        Ok(None)
+    }
+
+    fn desired(&self, root: &Value, inputs: &CanaryInputs) -> Result<Desired, ControllerError> {
+        Ok(objects::desired(&objects::Inputs {
+            deployment: &self.read.value,
+            canary_hash: &inputs.template_hash,
+            root_service: root,
+            stable_pod_template_hash: &inputs.stable_pod_template_hash,
+            size: inputs.size,
+            weight: inputs.weight,
+            router: &inputs.router,
+            extras: &inputs.extras,
+            split_api: self.ctx.config.split_api,
+        })?)
+    }
+
+    /// The router's own object (TrafficSplit or mesh HTTPRoute), when it has one.
+    async fn apply_traffic(
+        &self,
+        desired: &Desired,
+        next_state: Option<&RolloutState>,
+    ) -> Result<Option<Applied>, ControllerError> {
+        let (Some(traffic), Some(spec)) = (&desired.traffic, &self.read.facts.spec) else {
+            return Ok(None);
+        };
+        let api = match spec.router {
+            Router::Smi => self.splits(),
+            Router::GatewayApi { .. } | Router::PodRatio => self.routes(),
+        };
+        let apply = PatchParams::apply(MANAGER).force();
+        match api.patch(self.name(), &apply, &Patch::Apply(traffic)).await {
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                self.router_unavailable(&spec.router, next_state).await?;
+                Ok(Some(Applied::WaitingForRouter))
+            }
+            other => other.map(|_| None).map_err(Into::into),
+        }
+    }
+
+    /// Applies the canary Deployment: its generation before and after.
+    async fn apply_canary_deployment(
+        &self,
+        desired: &Desired,
+    ) -> Result<[Option<i64>; 2], ControllerError> {
+        let before = self.cached_canary_generation();
         let canary = self
             .deployments()
             .patch(
                 &format!("{}{CANARY_SUFFIX}", self.name()),
-                &apply,
+                &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&desired.canary_deployment),
             )
             .await?;
-        if let Some(inputs) = inputs {
-            self.ctx
-                .applied
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(
-                    self.applied_key(),
-                    AppliedCanary {
-                        inputs,
-                        at: Instant::now(),
-                        canary_generation: canary.metadata.generation,
-                        services,
-                    },
-                );
-        }
-        Ok(None)
+        Ok([before, canary.metadata.generation])
     }
 
     fn applied_key(&self) -> (String, String) {
@@ -1150,36 +1214,57 @@ impl Apply<'_> {
         }
     }
 
-    /// Whether the canary's objects are still as fledge applied them from these inputs (see
+    fn remember_applied(&self, applied: AppliedCanary) {
+        self.ctx
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(self.applied_key(), applied);
+    }
+
+    fn cached_service_version(&self, name: &str) -> Option<String> {
+        self.ctx
+            .caches
+            .services
+            .get(&ObjectRef::new(name).within(self.namespace))
+            .and_then(|s| s.metadata.resource_version.clone())
+    }
+
+    fn cached_canary_generation(&self) -> Option<i64> {
+        self.read
+            .canary
+            .as_ref()
+            .and_then(|c| c["metadata"]["generation"].as_i64())
+    }
+
+    /// The memo of the last full apply, when it still holds for these inputs (see
     /// [`AppliedCanary`]).
-    fn still_applied(&self, inputs: &CanaryInputs) -> bool {
+    fn still_applied(&self, inputs: &CanaryInputs) -> Option<AppliedCanary> {
         let applied = self
             .ctx
             .applied
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Some(applied) = applied.get(&self.applied_key()) else {
-            return false;
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&self.applied_key())
+            .cloned()?;
+        // The cache shows fledge's write, or (not caught up yet) what that write replaced.
+        let as_written = |versions: &[Option<String>; 2], now: Option<String>| {
+            versions[1].is_some() && versions.contains(&now)
         };
-        let caches = &self.ctx.caches;
-        let canary_generation = self
-            .read
-            .canary
-            .as_ref()
-            .and_then(|c| c["metadata"]["generation"].as_i64());
-        let service_version = |suffix: &str| {
-            caches
-                .services
-                .get(&ObjectRef::new(&format!("{}{suffix}", self.name())).within(self.namespace))
-                .and_then(|s| s.metadata.resource_version.clone())
-        };
-        applied.inputs == *inputs
-            && applied.at.elapsed() < REAPPLY
-            && applied.canary_generation.is_some()
-            && applied.canary_generation == canary_generation
-            && applied.services[0].is_some()
-            && applied.services[0] == service_version(CANARY_SUFFIX)
-            && applied.services[1] == service_version(STABLE_SUFFIX)
+        let canary_generation = self.cached_canary_generation();
+        let holds = applied.at.elapsed() < REAPPLY
+            && applied.inputs.services_part() == inputs.services_part()
+            && applied.canary_generation[1].is_some()
+            && applied.canary_generation.contains(&canary_generation)
+            && as_written(
+                &applied.services[0],
+                self.cached_service_version(&format!("{}{CANARY_SUFFIX}", self.name())),
+            )
+            && as_written(
+                &applied.services[1],
+                self.cached_service_version(&format!("{}{STABLE_SUFFIX}", self.name())),
+            );
+        holds.then_some(applied)
     }
 
     /// The canary is not applied in this pass: the next one that is starts afresh.
