@@ -95,7 +95,7 @@ pub fn writes(world: &World) -> Vec<Write> {
         Target::Canary { .. } | Target::Promote => next.state.clone(),
     };
     let changed = next_state.as_ref() != world.stored;
-    let mut out: Vec<Write> = next.event.iter().cloned().map(Write::Announce).collect();
+    let mut out: Vec<Write> = next.events().cloned().map(Write::Announce).collect();
     let store = |out: &mut Vec<Write>| {
         if changed && let Some(state) = &next_state {
             out.push(Write::StoreState(state.clone()));
@@ -202,6 +202,7 @@ mod tests {
             state,
             target,
             requeue: None,
+            passed_through: None,
             event: event.then(|| Event {
                 reason: "WeightSet",
                 message: "m".into(),

@@ -758,8 +758,8 @@ async fn reconcile_one(
     let observation = facts.observation(seen.canary.as_ref(), &seen.canary_replicasets);
     let now = ctx.config.clock.now();
     let next = machine::next(measured.as_ref(), &observation, now);
-    if let (Some(stored), Some(spec), Some(event)) = (&state, &facts.spec, &next.event)
-        && event.reason == "PauseEnded"
+    if let (Some(stored), Some(spec)) = (&state, &facts.spec)
+        && next.events().any(|e| e.reason == "PauseEnded")
         && let (Some(Step::PauseFor(length)), Some(started)) =
             (spec.steps.get(stored.step), stored.step_started)
         && let Ok(length) = SignedDuration::try_from(*length)

@@ -88,6 +88,16 @@ pub struct Next {
     /// Look again after this long even if nothing changes (a pause or a deadline ends).
     pub requeue: Option<Duration>,
     pub event: Option<Event>,
+    /// The event of a transition passed through on the way, announced before `event`: a pause
+    /// that ends goes on to its next step in the same pass.
+    pub passed_through: Option<Event>,
+}
+
+impl Next {
+    /// The events to announce, in order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.passed_through.iter().chain(&self.event)
+    }
 }
 
 /// The next step of the rollout of one Deployment.
@@ -106,11 +116,23 @@ pub fn next(state: Option<&RolloutState>, obs: &Observation, now: Timestamp) -> 
             state: None,
             target: Target::Nothing,
             requeue: None,
+            passed_through: None,
         };
     };
     match (state, obs.pending()) {
         (Some(s), Some(pending)) if s.hash == pending => match s.phase {
-            Phase::Progressing | Phase::Paused => progress(s, spec, obs, now),
+            Phase::Progressing | Phase::Paused => {
+                let n = progress(s, spec, obs, now);
+                match (&n.event, &n.state) {
+                    // The next step falls due when the pause ends, not a state write and a
+                    // watch event later: the weight it sets is written in this pass.
+                    (Some(ended), Some(after)) if ended.reason == "PauseEnded" => Next {
+                        passed_through: n.event.clone(),
+                        ..progress(after, spec, obs, now)
+                    },
+                    _ => n,
+                }
+            }
             Phase::Promoting => promote(s, obs),
             Phase::Aborted => settled(state),
             // Applied again after a rollback or a success: a fresh canary, once fledge holds it.
@@ -150,6 +172,7 @@ fn settled(state: Option<&RolloutState>) -> Next {
         state: state.cloned(),
         target: Target::Nothing,
         requeue: None,
+        passed_through: None,
         event: None,
     }
 }
@@ -170,6 +193,7 @@ fn rolled_back(s: &RolloutState, obs: &Observation) -> Next {
         }),
         target: Target::Nothing,
         requeue: None,
+        passed_through: None,
         event: Some(info("RolledBack", message)),
     }
 }
@@ -209,6 +233,7 @@ fn start(
             weight: Weight::ZERO,
         },
         requeue: Some(obs.progress_deadline),
+        passed_through: None,
         event: Some(info(
             if replaced.is_some() {
                 "CanaryReplaced"
@@ -233,6 +258,7 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         ..s.clone()
     };
     let hold = |state: RolloutState, requeue: Option<Duration>| Next {
+        passed_through: None,
         target: Target::Canary {
             size,
             weight: state.weight,
@@ -505,6 +531,7 @@ fn stopped_by_checks(
             state: Some(state),
             target: Target::Nothing,
             requeue: None,
+            passed_through: None,
             event: Some(Event {
                 reason,
                 message,
@@ -530,6 +557,7 @@ fn stopped_by_checks(
         },
         state: Some(state),
         requeue: None,
+        passed_through: None,
         event: entering.then_some(Event {
             reason: "AnalysisInconclusive",
             message,
@@ -562,6 +590,7 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
             state: Some(state),
             target: Target::Nothing,
             requeue: None,
+            passed_through: None,
             event: Some(Event {
                 reason: "ProgressDeadlineExceeded",
                 message,
@@ -586,6 +615,7 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
             weight: routable(s.weight, obs),
         },
         requeue: Some(deadline - waited),
+        passed_through: None,
         event: None,
     }
 }
@@ -638,12 +668,14 @@ fn promote(s: &RolloutState, obs: &Observation) -> Next {
             state: Some(state),
             target: Target::Nothing,
             requeue: None,
+            passed_through: None,
         };
     };
     Next {
         state: Some(state),
         target,
         requeue: None,
+        passed_through: None,
         event: None,
     }
 }
@@ -1165,11 +1197,21 @@ mod tests {
             next(Some(&restarted), &obs(&spec), t(119)).requeue,
             Some(Duration::from_secs(1))
         );
+        // The pause ends, and the weight step after it is taken in the same pass.
         let n = next(Some(&restarted), &obs(&spec), t(120));
+        let reasons: Vec<_> = n.events().map(|e| e.reason).collect();
+        assert_eq!(reasons, ["PauseEnded", "WeightSet"]);
+        assert_eq!(
+            n.target,
+            Target::Canary {
+                size: w(5000),
+                weight: w(5000)
+            }
+        );
         let s = n.state.unwrap();
         assert_eq!(
             (s.phase, s.step, s.step_started),
-            (Phase::Progressing, 2, Some(t(120)))
+            (Phase::Progressing, 3, Some(t(120)))
         );
     }
 
@@ -1196,7 +1238,7 @@ mod tests {
             &obs(&spec),
             started + SignedDuration::from_secs(120),
         );
-        assert_eq!(n.state.unwrap().step, 2);
+        assert_eq!(n.passed_through.map(|e| e.reason), Some("PauseEnded"));
     }
 
     #[test]
@@ -1409,7 +1451,7 @@ mod tests {
                 ..obs(spec)
             };
             let n = next(state.as_ref(), &o, t(now));
-            events.extend(n.event.iter().map(|e| e.reason));
+            events.extend(n.events().map(|e| e.reason));
             match n.target {
                 Target::Canary { size, weight } => {
                     canary_ready = canary_replicas(o.stable_replicas, size.max(weight));
@@ -1724,11 +1766,19 @@ mod tests {
         }
         match stored {
             Some(s) if s.hash == next_state.hash => {
-                // One step at a time, never backwards; or a fresh canary of a settled template.
+                // One step at a time (and the one after a pause that ends), never backwards;
+                // or a fresh canary of a settled template.
                 let fresh = settled_phase(s.phase)
                     && (next_state.phase, next_state.step) == (Phase::Progressing, 0);
+                let pause_ended = n
+                    .passed_through
+                    .as_ref()
+                    .is_some_and(|e| e.reason == "PauseEnded");
                 assert!(
-                    fresh || next_state.step == s.step || next_state.step == s.step + 1,
+                    fresh
+                        || next_state.step == s.step
+                        || next_state.step == s.step + 1
+                        || (pause_ended && next_state.step == s.step + 2),
                     "{case}"
                 );
                 // Settled rollouts stay settled, with nothing running, until a change is held.
@@ -1743,7 +1793,7 @@ mod tests {
                 }
                 // Every change of phase or step is announced.
                 if (s.phase, s.step) != (next_state.phase, next_state.step) {
-                    assert!(n.event.is_some(), "{case}");
+                    assert!(n.events().next().is_some(), "{case}");
                 }
             }
             // A new canary starts at step 1 with no traffic, and says so.
