@@ -980,11 +980,17 @@ impl Apply<'_> {
         writes: &[Write],
         next_state: Option<&RolloutState>,
     ) -> Result<Applied, ControllerError> {
+        // The Events are recorded while the traffic is written, and before the state: a pass
+        // that stops before its state is stored announces again, under the same names.
+        let mut announcing = Vec::new();
         for write in writes {
             match write {
-                Write::Announce(event) => {
-                    publish(self.ctx, self.deployment, &self.read.facts, event).await;
-                }
+                Write::Announce(event) => announcing.push(publish_in_background(
+                    self.ctx,
+                    self.deployment,
+                    &self.read.facts,
+                    event,
+                )),
                 Write::ApplyCanary {
                     size,
                     weight,
@@ -997,7 +1003,10 @@ impl Apply<'_> {
                         return Ok(waiting);
                     }
                 }
-                Write::StoreState(state) => self.store_state(Some(state)).await?,
+                Write::StoreState(state) => {
+                    join_all(&mut announcing).await;
+                    self.store_state(Some(state)).await?;
+                }
                 Write::Unpause => self.unpause().await?,
                 Write::RepinStable(hash) => self.repin_stable(hash).await?,
                 Write::TrafficToStable(router) => self.traffic_to_stable(router).await?,
@@ -1026,10 +1035,14 @@ impl Apply<'_> {
                     }
                 }
                 Write::Release => self.release().await?,
-                Write::ForgetState => self.store_state(None).await?,
+                Write::ForgetState => {
+                    join_all(&mut announcing).await;
+                    self.store_state(None).await?;
+                }
                 Write::WaitForStableReplicaSet => return Ok(Applied::Waiting),
             }
         }
+        join_all(&mut announcing).await;
         Ok(Applied::Done)
     }
 
@@ -1624,6 +1637,25 @@ async fn publish(
     facts: &DeploymentFacts,
     event: &machine::Event,
 ) {
+    // Awaited here: a task that is not joined is not an error to report.
+    let _ = publish_in_background(ctx, deployment, facts, event).await;
+}
+
+/// Waits for the Events being recorded.
+async fn join_all(announcing: &mut Vec<tokio::task::JoinHandle<()>>) {
+    for task in announcing.drain(..) {
+        // A task that is not joined is not an error to report: the Event is best effort.
+        let _ = task.await;
+    }
+}
+
+/// Records the Event on its own task, so that the writes after it need not wait for it.
+fn publish_in_background(
+    ctx: &Context,
+    deployment: &DynamicObject,
+    facts: &DeploymentFacts,
+    event: &machine::Event,
+) -> tokio::task::JoinHandle<()> {
     let announcement = events::transition_event(
         deployment.object_ref(&deployment_resource()),
         deployment
@@ -1635,7 +1667,11 @@ async fn publish(
         &ctx.reporter,
         Timestamp::now(),
     );
-    if let Err(e) = events::record(&ctx.client, &announcement).await {
-        tracing::warn!(error = %e, reason = event.reason, "could not record an Event");
-    }
+    let client = ctx.client.clone();
+    let reason = event.reason;
+    tokio::spawn(async move {
+        if let Err(e) = events::record(&client, &announcement).await {
+            tracing::warn!(error = %e, reason, "could not record an Event");
+        }
+    })
 }
