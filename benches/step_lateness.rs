@@ -178,7 +178,17 @@ async fn main() -> BenchResult<()> {
         .await?
         - reconcile_seconds_before;
     let mut requests = std::collections::BTreeMap::new();
+    // When each TrafficSplit write reached the stand-in's handler, per Deployment.
+    let mut split_patches: HashMap<(String, String), Vec<SystemTime>> = HashMap::new();
     for r in &api.requests_by(&serve.user)[requests_before..] {
+        if (r.verb, r.resource.as_str()) == ("patch", "trafficsplits")
+            && let (Some(ns), Some(name)) = (&r.namespace, &r.name)
+        {
+            split_patches
+                .entry((ns.clone(), name.clone()))
+                .or_default()
+                .push(r.at);
+        }
         if r.verb != "watch" && r.resource != "leases" {
             *requests
                 .entry(format!("{} {}", r.verb, r.resource))
@@ -191,6 +201,7 @@ async fn main() -> BenchResult<()> {
         .await?;
     let timeline = timeline.lock().map_err(|_| "timeline poisoned")?;
     let mut late = Vec::new();
+    let (mut sent, mut served) = (Vec::new(), Vec::new());
     let mut missing = 0;
     for i in 0..canaries {
         let (ns, name) = fleet.at(i);
@@ -200,12 +211,22 @@ async fn main() -> BenchResult<()> {
             match (due, written) {
                 (Some(due), Some(written)) => {
                     late.push(written.duration_since(*due).unwrap_or(Duration::ZERO));
+                    // The last write request that reached the stand-in before the commit.
+                    if let Some(arrived) = split_patches
+                        .get(&(ns.clone(), name.clone()))
+                        .and_then(|at| at.iter().filter(|a| *a <= written).max())
+                    {
+                        sent.push(arrived.duration_since(*due).unwrap_or(Duration::ZERO));
+                        served.push(written.duration_since(*arrived).unwrap_or(Duration::ZERO));
+                    }
                 }
                 _ => missing += 1,
             }
         }
     }
     late.sort_unstable();
+    sent.sort_unstable();
+    served.sort_unstable();
     println!(
         "step lateness (pause end → TrafficSplit write of the next weight), {canaries} canaries × {} timed pauses of {}s: {} (target p99 < 1 s: {}); {missing} not seen; change feed lagged by {}",
         TIMED_PAUSES.len(),
@@ -217,6 +238,14 @@ async fn main() -> BenchResult<()> {
             "NOT met"
         },
         timeline.lagged,
+    );
+    println!(
+        "  pause end → the write request at the stand-in's handler: {}",
+        fleet::spread(&sent)
+    );
+    println!(
+        "  the stand-in's own share (that request's arrival → its commit): {}",
+        fleet::spread(&served)
     );
     println!(
         "  of which fledge's own (its fledge_pause_end_lateness_seconds: pause end → the reconcile that ends it): mean {:.1} ms, p99 ≤ {:.0} ms",

@@ -1249,6 +1249,7 @@ fn the_rbac_check_names_what_is_missing_and_what_is_unused() {
         subresource: String::new(),
         namespace: namespace.map(str::to_owned),
         name: None,
+        at: std::time::SystemTime::UNIX_EPOCH,
     };
     let diff = least_privilege(
         chart::default_render(),

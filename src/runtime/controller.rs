@@ -77,7 +77,7 @@ const REAPPLY: Duration = Duration::from_secs(60);
 const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles at once: a bound, so that thousands of Deployments changing together cannot take
 /// every core from the webhook.
-const CONCURRENCY: u16 = 16;
+const CONCURRENCY: u16 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {

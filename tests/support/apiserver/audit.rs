@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use axum::http::Method;
 
@@ -35,6 +36,8 @@ pub struct ApiRequest {
     pub namespace: Option<String>,
     /// `None` for list, watch, create and deletecollection.
     pub name: Option<String>,
+    /// When the request reached the handler (after TLS and HTTP parsing).
+    pub at: SystemTime,
 }
 
 /// The requests so far, oldest first.
@@ -82,6 +85,7 @@ impl Requests {
             subresource: subresource.into(),
             namespace: routed.namespace.map(str::to_owned),
             name: routed.name.map(str::to_owned),
+            at: SystemTime::now(),
         });
     }
 }
