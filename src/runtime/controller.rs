@@ -982,15 +982,26 @@ impl Apply<'_> {
     ) -> Result<Applied, ControllerError> {
         // The Events are recorded while the traffic is written, and before the state: a pass
         // that stops before its state is stored announces again, under the same names.
+        // One task records them all, in order.
+        let events: Vec<&machine::Event> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Announce(event) => Some(event),
+                _ => None,
+            })
+            .collect();
         let mut announcing = Vec::new();
+        if !events.is_empty() {
+            announcing.push(publish_in_background(
+                self.ctx,
+                self.deployment,
+                &self.read.facts,
+                &events,
+            ));
+        }
         for write in writes {
             match write {
-                Write::Announce(event) => announcing.push(publish_in_background(
-                    self.ctx,
-                    self.deployment,
-                    &self.read.facts,
-                    event,
-                )),
+                Write::Announce(_) => {}
                 Write::ApplyCanary {
                     size,
                     weight,
@@ -1638,7 +1649,7 @@ async fn publish(
     event: &machine::Event,
 ) {
     // Awaited here: a task that is not joined is not an error to report.
-    let _ = publish_in_background(ctx, deployment, facts, event).await;
+    let _ = publish_in_background(ctx, deployment, facts, &[event]).await;
 }
 
 /// Waits for the Events being recorded.
@@ -1649,29 +1660,37 @@ async fn join_all(announcing: &mut Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-/// Records the Event on its own task, so that the writes after it need not wait for it.
+/// Records the Events, in order, on a task of their own, so that the writes after them need not
+/// wait for them.
 fn publish_in_background(
     ctx: &Context,
     deployment: &DynamicObject,
     facts: &DeploymentFacts,
-    event: &machine::Event,
+    events: &[&machine::Event],
 ) -> tokio::task::JoinHandle<()> {
-    let announcement = events::transition_event(
-        deployment.object_ref(&deployment_resource()),
-        deployment
-            .annotations()
-            .get(ANNOTATION_STATE)
-            .map(String::as_str),
-        &facts.template_hash,
-        event,
-        &ctx.reporter,
-        Timestamp::now(),
-    );
+    let announcements: Vec<_> = events
+        .iter()
+        .map(|event| {
+            let announcement = events::transition_event(
+                deployment.object_ref(&deployment_resource()),
+                deployment
+                    .annotations()
+                    .get(ANNOTATION_STATE)
+                    .map(String::as_str),
+                &facts.template_hash,
+                event,
+                &ctx.reporter,
+                Timestamp::now(),
+            );
+            (event.reason, announcement)
+        })
+        .collect();
     let client = ctx.client.clone();
-    let reason = event.reason;
     tokio::spawn(async move {
-        if let Err(e) = events::record(&client, &announcement).await {
-            tracing::warn!(error = %e, reason, "could not record an Event");
+        for (reason, announcement) in announcements {
+            if let Err(e) = events::record(&client, &announcement).await {
+                tracing::warn!(error = %e, reason, "could not record an Event");
+            }
         }
     })
 }
