@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -52,6 +52,7 @@ use crate::runtime::analysis;
 use crate::runtime::clock::Clock;
 use crate::runtime::events::{self, Reporter};
 use crate::runtime::measurements::{Completed, Measurements, Subject};
+use crate::runtime::owner_index::OwnerIndex;
 use crate::runtime::policies::{self, PolicyWatch};
 use crate::runtime::traffic::{
     TrafficError, TrafficObjects, is_fledges, not_served, route_resource, rules_of, split_resource,
@@ -292,8 +293,37 @@ struct Caches {
     services: Store<Service>,
     /// Every ReplicaSet, metadata only: the stable one's `pod-template-hash`.
     replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+    replicasets_by_owner: OwnerIndex<PartialObjectMeta<ReplicaSet>>,
     /// The canaries' ReplicaSets, whole: their available pods.
     canary_replicasets: Store<ReplicaSet>,
+    canary_replicasets_by_owner: OwnerIndex<ReplicaSet>,
+}
+
+impl Caches {
+    /// The cached ReplicaSets owned by the Deployment with `uid`.
+    fn replicasets_of(&self, uid: &str) -> Vec<Arc<PartialObjectMeta<ReplicaSet>>> {
+        owned(&self.replicasets, &self.replicasets_by_owner, uid)
+    }
+
+    /// The cached canary ReplicaSets owned by the canary Deployment with `uid`.
+    fn canary_replicasets_of(&self, uid: &str) -> Vec<Arc<ReplicaSet>> {
+        owned(
+            &self.canary_replicasets,
+            &self.canary_replicasets_by_owner,
+            uid,
+        )
+    }
+}
+
+fn owned<K>(store: &Store<K>, index: &OwnerIndex<K>, uid: &str) -> Vec<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    index
+        .owned_by(uid)
+        .iter()
+        .filter_map(|key| store.get(key))
+        .collect()
 }
 
 impl Caches {
@@ -461,21 +491,27 @@ pub async fn run(
         .reflect(services_writer)
         .applied_objects();
     let (replicasets, replicasets_writer) = reflector::store();
+    let replicasets_by_owner = OwnerIndex::default();
+    let indexing = replicasets_by_owner.clone();
     let replicaset_stream = watcher(
         scoped::<PartialObjectMeta<ReplicaSet>>(&client, &config.namespace),
         watcher::Config::default(),
     )
     .default_backoff()
     .modify(|r| observe::trim_replicaset_for_cache(&mut r.metadata))
+    .inspect_ok(move |event| indexing.apply(event))
     .reflect(replicasets_writer)
     .applied_objects();
     let (canary_replicasets, canary_replicasets_writer) = reflector::store();
+    let canary_replicasets_by_owner = OwnerIndex::default();
+    let indexing = canary_replicasets_by_owner.clone();
     let canary_replicaset_stream = watcher(
         scoped::<ReplicaSet>(&client, &config.namespace),
         canary_pods,
     )
     .default_backoff()
     .modify(|r| r.managed_fields_mut().clear())
+    .inspect_ok(move |event| indexing.apply(event))
     .reflect(canary_replicasets_writer)
     .applied_objects();
 
@@ -504,7 +540,9 @@ pub async fn run(
             canaries,
             services,
             replicasets,
+            replicasets_by_owner,
             canary_replicasets,
+            canary_replicasets_by_owner,
         },
         failures: Mutex::default(),
         measurements,
@@ -666,16 +704,10 @@ fn read(
         .map(|c| json("the canary Deployment", serde_json::to_value(&*c)))
         .transpose()?;
     let canary_uid = canary.as_ref().and_then(|c| c["metadata"]["uid"].as_str());
-    let canary_replicasets = caches
-        .canary_replicasets
-        .state()
+    let canary_replicasets = canary_uid
+        .map(|uid| caches.canary_replicasets_of(uid))
+        .unwrap_or_default()
         .iter()
-        .filter(|rs| rs.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|rs| {
-            rs.owner_references()
-                .iter()
-                .any(|o| Some(o.uid.as_str()) == canary_uid)
-        })
         .map(|rs| json("a canary ReplicaSet", serde_json::to_value(&**rs)))
         .collect::<Result<Vec<_>, _>>()?;
     let service = |suffix: &str| {
@@ -694,15 +726,10 @@ fn read(
         }),
     };
     let uid = deployment.uid();
-    let replicasets: Vec<Value> = caches
-        .replicasets
-        .state()
+    let replicasets: Vec<Value> = uid
+        .map(|uid| caches.replicasets_of(&uid))
+        .unwrap_or_default()
         .iter()
-        .filter(|rs| {
-            rs.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
         .filter_map(|rs| serde_json::to_value(&**rs).ok())
         .collect();
     let stable_pod_template_hash = observe::stable_pod_template_hash(&value, &replicasets);

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod events;
 pub mod lease;
 pub mod measurements;
+pub mod owner_index;
 pub mod policies;
 pub mod serve;
 pub mod server;
