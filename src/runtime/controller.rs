@@ -300,30 +300,19 @@ struct Caches {
 }
 
 impl Caches {
-    /// The cached ReplicaSets owned by the Deployment with `uid`.
-    fn replicasets_of(&self, uid: &str) -> Vec<Arc<PartialObjectMeta<ReplicaSet>>> {
-        owned(&self.replicasets, &self.replicasets_by_owner, uid)
+    /// The cached ReplicaSets owned by the Deployment with `uid` in `namespace`.
+    fn replicasets_of(
+        &self,
+        namespace: &str,
+        uid: &str,
+    ) -> Vec<Arc<PartialObjectMeta<ReplicaSet>>> {
+        self.replicasets_by_owner.owned_by(namespace, uid)
     }
 
-    /// The cached canary ReplicaSets owned by the canary Deployment with `uid`.
-    fn canary_replicasets_of(&self, uid: &str) -> Vec<Arc<ReplicaSet>> {
-        owned(
-            &self.canary_replicasets,
-            &self.canary_replicasets_by_owner,
-            uid,
-        )
+    /// The cached canary ReplicaSets owned by the canary Deployment with `uid` in `namespace`.
+    fn canary_replicasets_of(&self, namespace: &str, uid: &str) -> Vec<Arc<ReplicaSet>> {
+        self.canary_replicasets_by_owner.owned_by(namespace, uid)
     }
-}
-
-fn owned<K>(store: &Store<K>, index: &OwnerIndex<K>, uid: &str) -> Vec<Arc<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    index
-        .owned_by(uid)
-        .iter()
-        .filter_map(|key| store.get(key))
-        .collect()
 }
 
 impl Caches {
@@ -491,7 +480,7 @@ pub async fn run(
         .reflect(services_writer)
         .applied_objects();
     let (replicasets, replicasets_writer) = reflector::store();
-    let replicasets_by_owner = OwnerIndex::default();
+    let replicasets_by_owner = OwnerIndex::new(replicasets.clone());
     let indexing = replicasets_by_owner.clone();
     let replicaset_stream = watcher(
         scoped::<PartialObjectMeta<ReplicaSet>>(&client, &config.namespace),
@@ -503,7 +492,7 @@ pub async fn run(
     .reflect(replicasets_writer)
     .applied_objects();
     let (canary_replicasets, canary_replicasets_writer) = reflector::store();
-    let canary_replicasets_by_owner = OwnerIndex::default();
+    let canary_replicasets_by_owner = OwnerIndex::new(canary_replicasets.clone());
     let indexing = canary_replicasets_by_owner.clone();
     let canary_replicaset_stream = watcher(
         scoped::<ReplicaSet>(&client, &config.namespace),
@@ -705,7 +694,7 @@ fn read(
         .transpose()?;
     let canary_uid = canary.as_ref().and_then(|c| c["metadata"]["uid"].as_str());
     let canary_replicasets = canary_uid
-        .map(|uid| caches.canary_replicasets_of(uid))
+        .map(|uid| caches.canary_replicasets_of(&namespace, uid))
         .unwrap_or_default()
         .iter()
         .map(|rs| json("a canary ReplicaSet", serde_json::to_value(&**rs)))
@@ -727,7 +716,7 @@ fn read(
     };
     let uid = deployment.uid();
     let replicasets: Vec<Value> = uid
-        .map(|uid| caches.replicasets_of(&uid))
+        .map(|uid| caches.replicasets_of(&namespace, &uid))
         .unwrap_or_default()
         .iter()
         .filter_map(|rs| serde_json::to_value(&**rs).ok())
