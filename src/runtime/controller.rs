@@ -187,7 +187,7 @@ impl ControllerMetrics {
         );
         registry.register(
             "controller_reconciles",
-            "Reconciles, by result (ok, error; deferred: before the caches were listed)",
+            "Reconciles, by result (ok, error; deferred: before the caches were listed, or while a Deployment's cache has not seen fledge's own last write of it)",
             metrics.reconciles.clone(),
         );
         registry.register(
@@ -313,9 +313,7 @@ impl Caches {
     fn canary_replicasets_of(&self, namespace: &str, uid: &str) -> Vec<Arc<ReplicaSet>> {
         self.canary_replicasets_by_owner.owned_by(namespace, uid)
     }
-}
 
-impl Caches {
     /// Whether every cache has been listed once: a controller that starts (or restarts) must not
     /// take a cache still empty for a world without canary pods, and turn their traffic off.
     fn ready(&self) -> bool {
@@ -1006,15 +1004,12 @@ impl Apply<'_> {
                 _ => None,
             })
             .collect();
-        let mut announcing = Vec::new();
-        if !events.is_empty() {
-            announcing.push(publish_in_background(
-                self.ctx,
-                self.deployment,
-                &self.read.facts,
-                &events,
-            ));
-        }
+        let mut announcing = (!events.is_empty()).then(|| {
+            tokio::spawn(record_all(
+                self.ctx.client.clone(),
+                announcements(self.ctx, self.deployment, &self.read.facts, &events),
+            ))
+        });
         for write in writes {
             match write {
                 Write::Announce(_) => {}
@@ -1031,7 +1026,7 @@ impl Apply<'_> {
                     }
                 }
                 Write::StoreState(state) => {
-                    join_all(&mut announcing).await;
+                    joined(&mut announcing).await;
                     self.store_state(Some(state)).await?;
                 }
                 Write::Unpause => self.unpause().await?,
@@ -1063,13 +1058,13 @@ impl Apply<'_> {
                 }
                 Write::Release => self.release().await?,
                 Write::ForgetState => {
-                    join_all(&mut announcing).await;
+                    joined(&mut announcing).await;
                     self.store_state(None).await?;
                 }
                 Write::WaitForStableReplicaSet => return Ok(Applied::Waiting),
             }
         }
-        join_all(&mut announcing).await;
+        joined(&mut announcing).await;
         Ok(Applied::Done)
     }
 
@@ -1664,27 +1659,24 @@ async fn publish(
     facts: &DeploymentFacts,
     event: &machine::Event,
 ) {
-    // Awaited here: a task that is not joined is not an error to report.
-    let _ = publish_in_background(ctx, deployment, facts, &[event]).await;
+    record_all(
+        ctx.client.clone(),
+        announcements(ctx, deployment, facts, &[event]),
+    )
+    .await;
 }
 
-/// Waits for the Events being recorded.
-async fn join_all(announcing: &mut Vec<tokio::task::JoinHandle<()>>) {
-    for task in announcing.drain(..) {
-        // A task that is not joined is not an error to report: the Event is best effort.
-        let _ = task.await;
-    }
-}
+/// An Event to record, with its reason (for the log when it cannot be recorded).
+type Announcement = (&'static str, k8s_openapi::api::events::v1::Event);
 
-/// Records the Events, in order, on a task of their own, so that the writes after them need not
-/// wait for them.
-fn publish_in_background(
+/// The Events announcing `events` for the Deployment.
+fn announcements(
     ctx: &Context,
     deployment: &DynamicObject,
     facts: &DeploymentFacts,
     events: &[&machine::Event],
-) -> tokio::task::JoinHandle<()> {
-    let announcements: Vec<_> = events
+) -> Vec<Announcement> {
+    events
         .iter()
         .map(|event| {
             let announcement = events::transition_event(
@@ -1700,13 +1692,22 @@ fn publish_in_background(
             );
             (event.reason, announcement)
         })
-        .collect();
-    let client = ctx.client.clone();
-    tokio::spawn(async move {
-        for (reason, announcement) in announcements {
-            if let Err(e) = events::record(&client, &announcement).await {
-                tracing::warn!(error = %e, reason, "could not record an Event");
-            }
+        .collect()
+}
+
+/// Records the Events, in order.
+async fn record_all(client: Client, announcements: Vec<Announcement>) {
+    for (reason, announcement) in announcements {
+        if let Err(e) = events::record(&client, &announcement).await {
+            tracing::warn!(error = %e, reason, "could not record an Event");
         }
-    })
+    }
+}
+
+/// Waits for the Events being recorded, if they still are.
+async fn joined(announcing: &mut Option<tokio::task::JoinHandle<()>>) {
+    if let Some(task) = announcing.take() {
+        // A task that did not finish is not an error to report: Events are best effort.
+        let _ = task.await;
+    }
 }
