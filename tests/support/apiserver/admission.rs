@@ -24,9 +24,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::UserInfo;
 use super::selectors::LabelSelector;
 use super::status::ApiError;
+use super::{UserInfo, lock};
 
 /// What happens when the webhook cannot be called or answers garbage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -466,7 +466,7 @@ async fn post(hook: &WebhookConfig, url: &str, body: Vec<u8>) -> Result<Value, S
         .map_err(|e| e.to_string())?
         .to_bytes();
     if sender.is_ready() {
-        lock_idle().entry(key).or_default().push(sender);
+        lock(&IDLE).entry(key).or_default().push(sender);
     }
     if !status.is_success() {
         return Err(format!(
@@ -488,14 +488,9 @@ static IDLE: LazyLock<Mutex<IdleConnections>> = LazyLock::new(Mutex::default);
 
 type IdleConnections = HashMap<ConnectionKey, Vec<SendRequest<Full<Bytes>>>>;
 
-fn lock_idle() -> std::sync::MutexGuard<'static, IdleConnections> {
-    IDLE.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// An idle connection still open, if there is one.
 fn idle_connection(key: &ConnectionKey) -> Option<SendRequest<Full<Bytes>>> {
-    let mut idle = lock_idle();
+    let mut idle = lock(&IDLE);
     let senders = idle.get_mut(key)?;
     while let Some(sender) = senders.pop() {
         if !sender.is_closed() && sender.is_ready() {
