@@ -211,7 +211,7 @@ fn lean_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMet
 
 /// The `fledge.dev/*` entries of an annotations map: the decision reads no others. The
 /// rest (`kubectl.kubernetes.io/last-applied-configuration` above all) must still be strings, but
-/// is not copied.
+/// is neither copied nor unescaped: it is skipped as raw JSON and checked to be a string.
 fn fledge_entries<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
@@ -232,8 +232,11 @@ fn fledge_entries<'de, D: Deserializer<'de>>(
             while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                 if key.starts_with(spec::PREFIX) {
                     kept.insert(key.into_owned(), map.next_value::<String>()?);
-                } else {
-                    map.next_value::<Text<'de>>()?;
+                } else if !map.next_value::<&'de RawValue>()?.get().starts_with('"') {
+                    return Err(serde::de::Error::invalid_type(
+                        serde::de::Unexpected::Other(&format!("a non-string value for {key}")),
+                        &self,
+                    ));
                 }
             }
             Ok(Entries(kept))
