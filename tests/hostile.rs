@@ -25,7 +25,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
 use fledge::core::admission::review as wire;
-use fledge::core::admission::{self, AdmissionOutcome, DeploymentView};
+use fledge::core::admission::{self, AdmissionOutcome, ReviewRequest};
 use fledge::core::spec::{
     ANNOTATION_HOLD, ANNOTATION_ROOT_SERVICE, ANNOTATION_STABLE_HASH, ANNOTATION_STATE,
     ANNOTATION_STEPS, LABEL_ENABLED,
@@ -33,7 +33,6 @@ use fledge::core::spec::{
 use fledge::core::template;
 use fledge::runtime::server::{self, AppState, BadRequest, MAX_BODY_BYTES};
 use http_body_util::BodyExt as _;
-use kube::core::admission::AdmissionRequest;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
@@ -1582,7 +1581,7 @@ fn fail(message: impl Into<String>, body: &[u8]) -> TestCaseError {
 
 /// The apiVersion and kind a reply to `req` must carry: the review's own version (v1 when the
 /// review names none), kind AdmissionReview.
-fn reply_types(req: &AdmissionRequest<DeploymentView>) -> (&str, &str) {
+fn reply_types(req: &ReviewRequest) -> (&str, &str) {
     let version = match req.types.api_version.as_str() {
         "" => V1,
         version => version,
@@ -1662,7 +1661,7 @@ fn reply_patch(reply: &Value) -> Option<json_patch::Patch> {
 /// reply JSON.
 fn check_decision(
     body: &[u8],
-    req: &AdmissionRequest<DeploymentView>,
+    req: &ReviewRequest,
     counts: &Counts,
 ) -> Result<Value, TestCaseError> {
     counts.add("decided");
@@ -1785,7 +1784,7 @@ fn locate(root: &Value, path: &[(&str, usize)]) -> Option<String> {
 /// under the uid found in it (by `review::uid`, which reads nothing else), if any, in v1.
 fn expected_reply(
     body: &[u8],
-    parsed: &Result<AdmissionRequest<DeploymentView>, wire::ReviewError>,
+    parsed: &Result<ReviewRequest, wire::ReviewError>,
 ) -> Option<(String, String)> {
     match parsed {
         Ok(req) => Some((req.uid.clone(), reply_types(req).0.to_owned())),

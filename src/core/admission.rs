@@ -18,7 +18,7 @@ use std::fmt;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation};
-use kube::core::admission::{AdmissionRequest, Operation};
+use kube::core::admission::Operation;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -28,7 +28,7 @@ use crate::core::spec::{self, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, FLEDGE_AN
 use crate::core::template::Canonical;
 
 pub mod review;
-pub use review::DeploymentView;
+pub use review::{DeploymentView, ReviewRequest};
 
 /// The field manager of fledge's own writes (the controller and the commands).
 pub const FIELD_MANAGER: &str = "fledge";
@@ -207,7 +207,7 @@ impl Decision {
 }
 
 /// Decides one admission request for a Deployment, under the policies and namespaces of `policies`.
-pub fn decide(req: &AdmissionRequest<DeploymentView>, policies: &PolicySnapshot) -> Decision {
+pub fn decide(req: &ReviewRequest, policies: &PolicySnapshot) -> Decision {
     if req.kind.group != "apps" || req.kind.kind != "Deployment" {
         return Decision::allow(AllowReason::NotADeployment);
     }
@@ -819,7 +819,7 @@ mod tests {
     };
 
     /// Decides without policies or opted-in namespaces.
-    fn decide(req: &AdmissionRequest<DeploymentView>) -> Decision {
+    fn decide(req: &ReviewRequest) -> Decision {
         super::decide(req, &PolicySnapshot::default())
     }
 
@@ -855,7 +855,7 @@ mod tests {
         object: Value,
         old: Option<Value>,
         field_manager: Option<&str>,
-    ) -> AdmissionRequest<DeploymentView> {
+    ) -> ReviewRequest {
         let mut review = review::deployment_review(
             "705ab4f5-6393-11e8-b7cc-42010a800002",
             "alice",
@@ -869,16 +869,16 @@ mod tests {
         review::parse(&serde_json::to_vec(&review).unwrap()).unwrap()
     }
 
-    fn update(old: Value, new: Value) -> AdmissionRequest<DeploymentView> {
+    fn update(old: Value, new: Value) -> ReviewRequest {
         request("UPDATE", new, Some(old), Some("kubectl-client-side-apply"))
     }
 
-    fn update_by(manager: &str, old: Value, new: Value) -> AdmissionRequest<DeploymentView> {
+    fn update_by(manager: &str, old: Value, new: Value) -> ReviewRequest {
         request("UPDATE", new, Some(old), Some(manager))
     }
 
     /// The object the API server stores after applying the decision's patch.
-    fn apply(req: &AdmissionRequest<DeploymentView>, decision: &Decision) -> Value {
+    fn apply(req: &ReviewRequest, decision: &Decision) -> Value {
         let mut object: Value =
             serde_json::from_str(&serde_json::to_string(req.object.as_ref().unwrap()).unwrap())
                 .unwrap();
@@ -890,7 +890,7 @@ mod tests {
 
     /// What the API server stores for `old` → `new`: `new` with the decision's patch, whose
     /// template is the user's exactly.
-    fn stored(req: &AdmissionRequest<DeploymentView>) -> (Decision, Value) {
+    fn stored(req: &ReviewRequest) -> (Decision, Value) {
         let d = decide(req);
         let object = apply(req, &d);
         (d, object)
@@ -917,7 +917,7 @@ mod tests {
 
     /// Applies the decision, then asks again about the result (as reinvocation does): nothing more
     /// changes.
-    fn assert_reinvocation_is_a_no_op(req: &AdmissionRequest<DeploymentView>) -> Value {
+    fn assert_reinvocation_is_a_no_op(req: &ReviewRequest) -> Value {
         let (_, once) = stored(req);
         let old = req
             .old_object
@@ -1459,7 +1459,7 @@ mod tests {
     fn responses_carry_uid_patch_and_warnings() {
         let req = update(deployment("web:1"), deployment("web:2"));
         let d = decide(&req);
-        let answer = |req: &AdmissionRequest<DeploymentView>, d: &Decision| -> Value {
+        let answer = |req: &ReviewRequest, d: &Decision| -> Value {
             serde_json::from_slice(&review::answer(&req.types.api_version, &req.uid, d).unwrap())
                 .unwrap()
         };

@@ -4,12 +4,11 @@
 use std::fmt::Write as _;
 
 use json_patch::PatchOperation;
-use kube::core::admission::AdmissionRequest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::core::admission::{
-    self, AdmissionOutcome, Decision, DeploymentView, PatchReason, review,
+    self, AdmissionOutcome, Decision, PatchReason, ReviewRequest, review,
 };
 use crate::core::analysis::{Check, Provider};
 use crate::core::objects::{self, Desired, SplitApi};
@@ -215,10 +214,7 @@ fn as_applied(old: &Value, new: &Value) -> Value {
     merged
 }
 
-fn request(
-    old: Option<&Value>,
-    new: &Value,
-) -> Result<AdmissionRequest<DeploymentView>, PlanError> {
+fn request(old: Option<&Value>, new: &Value) -> Result<ReviewRequest, PlanError> {
     let mut review = review::deployment_review("fledge-plan", "fledge-plan", new, old);
     review["request"]["dryRun"] = json!(true);
     // As kubectl does for a manifest without one.

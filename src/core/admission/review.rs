@@ -4,8 +4,9 @@
 //! review (managedFields, status, both objects) into an intermediate tree before reading it; for an
 //! 8 KB review that is most of the webhook's time. Here the envelope is read without flattening,
 //! the Deployment as a [`DeploymentView`] that keeps only what the decision reads (metadata names,
-//! fledge's labels and annotations, and the pod template as raw JSON) and skips everything else unparsed. The
-//! request itself is still kube-core's [`AdmissionRequest`].
+//! fledge's labels and annotations, and the pod template as raw JSON) and skips everything else unparsed,
+//! and the request as a [`ReviewRequest`]: kube-core's `AdmissionRequest` without the parts the decision
+//! never reads.
 //!
 //! The answer is written here too, because kube-core serializes the JSONPatch (a Go `[]byte`) as an
 //! array of numbers (kube-rs issue 1781), which the API server rejects: it wants base64.
@@ -15,7 +16,9 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::admission::{AdmissionRequest, META_API_VERSION_V1, META_KIND};
+use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
+use kube::core::GroupVersionKind;
+use kube::core::admission::{META_API_VERSION_V1, META_KIND, Operation};
 use kube::core::{NamespaceResourceScope, Resource, TypeMeta};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -245,6 +248,35 @@ fn fledge_entries<'de, D: Deserializer<'de>>(
     Ok(Option::<Entries>::deserialize(deserializer)?.map(|e| e.0))
 }
 
+/// An AdmissionRequest as the decision reads it: kube-core's [`AdmissionRequest`] without the
+/// parts fledge never reads (userInfo, resource, requestKind, requestResource, the subresources),
+/// which are skipped unparsed, not read into strings and maps only to be dropped.
+///
+/// [`AdmissionRequest`]: kube::core::admission::AdmissionRequest
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReviewRequest {
+    /// The review's apiVersion and kind, which the answer repeats.
+    #[serde(skip)]
+    pub types: TypeMeta,
+    pub uid: String,
+    pub kind: GroupVersionKind,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub operation: Operation,
+    #[serde(default)]
+    pub object: Option<DeploymentView>,
+    #[serde(default)]
+    pub old_object: Option<DeploymentView>,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The operation's options; the decision reads `fieldManager`.
+    #[serde(default)]
+    pub options: Option<RawExtension>,
+}
+
 /// The envelope, read without `#[serde(flatten)]`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -253,7 +285,7 @@ struct Envelope {
     api_version: String,
     #[serde(default)]
     kind: String,
-    request: Option<AdmissionRequest<DeploymentView>>,
+    request: Option<ReviewRequest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +308,7 @@ pub enum ReviewError {
 const VERSIONS: [&str; 2] = [META_API_VERSION_V1, "admission.k8s.io/v1beta1"];
 
 /// Parses an AdmissionReview body.
-pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DeploymentView>, ReviewError> {
+pub fn parse(body: &[u8]) -> Result<ReviewRequest, ReviewError> {
     // Checked as UTF-8 once, in bulk, rather than string by string (JSON is UTF-8 throughout).
     let text = std::str::from_utf8(body)?;
     let envelope: Envelope = serde_json::from_str(text)?;
