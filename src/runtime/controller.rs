@@ -334,9 +334,16 @@ struct Context {
     config: ControllerConfig,
     reporter: Reporter,
     caches: Caches,
+    measurements: Measurements,
+    remembered: Arc<Remembered>,
+}
+
+/// What the controller remembers of each Deployment between passes. The Deployment watch forgets a
+/// Deployment when it is deleted, or missing from a relist, so that churn does not grow these.
+#[derive(Default)]
+struct Remembered {
     /// Consecutive failures per Deployment, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<DynamicObject>, u32>>,
-    measurements: Measurements,
     /// The policy (and its generation) each opted-in Deployment was last reconciled under, for
     /// `PolicyChanged` Events.
     governed: Mutex<HashMap<ObjectRef<DynamicObject>, Option<Governing>>>,
@@ -348,6 +355,40 @@ struct Context {
     replaced: Mutex<HashMap<(String, String), String>>,
 }
 
+impl Remembered {
+    /// Follows the Deployment watch, after the store has taken each event.
+    fn follow(&self, event: &watcher::Event<DynamicObject>, store: &Store<DynamicObject>) {
+        match event {
+            watcher::Event::Delete(deployment) => {
+                let gone = ObjectRef::from_obj_with(deployment, deployment_resource());
+                self.keep(|key| *key != gone);
+            }
+            // A relist: what was deleted while the watch was down sent no Delete.
+            watcher::Event::InitDone => self.keep(|key| store.get(key).is_some()),
+            _ => {}
+        }
+    }
+
+    fn keep(&self, keep: impl Fn(&ObjectRef<DynamicObject>) -> bool) {
+        let by_name = |(namespace, name): &(String, String)| {
+            let key = ObjectRef::new_with(name, deployment_resource());
+            keep(&if namespace.is_empty() {
+                key
+            } else {
+                key.within(namespace)
+            })
+        };
+        lock(&self.failures).retain(|key, _| keep(key));
+        lock(&self.governed).retain(|key, _| keep(key));
+        lock(&self.applied).retain(|key, _| by_name(key));
+        lock(&self.replaced).retain(|key, _| by_name(key));
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Context {
     /// Whether the cached `deployment` is still the version that fledge's last write of it
     /// replaced (resourceVersions are only compared for equality, as clients must).
@@ -356,7 +397,7 @@ impl Context {
             deployment.namespace().unwrap_or_default(),
             deployment.name_any(),
         );
-        let mut replaced = self.replaced.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut replaced = lock(&self.remembered.replaced);
         match replaced.get(&key) {
             Some(version) if Some(version) == deployment.metadata.resource_version.as_ref() => true,
             Some(_) => {
@@ -459,10 +500,13 @@ pub async fn run(
 
     let deployments_writer = reflector::store::Writer::new(ar.clone());
     let deployments = deployments_writer.as_reader();
+    let remembered = Arc::new(Remembered::default());
+    let (following, store) = (remembered.clone(), deployments.clone());
     let deployment_stream = watcher(dynamic(&client), watcher::Config::default())
         .default_backoff()
         .modify(observe::trim_for_cache)
         .reflect(deployments_writer)
+        .inspect_ok(move |event| following.follow(event, &store))
         .applied_objects();
     let canaries_writer = reflector::store::Writer::new(ar.clone());
     let canaries = canaries_writer.as_reader();
@@ -531,11 +575,8 @@ pub async fn run(
             canary_replicasets,
             canary_replicasets_by_owner,
         },
-        failures: Mutex::default(),
         measurements,
-        governed: Mutex::default(),
-        applied: Mutex::default(),
-        replaced: Mutex::default(),
+        remembered,
     });
     // Aborted when the controller stops (a deposed leader writes no status).
     let status_task = AbortOnDrop(tokio::spawn(policies::report_status(
@@ -610,7 +651,7 @@ fn error_policy(
 ) -> Action {
     let key = ObjectRef::from_obj_with(&*deployment, deployment_resource());
     let failures = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut failures = lock(&ctx.remembered.failures);
         let n = failures.entry(key).or_insert(0);
         *n = n.saturating_add(1);
         *n
@@ -653,10 +694,7 @@ async fn reconcile(
         .reconciled(result.is_ok(), started.elapsed());
     if result.is_ok() {
         let key = ObjectRef::from_obj_with(&*deployment, deployment_resource());
-        ctx.failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&key);
+        lock(&ctx.remembered.failures).remove(&key);
     }
     result
 }
@@ -1241,20 +1279,12 @@ impl Apply<'_> {
     /// A write of the Deployment succeeded: see [`Context::behind_own_write`].
     fn wrote_deployment(&self) {
         if let Some(version) = self.deployment.resource_version() {
-            self.ctx
-                .replaced
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(self.applied_key(), version);
+            lock(&self.ctx.remembered.replaced).insert(self.applied_key(), version);
         }
     }
 
     fn remember_applied(&self, applied: AppliedCanary) {
-        self.ctx
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(self.applied_key(), applied);
+        lock(&self.ctx.remembered.applied).insert(self.applied_key(), applied);
     }
 
     fn cached_service_version(&self, name: &str) -> Option<String> {
@@ -1275,11 +1305,7 @@ impl Apply<'_> {
     /// The memo of the last full apply, when it still holds for these inputs (see
     /// [`AppliedCanary`]).
     fn still_applied(&self, inputs: &CanaryInputs) -> Option<AppliedCanary> {
-        let applied = self
-            .ctx
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let applied = lock(&self.ctx.remembered.applied)
             .get(&self.applied_key())
             .cloned()?;
         // The cache shows fledge's write, or (not caught up yet) what that write replaced.
@@ -1304,11 +1330,7 @@ impl Apply<'_> {
 
     /// The canary is not applied in this pass: the next one that is starts afresh.
     fn forget_applied(&self) {
-        self.ctx
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.applied_key());
+        lock(&self.ctx.remembered.applied).remove(&self.applied_key());
     }
 
     fn backends<'b>(&'b self, root: &'b str, stable: &'b str, canary: &'b str) -> Backends<'b> {
@@ -1626,7 +1648,7 @@ async fn announce_policy_change(
     let opted_in = facts.spec.is_some() || facts.invalid.is_some();
     let now = facts.policy.as_ref().map(|p| (p.id.clone(), p.generation));
     let before = {
-        let mut governed = ctx.governed.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut governed = lock(&ctx.remembered.governed);
         if opted_in {
             governed.insert(key, now.clone())
         } else {
@@ -1709,5 +1731,83 @@ async fn joined(announcing: &mut Option<tokio::task::JoinHandle<()>>) {
     if let Some(task) = announcing.take() {
         // A task that did not finish is not an error to report: Events are best effort.
         let _ = task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+
+    fn mk_deployment(namespace: &str, name: &str) -> DynamicObject {
+        DynamicObject::new(name, &deployment_resource()).within(namespace)
+    }
+
+    fn remember(remembered: &Remembered, deployment: &DynamicObject) {
+        let key = ObjectRef::from_obj_with(deployment, deployment_resource());
+        lock(&remembered.failures).insert(key.clone(), 1);
+        lock(&remembered.governed).insert(key, None);
+        let by_name = (deployment.namespace().unwrap(), deployment.name_any());
+        lock(&remembered.replaced).insert(by_name, "7".into());
+    }
+
+    /// Each map's Deployments, as `namespace/name`, sorted.
+    fn held(remembered: &Remembered) -> [Vec<String>; 3] {
+        let sorted = |mut names: Vec<String>| {
+            names.sort();
+            names
+        };
+        let by_ref = |key: &ObjectRef<DynamicObject>| {
+            format!("{}/{}", key.namespace.as_deref().unwrap(), key.name)
+        };
+        [
+            sorted(lock(&remembered.failures).keys().map(by_ref).collect()),
+            sorted(lock(&remembered.governed).keys().map(by_ref).collect()),
+            sorted(
+                lock(&remembered.replaced)
+                    .keys()
+                    .map(|(ns, name)| format!("{ns}/{name}"))
+                    .collect(),
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_deployment_deleted_or_missing_from_a_relist_is_forgotten() {
+        let (web, api, blog) = (
+            mk_deployment("shop", "web"),
+            mk_deployment("shop", "api"),
+            mk_deployment("blog", "web"),
+        );
+        let remembered = Remembered::default();
+        let mut writer = Writer::new(deployment_resource());
+        let store = writer.as_reader();
+        for deployment in [&web, &api, &blog] {
+            remember(&remembered, deployment);
+            writer.apply_watcher_event(&watcher::Event::Apply(deployment.clone()));
+        }
+        let all = ["blog/web", "shop/api", "shop/web"]
+            .map(String::from)
+            .to_vec();
+        remembered.follow(&watcher::Event::Apply(web.clone()), &store);
+        assert_eq!(held(&remembered), [all.clone(), all.clone(), all]);
+
+        let deleted = watcher::Event::Delete(web.clone());
+        writer.apply_watcher_event(&deleted);
+        remembered.follow(&deleted, &store);
+        let left = ["blog/web", "shop/api"].map(String::from).to_vec();
+        assert_eq!(held(&remembered), [left.clone(), left.clone(), left]);
+
+        // shop/api was deleted while the watch was down: the relist no longer has it.
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(blog.clone()),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&event);
+            remembered.follow(&event, &store);
+        }
+        let left = vec!["blog/web".to_owned()];
+        assert_eq!(held(&remembered), [left.clone(), left.clone(), left]);
     }
 }
