@@ -851,3 +851,62 @@ async fn promotion_unpauses_and_rolls_out_with_the_users_strategy_on_a_legacy_ap
         assert!(step.available >= 4, "{rollout:?}");
     }
 }
+
+/// A pause that ends when a full apply of the canary's objects is due too (the last one is over a
+/// minute old on fledge's clock): the next weight is written first, and only then is the root
+/// Service read again and the Services written, so that the refresh does not make the step late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_due_with_a_full_apply_writes_its_weight_before_the_refresh() {
+    // 10 % and 20 % of 4 replicas are both one canary pod: the step is a weight write alone.
+    let steps = "- setWeight: 10\n- pause: {duration: 30s}\n- setWeight: 20\n- pause: {}\n";
+    let mut c = stable_v1(steps).await;
+    c.controller_task.abort();
+    let started: jiff::Timestamp = "2026-12-07T10:00:00Z".parse().unwrap();
+    let clock = fledge::runtime::clock::Clock::manual(started);
+    let user = support::apiserver::UserInfo::user("fledge-controller");
+    c.controller_task = start_controller_with(
+        &c.api,
+        c.api.client_as(user.clone()),
+        &c.metrics,
+        clock.clone(),
+    );
+    apply(&c.api, deployment("web:2", steps)).await;
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(split_weights(&c.api), vec![0, 1000]);
+    let before = c.api.requests_by(&user).len();
+
+    clock.set(started + jiff::SignedDuration::from_secs(61));
+    c.api
+        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 3)
+        })
+        .await
+        .unwrap();
+    assert_eq!(split_weights(&c.api), vec![0, 1000, 2000]);
+    let pass: Vec<(&str, String, String)> = c.api.requests_by(&user)[before..]
+        .iter()
+        .filter(|r| r.verb != "watch" && r.verb != "list" && r.resource != "events")
+        .map(|r| {
+            (
+                r.verb,
+                r.resource.clone(),
+                r.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let at = |verb: &str, resource: &str, name: &str| {
+        pass.iter()
+            .position(|(v, r, n)| (*v, r.as_str(), n.as_str()) == (verb, resource, name))
+            .unwrap_or_else(|| panic!("no {verb} {resource}/{name} in {pass:?}"))
+    };
+    let weight = at("patch", "trafficsplits", "web");
+    assert!(
+        weight < at("get", "services", "web") && weight < at("patch", "services", "web-canary"),
+        "the weight first, then the refresh: {pass:?}"
+    );
+}

@@ -72,8 +72,8 @@ const USER_ROUTES_RECHECK: Duration = Duration::from_secs(10);
 /// How long the canary's objects, as fledge last applied them, are trusted without a request:
 /// a reconcile with the same inputs in this time writes nothing, unless the caches show that
 /// someone changed the canary Deployment or a Service since. The traffic object is not watched:
-/// an edit of it by hand is undone within this.
-const REAPPLY: Duration = Duration::from_secs(60);
+/// an edit of it by hand is undone within this. Measured on fledge's clock.
+const REAPPLY: SignedDuration = SignedDuration::from_secs(60);
 /// How often to look at a settled Deployment anyway (from the caches: it costs no request).
 const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles at once: a bound, so that thousands of Deployments changing together cannot take
@@ -460,7 +460,8 @@ struct AppliedCanary {
     inputs: CanaryInputs,
     /// The root Service as read for the last full apply.
     root: Value,
-    at: Instant,
+    /// When the last full apply was, on fledge's clock.
+    at: Timestamp,
     /// The canary Deployment's generation before and after fledge's last write of it.
     canary_generation: [Option<i64>; 2],
     /// The canary and the stable Service's resourceVersions before and after fledge's write.
@@ -1145,27 +1146,42 @@ impl Apply<'_> {
         let memo = (!splits_user_routes)
             .then(|| self.still_applied(&inputs))
             .flatten();
+        // The traffic object this pass has written already.
+        let mut traffic_written = None;
         if let Some(memo) = memo {
-            if memo.inputs == inputs {
+            let traffic_changed = (memo.inputs.weight, &memo.inputs.extras) != (weight, extras);
+            if self.ctx.config.clock.now().duration_since(memo.at) >= REAPPLY {
+                // A full apply is due. A step's weight goes out first, from the root Service as
+                // last read: reading it again and writing the Services must not make the step late.
+                if traffic_changed {
+                    let desired = self.desired(&memo.root, &inputs)?;
+                    if let Some(waiting) = self.apply_traffic(&desired, next_state).await? {
+                        return Ok(Some(waiting));
+                    }
+                    traffic_written = desired.traffic;
+                }
+            } else {
+                if memo.inputs == inputs {
+                    return Ok(None);
+                }
+                let desired = self.desired(&memo.root, &inputs)?;
+                if traffic_changed
+                    && let Some(waiting) = self.apply_traffic(&desired, next_state).await?
+                {
+                    return Ok(Some(waiting));
+                }
+                let canary_generation = if memo.inputs.canary_part() == inputs.canary_part() {
+                    memo.canary_generation
+                } else {
+                    self.apply_canary_deployment(&desired).await?
+                };
+                self.remember_applied(AppliedCanary {
+                    inputs,
+                    canary_generation,
+                    ..memo
+                });
                 return Ok(None);
             }
-            let desired = self.desired(&memo.root, &inputs)?;
-            if (memo.inputs.weight, &memo.inputs.extras) != (weight, extras)
-                && let Some(waiting) = self.apply_traffic(&desired, next_state).await?
-            {
-                return Ok(Some(waiting));
-            }
-            let canary_generation = if memo.inputs.canary_part() == inputs.canary_part() {
-                memo.canary_generation
-            } else {
-                self.apply_canary_deployment(&desired).await?
-            };
-            self.remember_applied(AppliedCanary {
-                inputs,
-                canary_generation,
-                ..memo
-            });
-            return Ok(None);
         }
         let Some(root) = self.services().get_opt(&spec.root_service).await? else {
             let message = format!(
@@ -1197,7 +1213,8 @@ impl Apply<'_> {
                 .metadata
                 .resource_version;
         }
-        if let Some(waiting) = self.apply_traffic(&desired, next_state).await? {
+        let written = traffic_written.is_some() && traffic_written == desired.traffic;
+        if !written && let Some(waiting) = self.apply_traffic(&desired, next_state).await? {
             return Ok(Some(waiting));
         }
         if let Router::GatewayApi { http_routes } = &spec.router
@@ -1211,7 +1228,7 @@ impl Apply<'_> {
         self.remember_applied(AppliedCanary {
             inputs,
             root,
-            at: Instant::now(),
+            at: self.ctx.config.clock.now(),
             canary_generation,
             services,
         });
@@ -1303,7 +1320,7 @@ impl Apply<'_> {
     }
 
     /// The memo of the last full apply, when it still holds for these inputs (see
-    /// [`AppliedCanary`]).
+    /// [`AppliedCanary`]), however long ago that was.
     fn still_applied(&self, inputs: &CanaryInputs) -> Option<AppliedCanary> {
         let applied = lock(&self.ctx.remembered.applied)
             .get(&self.applied_key())
@@ -1313,8 +1330,7 @@ impl Apply<'_> {
             versions[1].is_some() && versions.contains(&now)
         };
         let canary_generation = self.cached_canary_generation();
-        let holds = applied.at.elapsed() < REAPPLY
-            && applied.inputs.services_part() == inputs.services_part()
+        let holds = applied.inputs.services_part() == inputs.services_part()
             && applied.canary_generation[1].is_some()
             && applied.canary_generation.contains(&canary_generation)
             && as_written(

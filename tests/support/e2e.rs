@@ -87,15 +87,30 @@ pub fn start_controller(
     api: &ApiServer,
     metrics: &fledge::runtime::server::ServerMetrics,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(controller::run(
+    start_controller_with(
+        api,
         api.client(),
+        metrics,
+        fledge::runtime::clock::Clock::system(),
+    )
+}
+
+/// [`start_controller`] with its own client (e.g. one that names a user) and clock.
+pub fn start_controller_with(
+    api: &ApiServer,
+    client: kube::Client,
+    metrics: &fledge::runtime::server::ServerMetrics,
+    clock: fledge::runtime::clock::Clock,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(controller::run(
+        client,
         controller::ControllerConfig {
             namespace: Some(NS.into()),
             split_api: SplitApi::V1Alpha2,
             metrics: metrics.controller.clone(),
             prometheus_address: None,
             policies: PolicyWatch::spawn(api.client(), Some(NS.into())),
-            clock: fledge::runtime::clock::Clock::system(),
+            clock,
         },
         std::future::pending(),
     ))
