@@ -29,12 +29,7 @@ async fn a_new_template_walks_the_steps_to_promotion() {
         "no new ReplicaSet while held"
     );
 
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 3)
-        })
-        .await
-        .unwrap();
+    wait_paused_at(&c.api, 3).await;
     let canary = c.api.get(DEPLOYMENTS, NS, "web-canary").unwrap();
     assert_eq!(image(&canary), "web:2");
     assert_eq!(canary["spec"]["replicas"], 2);
@@ -221,12 +216,7 @@ async fn acontroller_task_killed_mid_rollout_is_replaced_without_replaying_anyth
     let mut c = stable_v1(steps).await;
     apply(&c.api, deployment("web:2", steps)).await;
     // Killed in the middle of the first pause, and again at the next weight.
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 1)
-        })
-        .await
-        .unwrap();
+    wait_paused_at(&c.api, 1).await;
     c.controller_task.abort();
     let paused_at = state(c.api.get(DEPLOYMENTS, NS, "web").as_ref())
         .unwrap()
@@ -871,22 +861,12 @@ async fn a_step_due_with_a_full_apply_writes_its_weight_before_the_refresh() {
         clock.clone(),
     );
     apply(&c.api, deployment("web:2", steps)).await;
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 1)
-        })
-        .await
-        .unwrap();
+    wait_paused_at(&c.api, 1).await;
     assert_eq!(split_weights(&c.api), vec![0, 1000]);
     let before = c.api.requests_by(&user).len();
 
     clock.set(started + jiff::SignedDuration::from_secs(61));
-    c.api
-        .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
-            phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == 3)
-        })
-        .await
-        .unwrap();
+    wait_paused_at(&c.api, 3).await;
     assert_eq!(split_weights(&c.api), vec![0, 1000, 2000]);
     let pass: Vec<(&str, String, String)> = c.api.requests_by(&user)[before..]
         .iter()

@@ -268,6 +268,15 @@ pub async fn wait_until_nothing_is_left(api: &ApiServer) {
 }
 
 /// Waits for the rollout to reach `phase`.
+/// Waits until `web` is paused at `step`.
+pub async fn wait_paused_at(api: &ApiServer, step: usize) {
+    api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
+        phase(d) == Some(Phase::Paused) && state(d).is_some_and(|s| s.step == step)
+    })
+    .await
+    .unwrap();
+}
+
 pub async fn wait_phase(api: &ApiServer, wanted: Phase) -> Value {
     api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| phase(d) == Some(wanted))
         .await
