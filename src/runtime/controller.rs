@@ -300,20 +300,6 @@ struct Caches {
 }
 
 impl Caches {
-    /// The cached ReplicaSets owned by the Deployment with `uid` in `namespace`.
-    fn replicasets_of(
-        &self,
-        namespace: &str,
-        uid: &str,
-    ) -> Vec<Arc<PartialObjectMeta<ReplicaSet>>> {
-        self.replicasets_by_owner.owned_by(namespace, uid)
-    }
-
-    /// The cached canary ReplicaSets owned by the canary Deployment with `uid` in `namespace`.
-    fn canary_replicasets_of(&self, namespace: &str, uid: &str) -> Vec<Arc<ReplicaSet>> {
-        self.canary_replicasets_by_owner.owned_by(namespace, uid)
-    }
-
     /// Whether every cache has been listed once: a controller that starts (or restarts) must not
     /// take a cache still empty for a world without canary pods, and turn their traffic off.
     fn ready(&self) -> bool {
@@ -731,7 +717,7 @@ fn read(
         .transpose()?;
     let canary_uid = canary.as_ref().and_then(|c| c["metadata"]["uid"].as_str());
     let canary_replicasets = canary_uid
-        .map(|uid| caches.canary_replicasets_of(&namespace, uid))
+        .map(|uid| caches.canary_replicasets_by_owner.owned_by(&namespace, uid))
         .unwrap_or_default()
         .iter()
         .map(|rs| json("a canary ReplicaSet", serde_json::to_value(&**rs)))
@@ -753,7 +739,7 @@ fn read(
     };
     let uid = deployment.uid();
     let replicasets: Vec<Value> = uid
-        .map(|uid| caches.replicasets_of(&namespace, &uid))
+        .map(|uid| caches.replicasets_by_owner.owned_by(&namespace, &uid))
         .unwrap_or_default()
         .iter()
         .filter_map(|rs| serde_json::to_value(&**rs).ok())
@@ -1149,38 +1135,36 @@ impl Apply<'_> {
         // The traffic object this pass has written already.
         let mut traffic_written = None;
         if let Some(memo) = memo {
+            let due = self.ctx.config.clock.now().duration_since(memo.at) >= REAPPLY;
+            if !due && memo.inputs == inputs {
+                return Ok(None);
+            }
             let traffic_changed = (memo.inputs.weight, &memo.inputs.extras) != (weight, extras);
-            if self.ctx.config.clock.now().duration_since(memo.at) >= REAPPLY {
-                // A full apply is due. A step's weight goes out first, from the root Service as
-                // last read: reading it again and writing the Services must not make the step late.
-                if traffic_changed {
-                    let desired = self.desired(&memo.root, &inputs)?;
-                    if let Some(waiting) = self.apply_traffic(&desired, next_state).await? {
-                        return Ok(Some(waiting));
-                    }
-                    traffic_written = desired.traffic;
-                }
-            } else {
-                if memo.inputs == inputs {
-                    return Ok(None);
-                }
+            if traffic_changed || !due {
+                // A step's weight goes out first, from the root Service as last read: when a full
+                // apply is due too, reading it again and writing the Services must not make the
+                // step late.
                 let desired = self.desired(&memo.root, &inputs)?;
                 if traffic_changed
                     && let Some(waiting) = self.apply_traffic(&desired, next_state).await?
                 {
                     return Ok(Some(waiting));
                 }
-                let canary_generation = if memo.inputs.canary_part() == inputs.canary_part() {
-                    memo.canary_generation
+                if due {
+                    traffic_written = desired.traffic;
                 } else {
-                    self.apply_canary_deployment(&desired).await?
-                };
-                self.remember_applied(AppliedCanary {
-                    inputs,
-                    canary_generation,
-                    ..memo
-                });
-                return Ok(None);
+                    let canary_generation = if memo.inputs.canary_part() == inputs.canary_part() {
+                        memo.canary_generation
+                    } else {
+                        self.apply_canary_deployment(&desired).await?
+                    };
+                    self.remember_applied(AppliedCanary {
+                        inputs,
+                        canary_generation,
+                        ..memo
+                    });
+                    return Ok(None);
+                }
             }
         }
         let Some(root) = self.services().get_opt(&spec.root_service).await? else {
