@@ -27,6 +27,8 @@ use support::fleet::{self, BenchResult, Fleet};
 const WEIGHTS: [u64; 3] = [1000, 4000, 7000];
 const TIMED_PAUSES: [(usize, u64); 2] = [(1, 4000), (3, 7000)];
 
+const FAILED_RECONCILES: &str = "fledge_controller_reconciles_total{result=\"error\"}";
+
 /// When things happened, from the stand-in's change feed.
 #[derive(Default)]
 struct Timeline {
@@ -138,11 +140,12 @@ async fn main() -> BenchResult<()> {
     let cpu_before = serve.cpu_seconds()?;
     let bench_cpu_before = fleet::cpu_seconds(std::process::id())?;
     let requests_before = api.requests_by(&serve.user).len();
-    let (reconciles_before, reconcile_seconds_before) = (
+    let (reconciles_before, reconcile_seconds_before, failed_before) = (
         serve.reconciles().await?,
         serve
             .metric("fledge_controller_reconcile_duration_seconds_sum")
             .await?,
+        serve.metric(FAILED_RECONCILES).await?,
     );
     let run = Instant::now();
     let burst = fleet::burst(&api, &serve, &fleet, canaries, |ns, name| {
@@ -173,6 +176,8 @@ async fn main() -> BenchResult<()> {
     let took = run.elapsed();
     feed.abort();
     let reconciles = serve.reconciles().await? - reconciles_before;
+    // Mostly 409s: a write whose resourceVersion precondition lost to another writer.
+    let failed = serve.metric(FAILED_RECONCILES).await? - failed_before;
     let reconcile_seconds = serve
         .metric("fledge_controller_reconcile_duration_seconds_sum")
         .await?
@@ -270,7 +275,7 @@ async fn main() -> BenchResult<()> {
         },
     );
     println!(
-        "the run's work: {reconciles} reconciles ({:.1} per canary, {:.1} ms each on average); fledge's requests {:.1} per canary: {requests:?}; \
+        "the run's work: {reconciles} reconciles ({:.1} per canary, {:.1} ms each on average; {failed} of them failed, 409s included); fledge's requests {:.1} per canary: {requests:?}; \
          the bench process (stand-in and its Deployment controller) used {:.1} % of one core",
         reconciles / canaries.max(1) as f64,
         reconcile_seconds / reconciles.max(1.0) * 1e3,
