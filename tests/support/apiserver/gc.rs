@@ -11,7 +11,8 @@
 //! - for terminating namespaces: deletes everything in them, then the namespace.
 //!
 //! It looks only at what the batch touched (objects with new owner references, dependents of
-//! deleted objects, objects being deleted and the owners and namespaces of deleted objects).
+//! deleted objects, objects being deleted and the owners and namespaces of deleted objects), and
+//! decides from one look at the store without copying it.
 //! Its writes go through the normal write path (admission included), as the real GC's do.
 
 use std::collections::{BTreeSet, HashMap};
@@ -138,21 +139,68 @@ fn finalizers(obj: &Value) -> Vec<String> {
         .collect()
 }
 
+/// What a sweep does. It is decided in one look at the store, as the real collector decides from
+/// its graph, and carried out afterwards through the normal write path.
+enum Step {
+    /// Delete an object, with these options.
+    Collect(Arc<ResourceDef>, Key, DeleteOpts),
+    /// Drop the references to these owner uids (the field too, when none is left).
+    DropOwners(Arc<ResourceDef>, Key, Vec<Value>),
+    /// Remove a finalizer.
+    Finalize(Arc<ResourceDef>, Key, &'static str),
+    /// A terminating namespace with nothing left in it goes.
+    Forget(Key),
+}
+
 async fn sweep(inner: &Arc<Inner>, work: &Work) {
-    let objects: HashMap<Key, Arc<Value>> = {
-        let store = inner.store();
-        store
-            .objects
-            .iter()
-            .map(|(k, e)| (k.clone(), e.object.clone()))
-            .collect()
-    };
-    let by_uid: HashMap<&str, &Key> = objects
-        .iter()
-        .filter_map(|(k, o)| o["metadata"]["uid"].as_str().map(|u| (u, k)))
-        .collect();
+    let steps = decide(inner, work);
+    for step in steps {
+        match step {
+            Step::Collect(def, key, opts) => collect(inner, &def, &key, opts).await,
+            Step::DropOwners(def, key, gone) => {
+                let _ = inner
+                    .modify(&def, &key.1, &key.2, Sub::Main, &mut ctx(), |o| {
+                        let before = owner_refs(o);
+                        let after: Vec<Value> = before
+                            .iter()
+                            .filter(|r| !gone.contains(&r["uid"]))
+                            .cloned()
+                            .collect();
+                        if after.len() == before.len() {
+                            return false;
+                        }
+                        if after.is_empty() {
+                            if let Some(m) = o["metadata"].as_object_mut() {
+                                m.remove("ownerReferences");
+                            }
+                        } else {
+                            o["metadata"]["ownerReferences"] = json!(after);
+                        }
+                        true
+                    })
+                    .await;
+            }
+            Step::Finalize(def, key, finalizer) => {
+                remove_finalizer(inner, &def, &key, finalizer).await
+            }
+            Step::Forget(key) => {
+                inner.store().delete(&key);
+            }
+        }
+    }
+}
+
+/// The sweep's steps, from the store as it is now. Only what the batch touched is looked at; the
+/// whole store is scanned only to find the dependents or the keys of given uids, and only when
+/// the batch deleted something (or lagged), as kube-controller-manager's graph answers those from
+/// its index.
+fn decide(inner: &Inner, work: &Work) -> Vec<Step> {
+    let registry = inner.registry();
+    let store = inner.store();
+    let objects = &store.objects;
+    let def_of = |key: &Key| -> Option<Arc<ResourceDef>> { registry.by_storage(&key.0) };
     let present = |r: &Value, dependent_ns: &str| -> bool {
-        let Some(def) = inner.registry().find_kind(
+        let Some(def) = registry.find_kind(
             r["apiVersion"].as_str().unwrap_or_default(),
             r["kind"].as_str().unwrap_or_default(),
         ) else {
@@ -170,39 +218,79 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
         );
         objects
             .get(&key)
-            .is_some_and(|o| o["metadata"]["uid"] == r["uid"])
+            .is_some_and(|e| e.object["metadata"]["uid"] == r["uid"])
     };
-    let def_of = |key: &Key| -> Option<Arc<ResourceDef>> { inner.registry().by_storage(&key.0) };
-    // Dependents by owner uid (one scan, only when something needs it).
-    let needs_index = work.full || !work.deleted.is_empty() || !work.terminating.is_empty();
-    let mut dependents: HashMap<String, Vec<(Key, bool)>> = HashMap::new();
-    if needs_index {
-        for (key, obj) in &objects {
-            for r in owner_refs(obj) {
-                if let Some(uid) = r["uid"].as_str() {
+    let mut steps = Vec::new();
+
+    // Objects being deleted: the ones the batch saw, and the owners of deleted objects.
+    let mut terminating: BTreeSet<Key> = work.terminating.clone();
+    if work.full {
+        terminating.extend(objects.keys().cloned());
+    } else if !work.owners.is_empty() {
+        terminating.extend(
+            objects
+                .iter()
+                .filter(|(_, e)| {
+                    e.object["metadata"]["uid"]
+                        .as_str()
+                        .is_some_and(|uid| work.owners.contains(uid))
+                })
+                .map(|(k, _)| k.clone()),
+        );
+    }
+    let terminating: Vec<(&Key, &Value)> = terminating
+        .iter()
+        .filter_map(|k| objects.get_key_value(k))
+        .map(|(k, e)| (k, e.object.as_ref()))
+        .filter(|(_, o)| o["metadata"].get("deletionTimestamp").is_some())
+        .collect();
+
+    // Dependents of deleted and of terminating objects, by owner uid.
+    let mut wanted: BTreeSet<&str> = work.deleted.iter().map(String::as_str).collect();
+    wanted.extend(
+        terminating
+            .iter()
+            .filter_map(|(_, o)| o["metadata"]["uid"].as_str()),
+    );
+    let mut dependents: HashMap<&str, Vec<(&Key, bool)>> = HashMap::new();
+    if work.full || !wanted.is_empty() {
+        for (key, e) in objects {
+            for r in e.object["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(uid) = r["uid"].as_str()
+                    && (work.full || wanted.contains(uid))
+                {
                     dependents
-                        .entry(uid.to_string())
+                        .entry(uid)
                         .or_default()
-                        .push((key.clone(), r["blockOwnerDeletion"].as_bool() == Some(true)));
+                        .push((key, r["blockOwnerDeletion"].as_bool() == Some(true)));
                 }
             }
         }
     }
 
     // Objects whose owners may be gone.
-    let mut owned: BTreeSet<Key> = work.owned.clone();
+    let mut owned: BTreeSet<&Key> = work.owned.iter().collect();
     for uid in &work.deleted {
-        for (k, _) in dependents.get(uid).into_iter().flatten() {
-            owned.insert(k.clone());
-        }
+        owned.extend(
+            dependents
+                .get(uid.as_str())
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| *k),
+        );
     }
     if work.full {
-        owned.extend(objects.keys().cloned());
+        owned.extend(objects.keys());
     }
-    for key in &owned {
-        let Some(obj) = objects.get(key) else {
+    for key in owned {
+        let Some(entry) = objects.get(key) else {
             continue;
         };
+        let obj = &entry.object;
         let Some(def) = def_of(key) else { continue };
         let refs = owner_refs(obj);
         if refs.is_empty() {
@@ -215,110 +303,55 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
         }
         if live.is_empty() {
             if obj["metadata"].get("deletionTimestamp").is_none() {
-                collect(inner, &def, key, DeleteOpts::default()).await;
+                steps.push(Step::Collect(def, key.clone(), DeleteOpts::default()));
             }
         } else {
-            let gone: Vec<Value> = dangling.iter().map(|r| r["uid"].clone()).collect();
-            let _ = inner
-                .modify(&def, &key.1, &key.2, Sub::Main, &mut ctx(), |o| {
-                    let before = owner_refs(o);
-                    let after: Vec<Value> = before
-                        .iter()
-                        .filter(|r| !gone.contains(&r["uid"]))
-                        .cloned()
-                        .collect();
-                    if after.len() == before.len() {
-                        return false;
-                    }
-                    o["metadata"]["ownerReferences"] = json!(after);
-                    true
-                })
-                .await;
+            let gone = dangling.iter().map(|r| r["uid"].clone()).collect();
+            steps.push(Step::DropOwners(def, key.clone(), gone));
         }
     }
 
-    // Objects being deleted: finalizers the collector owns, namespaces.
-    let mut terminating: BTreeSet<Key> = work.terminating.clone();
-    for uid in &work.owners {
-        if let Some(k) = by_uid.get(uid.as_str()) {
-            terminating.insert((*k).clone());
-        }
-    }
-    if work.full {
-        terminating.extend(objects.keys().cloned());
-    }
-    for key in &terminating {
-        let Some(obj) = objects.get(key) else {
-            continue;
-        };
-        if obj["metadata"].get("deletionTimestamp").is_none() {
-            continue;
-        }
+    // Finalizers the collector owns, and namespaces.
+    for (key, obj) in terminating {
         let Some(def) = def_of(key) else { continue };
-        let uid = obj["metadata"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
         let fins = finalizers(obj);
-        let deps = dependents.get(&uid).cloned().unwrap_or_default();
+        let deps = dependents.get(uid).map(Vec::as_slice).unwrap_or_default();
         if def.builtin == Some(Builtin::Namespace) {
-            let ns = key.2.clone();
-            let content: Vec<(&Key, &Arc<Value>)> =
-                objects.iter().filter(|(k, _)| k.1 == ns).collect();
-            for (k, o) in &content {
-                if o["metadata"].get("deletionTimestamp").is_some() {
+            let ns = &key.2;
+            let mut empty = true;
+            for (k, e) in objects.iter().filter(|(k, _)| &k.1 == ns) {
+                empty = false;
+                if e.object["metadata"].get("deletionTimestamp").is_some() {
                     continue;
                 }
                 if let Some(d) = def_of(k) {
-                    collect(inner, &d, k, DeleteOpts::default()).await;
+                    steps.push(Step::Collect(d, k.clone(), DeleteOpts::default()));
                 }
             }
-            if content.is_empty() {
-                inner.store().delete(key);
+            if empty {
+                steps.push(Step::Forget(key.clone()));
             }
             continue;
         }
         if fins.iter().any(|f| f == "orphan") {
-            for (dep_key, _) in &deps {
+            for (dep_key, _) in deps {
                 if let Some(dep_def) = def_of(dep_key) {
-                    let owner = uid.clone();
-                    let _ = inner
-                        .modify(
-                            &dep_def,
-                            &dep_key.1,
-                            &dep_key.2,
-                            Sub::Main,
-                            &mut ctx(),
-                            |o| {
-                                let before = owner_refs(o);
-                                let after: Vec<Value> = before
-                                    .iter()
-                                    .filter(|r| r["uid"] != owner.as_str())
-                                    .cloned()
-                                    .collect();
-                                if after.len() == before.len() {
-                                    return false;
-                                }
-                                if after.is_empty() {
-                                    if let Some(m) = o["metadata"].as_object_mut() {
-                                        m.remove("ownerReferences");
-                                    }
-                                } else {
-                                    o["metadata"]["ownerReferences"] = json!(after);
-                                }
-                                true
-                            },
-                        )
-                        .await;
+                    steps.push(Step::DropOwners(
+                        dep_def,
+                        (*dep_key).clone(),
+                        vec![Value::from(uid)],
+                    ));
                 }
             }
-            remove_finalizer(inner, &def, key, "orphan").await;
+            steps.push(Step::Finalize(def, key.clone(), "orphan"));
             continue;
         }
         if fins.iter().any(|f| f == "foregroundDeletion") {
-            for (dep_key, _) in &deps {
-                let dep_obj = objects.get(dep_key);
-                if dep_obj.is_some_and(|o| o["metadata"].get("deletionTimestamp").is_some()) {
+            for (dep_key, _) in deps {
+                let dep_obj = objects.get(*dep_key);
+                if dep_obj.is_some_and(|e| e.object["metadata"].get("deletionTimestamp").is_some())
+                {
                     continue;
                 }
                 if let Some(dep_def) = def_of(dep_key) {
@@ -326,14 +359,15 @@ async fn sweep(inner: &Arc<Inner>, work: &Work) {
                         propagation: Some("Foreground".into()),
                         ..DeleteOpts::default()
                     };
-                    collect(inner, &dep_def, dep_key, opts).await;
+                    steps.push(Step::Collect(dep_def, (*dep_key).clone(), opts));
                 }
             }
             if !deps.iter().any(|(_, block)| *block) {
-                remove_finalizer(inner, &def, key, "foregroundDeletion").await;
+                steps.push(Step::Finalize(def, key.clone(), "foregroundDeletion"));
             }
         }
     }
+    steps
 }
 
 async fn remove_finalizer(inner: &Arc<Inner>, def: &Arc<ResourceDef>, key: &Key, finalizer: &str) {
