@@ -1094,6 +1094,23 @@ async fn readme_install_and_first_canary_use_exactly_the_charts_rbac() {
         })
         .await
         .unwrap();
+        // The watch reports the pause before it is ended: it started as a process of its own,
+        // and the controller may be faster than its first list.
+        let shown = format!(" {}% ", weight / 100);
+        let reported =
+            |l: &str| l.starts_with("web ") && l.contains("Paused") && l.contains(&shown);
+        let deadline = std::time::Instant::now() + WAIT;
+        while !std::fs::read_to_string(&watch_out)
+            .unwrap_or_default()
+            .lines()
+            .any(reported)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watch never reported the pause at{shown}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         e2e::fledge(&api, &["promote", "web"]).await;
     }
     e2e::wait_phase(&api, Phase::Succeeded).await;

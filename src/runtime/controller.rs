@@ -80,6 +80,9 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// every core from the webhook.
 const CONCURRENCY: u16 = 32;
 
+/// Conditioned writes that fail in a row before the error policy backs off.
+const CHANGED_RETRIES: u32 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error("{0}")]
@@ -88,6 +91,10 @@ pub enum ControllerError {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Objects(#[from] objects::ObjectError),
+    /// A write conditioned on the Deployment as read (JSON patch `test`s) found it changed:
+    /// kube-apiserver answers a failed `test` with 422, not 409.
+    #[error("the Deployment changed since it was read: {0}")]
+    ChangedSinceRead(kube::Error),
     #[error("encoding {what}: {source}")]
     Json {
         what: &'static str,
@@ -335,10 +342,12 @@ struct Remembered {
     governed: Mutex<HashMap<ObjectRef<DynamicObject>, Option<Governing>>>,
     /// What was last applied for each canary, by namespace and Deployment name.
     applied: Mutex<HashMap<(String, String), AppliedCanary>>,
-    /// For each Deployment fledge wrote, the resourceVersion its write replaced: a cache that
-    /// still shows that version has not seen the write yet, and a decision made from it would
-    /// be undone by the write's own 409 after announcing its Event a second time.
-    replaced: Mutex<HashMap<(String, String), String>>,
+    /// For each Deployment fledge wrote, its uid and the `metadata.generation` the write produced
+    /// (generations only grow, unlike resourceVersions, which may only be compared for equality):
+    /// a cache that shows an older generation of the same object has not seen the write yet, and a
+    /// decision made from it would fail the write's own `test` after announcing its Event a
+    /// second time.
+    written: Mutex<HashMap<(String, String), (String, i64)>>,
 }
 
 impl Remembered {
@@ -367,32 +376,40 @@ impl Remembered {
         lock(&self.failures).retain(|key, _| keep(key));
         lock(&self.governed).retain(|key, _| keep(key));
         lock(&self.applied).retain(|key, _| by_name(key));
-        lock(&self.replaced).retain(|key, _| by_name(key));
+        lock(&self.written).retain(|key, _| by_name(key));
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Context {
-    /// Whether the cached `deployment` is still the version that fledge's last write of it
-    /// replaced (resourceVersions are only compared for equality, as clients must).
+impl Remembered {
+    /// Whether the cached `deployment` is older than fledge's last write of it: the same object
+    /// (uid) at a lower generation.
     fn behind_own_write(&self, deployment: &DynamicObject) -> bool {
         let key = (
             deployment.namespace().unwrap_or_default(),
             deployment.name_any(),
         );
-        let mut replaced = lock(&self.remembered.replaced);
-        match replaced.get(&key) {
-            Some(version) if Some(version) == deployment.metadata.resource_version.as_ref() => true,
+        let mut written = lock(&self.written);
+        match written.get(&key) {
+            Some((uid, generation))
+                if deployment.metadata.uid.as_ref() == Some(uid)
+                    && deployment
+                        .metadata
+                        .generation
+                        .is_some_and(|g| g < *generation) =>
+            {
+                true
+            }
             Some(_) => {
-                replaced.remove(&key);
+                written.remove(&key);
                 false
             }
             None => false,
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Everything the canary's objects are made from, besides the root Service.
@@ -650,6 +667,12 @@ fn error_policy(
             tracing::debug!(deployment = %deployment.name_any(), "conflict; reading again");
             Action::requeue(Duration::from_millis(100))
         }
+        // The same for a conditioned write. A 422 has other causes too (a value the API server
+        // refuses), so after a few in a row it backs off like any failure.
+        ControllerError::ChangedSinceRead(_) if failures <= CHANGED_RETRIES => {
+            tracing::debug!(deployment = %deployment.name_any(), %error, "changed since read; reading again");
+            Action::requeue(Duration::from_millis(100))
+        }
         _ => {
             // 1 s, 2 s, 4 s … up to 5 minutes.
             let backoff = Duration::from_secs(1u64 << failures.min(9).saturating_sub(1))
@@ -669,7 +692,7 @@ async fn reconcile(
         ctx.config.metrics.deferred();
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
-    if ctx.behind_own_write(&deployment) {
+    if ctx.remembered.behind_own_write(&deployment) {
         ctx.config.metrics.deferred();
         // The write's watch event starts the next pass; this is for a watch that lost it.
         return Ok(Action::requeue(Duration::from_secs(1)));
@@ -1277,10 +1300,52 @@ impl Apply<'_> {
         (self.namespace.to_owned(), self.name().to_owned())
     }
 
-    /// A write of the Deployment succeeded: see [`Context::behind_own_write`].
-    fn wrote_deployment(&self) {
-        if let Some(version) = self.deployment.resource_version() {
-            lock(&self.ctx.remembered.replaced).insert(self.applied_key(), version);
+    /// A write of the Deployment succeeded, with `written` as the API server's answer: see
+    /// [`Remembered::behind_own_write`].
+    fn wrote_deployment(&self, written: &DynamicObject) {
+        if let (Some(uid), Some(generation)) = (&written.metadata.uid, written.metadata.generation)
+        {
+            lock(&self.ctx.remembered.written)
+                .insert(self.applied_key(), (uid.clone(), generation));
+        }
+    }
+
+    /// A JSON patch `test` that the Deployment is still at the generation this pass read:
+    /// status writes (the Deployment controller's) do not move it, and every change of the spec
+    /// or of the annotations does, so fledge's own writes do not conflict with status. The
+    /// resourceVersion for a Deployment without one (never from kube-apiserver).
+    fn test_unchanged(&self) -> Value {
+        match &self.read.value["metadata"]["generation"] {
+            Value::Number(generation) => {
+                json!({"op": "test", "path": "/metadata/generation", "value": generation})
+            }
+            _ => {
+                json!({"op": "test", "path": "/metadata/resourceVersion", "value": self.deployment.resource_version()})
+            }
+        }
+    }
+
+    /// Sends a JSON patch conditioned on the Deployment as read.
+    async fn patch_unchanged(
+        &self,
+        ops: Vec<Value>,
+        what: &'static str,
+    ) -> Result<(), ControllerError> {
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))
+            .map_err(|source| ControllerError::Json { what, source })?;
+        match self
+            .deployments()
+            .patch(self.name(), &writer(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(written) => {
+                self.wrote_deployment(&written);
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 422 => {
+                Err(ControllerError::ChangedSinceRead(kube::Error::Api(e)))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -1508,26 +1573,14 @@ impl Apply<'_> {
     /// versions, `creationTimestamp: null`, while the generation is a plain number.)
     async fn unpause(&self) -> Result<(), ControllerError> {
         let value = &self.read.value;
-        let annotation = |key: &str| {
-            json_patch::jsonptr::PointerBuf::from_tokens(["metadata", "annotations", key])
-                .to_string()
-        };
-        let patch: json_patch::Patch = serde_json::from_value(json!([
-            {"op": "test", "path": annotation(ANNOTATION_STATE), "value": value["metadata"]["annotations"][ANNOTATION_STATE]},
-            {"op": "test", "path": "/metadata/generation", "value": value["metadata"]["generation"]},
-            {"op": "replace", "path": "/spec/paused", "value": false},
-            {"op": "remove", "path": annotation(ANNOTATION_HOLD)},
-            {"op": "remove", "path": annotation(ANNOTATION_STABLE_HASH)},
-        ]))
-        .map_err(|source| ControllerError::Json {
-            what: "the promotion patch",
-            source,
-        })?;
-        self.deployments()
-            .patch(self.name(), &writer(), &Patch::<()>::Json(patch))
-            .await?;
-        self.wrote_deployment();
-        Ok(())
+        let ops = vec![
+            json!({"op": "test", "path": annotation(ANNOTATION_STATE), "value": value["metadata"]["annotations"][ANNOTATION_STATE]}),
+            self.test_unchanged(),
+            json!({"op": "replace", "path": "/spec/paused", "value": false}),
+            json!({"op": "remove", "path": annotation(ANNOTATION_HOLD)}),
+            json!({"op": "remove", "path": annotation(ANNOTATION_STABLE_HASH)}),
+        ];
+        self.patch_unchanged(ops, "the promotion patch").await
     }
 
     /// Unpauses (when fledge holds the pause) and removes the hold record.
@@ -1540,10 +1593,11 @@ impl Apply<'_> {
         if facts.held && facts.paused {
             patch["spec"] = json!({"paused": false});
         }
-        self.deployments()
+        let written = self
+            .deployments()
             .patch(self.name(), &writer(), &Patch::Merge(&patch))
             .await?;
-        self.wrote_deployment();
+        self.wrote_deployment(&written);
         Ok(())
     }
 
@@ -1610,23 +1664,41 @@ impl Apply<'_> {
         Ok(())
     }
 
-    /// Writes the state annotation (or removes fledge's annotations when the Deployment left), with
-    /// the observed resourceVersion as a precondition: a concurrent writer makes this fail with
-    /// 409 and the reconcile runs again on fresh data.
+    /// Writes the state annotation (or removes it when the Deployment left), conditioned on the
+    /// Deployment being unchanged since it was read ([`Self::test_unchanged`]): a concurrent
+    /// change of its spec or annotations makes this fail and the reconcile runs again on fresh
+    /// data; the Deployment controller's status writes do not.
     async fn store_state(&self, state: Option<&RolloutState>) -> Result<(), ControllerError> {
-        let annotations = match state {
+        let annotations = &self.read.value["metadata"]["annotations"];
+        let path = annotation(ANNOTATION_STATE);
+        let change = match state {
             Some(state) => {
-                json!({ ANNOTATION_STATE: serde_json::to_string(state).map_err(|source| ControllerError::Json { what: "the rollout state", source })? })
+                let text =
+                    serde_json::to_string(state).map_err(|source| ControllerError::Json {
+                        what: "the rollout state",
+                        source,
+                    })?;
+                // `add` sets a member whether or not it exists; the map itself may not.
+                if annotations.is_object() {
+                    json!({"op": "add", "path": path, "value": text})
+                } else {
+                    json!({"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION_STATE: text}})
+                }
             }
-            None => json!({ ANNOTATION_STATE: null }),
+            None if annotations.get(ANNOTATION_STATE).is_some() => {
+                json!({"op": "remove", "path": path})
+            }
+            // Nothing to remove.
+            None => return Ok(()),
         };
-        let patch = json!({"metadata": {"resourceVersion": self.deployment.resource_version(), "annotations": annotations}});
-        self.deployments()
-            .patch(self.name(), &writer(), &Patch::Merge(&patch))
-            .await?;
-        self.wrote_deployment();
-        Ok(())
+        self.patch_unchanged(vec![self.test_unchanged(), change], "the state patch")
+            .await
     }
+}
+
+/// The JSON pointer to one of the Deployment's annotations.
+fn annotation(key: &str) -> String {
+    json_patch::jsonptr::PointerBuf::from_tokens(["metadata", "annotations", key]).to_string()
 }
 
 /// A delete whose object is already gone succeeded.
@@ -1748,7 +1820,7 @@ mod tests {
         lock(&remembered.failures).insert(key.clone(), 1);
         lock(&remembered.governed).insert(key, None);
         let by_name = (deployment.namespace().unwrap(), deployment.name_any());
-        lock(&remembered.replaced).insert(by_name, "7".into());
+        lock(&remembered.written).insert(by_name, ("uid-1".into(), 7));
     }
 
     /// Each map's Deployments, as `namespace/name`, sorted.
@@ -1764,7 +1836,7 @@ mod tests {
             sorted(lock(&remembered.failures).keys().map(by_ref).collect()),
             sorted(lock(&remembered.governed).keys().map(by_ref).collect()),
             sorted(
-                lock(&remembered.replaced)
+                lock(&remembered.written)
                     .keys()
                     .map(|(ns, name)| format!("{ns}/{name}"))
                     .collect(),
@@ -1809,5 +1881,38 @@ mod tests {
         }
         let left = vec!["blog/web".to_owned()];
         assert_eq!(held(&remembered), [left.clone(), left.clone(), left]);
+    }
+    /// The Deployment as a cache may show it: its uid and generation.
+    fn mk_seen(uid: &str, generation: i64) -> DynamicObject {
+        let mut deployment = mk_deployment("shop", "web");
+        deployment.metadata.uid = Some(uid.to_owned());
+        deployment.metadata.generation = Some(generation);
+        deployment
+    }
+
+    #[test]
+    fn a_cache_is_behind_fledges_write_until_it_shows_the_written_generation() {
+        let remembered = Remembered::default();
+        let wrote = |generation| {
+            lock(&remembered.written).insert(
+                ("shop".to_owned(), "web".to_owned()),
+                ("uid-1".to_owned(), generation),
+            );
+        };
+        wrote(4);
+        // A status write since fledge read it moved the resourceVersion, not the generation.
+        assert!(remembered.behind_own_write(&mk_seen("uid-1", 3)));
+        assert!(remembered.behind_own_write(&mk_seen("uid-1", 3)));
+        // The write's own event, or a later change: caught up, and forgotten.
+        assert!(!remembered.behind_own_write(&mk_seen("uid-1", 4)));
+        assert!(lock(&remembered.written).is_empty());
+        wrote(4);
+        assert!(!remembered.behind_own_write(&mk_seen("uid-1", 6)));
+        // Deleted and made again under the same name: a new object, whatever its generation.
+        wrote(4);
+        assert!(!remembered.behind_own_write(&mk_seen("uid-2", 1)));
+        assert!(lock(&remembered.written).is_empty());
+        // Never written.
+        assert!(!remembered.behind_own_write(&mk_seen("uid-1", 1)));
     }
 }
