@@ -206,6 +206,8 @@ async fn main() -> BenchResult<()> {
         .await?;
     let timeline = timeline.lock().map_err(|_| "timeline poisoned")?;
     let mut late = Vec::new();
+    // The same, per pause: the step after the second pause needs a second canary pod first.
+    let mut late_by_weight: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
     let (mut sent, mut served) = (Vec::new(), Vec::new());
     let mut missing = 0;
     for i in 0..canaries {
@@ -215,7 +217,9 @@ async fn main() -> BenchResult<()> {
             let written = timeline.written.get(&(ns.clone(), name.clone(), weight));
             match (due, written) {
                 (Some(due), Some(written)) => {
-                    late.push(written.duration_since(*due).unwrap_or(Duration::ZERO));
+                    let lateness = written.duration_since(*due).unwrap_or(Duration::ZERO);
+                    late.push(lateness);
+                    late_by_weight.entry(weight).or_default().push(lateness);
                     // The last write request that reached the stand-in before the commit.
                     if let Some(arrived) = split_patches
                         .get(&(ns.clone(), name.clone()))
@@ -244,6 +248,14 @@ async fn main() -> BenchResult<()> {
         },
         timeline.lagged,
     );
+    for (weight, late) in &mut late_by_weight {
+        late.sort_unstable();
+        println!(
+            "  the pauses before {} %: {}",
+            weight / 100,
+            fleet::spread(late)
+        );
+    }
     println!(
         "  pause end → the write request at the stand-in's handler: {}",
         fleet::spread(&sent)

@@ -246,8 +246,17 @@ fn start(
 }
 
 fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timestamp) -> Next {
-    let size = match spec.steps.get(s.step) {
-        Some(Step::SetWeight(w)) => (*w).max(s.weight),
+    // A timed pause sizes the canary for the weight after it: its end is known, and the pods that
+    // weight needs are then ready when it comes, instead of holding the step while they start.
+    // Not with pod ratio, where the canary's pods are its traffic.
+    let ahead = match spec.router {
+        Router::PodRatio => None,
+        Router::Smi | Router::GatewayApi { .. } => spec.steps.get(s.step + 1),
+    };
+    let size = match (spec.steps.get(s.step), ahead) {
+        (Some(Step::SetWeight(w)), _) | (Some(Step::PauseFor(_)), Some(Step::SetWeight(w))) => {
+            (*w).max(s.weight)
+        }
         _ => s.weight,
     };
     if !obs.canary.available {
@@ -1044,6 +1053,35 @@ mod tests {
         let aborted = state(Phase::Aborted, 2, Weight::ZERO);
         let n = next(Some(&aborted), &obs(&spec), t(1000));
         assert_eq!(n, settled(Some(&aborted)));
+    }
+
+    #[test]
+    fn a_timed_pause_sizes_the_canary_for_the_weight_after_it() {
+        let spec = spec();
+        let canary = |size, weight| Target::Canary { size, weight };
+        // Paused for 2 minutes at 5 %: sized for the 50 % that follows.
+        let n = next(Some(&state(Phase::Paused, 1, w(500))), &obs(&spec), t(10));
+        assert_eq!(n.target, canary(w(5000), w(500)));
+        // So when the pause ends, the pods are there and the weight goes out in the same pass.
+        let mut sized = obs(&spec);
+        sized.canary.ready_replicas = canary_replicas(4, w(5000));
+        let n = next(Some(&state(Phase::Paused, 1, w(500))), &sized, t(120));
+        let after = n.state.unwrap();
+        assert_eq!((after.step, after.weight), (3, w(5000)));
+        // A pause that waits for a person keeps the canary as it is.
+        let n = next(Some(&state(Phase::Paused, 3, w(5000))), &obs(&spec), t(10));
+        assert_eq!(n.target, canary(w(5000), w(5000)));
+        // So does pod ratio, where more canary pods would be more of the traffic.
+        let pod_ratio = CanarySpec {
+            router: Router::PodRatio,
+            ..spec.clone()
+        };
+        let n = next(
+            Some(&state(Phase::Paused, 1, w(500))),
+            &obs(&pod_ratio),
+            t(10),
+        );
+        assert_eq!(n.target, canary(w(500), w(500)));
     }
 
     #[test]
