@@ -378,9 +378,7 @@ impl Remembered {
         lock(&self.applied).retain(|key, _| by_name(key));
         lock(&self.written).retain(|key, _| by_name(key));
     }
-}
 
-impl Remembered {
     /// Whether the cached `deployment` is older than fledge's last write of it: the same object
     /// (uid) at a lower generation.
     fn behind_own_write(&self, deployment: &DynamicObject) -> bool {
@@ -1882,6 +1880,7 @@ mod tests {
         let left = vec!["blog/web".to_owned()];
         assert_eq!(held(&remembered), [left.clone(), left.clone(), left]);
     }
+
     /// The Deployment as a cache may show it: its uid and generation.
     fn mk_seen(uid: &str, generation: i64) -> DynamicObject {
         let mut deployment = mk_deployment("shop", "web");
