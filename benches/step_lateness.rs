@@ -176,7 +176,7 @@ async fn main() -> BenchResult<()> {
     let took = run.elapsed();
     feed.abort();
     let reconciles = serve.reconciles().await? - reconciles_before;
-    // Mostly 409s: a write whose resourceVersion precondition lost to another writer.
+    // A write that lost to another writer: a 409, or a failed JSON patch `test` (422).
     let failed = serve.metric(FAILED_RECONCILES).await? - failed_before;
     let reconcile_seconds = serve
         .metric("fledge_controller_reconcile_duration_seconds_sum")
@@ -287,7 +287,7 @@ async fn main() -> BenchResult<()> {
         },
     );
     println!(
-        "the run's work: {reconciles} reconciles ({:.1} per canary, {:.1} ms each on average; {failed} of them failed, 409s included); fledge's requests {:.1} per canary: {requests:?}; \
+        "the run's work: {reconciles} reconciles ({:.1} per canary, {:.1} ms each on average; {failed} of them failed, 409s and failed tests included); fledge's requests {:.1} per canary: {requests:?}; \
          the bench process (stand-in and its Deployment controller) used {:.1} % of one core",
         reconciles / canaries.max(1) as f64,
         reconcile_seconds / reconciles.max(1.0) * 1e3,

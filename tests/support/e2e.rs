@@ -267,7 +267,6 @@ pub async fn wait_until_nothing_is_left(api: &ApiServer) {
     }
 }
 
-/// Waits for the rollout to reach `phase`.
 /// Waits until `web` is paused at `step`.
 pub async fn wait_paused_at(api: &ApiServer, step: usize) {
     api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
@@ -277,6 +276,7 @@ pub async fn wait_paused_at(api: &ApiServer, step: usize) {
     .unwrap();
 }
 
+/// Waits for the rollout to reach `phase`.
 pub async fn wait_phase(api: &ApiServer, wanted: Phase) -> Value {
     api.wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| phase(d) == Some(wanted))
         .await
