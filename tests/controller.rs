@@ -482,15 +482,13 @@ async fn a_controller_killed_at_every_step_boundary_and_mid_every_pause_changes_
     // Every position the rollout was stored in, each with a kill right after it was written. The
     // last pause goes on to the promotion in the pass that ends it: (Progressing, 6) is never
     // stored. Nor is (Progressing, 2): the first pause sized the canary for 40 %, so the pass that
-    // ends it finds the pods ready and sets the weight at once.
+    // ends it finds the pods ready and sets the weight at once. A weight's pass enters the pause
+    // after it, so (Progressing, 1), (Progressing, 3) and (Progressing, 5) are not stored either.
     let every_position = vec![
         (Progressing, 0),
-        (Progressing, 1),
         (Paused, 1),
-        (Progressing, 3),
         (Paused, 3),
         (Progressing, 4),
-        (Progressing, 5),
         (Paused, 5),
         (Promoting, 6),
         (Succeeded, 6),
@@ -737,7 +735,8 @@ async fn a_revert_with_the_controller_killed_at_every_boundary_rolls_back_once()
     let stable_sets = replicaset_history(&c.api);
     apply(&c.api, deployment("web:2", steps)).await;
     use Phase::*;
-    for wanted in [(Progressing, 0), (Progressing, 1), (Paused, 1)] {
+    // The weight's pass enters the pause after it: (Progressing, 1) is never stored.
+    for wanted in [(Progressing, 0), (Paused, 1)] {
         c.api
             .wait_for(DEPLOYMENTS, NS, "web", WAIT, |d| {
                 position(d) == Some(wanted)
@@ -774,7 +773,6 @@ async fn a_revert_with_the_controller_killed_at_every_boundary_rolls_back_once()
         positions,
         [
             (Progressing, 0),
-            (Progressing, 1),
             (Paused, 1),
             (RolledBack, 1)
         ]
@@ -895,4 +893,44 @@ async fn a_step_due_with_a_full_apply_writes_its_weight_before_the_refresh() {
         weight < at("get", "services", "web") && weight < at("patch", "services", "web-canary"),
         "the weight first, then the refresh: {pass:?}"
     );
+}
+
+#[tokio::test]
+async fn the_canary_deployment_is_written_only_when_its_size_changes() {
+    // 4 replicas: 10 % is one canary pod, 50 % two; the timed pause grows the canary for 50 %.
+    let steps = "- setWeight: 10\n- pause: {duration: 30s}\n- setWeight: 50\n- pause: {}\n";
+    let mut c = stable_v1(steps).await;
+    c.controller_task.abort();
+    let started: jiff::Timestamp = "2026-12-07T10:00:00Z".parse().unwrap();
+    let clock = fledge::runtime::clock::Clock::manual(started);
+    let user = support::apiserver::UserInfo::user("fledge-controller");
+    c.controller_task = start_controller_with(
+        &c.api,
+        c.api.client_as(user.clone()),
+        &c.metrics,
+        clock.clone(),
+    );
+    apply(&c.api, deployment("web:2", steps)).await;
+    wait_paused_at(&c.api, 1).await;
+    // Under REAPPLY: no refresh of the canary's objects falls in this test.
+    clock.set(started + jiff::SignedDuration::from_secs(31));
+    wait_paused_at(&c.api, 3).await;
+    assert_eq!(split_weights(&c.api), vec![0, 1000, 5000]);
+    let writes = c
+        .api
+        .requests_by(&user)
+        .iter()
+        .filter(|r| (r.verb, r.resource.as_str()) == ("patch", "deployments"))
+        .filter(|r| r.name.as_deref() == Some("web-canary"))
+        .count();
+    let mut generations: Vec<Value> = c
+        .api
+        .history_of("deployments.apps", NS, "web-canary")
+        .into_iter()
+        .map(|r| r.object["metadata"]["generation"].clone())
+        .collect();
+    generations.dedup();
+    // fledge's own state writes move the Deployment's generation, and the canary copies none
+    // of what they change: each write of the canary is a new spec for it.
+    assert_eq!(writes, generations.len(), "{generations:?}");
 }

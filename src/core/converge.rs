@@ -202,7 +202,7 @@ mod tests {
             state,
             target,
             requeue: None,
-            passed_through: None,
+            passed_through: Vec::new(),
             event: event.then(|| Event {
                 reason: "WeightSet",
                 message: "m".into(),

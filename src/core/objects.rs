@@ -137,7 +137,6 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, ObjectError> {
     let (ports, root_selector) = root_service_parts(root_name, inputs.root_service)?;
     let canary_name = format!("{}{CANARY_SUFFIX}", owner.name);
     let stable_name = format!("{}{STABLE_SUFFIX}", owner.name);
-    let stable_replicas = inputs.deployment["spec"]["replicas"].as_u64().unwrap_or(1);
 
     let mut canary_selector = root_selector.clone();
     canary_selector.insert(LABEL_TRACK.into(), TRACK_CANARY.into());
@@ -170,10 +169,11 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, ObjectError> {
             &owner,
             inputs.deployment,
             inputs.canary_hash,
-            canary_pods(
+            canary_deployment_replicas(
                 inputs.router,
-                stable_replicas,
-                inputs.size.max(inputs.weight),
+                inputs.deployment,
+                inputs.size,
+                inputs.weight,
             ),
         )?,
         canary_service: service(&owner, &canary_name, &ports, canary_selector),
@@ -219,6 +219,17 @@ pub fn mesh_route_to_stable(
 
 /// The canary's replicas for `weight` on `router`: its share of the pods with pod ratio, else the
 /// capacity for that share of traffic.
+/// The canary Deployment's replicas, sized for `size` and carrying `weight`.
+pub fn canary_deployment_replicas(
+    router: &Router,
+    deployment: &Value,
+    size: Weight,
+    weight: Weight,
+) -> u64 {
+    let stable_replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+    canary_pods(router, stable_replicas, size.max(weight))
+}
+
 pub fn canary_pods(router: &Router, stable_replicas: u64, weight: Weight) -> u64 {
     match router {
         Router::PodRatio => PodShare::nearest(stable_replicas, weight).canary_pods,

@@ -421,6 +421,8 @@ struct CanaryInputs {
     template_hash: String,
     stable_pod_template_hash: String,
     size: Weight,
+    /// The canary Deployment's replicas for `size`: sizes of as many pods make the same canary.
+    canary_pods: u64,
     weight: Weight,
     extras: RouteExtras,
     router: Router,
@@ -438,13 +440,13 @@ impl CanaryInputs {
     }
 
     /// What the canary Deployment is made from.
-    fn canary_part(&self) -> (&Option<String>, Option<i64>, &Value, &str, Weight, &Router) {
+    fn canary_part(&self) -> (&Option<String>, Option<i64>, &Value, &str, u64, &Router) {
         (
             &self.uid,
             self.generation,
             &self.labels,
             &self.template_hash,
-            self.size,
+            self.canary_pods,
             &self.router,
         )
     }
@@ -1142,6 +1144,12 @@ impl Apply<'_> {
             template_hash: facts.template_hash.clone(),
             stable_pod_template_hash: stable_hash.clone(),
             size,
+            canary_pods: objects::canary_deployment_replicas(
+                &spec.router,
+                &self.read.value,
+                size,
+                weight,
+            ),
             weight,
             extras: extras.clone(),
             router: spec.router.clone(),
@@ -1300,11 +1308,21 @@ impl Apply<'_> {
 
     /// A write of the Deployment succeeded, with `written` as the API server's answer: see
     /// [`Remembered::behind_own_write`].
+    /// fledge's writes are conditioned on the Deployment as read and change only what the
+    /// canary does not copy (annotations, `spec.paused`): a memo of the canary's apply made from
+    /// the read generation holds for the written one, and the next pass writes no canary.
     fn wrote_deployment(&self, written: &DynamicObject) {
         if let (Some(uid), Some(generation)) = (&written.metadata.uid, written.metadata.generation)
         {
             lock(&self.ctx.remembered.written)
                 .insert(self.applied_key(), (uid.clone(), generation));
+        }
+        let read = self.read.value["metadata"]["generation"].as_i64();
+        if let Some(memo) = lock(&self.ctx.remembered.applied).get_mut(&self.applied_key())
+            && memo.inputs.uid == written.metadata.uid
+            && memo.inputs.generation == read
+        {
+            memo.inputs.generation = written.metadata.generation;
         }
     }
 

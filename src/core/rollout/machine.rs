@@ -88,9 +88,10 @@ pub struct Next {
     /// Look again after this long even if nothing changes (a pause or a deadline ends).
     pub requeue: Option<Duration>,
     pub event: Option<Event>,
-    /// The event of a transition passed through on the way, announced before `event`: a pause
-    /// that ends goes on to its next step in the same pass.
-    pub passed_through: Option<Event>,
+    /// The events of the transitions passed through on the way, announced before `event`: a
+    /// pause that ends goes on to its next step in the same pass, and a weight set goes on into
+    /// the pause after it.
+    pub passed_through: Vec<Event>,
 }
 
 impl Next {
@@ -116,22 +117,32 @@ pub fn next(state: Option<&RolloutState>, obs: &Observation, now: Timestamp) -> 
             state: None,
             target: Target::Nothing,
             requeue: None,
-            passed_through: None,
+            passed_through: Vec::new(),
         };
     };
     match (state, obs.pending()) {
         (Some(s), Some(pending)) if s.hash == pending => match s.phase {
             Phase::Progressing | Phase::Paused => {
-                let n = progress(s, spec, obs, now);
-                match (&n.event, &n.state) {
-                    // The next step falls due when the pause ends, not a state write and a
-                    // watch event later: the weight it sets is written in this pass.
-                    (Some(ended), Some(after)) if ended.reason == "PauseEnded" => Next {
-                        passed_through: n.event.clone(),
-                        ..progress(after, spec, obs, now)
-                    },
-                    _ => n,
-                }
+                // The next step falls due when the pause ends, not a state write and a watch
+                // event later: the weight it sets is written in this pass.
+                let n = go_on(
+                    progress(s, spec, obs, now),
+                    "PauseEnded",
+                    |_| true,
+                    spec,
+                    obs,
+                    now,
+                );
+                // A pause after a weight starts with that weight's write: one state to store
+                // for both, and the canary grows for the weight after the pause at once.
+                go_on(
+                    n,
+                    "WeightSet",
+                    |after| after.phase == Phase::Paused,
+                    spec,
+                    obs,
+                    now,
+                )
             }
             Phase::Promoting => promote(s, obs),
             Phase::Aborted => settled(state),
@@ -154,6 +165,37 @@ pub fn next(state: Option<&RolloutState>, obs: &Observation, now: Timestamp) -> 
     }
 }
 
+/// `n`, or, when its event is `reason`, the step after it in the same pass if that step's state
+/// satisfies `then`; `n`'s events are then passed through.
+fn go_on(
+    n: Next,
+    reason: &str,
+    then: impl Fn(&RolloutState) -> bool,
+    spec: &CanarySpec,
+    obs: &Observation,
+    now: Timestamp,
+) -> Next {
+    let (Some(event), Some(after)) = (&n.event, &n.state) else {
+        return n;
+    };
+    if event.reason != reason {
+        return n;
+    }
+    let then_next = progress(after, spec, obs, now);
+    match &then_next.state {
+        Some(then_state) if then(then_state) => {
+            let mut passed_through = n.passed_through;
+            passed_through.extend(n.event);
+            passed_through.extend(then_next.passed_through);
+            Next {
+                passed_through,
+                ..then_next
+            }
+        }
+        _ => n,
+    }
+}
+
 fn in_flight(phase: Phase) -> bool {
     matches!(phase, Phase::Progressing | Phase::Paused | Phase::Promoting)
 }
@@ -172,7 +214,7 @@ fn settled(state: Option<&RolloutState>) -> Next {
         state: state.cloned(),
         target: Target::Nothing,
         requeue: None,
-        passed_through: None,
+        passed_through: Vec::new(),
         event: None,
     }
 }
@@ -193,7 +235,7 @@ fn rolled_back(s: &RolloutState, obs: &Observation) -> Next {
         }),
         target: Target::Nothing,
         requeue: None,
-        passed_through: None,
+        passed_through: Vec::new(),
         event: Some(info("RolledBack", message)),
     }
 }
@@ -233,7 +275,7 @@ fn start(
             weight: Weight::ZERO,
         },
         requeue: Some(obs.progress_deadline),
-        passed_through: None,
+        passed_through: Vec::new(),
         event: Some(info(
             if replaced.is_some() {
                 "CanaryReplaced"
@@ -259,7 +301,14 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         }
         _ => s.weight,
     };
-    if !obs.canary.available {
+    // While a timed pause grows the canary for the next weight, the pods of the current weight
+    // are what it needs: the scale-up is not an outage to record, and the next step waits for
+    // the rest (with its own deadline) only if they are not ready when the pause ends.
+    let growing = matches!(spec.steps.get(s.step), Some(Step::PauseFor(_))) && size > s.weight;
+    let serves_current = growing
+        && obs.canary.ready_replicas
+            >= canary_pods(&spec.router, obs.stable_replicas, s.weight).max(1);
+    if !obs.canary.available && !serves_current {
         return unavailable(s, size, obs, now);
     }
     let mut state = RolloutState {
@@ -267,7 +316,7 @@ fn progress(s: &RolloutState, spec: &CanarySpec, obs: &Observation, now: Timesta
         ..s.clone()
     };
     let hold = |state: RolloutState, requeue: Option<Duration>| Next {
-        passed_through: None,
+        passed_through: Vec::new(),
         target: Target::Canary {
             size,
             weight: state.weight,
@@ -540,7 +589,7 @@ fn stopped_by_checks(
             state: Some(state),
             target: Target::Nothing,
             requeue: None,
-            passed_through: None,
+            passed_through: Vec::new(),
             event: Some(Event {
                 reason,
                 message,
@@ -566,7 +615,7 @@ fn stopped_by_checks(
         },
         state: Some(state),
         requeue: None,
-        passed_through: None,
+        passed_through: Vec::new(),
         event: entering.then_some(Event {
             reason: "AnalysisInconclusive",
             message,
@@ -599,7 +648,7 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
             state: Some(state),
             target: Target::Nothing,
             requeue: None,
-            passed_through: None,
+            passed_through: Vec::new(),
             event: Some(Event {
                 reason: "ProgressDeadlineExceeded",
                 message,
@@ -624,7 +673,7 @@ fn unavailable(s: &RolloutState, size: Weight, obs: &Observation, now: Timestamp
             weight: routable(s.weight, obs),
         },
         requeue: Some(deadline - waited),
-        passed_through: None,
+        passed_through: Vec::new(),
         event: None,
     }
 }
@@ -677,14 +726,14 @@ fn promote(s: &RolloutState, obs: &Observation) -> Next {
             state: Some(state),
             target: Target::Nothing,
             requeue: None,
-            passed_through: None,
+            passed_through: Vec::new(),
         };
     };
     Next {
         state: Some(state),
         target,
         requeue: None,
-        passed_through: None,
+        passed_through: Vec::new(),
         event: None,
     }
 }
@@ -1068,6 +1117,31 @@ mod tests {
         let n = next(Some(&state(Phase::Paused, 1, w(500))), &sized, t(120));
         let after = n.state.unwrap();
         assert_eq!((after.step, after.weight), (3, w(5000)));
+        // While it grows, the pods of the current 5 % are enough: the pause goes on as it was,
+        // with nothing to store, and the canary waits only if it has none of them.
+        let growing = Observation {
+            canary: CanaryStatus {
+                available: false,
+                ready_replicas: 1,
+            },
+            ..obs(&spec)
+        };
+        let paused = next(Some(&state(Phase::Paused, 1, w(500))), &obs(&spec), t(0))
+            .state
+            .unwrap();
+        let n = next(Some(&paused), &growing, t(10));
+        assert_eq!(n.state.as_ref(), Some(&paused));
+        assert_eq!(n.target, canary(w(5000), w(500)));
+        assert_eq!(n.requeue, Some(Duration::from_secs(110)));
+        let n = next(Some(&paused), &without_canary_pods(&spec), t(10));
+        assert_eq!(n.state.unwrap().unavailable_since, Some(t(10)));
+        // Not ready when the pause ends: the 50 % step waits for them.
+        let n = next(Some(&paused), &growing, t(120));
+        let after = n.state.unwrap();
+        assert_eq!(
+            (after.step, after.weight, after.unavailable_since),
+            (2, w(500), Some(t(120)))
+        );
         // A pause that waits for a person keeps the canary as it is.
         let n = next(Some(&state(Phase::Paused, 3, w(5000))), &obs(&spec), t(10));
         assert_eq!(n.target, canary(w(5000), w(5000)));
@@ -1100,19 +1174,27 @@ mod tests {
         assert_eq!(n.requeue, Some(Duration::from_secs(500)));
         assert_eq!(phase_of(&n), Some(Phase::Progressing));
         let n = next(Some(&s), &obs(&spec), t(100));
-        let after = n.state.unwrap();
+        let after = n.state.as_ref().unwrap();
         assert_eq!(
-            (after.step, after.weight, after.unavailable_since),
-            (1, w(500), None)
+            (
+                after.phase,
+                after.step,
+                after.weight,
+                after.unavailable_since
+            ),
+            (Phase::Paused, 1, w(500), None)
         );
+        // The timed pause after the weight starts in the same pass, and grows the canary for
+        // the weight after it.
         assert_eq!(
             n.target,
             Target::Canary {
-                size: w(500),
+                size: w(5000),
                 weight: w(500)
             }
         );
-        assert_eq!(n.event.unwrap().reason, "WeightSet");
+        let reasons: Vec<_> = n.events().map(|e| e.reason).collect();
+        assert_eq!(reasons, ["WeightSet", "Paused"]);
     }
 
     #[test]
@@ -1235,10 +1317,11 @@ mod tests {
             next(Some(&restarted), &obs(&spec), t(119)).requeue,
             Some(Duration::from_secs(1))
         );
-        // The pause ends, and the weight step after it is taken in the same pass.
+        // The pause ends, and the weight step after it is taken in the same pass, and so is
+        // the pause after that weight.
         let n = next(Some(&restarted), &obs(&spec), t(120));
         let reasons: Vec<_> = n.events().map(|e| e.reason).collect();
-        assert_eq!(reasons, ["PauseEnded", "WeightSet"]);
+        assert_eq!(reasons, ["PauseEnded", "WeightSet", "Paused"]);
         assert_eq!(
             n.target,
             Target::Canary {
@@ -1249,7 +1332,7 @@ mod tests {
         let s = n.state.unwrap();
         assert_eq!(
             (s.phase, s.step, s.step_started),
-            (Phase::Progressing, 3, Some(t(120)))
+            (Phase::Paused, 3, Some(t(120)))
         );
     }
 
@@ -1276,7 +1359,10 @@ mod tests {
             &obs(&spec),
             started + SignedDuration::from_secs(120),
         );
-        assert_eq!(n.passed_through.map(|e| e.reason), Some("PauseEnded"));
+        assert_eq!(
+            n.passed_through.first().map(|e| e.reason),
+            Some("PauseEnded")
+        );
     }
 
     #[test]
@@ -1603,7 +1689,7 @@ mod tests {
         let open = next(Some(&waiting), &obs(&spec), t(3600)).state.unwrap();
         assert_eq!(
             (open.phase, open.weight, open.step),
-            (Phase::Progressing, w(500), 1)
+            (Phase::Paused, w(500), 1)
         );
         // Pauses count down outside windows too: only weight and promotion wait.
         let paused = next(Some(&open), &obs(&spec), t(7300)).state.unwrap();
@@ -1808,10 +1894,7 @@ mod tests {
                 // or a fresh canary of a settled template.
                 let fresh = settled_phase(s.phase)
                     && (next_state.phase, next_state.step) == (Phase::Progressing, 0);
-                let pause_ended = n
-                    .passed_through
-                    .as_ref()
-                    .is_some_and(|e| e.reason == "PauseEnded");
+                let pause_ended = n.passed_through.iter().any(|e| e.reason == "PauseEnded");
                 assert!(
                     fresh
                         || next_state.step == s.step
