@@ -343,7 +343,9 @@ pub async fn run(inner: Arc<Inner>) {
                     let owner = match c.key.0.as_str() {
                         "deployments.apps" => name,
                         // The owning Deployment ("" for orphans: their status is kept too).
-                        "replicasets.apps" => controller_owner(&c.object).unwrap_or_default(),
+                        "replicasets.apps" => {
+                            controller_owner(&c.object).unwrap_or_default().to_owned()
+                        }
                         _ => continue,
                     };
                     if c.kind == super::store::ChangeKind::Deleted {
@@ -358,12 +360,12 @@ pub async fn run(inner: Arc<Inner>) {
     }
 }
 
-fn controller_owner(obj: &Value) -> Option<String> {
+fn controller_owner(obj: &Value) -> Option<&str> {
     obj["metadata"]["ownerReferences"]
         .as_array()?
         .iter()
         .find(|r| r["controller"].as_bool() == Some(true) && r["kind"] == "Deployment")
-        .and_then(|r| r["name"].as_str().map(str::to_string))
+        .and_then(|r| r["name"].as_str())
 }
 
 fn controller_owner_uid(obj: &Value) -> Option<&str> {
@@ -385,8 +387,8 @@ fn int(v: &Value, default: i64) -> i64 {
 /// The readiness delay of a ReplicaSet's pods, or `None` when they never become ready.
 fn pod_timing(state: &State, rs: &Value) -> Option<Duration> {
     let ns = s(&rs["metadata"]["namespace"]);
-    let owner = controller_owner(rs).unwrap_or_else(|| s(&rs["metadata"]["name"]).to_string());
-    let names = [owner.clone(), format!("{ns}/{owner}")];
+    let owner = controller_owner(rs).unwrap_or_else(|| s(&rs["metadata"]["name"]));
+    let names = [owner.to_owned(), format!("{ns}/{owner}")];
     let annotations = &rs["spec"]["template"]["metadata"]["annotations"];
     if names.iter().any(|n| state.never_ready.contains(n))
         || s(&annotations[NEVER_READY_ANNOTATION]) == "true"
@@ -607,10 +609,16 @@ async fn pass(inner: &Arc<Inner>) -> bool {
 
     // 2. Simulated pods and ReplicaSet status.
     let v = view(inner, &scope);
+    let dirty_keys: HashSet<(&str, &str)> = dirty
+        .iter()
+        .map(|(ns, name)| (ns.as_str(), name.as_str()))
+        .collect();
     for rs in &v.replicasets {
-        let owner = controller_owner(rs).unwrap_or_default();
-        let key = (s(&rs["metadata"]["namespace"]).to_string(), owner);
-        if !full && !dirty.contains(&key) {
+        let key = (
+            s(&rs["metadata"]["namespace"]),
+            controller_owner(rs).unwrap_or_default(),
+        );
+        if !full && !dirty_keys.contains(&key) {
             continue;
         }
         wrote |= sync_replicaset_status(inner, &rsdef, rs).await;
@@ -1277,7 +1285,7 @@ async fn sync_replicaset_status(inner: &Arc<Inner>, rsdef: &Arc<ResourceDef>, rs
         };
         let key = (
             s(&rs["metadata"]["namespace"]).to_string(),
-            controller_owner(rs).unwrap_or_default(),
+            controller_owner(rs).unwrap_or_default().to_owned(),
         );
         st.set_timers(&uid, key, future);
         let (ready, available) = pod_counts(&st, rs, now_i);

@@ -239,14 +239,31 @@ impl Ownership {
         version: &str,
         kinds: &dyn Fn(&[String]) -> patch::ListKind,
     ) -> Arc<Managers> {
-        let owners = self.after(
-            old,
-            &to_version(def, version, obj),
-            kinds,
-            def.status_subresource,
-        );
+        let owners = if self.tracks() {
+            let old = old.map(|o| to_version(def, version, o));
+            self.after(
+                old.as_ref(),
+                &to_version(def, version, obj),
+                kinds,
+                def.status_subresource,
+            )
+        } else {
+            self.before.clone()
+        };
         set_managed_fields(obj, &owners);
         owners
+    }
+
+    /// Status writes are tracked only once someone applies status (the controllers' frequent
+    /// status updates would otherwise pay for it on every write).
+    fn tracks(&self) -> bool {
+        let sub = self.sub.name();
+        self.apply.is_some()
+            || self.sub != Sub::Status
+            || self
+                .before
+                .keys()
+                .any(|(_, op, s)| *op == Operation::Apply && s == sub)
     }
 
     /// The owners after a write from `old` to `new` (both as the request's version shows them).
@@ -259,16 +276,6 @@ impl Ownership {
     ) -> Arc<Managers> {
         let mut managers = self.before.clone();
         let sub = self.sub.name();
-        // Status writes are tracked only once someone applies status (the controllers'
-        // frequent status updates would otherwise pay for it on every write).
-        let track = self.apply.is_some()
-            || self.sub != Sub::Status
-            || managers
-                .keys()
-                .any(|(_, op, s)| *op == Operation::Apply && s == sub);
-        if !track {
-            return managers;
-        }
         let now = now();
         let m = Arc::make_mut(&mut managers);
         match &self.apply {
@@ -567,7 +574,7 @@ impl Inner {
         name: &str,
         operation: &str,
         mut obj: Value,
-        old_view: Option<&Value>,
+        old_stored: Option<&Value>,
         ctx: &mut Ctx,
     ) -> Result<Value, ApiError> {
         let hooks = lock(&self.webhooks).clone();
@@ -575,8 +582,8 @@ impl Inner {
             return Ok(obj);
         }
         let legacy = self.legacy_creation_timestamp;
-        let old_view = old_view.map(|o| {
-            let mut o = o.clone();
+        let old_view = old_stored.map(|o| {
+            let mut o = to_version(def, version, o);
             encode(def, &mut o, legacy);
             o
         });
@@ -1124,26 +1131,15 @@ impl Inner {
             self.namespace_check(def, ns, &name).await?;
         }
 
-        let old_view = current
-            .as_ref()
-            .map(|c| to_version(def, version, &c.object));
+        let old_stored = current.as_ref().map(|c| c.object.as_ref());
         let name_for_review = str_at(&obj, "/metadata/name").to_string();
         if sub == Sub::Main {
             // Webhooks see the managedFields this write makes (upstream runs the field manager
             // before mutating admission).
-            ownership.stamp(&mut obj, old_view.as_ref(), def, version, &kinds);
+            ownership.stamp(&mut obj, old_stored, def, version, &kinds);
             let op = if create { "CREATE" } else { "UPDATE" };
             obj = self
-                .admit(
-                    def,
-                    version,
-                    ns,
-                    &name_for_review,
-                    op,
-                    obj,
-                    old_view.as_ref(),
-                    ctx,
-                )
+                .admit(def, version, ns, &name_for_review, op, obj, old_stored, ctx)
                 .await?;
         }
 
@@ -1207,7 +1203,7 @@ impl Inner {
             return Err(ApiError::invalid(&def.kind, &def.group, &name, &errs).into());
         }
 
-        let new_managers = ownership.stamp(&mut obj, old_view.as_ref(), def, version, &kinds);
+        let new_managers = ownership.stamp(&mut obj, old_stored, def, version, &kinds);
 
         // Commit.
         let key = self.key(def, ns, &name);
