@@ -10,7 +10,8 @@
 //! - resident memory and CPU of the fledge process.
 //!
 //! `cargo bench --bench step_lateness` (FLEDGE_BENCH_DEPLOYMENTS=10000, FLEDGE_BENCH_NAMESPACES=100,
-//! FLEDGE_BENCH_CANARIES=1000, FLEDGE_BENCH_PAUSE_SECONDS=30).
+//! FLEDGE_BENCH_CANARIES=1000, FLEDGE_BENCH_PAUSE_SECONDS=30). `FLEDGE_BENCH_TRACE=N` also prints
+//! the N-th canary's story: fledge's requests for it and every state stored, in order.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -91,9 +92,13 @@ async fn main() -> BenchResult<()> {
         "- setWeight: 10\n- pause: {{duration: {p}s}}\n- setWeight: 40\n- pause: {{duration: {p}s}}\n- setWeight: 70\n- pause: {{}}\n",
         p = pause.as_secs()
     );
+    let trace: Option<usize> = std::env::var("FLEDGE_BENCH_TRACE")
+        .ok()
+        .map(|n| n.parse())
+        .transpose()?;
     let api = ApiServer::start(ApiServerConfig {
         namespaces: fleet.namespace_names(),
-        record_history: false,
+        record_history: trace.is_some(),
         ..ApiServerConfig::default()
     })
     .await;
@@ -148,6 +153,7 @@ async fn main() -> BenchResult<()> {
         serve.metric(FAILED_RECONCILES).await?,
     );
     let run = Instant::now();
+    let run_started = SystemTime::now();
     let burst = fleet::burst(&api, &serve, &fleet, canaries, |ns, name| {
         fleet::deployment(ns, name, "app:2", &steps)
     })
@@ -201,6 +207,38 @@ async fn main() -> BenchResult<()> {
         }
     }
 
+    if let Some(n) = trace {
+        let (ns, name) = fleet.at(n);
+        let since = |at: SystemTime| at.duration_since(run_started).unwrap_or_default();
+        println!("the story of {ns}/{name}, in seconds since the burst began:");
+        for r in &api.requests_by(&serve.user)[requests_before..] {
+            if r.namespace.as_ref() == Some(&ns)
+                && r.name.as_ref().is_some_and(|n| n.starts_with(&name))
+            {
+                let name = r.name.as_deref().unwrap_or_default();
+                let (verb, resource) = (r.verb, &r.resource);
+                println!(
+                    "  {:7.3} {verb} {resource} {name}",
+                    since(r.at).as_secs_f64()
+                );
+            }
+        }
+        let mut generation = None;
+        for stored in api.history_of(fleet::DEPLOYMENTS_STORED, &ns, &name) {
+            let meta = &stored.object["metadata"];
+            // Status writes keep the generation: the same state again.
+            if generation.replace(meta["generation"].clone()).as_ref() == Some(&meta["generation"])
+            {
+                continue;
+            }
+            if let Some(state) = meta["annotations"]["fledge.dev/state"].as_str() {
+                println!(
+                    "  resourceVersion {} generation {}: {state}",
+                    stored.resource_version, meta["generation"]
+                );
+            }
+        }
+    }
     let (fledge_p99, fledge_mean) = serve
         .histogram("fledge_pause_end_lateness_seconds", 0.99)
         .await?;
