@@ -769,14 +769,7 @@ async fn a_revert_with_the_controller_killed_at_every_boundary_rolls_back_once()
         p.dedup();
         p
     };
-    assert_eq!(
-        positions,
-        [
-            (Progressing, 0),
-            (Paused, 1),
-            (RolledBack, 1)
-        ]
-    );
+    assert_eq!(positions, [(Progressing, 0), (Paused, 1), (RolledBack, 1)]);
     c.api.controller().settle(WAIT).await.unwrap();
     assert_eq!(replicaset_history(&c.api), stable_sets);
     let web = c.api.get(DEPLOYMENTS, NS, "web").unwrap();
