@@ -839,13 +839,16 @@ async fn promotion_unpauses_and_rolls_out_with_the_users_strategy_on_a_legacy_ap
     }
 }
 
-/// A pause that ends when a full apply of the canary's objects is due too (the last one is over a
-/// minute old on fledge's clock): the next weight is written first, and only then is the root
-/// Service read again and the Services written, so that the refresh does not make the step late.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_step_due_with_a_full_apply_writes_its_weight_before_the_refresh() {
-    // 10 % and 20 % of 4 replicas are both one canary pod: the step is a weight write alone.
-    let steps = "- setWeight: 10\n- pause: {duration: 30s}\n- setWeight: 20\n- pause: {}\n";
+/// `web` at v1, its controller on a manual clock (set at `started`) and a user of its own, then
+/// `web:2` applied and paused at step 1 (the first timed pause).
+async fn paused_on_a_manual_clock(
+    steps: &str,
+) -> (
+    Cluster,
+    fledge::runtime::clock::Clock,
+    jiff::Timestamp,
+    support::apiserver::UserInfo,
+) {
     let mut c = stable_v1(steps).await;
     c.controller_task.abort();
     let started: jiff::Timestamp = "2026-12-07T10:00:00Z".parse().unwrap();
@@ -859,6 +862,17 @@ async fn a_step_due_with_a_full_apply_writes_its_weight_before_the_refresh() {
     );
     apply(&c.api, deployment("web:2", steps)).await;
     wait_paused_at(&c.api, 1).await;
+    (c, clock, started, user)
+}
+
+/// A pause that ends when a full apply of the canary's objects is due too (the last one is over a
+/// minute old on fledge's clock): the next weight is written first, and only then is the root
+/// Service read again and the Services written, so that the refresh does not make the step late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_due_with_a_full_apply_writes_its_weight_before_the_refresh() {
+    // 10 % and 20 % of 4 replicas are both one canary pod: the step is a weight write alone.
+    let steps = "- setWeight: 10\n- pause: {duration: 30s}\n- setWeight: 20\n- pause: {}\n";
+    let (c, clock, started, user) = paused_on_a_manual_clock(steps).await;
     assert_eq!(split_weights(&c.api), vec![0, 1000]);
     let before = c.api.requests_by(&user).len();
 
@@ -892,19 +906,7 @@ async fn a_step_due_with_a_full_apply_writes_its_weight_before_the_refresh() {
 async fn the_canary_deployment_is_written_only_when_its_size_changes() {
     // 4 replicas: 10 % is one canary pod, 50 % two; the timed pause grows the canary for 50 %.
     let steps = "- setWeight: 10\n- pause: {duration: 30s}\n- setWeight: 50\n- pause: {}\n";
-    let mut c = stable_v1(steps).await;
-    c.controller_task.abort();
-    let started: jiff::Timestamp = "2026-12-07T10:00:00Z".parse().unwrap();
-    let clock = fledge::runtime::clock::Clock::manual(started);
-    let user = support::apiserver::UserInfo::user("fledge-controller");
-    c.controller_task = start_controller_with(
-        &c.api,
-        c.api.client_as(user.clone()),
-        &c.metrics,
-        clock.clone(),
-    );
-    apply(&c.api, deployment("web:2", steps)).await;
-    wait_paused_at(&c.api, 1).await;
+    let (c, clock, started, user) = paused_on_a_manual_clock(steps).await;
     // Under REAPPLY: no refresh of the canary's objects falls in this test.
     clock.set(started + jiff::SignedDuration::from_secs(31));
     wait_paused_at(&c.api, 3).await;
