@@ -217,8 +217,6 @@ pub fn mesh_route_to_stable(
     )
 }
 
-/// The canary's replicas for `weight` on `router`: its share of the pods with pod ratio, else the
-/// capacity for that share of traffic.
 /// The canary Deployment's replicas, sized for `size` and carrying `weight`.
 pub fn canary_deployment_replicas(
     router: &Router,
@@ -230,6 +228,8 @@ pub fn canary_deployment_replicas(
     canary_pods(router, stable_replicas, size.max(weight))
 }
 
+/// The canary's replicas for `weight` on `router`: its share of the pods with pod ratio, else the
+/// capacity for that share of traffic.
 pub fn canary_pods(router: &Router, stable_replicas: u64, weight: Weight) -> u64 {
     match router {
         Router::PodRatio => PodShare::nearest(stable_replicas, weight).canary_pods,

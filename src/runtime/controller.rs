@@ -1307,10 +1307,10 @@ impl Apply<'_> {
     }
 
     /// A write of the Deployment succeeded, with `written` as the API server's answer: see
-    /// [`Remembered::behind_own_write`].
-    /// fledge's writes are conditioned on the Deployment as read and change only what the
-    /// canary does not copy (annotations, `spec.paused`): a memo of the canary's apply made from
-    /// the read generation holds for the written one, and the next pass writes no canary.
+    /// [`Remembered::behind_own_write`]. fledge's writes are conditioned on the Deployment as read
+    /// and change only what the canary does not copy (annotations, `spec.paused`), so a memo of
+    /// the canary's apply made from the read generation holds for the written one, and the next
+    /// pass writes no canary.
     fn wrote_deployment(&self, written: &DynamicObject) {
         if let (Some(uid), Some(generation)) = (&written.metadata.uid, written.metadata.generation)
         {
