@@ -918,13 +918,12 @@ async fn the_canary_deployment_is_written_only_when_its_size_changes() {
         .filter(|r| (r.verb, r.resource.as_str()) == ("patch", "deployments"))
         .filter(|r| r.name.as_deref() == Some("web-canary"))
         .count();
-    let mut generations: Vec<Value> = c
-        .api
-        .history_of("deployments.apps", NS, "web-canary")
-        .into_iter()
-        .map(|r| r.object["metadata"]["generation"].clone())
-        .collect();
-    generations.dedup();
+    let generations = numbers_in_history(
+        &c.api,
+        "deployments.apps",
+        "web-canary",
+        "/metadata/generation",
+    );
     // fledge's own state writes move the Deployment's generation, and the canary copies none
     // of what they change: each write of the canary is a new spec for it.
     assert_eq!(writes, generations.len(), "{generations:?}");

@@ -318,16 +318,7 @@ async fn pod_ratio_sizes_the_canary_and_reports_the_effective_weight() {
     fledge(&c.api, &["abort", "web"]).await;
     wait_phase(&c.api, Phase::Aborted).await;
     wait_until_nothing_is_left(&c.api).await;
-    let replicas: Vec<u64> = {
-        let mut r: Vec<u64> = c
-            .api
-            .history_of("deployments.apps", NS, "web-canary")
-            .iter()
-            .filter_map(|r| r.object["spec"]["replicas"].as_u64())
-            .collect();
-        r.dedup();
-        r
-    };
+    let replicas = numbers_in_history(&c.api, "deployments.apps", "web-canary", "/spec/replicas");
     assert_eq!(
         replicas,
         vec![0, 1, 3, 0],

@@ -165,13 +165,24 @@ pub fn phase(d: Option<&Value>) -> Option<Phase> {
 
 /// The canary weights the TrafficSplit carried, in order, repeats removed.
 pub fn split_weights(api: &ApiServer) -> Vec<u64> {
-    let mut weights: Vec<u64> = api
-        .history_of("trafficsplits.split.smi-spec.io", NS, "web")
+    numbers_in_history(
+        api,
+        "trafficsplits.split.smi-spec.io",
+        "web",
+        "/spec/backends/1/weight",
+    )
+}
+
+/// The number at JSON pointer `at` in each stored version of `resource` `name` in [`NS`], in
+/// order, repeats in a row removed; versions without it are skipped.
+pub fn numbers_in_history(api: &ApiServer, resource: &str, name: &str, at: &str) -> Vec<u64> {
+    let mut numbers: Vec<u64> = api
+        .history_of(resource, NS, name)
         .iter()
-        .filter_map(|r| r.object["spec"]["backends"][1]["weight"].as_u64())
+        .filter_map(|r| r.object.pointer(at)?.as_u64())
         .collect();
-    weights.dedup();
-    weights
+    numbers.dedup();
+    numbers
 }
 
 /// A kubeconfig that points at the stand-in, namespace [`NS`] by default.
