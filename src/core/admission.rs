@@ -28,6 +28,7 @@ use crate::core::spec::{self, ANNOTATION_HOLD, ANNOTATION_STABLE_HASH, FLEDGE_AN
 use crate::core::template::Canonical;
 
 pub mod review;
+mod unread;
 pub use review::{DeploymentView, ReviewRequest};
 
 /// The field manager of fledge's own writes (the controller and the commands).

@@ -126,6 +126,12 @@ impl PolicyWatch {
         self.snapshot.load_full()
     }
 
+    /// The current snapshot for one short read (a review): unlike [`PolicyWatch::snapshot`] it
+    /// does not touch the count that every webhook thread shares.
+    pub fn current(&self) -> arc_swap::Guard<Arc<PolicySnapshot>> {
+        self.snapshot.load()
+    }
+
     /// Every watch has listed once (the webhook's `/readyz`).
     pub fn is_synced(&self) -> bool {
         self.synced.borrow().synced

@@ -315,6 +315,15 @@ pub fn parse(body: &[u8]) -> Result<ReviewRequest, ReviewError> {
         Ok(text) => text,
         Err(_) => std::str::from_utf8(body)?,
     };
+    // serde reads the body without the values the decision never reads (see `unread`). Should
+    // that fail, the body is read as sent, so that an error names places in what was sent.
+    match super::unread::without_unread(text).map(|lean| parse_text(&lean)) {
+        Some(Ok(request)) => Ok(request),
+        _ => parse_text(text),
+    }
+}
+
+fn parse_text(text: &str) -> Result<ReviewRequest, ReviewError> {
     let envelope: Envelope = serde_json::from_str(text)?;
     if !envelope.api_version.is_empty() && !VERSIONS.contains(&envelope.api_version.as_str()) {
         return Err(ReviewError::Version(envelope.api_version));
@@ -612,5 +621,115 @@ mod tests {
         )
         .unwrap();
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1beta1");
+    }
+
+    /// JSON with the bytes that matter to the structural index (quotes, backslashes, brackets)
+    /// in its strings and keys.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let text = "[\"\\\\{}\\[\\]a-z é😀\n/:,]{0,10}";
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            text.prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 5, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map(text, inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1_000))]
+
+        /// Cutting out the values the decision never reads changes nothing serde reads, wherever
+        /// odd JSON sits: in the cut values, beside them, and in the kept ones.
+        #[test]
+        fn a_review_reads_the_same_with_its_unread_values_cut(
+            managed in any_json(),
+            status in any_json(),
+            annotation in any_json(),
+            label in any_json(),
+            template in any_json(),
+            user in any_json(),
+            pretty in proptest::prelude::any::<bool>(),
+        ) {
+            let object = json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {
+                    "name": "web",
+                    "labels": {"app": label.to_string(), "fledge.dev/enabled": "true"},
+                    "annotations": {
+                        "fledge.dev/steps": "- setWeight: 10",
+                        "kubectl.kubernetes.io/last-applied-configuration": annotation.to_string(),
+                        "odd": annotation,
+                        "fledge.dev/\"x\\": "y",
+                    },
+                    "managedFields": managed,
+                },
+                "spec": {"replicas": 3, "template": template},
+                "status": status,
+            });
+            let mut review = deployment_review("u", "alice", &object, Some(&object));
+            review["request"]["userInfo"] = user;
+            let body = if pretty {
+                serde_json::to_string_pretty(&review).unwrap()
+            } else {
+                review.to_string()
+            };
+            let read = |r: Result<ReviewRequest, ReviewError>| format!("{:?}", r.map_err(|e| e.to_string()));
+            proptest::prop_assert_eq!(read(parse(body.as_bytes())), read(parse_text(&body)));
+        }
+    }
+
+    #[test]
+    fn every_fixture_reads_the_same_with_its_unread_values_cut() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let mut cut = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let compact = serde_json::from_str::<Value>(&text).unwrap().to_string();
+            for body in [&text, &compact] {
+                if let Some(lean) = super::super::unread::without_unread(body) {
+                    assert!(lean.len() < body.len(), "{}", path.display());
+                    assert!(!lean.contains("\"f:spec\""), "{}", path.display());
+                    cut += 1;
+                }
+                let read = |r: Result<ReviewRequest, ReviewError>| {
+                    format!("{:?}", r.map_err(|e| e.to_string()))
+                };
+                assert_eq!(
+                    read(parse(body.as_bytes())),
+                    read(parse_text(body)),
+                    "{}",
+                    path.display()
+                );
+            }
+        }
+        assert!(cut >= 10, "only {cut} fixtures had values cut");
+    }
+
+    #[test]
+    fn an_error_names_its_place_in_the_body_as_sent() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/update-scale-only.json"
+        ))
+        .unwrap();
+        let compact = serde_json::from_str::<Value>(&text).unwrap().to_string();
+        // Broken after the first managedFields, which the lean copy no longer has.
+        let broken = compact.replacen(r#""replicas":"#, r#""replicas":x"#, 1);
+        let error = parse(broken.as_bytes()).unwrap_err().to_string();
+        let at = broken.find(r#""replicas":x"#).unwrap() + r#""replicas":"#.len() + 1;
+        assert!(error.ends_with(&format!("line 1 column {at}")), "{error}");
     }
 }
