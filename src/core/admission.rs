@@ -20,7 +20,6 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation};
 use kube::core::admission::Operation;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::core::policy::{self, Policy, PolicySnapshot};
 use crate::core::rollout::{self, Phase, RolloutState};
@@ -375,13 +374,13 @@ enum TemplateChange {
 }
 
 impl TemplateChange {
-    fn between(old: Option<&RawValue>, new: Option<&RawValue>) -> Result<Self, String> {
+    fn between(old: Option<&str>, new: Option<&str>) -> Result<Self, String> {
         let (Some(old), Some(new)) = (old, new) else {
             return Err("spec.template is missing from the Deployment".to_owned());
         };
         // The API server encodes both objects the same way, so equal text is the common fast path;
         // otherwise compare canonical forms, where key order does not matter.
-        if old.get() == new.get() {
+        if old == new {
             return Ok(TemplateChange::Unchanged);
         }
         let old = canonical(old, "oldObject")?;
@@ -396,8 +395,8 @@ impl TemplateChange {
 
 /// The canonical form of a raw template: hashed from exactly the JSON sent, as the controller
 /// hashes the same JSON.
-fn canonical(raw: &RawValue, which: &str) -> Result<Canonical, String> {
-    Canonical::of_raw(raw.get()).map_err(|e| format!("{which}.spec.template cannot be read: {e}"))
+fn canonical(raw: &str, which: &str) -> Result<Canonical, String> {
+    Canonical::of_raw(raw).map_err(|e| format!("{which}.spec.template cannot be read: {e}"))
 }
 
 /// fledge's record of a hold, as stored (read from `oldObject`: a client may drop annotations).
@@ -1446,10 +1445,7 @@ mod tests {
             &format!(r#""template":{spec_first}"#),
         );
         let req = review::parse(body.as_bytes()).unwrap();
-        assert_ne!(
-            req.object.as_ref().unwrap().template().unwrap().get(),
-            template
-        );
+        assert_ne!(req.object.as_ref().unwrap().template().unwrap(), template);
         assert_eq!(
             decide(&req).outcome,
             AdmissionOutcome::Allow(AllowReason::TemplateUnchanged)

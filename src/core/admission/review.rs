@@ -50,7 +50,32 @@ pub struct SpecView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<Box<RawValue>>,
+    pub template: Option<RawJson>,
+}
+
+/// A value's JSON text exactly as the API server sent it, kept unparsed. It is read (and so
+/// checked to be JSON) only where the decision needs its content: when it is hashed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawJson(Box<str>);
+
+impl RawJson {
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(RawJson(Box::<RawValue>::deserialize(deserializer)?.into()))
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serde_json::from_str::<&RawValue>(&self.0)
+            .map_err(serde::ser::Error::custom)?
+            .serialize(serializer)
+    }
 }
 
 impl<'de> Deserialize<'de> for DeploymentView {
@@ -149,8 +174,8 @@ fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 
 impl DeploymentView {
     /// `spec.template` as raw JSON.
-    pub fn template(&self) -> Option<&RawValue> {
-        self.spec.as_ref()?.template.as_deref()
+    pub fn template(&self) -> Option<&str> {
+        self.spec.as_ref()?.template.as_ref().map(RawJson::get)
     }
 
     /// `spec.replicas`; absent is 1, as Kubernetes defaults it.
@@ -315,12 +340,24 @@ pub fn parse(body: &[u8]) -> Result<ReviewRequest, ReviewError> {
         Ok(text) => text,
         Err(_) => std::str::from_utf8(body)?,
     };
-    // serde reads the body without the values the decision never reads (see `unread`). Should
-    // that fail, the body is read as sent, so that an error names places in what was sent.
-    match super::unread::without_unread(text).map(|lean| parse_text(&lean)) {
-        Some(Ok(request)) => Ok(request),
-        _ => parse_text(text),
-    }
+    // serde reads the body without the values the decision never reads (see `unread`), and the
+    // templates are taken from the body as sent. Should that fail, the body is read as sent, so
+    // that an error names places in what was sent.
+    super::unread::without_unread(text)
+        .and_then(|lean| {
+            let mut request = parse_text(&lean.text).ok()?;
+            for (object, span) in [
+                (&mut request.object, lean.templates.object),
+                (&mut request.old_object, lean.templates.old_object),
+            ] {
+                if let Some((from, to)) = span {
+                    let spec = object.as_mut()?.spec.as_mut()?;
+                    spec.template = Some(RawJson(text.get(from..to)?.into()));
+                }
+            }
+            Some(request)
+        })
+        .map_or_else(|| parse_text(text), Ok)
 }
 
 fn parse_text(text: &str) -> Result<ReviewRequest, ReviewError> {
@@ -495,7 +532,7 @@ mod tests {
                 .unwrap();
         let view = ok.object.unwrap();
         assert_eq!(view.metadata.name.as_deref(), Some("web"));
-        assert_eq!(view.template().unwrap().get(), r#"{"a":1}"#);
+        assert_eq!(view.template(), Some(r#"{"a":1}"#));
         for bad in [
             r#"{"metadata":{"name":"web"},"spec":[{"a":1}]}"#,
             r#"{"metadata":["web"],"spec":{"template":{}}}"#,
@@ -687,6 +724,38 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// A review broken anywhere (a byte changed to one that matters to JSON, or cut short) is
+        /// read as without the cut wherever it is still JSON, and never panics.
+        #[test]
+        fn a_broken_review_is_read_as_sent_or_refused(
+            at in 0..9_818usize,
+            byte in proptest::sample::select(b"\"\\{}[]:, x".to_vec()),
+            cut_short in proptest::prelude::any::<bool>(),
+        ) {
+            let text = std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/update-scale-only.json"
+            ))
+            .unwrap();
+            let mut body = serde_json::from_str::<Value>(&text).unwrap().to_string().into_bytes();
+            let at = at % body.len();
+            if cut_short {
+                body.truncate(at);
+            } else {
+                body[at] = byte;
+            }
+            let read = |r: Result<ReviewRequest, ReviewError>| format!("{:?}", r.map_err(|e| e.to_string()));
+            let sent = parse_text(std::str::from_utf8(&body).unwrap());
+            let lean = parse(&body);
+            if sent.is_ok() || lean.is_err() {
+                proptest::prop_assert_eq!(read(lean), read(sent));
+            }
+        }
+    }
+
     #[test]
     fn every_fixture_reads_the_same_with_its_unread_values_cut() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
@@ -700,8 +769,8 @@ mod tests {
             let compact = serde_json::from_str::<Value>(&text).unwrap().to_string();
             for body in [&text, &compact] {
                 if let Some(lean) = super::super::unread::without_unread(body) {
-                    assert!(lean.len() < body.len(), "{}", path.display());
-                    assert!(!lean.contains("\"f:spec\""), "{}", path.display());
+                    assert!(lean.text.len() < body.len(), "{}", path.display());
+                    assert!(!lean.text.contains("\"f:spec\""), "{}", path.display());
                     cut += 1;
                 }
                 let read = |r: Result<ReviewRequest, ReviewError>| {

@@ -23,14 +23,25 @@ use crate::core::spec;
 enum Rule {
     /// Walk into the object, with these rules for its keys (other keys are left as they are).
     Object(&'static [(&'static [u8], Rule)]),
+    /// A Deployment (or any object under review): [`DEPLOYMENT`], its template taken for `Slot`.
+    Deployment(Slot),
     /// Replace the value with `null`: its field is never read.
     Null,
     /// An annotations map: replace each string value whose key is not fledge's with `""`
     /// (fledge reads only its own annotations, and checks that the others are strings).
     Annotations,
+    /// A pod template, kept as raw text: replaced with `null` for serde, and its place noted.
+    Template,
 }
 
-const DEPLOYMENT: Rule = Rule::Object(&[
+/// Which object of the request a template belongs to.
+#[derive(Clone, Copy)]
+enum Slot {
+    Object,
+    OldObject,
+}
+
+const DEPLOYMENT: &[(&[u8], Rule)] = &[
     (
         b"metadata",
         Rule::Object(&[
@@ -38,14 +49,15 @@ const DEPLOYMENT: Rule = Rule::Object(&[
             (b"annotations", Rule::Annotations),
         ]),
     ),
+    (b"spec", Rule::Object(&[(b"template", Rule::Template)])),
     (b"status", Rule::Null),
-]);
+];
 
 const REVIEW: Rule = Rule::Object(&[(
     b"request",
     Rule::Object(&[
-        (b"object", DEPLOYMENT),
-        (b"oldObject", DEPLOYMENT),
+        (b"object", Rule::Deployment(Slot::Object)),
+        (b"oldObject", Rule::Deployment(Slot::OldObject)),
         (b"userInfo", Rule::Null),
         (b"resource", Rule::Null),
         (b"requestKind", Rule::Null),
@@ -53,30 +65,54 @@ const REVIEW: Rule = Rule::Object(&[(
     ]),
 )]);
 
+/// A review without the values the decision never reads.
+pub struct LeanReview {
+    pub text: String,
+    /// Where each object's `spec.template` is in the body as sent (it is `null` in `text`).
+    pub templates: Templates,
+}
+
+/// Byte ranges of the body, by object.
+#[derive(Default)]
+pub struct Templates {
+    pub object: Option<(usize, usize)>,
+    pub old_object: Option<(usize, usize)>,
+}
+
+/// The values cut so far: (from, to, replacement), in order; and the templates' places.
+#[derive(Default)]
+struct Cuts {
+    cuts: Vec<(usize, usize, &'static str)>,
+    templates: Templates,
+}
+
 /// The review with the values the decision never reads replaced; `None` when nothing was cut or
 /// the body is not shaped as expected.
-pub fn without_unread(text: &str) -> Option<String> {
+pub fn without_unread(text: &str) -> Option<LeanReview> {
     let bytes = text.as_bytes();
     let index = Index::of(bytes);
     let start = skip_whitespace(bytes, 0);
-    let mut cuts = Vec::new();
+    let mut cuts = Cuts::default();
     let walk = Walk {
         bytes,
         index: &index,
     };
-    walk.value(start, &REVIEW, &mut cuts)?;
-    if cuts.is_empty() {
+    walk.value(start, &REVIEW, None, &mut cuts)?;
+    if cuts.cuts.is_empty() {
         return None;
     }
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
-    for (from, to, with) in cuts {
+    for (from, to, with) in cuts.cuts {
         out.push_str(text.get(at..from)?);
         out.push_str(with);
         at = to;
     }
     out.push_str(text.get(at..)?);
-    Some(out)
+    Some(LeanReview {
+        text: out,
+        templates: cuts.templates,
+    })
 }
 
 /// Where strings begin and end, and the brackets outside strings, per 64-byte block.
@@ -137,6 +173,10 @@ impl Index {
         let mut block = open / 64;
         // Brackets from `open` on; `depth` counts the ones open before the block.
         let mut from = !0u64 << (open % 64);
+        if self.0.get(block)?.opens & from.wrapping_neg() & from == 0 {
+            // Not a bracket the index knows (one inside a string of a broken body).
+            return None;
+        }
         let mut depth = 0u32;
         loop {
             let Block { opens, closes, .. } = *self.0.get(block)?;
@@ -154,8 +194,8 @@ impl Index {
                     }
                 }
             }
-            // Never below zero: a close that brought it there was returned above.
-            depth = depth + opens.count_ones() - closes.count_ones();
+            // Never below zero, as a close that brought it there was returned above.
+            depth = (depth + opens.count_ones()).checked_sub(closes.count_ones())?;
             block += 1;
             from = !0;
         }
@@ -241,43 +281,49 @@ fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// Where values are to be cut: (from, to, replacement), in order.
-type Cuts = Vec<(usize, usize, &'static str)>;
-
 struct Walk<'a> {
     bytes: &'a [u8],
     index: &'a Index,
 }
 
 impl Walk<'_> {
-    /// Applies `rule` to the value at `at`; returns where the value ends.
-    fn value(&self, at: usize, rule: &Rule, cuts: &mut Cuts) -> Option<usize> {
+    /// Applies `rule` to the value at `at`, inside the object of `slot`; returns where the value
+    /// ends.
+    fn value(&self, at: usize, rule: &Rule, slot: Option<Slot>, cuts: &mut Cuts) -> Option<usize> {
+        let object = self.bytes.get(at) == Some(&b'{');
         match rule {
-            Rule::Object(keys) if self.bytes.get(at) == Some(&b'{') => {
-                self.members(at, |key, value| {
-                    match keys.iter().find(|(k, _)| *k == key) {
-                        Some((_, rule)) => self.value(value, rule, cuts),
-                        None => self.end_of(value),
-                    }
-                })
-            }
+            Rule::Object(keys) if object => self.members(at, |key, value| {
+                match keys.iter().find(|(k, _)| *k == key) {
+                    Some((_, rule)) => self.value(value, rule, slot, cuts),
+                    None => self.end_of(value),
+                }
+            }),
+            Rule::Deployment(slot) => self.value(at, &Rule::Object(DEPLOYMENT), Some(*slot), cuts),
             Rule::Null => {
                 let end = self.end_of(at)?;
-                cuts.push((at, end, "null"));
+                cuts.cuts.push((at, end, "null"));
                 Some(end)
             }
-            Rule::Annotations if self.bytes.get(at) == Some(&b'{') => {
-                self.members(at, |key, value| {
-                    let end = self.end_of(value)?;
-                    let fledges = key.starts_with(spec::PREFIX.as_bytes());
-                    if !fledges && !key.contains(&b'\\') && self.bytes.get(value) == Some(&b'"') {
-                        cuts.push((value, end, "\"\""));
-                    }
-                    Some(end)
-                })
+            Rule::Annotations if object => self.members(at, |key, value| {
+                let end = self.end_of(value)?;
+                let fledges = key.starts_with(spec::PREFIX.as_bytes());
+                if !fledges && !key.contains(&b'\\') && self.bytes.get(value) == Some(&b'"') {
+                    cuts.cuts.push((value, end, "\"\""));
+                }
+                Some(end)
+            }),
+            Rule::Template if object => {
+                let end = self.end_of(at)?;
+                let place = match slot? {
+                    Slot::Object => &mut cuts.templates.object,
+                    Slot::OldObject => &mut cuts.templates.old_object,
+                };
+                *place = Some((at, end));
+                cuts.cuts.push((at, end, "null"));
+                Some(end)
             }
             // Not an object where one is expected: left for serde to read (and refuse).
-            Rule::Object(_) | Rule::Annotations => self.end_of(at),
+            Rule::Object(_) | Rule::Annotations | Rule::Template => self.end_of(at),
         }
     }
 
@@ -408,6 +454,9 @@ mod tests {
         let index = Index::of(text.as_bytes());
         assert_eq!(index.closing(0), Some(text.len() - 1));
         assert_eq!(index.closing(5), Some(text.len() - 2));
+        // Not a bracket, or one inside a string: not followed.
+        assert_eq!(Index::of(b"[1]").closing(1), None);
+        assert_eq!(Index::of(b"\"{}\"").closing(1), None);
         // Unclosed: not found, rather than a guess.
         assert_eq!(Index::of(b"{\"a\":[1,2").closing(5), None);
         assert_eq!(Index::of(b"[[]").closing(0), None);
@@ -422,13 +471,16 @@ mod tests {
             "oldObject":null, "kind":{"kind":"Deployment"} } } "#;
         let lean = without_unread(review).unwrap();
         assert_eq!(
-            lean,
+            lean.text,
             r#" { "request" : { "uid":"u", "userInfo" : null,
             "object":{"metadata":{"name":"web","managedFields":null,
               "annotations":{"fledge.dev/steps":"- setWeight: 5","x":"","n":7,"\u0078":"z"}},
-              "spec":{"template":{"status":1,"managedFields":2}},"status":null},
+              "spec":{"template":null},"status":null},
             "oldObject":null, "kind":{"kind":"Deployment"} } } "#
         );
+        let (from, to) = lean.templates.object.unwrap();
+        assert_eq!(&review[from..to], r#"{"status":1,"managedFields":2}"#);
+        assert!(lean.templates.old_object.is_none());
     }
 
     #[test]
@@ -442,7 +494,7 @@ mod tests {
             r#"{"request":{"object":{"status":1}"#,
             r#"{"request":{"object":{"metadata":{}}}}"#,
         ] {
-            assert_eq!(without_unread(text), None, "{text}");
+            assert!(without_unread(text).is_none(), "{text}");
         }
     }
 }
