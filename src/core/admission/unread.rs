@@ -66,8 +66,8 @@ const REVIEW: Rule = Rule::Object(&[(
 )]);
 
 /// A review without the values the decision never reads.
-pub struct LeanReview {
-    pub text: String,
+pub struct LeanReview<'b> {
+    pub text: &'b str,
     /// Where each object's `spec.template` is in the body as sent (it is `null` in `text`).
     pub templates: Templates,
 }
@@ -86,22 +86,61 @@ struct Cuts {
     templates: Templates,
 }
 
-/// The review with the values the decision never reads replaced; `None` when nothing was cut or
-/// the body is not shaped as expected.
-pub fn without_unread(text: &str) -> Option<LeanReview> {
+/// What one review's cut takes: its index and its lean text. Each is a few KiB, past the sizes
+/// glibc's per-thread cache serves, so a thread keeps its own from review to review.
+#[derive(Default)]
+pub struct Buffers {
+    index: Index,
+    text: String,
+}
+
+/// What a thread keeps between reviews; a body larger than this (up to the 3 MiB limit) gets
+/// buffers of its own size once, and they are let go after it.
+const KEEP_BYTES: usize = 256 * 1024;
+
+impl Buffers {
+    fn trim(&mut self) {
+        if self.text.capacity() > KEEP_BYTES {
+            *self = Buffers::default();
+        }
+    }
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
+}
+
+/// Calls `read` with the review without the values the decision never reads, cut in this
+/// thread's buffers; `None` (and `read` not called) when nothing was cut or the body is not shaped
+/// as expected.
+pub fn read_lean<R>(text: &str, read: impl FnOnce(LeanReview<'_>) -> R) -> Option<R> {
+    BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => {
+            let result = without_unread(text, &mut buffers).map(read);
+            buffers.trim();
+            result
+        }
+        // Only if `read` itself came back here: a fresh pair then.
+        Err(_) => without_unread(text, &mut Buffers::default()).map(read),
+    })
+}
+
+/// The review with the values the decision never reads replaced, in `buffers`.
+fn without_unread<'b>(text: &str, buffers: &'b mut Buffers) -> Option<LeanReview<'b>> {
     let bytes = text.as_bytes();
-    let index = Index::of(bytes);
+    buffers.index.fill(bytes);
     let start = skip_whitespace(bytes, 0);
     let mut cuts = Cuts::default();
     let walk = Walk {
         bytes,
-        index: &index,
+        index: &buffers.index,
     };
     walk.value(start, &REVIEW, None, &mut cuts)?;
     if cuts.cuts.is_empty() {
         return None;
     }
-    let mut out = String::with_capacity(text.len());
+    let out = &mut buffers.text;
+    out.clear();
     let mut at = 0;
     for (from, to, with) in cuts.cuts {
         out.push_str(text.get(at..from)?);
@@ -116,6 +155,7 @@ pub fn without_unread(text: &str) -> Option<LeanReview> {
 }
 
 /// Where strings begin and end, and the brackets outside strings, per 64-byte block.
+#[derive(Default)]
 struct Index(Vec<Block>);
 
 /// One bit per byte of a block.
@@ -130,8 +170,10 @@ struct Block {
 }
 
 impl Index {
-    fn of(bytes: &[u8]) -> Index {
-        let mut blocks = Vec::with_capacity(bytes.len().div_ceil(64));
+    fn fill(&mut self, bytes: &[u8]) {
+        let blocks = &mut self.0;
+        blocks.clear();
+        blocks.reserve(bytes.len().div_ceil(64));
         let mut escaped_carry = false;
         let mut in_string_carry = 0u64;
         let (whole, rest) = bytes.as_chunks::<64>();
@@ -151,7 +193,6 @@ impl Index {
                 closes: classes.closes & !in_string,
             });
         }
-        Index(blocks)
     }
 
     /// The first unescaped quote after `at`.
@@ -382,6 +423,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    impl Index {
+        fn of(bytes: &[u8]) -> Index {
+            let mut index = Index::default();
+            index.fill(bytes);
+            index
+        }
+    }
+
     /// The index as a reader going byte by byte sees it: (quotes, opens, closes) positions. A
     /// backslash escapes the next quote or backslash wherever it is; an escaped bracket outside a
     /// string still counts (outside a string, a backslash is not JSON anyway).
@@ -469,7 +518,8 @@ mod tests {
               "annotations":{"fledge.dev/steps":"- setWeight: 5","x":"{\"y\":1}","n":7,"\u0078":"z"}},
               "spec":{"template":{"status":1,"managedFields":2}},"status":{"replicas":3}},
             "oldObject":null, "kind":{"kind":"Deployment"} } } "#;
-        let lean = without_unread(review).unwrap();
+        let mut buffers = Buffers::default();
+        let lean = without_unread(review, &mut buffers).unwrap();
         assert_eq!(
             lean.text,
             r#" { "request" : { "uid":"u", "userInfo" : null,
@@ -494,7 +544,7 @@ mod tests {
             r#"{"request":{"object":{"status":1}"#,
             r#"{"request":{"object":{"metadata":{}}}}"#,
         ] {
-            assert!(without_unread(text).is_none(), "{text}");
+            assert!(read_lean(text, |_| ()).is_none(), "{text}");
         }
     }
 }
