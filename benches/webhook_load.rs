@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench webhook_load` (needs `wrk` on PATH: `apt-get update && apt-get install -y wrk`). Settings by
 //! environment: FLEDGE_BENCH_SECONDS (default 10), FLEDGE_BENCH_CONNECTIONS (default 64),
-//! FLEDGE_BENCH_ROUNDS (default 3; servers alternate, best round of each is kept),
+//! FLEDGE_BENCH_ROUNDS (default 5; servers alternate, best round of each is kept: rounds of one server
+//! differ by up to 25 % on a shared machine),
 //! FLEDGE_BENCH_WORKERS (server threads; default one per core, as `fledge serve`),
 //! FLEDGE_BENCH_BODIES (comma-separated fixtures; default tests/data/update-new-template.json, the
 //! patch path, and tests/data/update-scale-only.json, the common path). Bodies are compacted first,
@@ -43,7 +44,7 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 fn main() -> BenchResult<()> {
     let seconds: u64 = env_or("FLEDGE_BENCH_SECONDS", 10);
     let connections: u64 = env_or("FLEDGE_BENCH_CONNECTIONS", 64);
-    let rounds: usize = env_or("FLEDGE_BENCH_ROUNDS", 3);
+    let rounds: usize = env_or("FLEDGE_BENCH_ROUNDS", 5);
     let bodies: String = env_or(
         "FLEDGE_BENCH_BODIES",
         "tests/data/update-new-template.json,tests/data/update-scale-only.json".to_owned(),
