@@ -310,12 +310,7 @@ pub fn decide(req: &ReviewRequest, policies: &PolicySnapshot) -> Decision {
             Err(e) => return Decision::deny(e),
         }
     };
-    let field_manager = req
-        .options
-        .as_ref()
-        .and_then(|o| o.0.get("fieldManager"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let field_manager = req.options.field_manager.as_deref().unwrap_or_default();
     // An update always has the stored state read (or its error).
     let stored = stored.unwrap_or(Ok(None));
     match Update::read(name, old, object, change, field_manager, stored) {
@@ -923,11 +918,7 @@ mod tests {
             .old_object
             .as_ref()
             .map(|o| serde_json::from_str(&serde_json::to_string(o).unwrap()).unwrap());
-        let manager = req
-            .options
-            .as_ref()
-            .and_then(|o| o.0.get("fieldManager"))
-            .and_then(Value::as_str);
+        let manager = req.options.field_manager.as_deref();
         let again = request("UPDATE", once.clone(), old, manager);
         let second = decide(&again);
         let twice = apply(&again, &second);

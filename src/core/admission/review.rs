@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use kube::core::GroupVersionKind;
 use kube::core::admission::{META_API_VERSION_V1, META_KIND, Operation};
 use kube::core::{NamespaceResourceScope, Resource, TypeMeta};
@@ -299,7 +298,33 @@ pub struct ReviewRequest {
     pub dry_run: bool,
     /// The operation's options; the decision reads `fieldManager`.
     #[serde(default)]
-    pub options: Option<RawExtension>,
+    pub options: ReviewOptions,
+}
+
+/// The options of a review's operation, as far as the decision reads them. Any other shape (or a
+/// `fieldManager` that is not a string) reads as none, as a lookup in the JSON would; nothing is
+/// refused here.
+#[derive(Clone, Debug, Default)]
+pub struct ReviewOptions {
+    pub field_manager: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ReviewOptions {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields<'a> {
+            #[serde(rename = "fieldManager", borrow)]
+            field_manager: Option<&'a RawValue>,
+        }
+        // Read as raw JSON first, so that a shape other than an object is skipped, not refused.
+        let raw = <&RawValue>::deserialize(deserializer)?;
+        let field_manager = (raw.get().starts_with('{'))
+            .then(|| serde_json::from_str::<Fields>(raw.get()).ok())
+            .flatten()
+            .and_then(|f| f.field_manager)
+            .and_then(|m| serde_json::from_str(m.get()).ok());
+        Ok(ReviewOptions { field_manager })
+    }
 }
 
 /// The envelope, read without `#[serde(flatten)]`.
@@ -754,6 +779,40 @@ mod tests {
                 proptest::prop_assert_eq!(read(lean), read(sent));
             }
         }
+    }
+
+    #[test]
+    fn options_give_a_field_manager_only_when_it_is_a_string_in_an_object() {
+        for (options, expected) in [
+            (
+                r#"{"kind":"UpdateOptions","fieldManager":"kubectl"}"#,
+                Some("kubectl"),
+            ),
+            (r#"{"fieldManager":"a\u0062"}"#, Some("ab")),
+            (r#"{"fieldManager":7}"#, None),
+            (r#"{"fieldManager":null}"#, None),
+            (r#"["kubectl"]"#, None),
+            (r#""kubectl""#, None),
+            ("null", None),
+        ] {
+            let body = review("{}").replace(
+                r#""userInfo":{}"#,
+                &format!(r#""userInfo":{{}},"options":{options}"#),
+            );
+            let request = parse(body.as_bytes()).unwrap();
+            assert_eq!(
+                request.options.field_manager.as_deref(),
+                expected,
+                "{options}"
+            );
+        }
+        assert_eq!(
+            parse(review("{}").as_bytes())
+                .unwrap()
+                .options
+                .field_manager,
+            None
+        );
     }
 
     #[test]
