@@ -92,7 +92,7 @@ struct Cuts {
 /// What one review's cut takes: its index and its lean text. Each is a few KiB, past the sizes
 /// glibc's per-thread cache serves, so a thread keeps its own from review to review.
 #[derive(Default)]
-pub struct Buffers {
+struct Buffers {
     index: Index,
     text: String,
 }
