@@ -685,6 +685,21 @@ mod tests {
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1beta1");
     }
 
+    /// A parse's outcome as text, errors included, to compare two ways of reading.
+    fn outcome(read: Result<ReviewRequest, ReviewError>) -> String {
+        format!("{:?}", read.map_err(|e| e.to_string()))
+    }
+
+    /// The common-path fixture, compacted as the API server sends it.
+    fn scale_only_review() -> String {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/update-scale-only.json"
+        ))
+        .unwrap();
+        serde_json::from_str::<Value>(&text).unwrap().to_string()
+    }
+
     /// JSON with the bytes that matter to the structural index (quotes, backslashes, brackets)
     /// in its strings and keys.
     fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
@@ -744,8 +759,7 @@ mod tests {
             } else {
                 review.to_string()
             };
-            let read = |r: Result<ReviewRequest, ReviewError>| format!("{:?}", r.map_err(|e| e.to_string()));
-            proptest::prop_assert_eq!(read(parse(body.as_bytes())), read(parse_text(&body)));
+            proptest::prop_assert_eq!(outcome(parse(body.as_bytes())), outcome(parse_text(&body)));
         }
     }
 
@@ -760,23 +774,17 @@ mod tests {
             byte in proptest::sample::select(b"\"\\{}[]:, x".to_vec()),
             cut_short in proptest::prelude::any::<bool>(),
         ) {
-            let text = std::fs::read_to_string(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/data/update-scale-only.json"
-            ))
-            .unwrap();
-            let mut body = serde_json::from_str::<Value>(&text).unwrap().to_string().into_bytes();
+            let mut body = scale_only_review().into_bytes();
             let at = at % body.len();
             if cut_short {
                 body.truncate(at);
             } else {
                 body[at] = byte;
             }
-            let read = |r: Result<ReviewRequest, ReviewError>| format!("{:?}", r.map_err(|e| e.to_string()));
             let sent = parse_text(std::str::from_utf8(&body).unwrap());
             let lean = parse(&body);
             if sent.is_ok() || lean.is_err() {
-                proptest::prop_assert_eq!(read(lean), read(sent));
+                proptest::prop_assert_eq!(outcome(lean), outcome(sent));
             }
         }
     }
@@ -833,12 +841,9 @@ mod tests {
                     assert!(!lean.contains("\"f:spec\""), "{}", path.display());
                     cut += 1;
                 }
-                let read = |r: Result<ReviewRequest, ReviewError>| {
-                    format!("{:?}", r.map_err(|e| e.to_string()))
-                };
                 assert_eq!(
-                    read(parse(body.as_bytes())),
-                    read(parse_text(body)),
+                    outcome(parse(body.as_bytes())),
+                    outcome(parse_text(body)),
                     "{}",
                     path.display()
                 );
@@ -849,12 +854,7 @@ mod tests {
 
     #[test]
     fn an_error_names_its_place_in_the_body_as_sent() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/update-scale-only.json"
-        ))
-        .unwrap();
-        let compact = serde_json::from_str::<Value>(&text).unwrap().to_string();
+        let compact = scale_only_review();
         // Broken after the first managedFields, which the lean copy no longer has.
         let broken = compact.replacen(r#""replicas":"#, r#""replicas":x"#, 1);
         let error = parse(broken.as_bytes()).unwrap_err().to_string();
